@@ -1,0 +1,124 @@
+"""NF4 GEMV for decode (M = 1..4 rows): out = x @ W^T, W [N, K] NF4, K a multiple of the block size.
+
+Memory-bound: each program streams BLOCK_N rows of packed bytes over its share of K (split-K across
+programs keeps every SM busy when N is small) and never forms the dense weight. Per 64-element
+quantisation block it accumulates code * x in float32 and multiplies by the block's absmax once, so the
+per-element work is a nibble split, a table lookup and one FMA; the M rows reuse the decoded codes.
+Split partials (float32) are summed by the wrapper.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .matmul import _scales
+from .nf4_weight import NF4Weight, dequantize_reference, finish_split
+
+
+@triton.jit
+def _nf4_gemv_kernel(
+    x_ptr,  # [M, K] activations, row stride stride_xm
+    packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset, code_ptr,  # W [N, K] NF4
+    out_ptr,  # [M, N] output dtype, or float32 [SPLIT, M, N] partials when SPLIT > 1
+    bias_ptr,  # [N] or a dummy
+    N, K, stride_xm,
+    M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rn < N
+    j = tl.arange(0, BLOCK_K // 2)
+    b = tl.arange(0, BLOCK_K // BLOCKSIZE)
+    per_split = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
+    k_start = split * per_split
+    acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(k_start, tl.minimum(k_start + per_split, K), BLOCK_K):
+        col_ok = (k0 + 2 * j) < K
+        byte = tl.load(packed_ptr + rn[:, None].to(tl.int64) * (K // 2) + k0 // 2 + j[None, :],
+                       mask=row_ok[:, None] & col_ok[None, :], other=0)
+        hi = tl.load(code_ptr + (byte >> 4).to(tl.int32))  # [BLOCK_N, BLOCK_K / 2] weights of columns 2j
+        lo = tl.load(code_ptr + (byte & 15).to(tl.int32))  # columns 2j + 1
+        blk = rn[:, None].to(tl.int64) * (K // BLOCKSIZE) + k0 // BLOCKSIZE + b[None, :]
+        s = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk,
+                    row_ok[:, None] & ((k0 + b * BLOCKSIZE) < K)[None, :], BLOCKSIZE2, NESTED)  # [BLOCK_N, BK/64]
+        for m in tl.static_range(M):
+            xe = tl.load(x_ptr + m * stride_xm + k0 + 2 * j, mask=col_ok, other=0.0).to(tl.float32)
+            xo = tl.load(x_ptr + m * stride_xm + k0 + 2 * j + 1, mask=col_ok, other=0.0).to(tl.float32)
+            part = hi * xe[None, :] + lo * xo[None, :]  # [BLOCK_N, BLOCK_K / 2]
+            per_block = tl.sum(part.reshape(BLOCK_N, BLOCK_K // BLOCKSIZE, BLOCKSIZE // 2), axis=2)
+            contrib = tl.sum(per_block * s, axis=1)
+            if m == 0:
+                acc0 += contrib
+            elif m == 1:
+                acc1 += contrib
+            elif m == 2:
+                acc2 += contrib
+            else:
+                acc3 += contrib
+    for m in tl.static_range(M):
+        if m == 0:
+            acc = acc0
+        elif m == 1:
+            acc = acc1
+        elif m == 2:
+            acc = acc2
+        else:
+            acc = acc3
+        if SPLIT == 1:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + rn, mask=row_ok, other=0.0).to(tl.float32)
+            tl.store(out_ptr + m * N + rn, acc.to(out_ptr.dtype.element_ty), mask=row_ok)
+        else:
+            tl.store(out_ptr + (split * M + m) * N + rn, acc, mask=row_ok)
+
+
+def default_config(N: int, K: int) -> dict:
+    n_tiles = triton.cdiv(N, 32)
+    split = max(1, min(K // 1024, triton.cdiv(4 * 132, n_tiles)))
+    return dict(BLOCK_N=32, BLOCK_K=256, SPLIT=split, num_warps=4, num_stages=3)
+
+
+def nf4_gemv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, **config) -> torch.Tensor:
+    """x [..., K] with at most 4 rows in total @ W^T -> [..., N]."""
+    N, K = w.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} features, expected {K}")
+    if K % w.blocksize:
+        raise ValueError("nf4_gemv needs K to be a multiple of the quantisation block; use nf4_matmul")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    if not 1 <= M <= 4:
+        raise ValueError(f"nf4_gemv takes 1 to 4 rows, got {M}; use nf4_matmul")
+    cfg = {**default_config(N, K), **config}
+    if cfg["BLOCK_K"] % w.blocksize:
+        raise ValueError("BLOCK_K must be a multiple of the quantisation block size")
+    split = cfg.pop("SPLIT")
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    dst = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), split)
+    _nf4_gemv_kernel[grid](
+        x2, *w.kernel_args(), dst, bias if bias is not None else w.code, N, K, x2.stride(0),
+        M=M, SPLIT=split, BLOCKSIZE=w.blocksize, BLOCKSIZE2=w.blocksize2, NESTED=w.nested,
+        HAS_BIAS=bias is not None and split == 1, **cfg,
+    )
+    if split > 1:
+        finish_split(dst, out, bias)
+    return out.reshape(*lead, N)
+
+
+def reference(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    W = dequantize_reference(w, torch.float32)
+    out = x.float() @ W.t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)

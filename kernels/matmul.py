@@ -1,0 +1,169 @@
+"""Fused NF4 dequant-GEMM: out = x @ W^T (forward) or out = x @ W (the input gradient, "transposed"),
+W [N, K] in bitsandbytes' NF4 layout, never materialised in full.
+
+Each program owns a BLOCK_M x BLOCK_COLS tile of the output and walks the reduction dimension in BLOCK_RED
+steps: it loads the packed bytes of the W tile it needs (rows of W are contiguous along K), splits the
+nibbles, looks the codes up, scales each 64-element block by its absmax, rounds to the activation dtype (the
+same values bitsandbytes' dequantisation gives) and feeds tensor cores with tl.dot. SPLIT > 1 splits the
+reduction over programs (skinny M): float32 partials, summed by the wrapper.
+
+When K is a multiple of the quantisation block (every LLM weight) the tile is read as contiguous bytes and
+interleaved with tl.join; otherwise every element is gathered by its flat index (odd shapes, correctness).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .nf4_weight import NF4Weight, dequantize_reference, finish_split
+
+# Triton's CPU interpreter multiplies bfloat16 tl.dot operands as raw 16-bit integers; under
+# TRITON_INTERPRET=1 the products run in float32 instead (the tile dequantisation is the same code).
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+@triton.jit
+def _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk, mask, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr):
+    """float32 absmax of quantisation blocks `blk` (any shape)."""
+    if NESTED:
+        q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        return tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=mask, other=0.0) + offset
+    return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+
+
+@triton.jit
+def _w_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset, code_ptr,
+            rows, k0, N, K,
+            ROWS: tl.constexpr, COLS: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+            NESTED: tl.constexpr, ALIGNED: tl.constexpr):
+    """W[rows, k0:k0+COLS] dequantised to float32, [ROWS, COLS]; zeros outside W."""
+    if ALIGNED:  # K % BLOCKSIZE == 0 and k0 % BLOCKSIZE == 0: bytes of a row are contiguous
+        j = tl.arange(0, COLS // 2)
+        row_ok = rows[:, None] < N
+        col_ok = (k0 + 2 * j)[None, :] < K
+        byte = tl.load(packed_ptr + rows[:, None].to(tl.int64) * (K // 2) + k0 // 2 + j[None, :],
+                       mask=row_ok & col_ok, other=0)
+        hi = tl.load(code_ptr + (byte >> 4).to(tl.int32))
+        lo = tl.load(code_ptr + (byte & 15).to(tl.int32))
+        vals = tl.join(hi, lo).reshape(ROWS, COLS)  # element 2j is the high nibble of byte j
+        b = tl.arange(0, COLS // BLOCKSIZE)
+        blk = rows[:, None].to(tl.int64) * (K // BLOCKSIZE) + k0 // BLOCKSIZE + b[None, :]
+        s = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk,
+                    (rows[:, None] < N) & ((k0 + b * BLOCKSIZE)[None, :] < K), BLOCKSIZE2, NESTED)
+        vals = (vals.reshape(ROWS, COLS // BLOCKSIZE, BLOCKSIZE) * s[:, :, None]).reshape(ROWS, COLS)
+    else:
+        cols = k0 + tl.arange(0, COLS)
+        ok = (rows[:, None] < N) & (cols[None, :] < K)
+        flat = rows[:, None].to(tl.int64) * K + cols[None, :]
+        byte = tl.load(packed_ptr + flat // 2, mask=ok, other=0)
+        nib = tl.where(flat % 2 == 0, byte >> 4, byte & 15).to(tl.int32)
+        s = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, flat // BLOCKSIZE, ok, BLOCKSIZE2, NESTED)
+        vals = tl.where(ok, tl.load(code_ptr + nib) * s, 0.0)
+    return vals
+
+
+@triton.jit
+def _nf4_matmul_kernel(
+    x_ptr,  # [M, R] activations (R = K forward, N transposed), row stride stride_xm, unit column stride
+    packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset, code_ptr,  # W [N, K] in NF4 (see nf4_weight.py)
+    out_ptr,  # [M, C] (C = N forward, K transposed), or float32 [SPLIT, M, C] partials when SPLIT > 1
+    bias_ptr,  # [C] or a dummy
+    M, N, K, stride_xm, stride_om,
+    TRANS: tl.constexpr,  # False: out = x @ W^T; True: out = x @ W
+    BLOCK_M: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCK_RED: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+    ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    C = K if TRANS else N  # output columns
+    R = N if TRANS else K  # reduction length
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    # grouped ordering: GROUP_M row tiles share their column tiles while those are in L2
+    n_m, n_c = tl.cdiv(M, BLOCK_M), tl.cdiv(C, BLOCK_COLS)
+    group = pid // (GROUP_M * n_c)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * n_c)) % size_m
+    pid_c = (pid % (GROUP_M * n_c)) // size_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rc = pid_c * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    per_split = tl.cdiv(tl.cdiv(R, SPLIT), BLOCK_RED) * BLOCK_RED
+    r_start = split * per_split
+    acc = tl.zeros((BLOCK_M, BLOCK_COLS), dtype=tl.float32)
+    for r0 in range(r_start, tl.minimum(r_start + per_split, R), BLOCK_RED):
+        rr = r0 + tl.arange(0, BLOCK_RED)
+        a = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rr[None, :],
+                    mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+        if TRANS:  # W rows are the reduction: tile [BLOCK_RED, BLOCK_COLS] = W[rr, rc]
+            w = _w_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset, code_ptr, rr, pid_c * BLOCK_COLS,
+                        N, K, BLOCK_RED, BLOCK_COLS, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED)
+        else:  # W rows are the output columns: tile W[rc, rr], transposed for the product
+            w = tl.trans(_w_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset, code_ptr, rc, r0,
+                                 N, K, BLOCK_COLS, BLOCK_RED, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED))
+        if DOT_F32:
+            acc = tl.dot(a.to(tl.float32), w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w.to(a.dtype), acc, input_precision=INPUT_PRECISION)
+    mask = (rm[:, None] < M) & (rc[None, :] < C)
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rc, mask=rc < C, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rc[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + split * M * C + rm[:, None].to(tl.int64) * C + rc[None, :], acc, mask=mask)
+
+
+def default_config(M: int, cols: int, red: int) -> dict:
+    """A reasonable tile for the problem size (measured choices live in kernels/bench)."""
+    if M <= 16:
+        n_tiles = triton.cdiv(cols, 64)
+        split = max(1, min(16, 264 // max(n_tiles, 1), red // 512))
+        return dict(BLOCK_M=16, BLOCK_COLS=64, BLOCK_RED=128, GROUP_M=1, SPLIT=split, num_warps=4, num_stages=3)
+    if M <= 64:
+        return dict(BLOCK_M=64, BLOCK_COLS=64, BLOCK_RED=64, GROUP_M=8, SPLIT=1, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_COLS=128, BLOCK_RED=64, GROUP_M=8, SPLIT=1, num_warps=8, num_stages=3)
+
+
+def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, transpose: bool = False,
+               **config) -> torch.Tensor:
+    """x [..., K] @ W^T -> [..., N]; with transpose=True, x [..., N] @ W -> [..., K]."""
+    N, K = w.shape
+    red, cols = (N, K) if transpose else (K, N)
+    if x.shape[-1] != red:
+        raise ValueError(f"x has {x.shape[-1]} features, expected {red} for W {tuple(w.shape)} (transpose={transpose})")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"x must be float16/bfloat16/float32, got {x.dtype}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, red)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    cfg = {**default_config(M, cols, red), **config}
+    if cfg["BLOCK_RED"] % w.blocksize and K % w.blocksize == 0 and not transpose:
+        raise ValueError("BLOCK_RED must be a multiple of the quantisation block size")
+    aligned = K % w.blocksize == 0 and (cfg["BLOCK_COLS" if transpose else "BLOCK_RED"] % w.blocksize == 0)
+    split = cfg.pop("SPLIT")
+    out = torch.empty(M, cols, dtype=x.dtype, device=x.device)
+    dst = out if split == 1 else torch.empty(split, M, cols, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(cols, cfg["BLOCK_COLS"]), split)
+    _nf4_matmul_kernel[grid](
+        x2, *w.kernel_args(), dst, bias if bias is not None else w.code, M, N, K, x2.stride(0), out.stride(0),
+        TRANS=transpose, SPLIT=split, BLOCKSIZE=w.blocksize, BLOCKSIZE2=w.blocksize2, NESTED=w.nested,
+        ALIGNED=aligned, HAS_BIAS=bias is not None and split == 1,
+        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", DOT_F32=_INTERPRETED, **cfg,
+    )
+    if split > 1:
+        finish_split(dst, out, bias)
+    return out.reshape(*lead, cols)
+
+
+def reference(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, transpose: bool = False) -> torch.Tensor:
+    """Dequantise with the torch reference, then one float32 matmul, cast to x's dtype."""
+    W = dequantize_reference(w, x.dtype).float()
+    out = x.float() @ (W if transpose else W.t())
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)

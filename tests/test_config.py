@@ -1,0 +1,166 @@
+"""Recipes: loading, overrides, strict errors, and every shipped recipe validated without weights."""
+
+from __future__ import annotations
+
+import pytest
+
+from workbench import config
+from workbench.config import Recipe, RecipeError, describe_fields, list_recipes, load_recipe
+from workbench.train import main, validate
+
+SHIPPED = list_recipes()
+
+
+def test_the_issue_recipes_are_shipped():
+    assert {"pretrain_tiny_teacher", "kd_tiny", "sft_tiny", "kd_13b_to_7b"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_recipe_validates_without_loading_weights(name, monkeypatch):
+    import transformers
+
+    def forbidden(*a, **k):
+        raise AssertionError("validation must not load weights")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", forbidden)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", forbidden)
+    recipe = load_recipe(name)
+    validate(recipe)
+    assert recipe.name == name
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_recipe_starts_with_its_launch_command_and_hardware(name):
+    head = []
+    for line in (config.RECIPES_DIR / f"{name}.yaml").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        head.append(line)
+    text = "\n".join(head)
+    assert f"workbench/train.py recipe={name}" in text
+    assert "Hardware:" in text
+
+
+def test_overrides_are_typed():
+    r = load_recipe("kd_tiny", [
+        "train.lr=1e-3",  # YAML 1.1 reads this as a string; the schema says float
+        "train.max_steps=12",
+        "train.gradient_checkpointing=true",
+        "train.betas=[0.8, 0.9]",
+        "data.max_documents=null",
+        "distill.losses.0.weight=0.25",
+        "student.config.num_hidden_layers=3",
+    ])
+    assert r.train.lr == pytest.approx(1e-3) and isinstance(r.train.lr, float)
+    assert r.train.max_steps == 12
+    assert r.train.gradient_checkpointing is True
+    assert r.train.betas == [0.8, 0.9]
+    assert r.data.max_documents is None
+    assert r.distill.losses[0].weight == 0.25
+    assert r.student.config == {"num_hidden_layers": 3}
+
+
+def test_yaml_12_scalars_no_is_a_string_not_false():
+    r = load_recipe("kd_tiny", ["train.mixed_precision=no", "data.tokenizer=off"])
+    assert r.train.mixed_precision == "no" and r.data.tokenizer == "off"
+    assert load_recipe("kd_tiny", ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
+    with pytest.raises(RecipeError, match="expected true/false"):
+        load_recipe("kd_tiny", ["resume=yes"])
+
+
+def test_list_items_can_be_appended_and_replaced():
+    r = load_recipe("sft_tiny", ["distill.losses.1={name: cross_entropy, weight: 0.5}"])
+    assert [t.weight for t in r.distill.losses] == [1.0, 0.5]
+    r = load_recipe("kd_tiny", ["distill.losses=[{name: cross_entropy}]"])
+    assert [t.name for t in r.distill.losses] == ["cross_entropy"]
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.lrr=1", "did you mean 'train.lr'"),
+        ("trian.lr=1", "did you mean 'train.lr'"),
+        ("train.max_step=5", "did you mean 'train.max_steps'"),
+        ("distill.losses.0.temprature=2", "did you mean 'distill.losses.0.temperature'"),
+        ("student.tinny=x", "did you mean 'student.tiny'"),
+        ("train.max_steps=abc", "train.max_steps: expected an integer"),
+        ("train.max_steps=2.5", "train.max_steps: expected an integer"),
+        ("train.lr=-1", "train.lr: must be > 0"),
+        ("train.gradient_checkpointing=maybe", "expected true/false"),
+        ("train.mixed_precision=bf61", "did you mean 'bf16'"),
+        ("distill.losses.0.name=forward_kll", "did you mean 'forward_kl'"),
+        ("data.val_fraction=1.5", "data.val_fraction: must be in (0, 1)"),
+        ("distill.losses.5.weight=1", "index 5 out of range"),
+        ("train.lr.x=1", "is a value, not a section"),
+        ("resume", "is not key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, expected):
+    with pytest.raises(RecipeError, match=None) as err:
+        load_recipe("kd_tiny", [override])
+    assert expected in str(err.value)
+
+
+def test_distillation_loss_without_teacher_is_an_error():
+    with pytest.raises(RecipeError, match=r"distill.losses: \['forward_kl'\] need a teacher"):
+        load_recipe("sft_tiny", ["distill.losses.0.name=forward_kl"])
+
+
+def test_model_source_must_be_unique():
+    with pytest.raises(RecipeError, match="student.name_or_path/tiny/recipe: give exactly one"):
+        load_recipe("sft_tiny", ["student.name_or_path=gpt2"])
+
+
+def test_unknown_recipe_suggests_a_close_one():
+    with pytest.raises(RecipeError, match="did you mean 'kd_tiny'"):
+        load_recipe("kd_tin")
+
+
+def test_unknown_key_in_a_yaml_file(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("student: {tiny: llama-2layer-64}\ntrain: {warmup: 3}\n")
+    with pytest.raises(RecipeError, match="unknown key 'train.warmup'; did you mean 'train.warmup_steps'"):
+        load_recipe(str(p))
+
+
+def test_unknown_tiny_config_is_caught_by_validation():
+    with pytest.raises(RecipeError, match="did you mean 'llama-2layer-64'"):
+        validate(load_recipe("sft_tiny", ["student.tiny=llama-2layer-46"]))
+
+
+def test_teacher_recipe_cycle_is_caught(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(f"teacher: {{recipe: {b}}}\ndistill: {{losses: [{{name: forward_kl}}]}}\n")
+    b.write_text(f"teacher: {{recipe: {a}}}\ndistill: {{losses: [{{name: forward_kl}}]}}\n")
+    with pytest.raises(RecipeError, match="cycle"):
+        validate(load_recipe(str(a)))
+
+
+def test_missing_local_data_is_caught_by_validation(tmp_path):
+    with pytest.raises(RecipeError, match="no .jsonl/.json/.txt/.parquet files"):
+        validate(load_recipe("sft_tiny", [f"data.dataset={tmp_path}/nothing/*.jsonl"]))
+
+
+def test_fingerprint_ignores_output_but_not_training():
+    a = load_recipe("kd_tiny")
+    assert a.fingerprint() == load_recipe("kd_tiny", ["output.dir=/elsewhere", "resume=true"]).fingerprint()
+    assert a.fingerprint() != load_recipe("kd_tiny", ["train.lr=1e-4"]).fingerprint()
+
+
+def test_every_field_is_documented():
+    rows = describe_fields(Recipe)
+    assert len(rows) > 40
+    undocumented = [key for key, _, doc in rows if not doc]
+    assert undocumented == []
+
+
+def test_cli_dry_run_and_errors(capsys):
+    assert main(["recipe=kd_13b_to_7b", "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert "meta-llama/Llama-2-13b-hf" in out.out and "is valid" in out.err
+    assert main(["recipe=kd_tiny", "train.lrr=1", "--dry-run"]) == 2
+    assert "did you mean 'train.lr'" in capsys.readouterr().err
+    assert main(["--dry-run"]) == 2
+    assert main(["recipe=kd_tiny", "--bogus"]) == 2
+    assert main(["--help-recipe"]) == 0
+    assert "train.grad_accum_steps" in capsys.readouterr().out

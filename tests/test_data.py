@@ -1,0 +1,154 @@
+"""Corpus, split, tokenizer cache, packing, stateless batch order, local dataset files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from workbench import data
+from workbench.config import DataConfig, RecipeError
+
+SMALL = dict(max_documents=40, vocab_size=320, seq_len=32, val_fraction=0.1)
+
+
+def test_stdlib_corpus_is_real_source_without_tests():
+    root = data.stdlib_root()
+    rel = [str(p.relative_to(root)) for p in data.stdlib_files()]
+    assert len(rel) > 300
+    assert "json/decoder.py" in rel and "collections/__init__.py" in rel
+    assert not any(part in ("test", "tests", "idle_test") for r in rel for part in r.split("/")[:-1])
+    assert not any(r.split("/")[-1].startswith("test_") for r in rel)
+    assert not any(r.startswith(("encodings/", "site-packages/")) for r in rel)
+
+
+def test_split_is_deterministic_disjoint_and_stable():
+    corpus = data.load_corpus(DataConfig(**SMALL))
+    again = data.load_corpus(DataConfig(**SMALL))
+    assert corpus.val_ids == again.val_ids and corpus.fingerprint == again.fingerprint
+    assert corpus.val_ids and corpus.train_ids
+    assert not set(corpus.val_ids) & set(corpus.train_ids)
+    # membership depends on the document alone: a bigger corpus keeps the same held-out files
+    bigger = data.load_corpus(DataConfig(**{**SMALL, "max_documents": 80}))
+    assert set(corpus.val_ids) <= set(bigger.val_ids)
+    assert corpus.fingerprint != bigger.fingerprint
+
+
+class _FakeTok:
+    eos_token_id, bos_token_id = 0, None
+
+    def __len__(self):
+        return 10
+
+
+def test_pack_joins_with_eos_and_drops_the_tail():
+    docs = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]  # stream: 1 2 3 0 4 5 0 6 7 8 9 0 (12 tokens)
+    blocks = data.pack(docs, _FakeTok(), seq_len=5)
+    np.testing.assert_array_equal(blocks, [[1, 2, 3, 0, 4], [5, 0, 6, 7, 8]])
+    assert blocks.dtype == np.uint16
+
+
+def test_pack_adds_a_distinct_bos():
+    tok = _FakeTok()
+    tok.bos_token_id = 9
+    blocks = data.pack([[1, 2], [3]], tok, seq_len=3)
+    np.testing.assert_array_equal(blocks, [[9, 1, 2], [0, 9, 3]])
+
+
+def test_bpe_is_trained_once_cached_and_round_trips(monkeypatch):
+    cfg = DataConfig(**SMALL)
+    corpus = data.load_corpus(cfg)
+    tok = data.load_tokenizer(cfg, corpus)
+    assert len(tok) == cfg.vocab_size
+    assert tok.eos_token == data.EOS_TOKEN
+    code = "def quick_sort(xs):\n    return sorted(xs)  # ünïcode ok\n"
+    assert tok.decode(tok(code, add_special_tokens=False)["input_ids"]) == code
+
+    def boom(*a, **k):
+        raise AssertionError("the cached tokenizer should have been reused")
+
+    monkeypatch.setattr(data, "_train_bpe", boom)
+    again = data.load_tokenizer(cfg, corpus)
+    assert data.tokenizer_fingerprint(again) == data.tokenizer_fingerprint(tok)
+
+
+def test_packed_blocks_are_cached_and_keyed_by_seq_len():
+    cfg = DataConfig(**SMALL)
+    corpus = data.load_corpus(cfg)
+    tok = data.load_tokenizer(cfg, corpus)
+    a = data.load_packed(cfg, tok, corpus)
+    b = data.load_packed(cfg, tok, corpus)
+    assert a.key == b.key and a.train.shape[1] == 32
+    np.testing.assert_array_equal(a.train, b.train)
+    c = data.load_packed(DataConfig(**{**SMALL, "seq_len": 16}), tok, corpus)
+    assert c.key != a.key and c.seq_len == 16
+    n = min(a.train.size, c.train.size)  # same token stream, cut into other lengths
+    np.testing.assert_array_equal(a.train.ravel()[:n], c.train.ravel()[:n])
+    # the validation blocks decode to text from the held-out files only
+    text = tok.decode(a.val[0].tolist())
+    assert text and any(text[:20] in t for t in corpus.val_texts)
+
+
+def test_too_short_validation_split_is_explained():
+    cfg = DataConfig(**{**SMALL, "seq_len": 100_000})
+    corpus = data.load_corpus(cfg)
+    tok = data.load_tokenizer(cfg, corpus)
+    with pytest.raises(RecipeError, match="fewer than seq_len"):
+        data.load_packed(cfg, tok, corpus)
+
+
+def test_stream_indices_are_stateless_permutations():
+    n, seed = 10, 3
+    whole = data.stream_indices(n, seed, 0, 35)
+    assert sorted(whole[:10]) == list(range(10)) and sorted(whole[10:20]) == list(range(10))
+    assert not np.array_equal(whole[:10], whole[10:20])  # a new order each epoch
+    pieces = np.concatenate([data.stream_indices(n, seed, s, 7) for s in range(0, 35, 7)])
+    np.testing.assert_array_equal(whole, pieces)
+    assert not np.array_equal(whole, data.stream_indices(n, seed + 1, 0, 35))
+
+
+def test_make_batch_labels_equal_inputs():
+    blocks = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    b = data.make_batch(blocks, np.array([2, 0]))
+    assert b["input_ids"].tolist() == [[8, 9, 10, 11], [0, 1, 2, 3]]
+    assert b["labels"].tolist() == b["input_ids"].tolist()
+    assert b["input_ids"].dtype.is_floating_point is False
+
+
+def _docs():
+    return [f"def f{i}(x):\n    return x + {i}\n" * 5 for i in range(30)]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "txt", "parquet"])
+def test_local_files_through_datasets(tmp_path, kind):
+    docs = _docs()
+    if kind == "jsonl":
+        (tmp_path / "d.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+        cfg = DataConfig(dataset=str(tmp_path / "*.jsonl"), text_field="body", seq_len=16, vocab_size=300)
+    elif kind == "txt":
+        for i, d in enumerate(docs):
+            (tmp_path / f"doc{i:02d}.txt").write_text(d)
+        cfg = DataConfig(dataset=str(tmp_path), seq_len=16, vocab_size=300)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": docs}), tmp_path / "d.parquet")
+        cfg = DataConfig(dataset=str(tmp_path / "d.parquet"), seq_len=16, vocab_size=300)
+    corpus = data.load_corpus(cfg)
+    assert sorted(corpus.train_texts + corpus.val_texts) == sorted(docs)  # whole documents, not lines
+    tok = data.load_tokenizer(cfg, corpus)
+    packed = data.load_packed(cfg, tok, corpus)
+    assert packed.train.shape[1] == 16 and len(packed.val) >= 1
+
+
+def test_missing_text_field_lists_the_columns(tmp_path):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"content": "x"}) + "\n" + json.dumps({"content": "y"}) + "\n")
+    with pytest.raises(RecipeError, match=r"'text' not in columns \['content'\]"):
+        data.load_corpus(DataConfig(dataset=str(tmp_path / "d.jsonl")))
+
+
+def test_missing_local_files(tmp_path):
+    with pytest.raises(RecipeError, match="no .jsonl/.json/.txt/.parquet files"):
+        data.load_corpus(DataConfig(dataset=str(tmp_path / "absent.jsonl")))

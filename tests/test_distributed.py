@@ -1,0 +1,201 @@
+"""Two CPU processes over gloo, launched with `accelerate launch` and our launch configs: DDP and DeepSpeed
+ZeRO-3 with optimizer and parameter offload reproduce a single-process run, ZeRO-3 really partitions,
+checkpoints resume exactly and consolidate with DeepSpeed's tooling, a ZeRO-3 teacher equals a replicated
+one, and gradient compression hooks train while sending fewer bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FAST, REPO, fast_recipe
+from workbench import trainer
+from workbench.train import run
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="multi-process tests run on Linux")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(config: str, out, *overrides, recipe="kd_tiny", timeout=900):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           f"launch_scripts/accelerate/{config}.yaml", "--main_process_port", str(_port()),
+           "workbench/train.py", f"recipe={recipe}", *FAST, f"output.dir={out}", *overrides]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return json.loads((out / "final_metrics.json").read_text())
+
+
+def _losses(out):
+    return {r["step"]: r["train/loss"] for r in trainer.read_metrics(out) if "train/loss" in r}
+
+
+def _record(out, key):
+    return next(r for r in trainer.read_metrics(out) if key in r)
+
+
+def _kd_args(teacher):
+    return ["teacher.recipe=null", f"teacher.name_or_path={teacher}"]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, tiny_teacher, accelerator):
+    """The reference: one process, micro-batch 4."""
+    out = tmp_path_factory.mktemp("single")
+    metrics = run(fast_recipe("kd_tiny", out, *_kd_args(tiny_teacher)), accelerator)
+    return out, metrics
+
+
+def _match(a, b, rel):
+    la, lb = _losses(a), _losses(b)
+    assert la.keys() == lb.keys()
+    for step in la:
+        assert lb[step] == pytest.approx(la[step], rel=rel), (step, la[step], lb[step])
+
+
+def _resume_from_step_3(config, full, cut, args):
+    """Copy a finished 6-step run, drop everything after its step-3 checkpoint, resume: same losses."""
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-0000006")
+    for p in ("model", "adapter", "final_metrics.json"):
+        if (cut / p).is_dir():
+            shutil.rmtree(cut / p)
+        elif (cut / p).exists():
+            (cut / p).unlink()
+    _launch(config, cut, *args, "resume=true")
+    assert _losses(cut) == _losses(full)
+
+
+def test_ddp_two_processes_match_one_and_resume(tmp_path, tiny_teacher, single):
+    args = [*_kd_args(tiny_teacher), "train.micro_batch_size=2"]
+    metrics = _launch("cpu2_ddp", tmp_path / "full", *args)
+    _match(single[0], tmp_path / "full", rel=1e-4)
+    assert metrics["student_val_ppl"] == pytest.approx(single[1]["student_val_ppl"], rel=1e-3)
+    rec = _record(tmp_path / "full", "parallel/processes")
+    assert rec["parallel/processes"] == 2 and rec["parallel/param_elements_local"] == rec["parallel/param_elements_total"]
+    _resume_from_step_3("cpu2_ddp", tmp_path / "full", tmp_path / "cut", args)
+
+
+def test_zero3_offload_partitions_matches_resumes_and_consolidates(tmp_path, tiny_teacher, single):
+    from safetensors.torch import load_file
+
+    full = tmp_path / "full"
+    args = [*_kd_args(tiny_teacher), "train.micro_batch_size=2", "train.checkpoint_every=3"]
+    metrics = _launch("cpu2_zero3_offload", full, *args)
+    # the same optimisation as one process with the whole batch (CPU Adam vs torch AdamW rounding aside)
+    _match(single[0], full, rel=1e-3)
+    assert metrics["student_val_ppl"] == pytest.approx(single[1]["student_val_ppl"], rel=1e-2)
+    rec = _record(full, "parallel/processes")
+    assert rec["parallel/zero_stage"] == 3
+    assert rec["parallel/param_elements_local"] <= 0.55 * rec["parallel/param_elements_total"]  # partitioned
+    ds_config = json.loads((full / "deepspeed_config.json").read_text())
+    assert ds_config["train_micro_batch_size_per_gpu"] == 2 and ds_config["train_batch_size"] == 4
+    assert "auto" not in json.dumps(ds_config)
+
+    # resume from the step-3 checkpoint of a copy: steps 4-6 repeat exactly
+    _resume_from_step_3("cpu2_zero3_offload", full, tmp_path / "cut", args)
+
+    # DeepSpeed's zero_to_fp32 gathers the partitions into the weights the run saved at the end
+    from workbench.consolidate import consolidate
+
+    dst = consolidate(full / "checkpoints" / "step-0000006", tmp_path / "consolidated")
+    got, want = load_file(dst / "model.safetensors"), load_file(full / "model" / "model.safetensors")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert (got[k].float() - want[k].float()).abs().max() < 1e-6, k
+
+
+def test_lora_adapter_saved_from_zero3_partitions(tmp_path, tiny_teacher):
+    """A LoRA student under ZeRO-3: the adapter is gathered from the partitions, loads with plain peft over
+    the base, and equals the merged model the run saved."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _launch("cpu2_zero3_offload", tmp_path, *_kd_args(tiny_teacher), "train.micro_batch_size=2", "train.max_steps=3",
+            "student.tiny=null", f"student.name_or_path={tiny_teacher}", "train.lr=1e-2",
+            "student.adapter={method: lora, r: 4, alpha: 8, dropout: 0.0}")
+    base = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    adapted = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    ids = torch.randint(0, 320, (2, 16))
+    with torch.no_grad():
+        a, m, b = adapted(input_ids=ids).logits, merged(input_ids=ids).logits, base(input_ids=ids).logits
+    torch.testing.assert_close(a, m, rtol=1e-4, atol=1e-4)
+    assert (a - b).abs().max() > 1e-3  # the adapter learned something (not zeros from empty partitions)
+
+
+def test_zero3_teacher_equals_replicated(tmp_path, tiny_teacher, single):
+    metrics = _launch("cpu2_ddp", tmp_path, *_kd_args(tiny_teacher), "train.micro_batch_size=2",
+                      "parallel.teacher=zero3")
+    assert metrics["teacher_val_ppl"] == pytest.approx(single[1]["teacher_val_ppl"], rel=1e-5)
+    _match(single[0], tmp_path, rel=1e-4)
+
+
+@pytest.mark.parametrize("hook, ratio", [("fp16", 0.55), ("powersgd", 0.25)])  # torch's bf16 hook needs NCCL
+def test_gradient_compression_trains_and_sends_less(tmp_path, hook, ratio):
+    common = ["train.micro_batch_size=2", "train.max_steps=12", "train.log_every=3", "train.lr=3e-3",
+              "train.eval_every=0", "train.checkpoint_every=0"]
+    plain = _launch("cpu2_ddp", tmp_path / "plain", *common, recipe="sft_tiny")
+    packed = _launch("cpu2_ddp", tmp_path / hook, *common, f"parallel.comm_hook={hook}",
+                     "parallel.powersgd_warmup_steps=2", recipe="sft_tiny")
+    sent = {r["step"]: r["parallel/comm_bytes_per_step"] for r in trainer.read_metrics(tmp_path / hook)
+            if "parallel/comm_bytes_per_step" in r}
+    full = {r["step"]: r["parallel/comm_bytes_per_step"] for r in trainer.read_metrics(tmp_path / "plain")
+            if "parallel/comm_bytes_per_step" in r}
+    assert sent[12] < ratio * full[12], (sent, full)  # after PowerSGD's warm-up
+    losses = _losses(tmp_path / hook)
+    assert losses[12] < losses[3] - 0.3  # still learning
+    assert packed["student_val_ppl"] < 1.25 * plain["student_val_ppl"]
+
+
+# --------------------------------------------------------------------------------------------- launch configs
+
+
+def test_every_launch_config_is_complete():
+    import yaml
+
+    from workbench.config import load_recipe
+    from workbench.distributed import fill_deepspeed_config
+
+    configs = sorted((REPO / "launch_scripts" / "accelerate").glob("*.yaml"))
+    assert {c.stem for c in configs} >= {"single", "multi_gpu", "zero2", "zero3", "zero3_offload", "zero3_nvme", "fsdp2"}
+    recipe = load_recipe("kd_13b_to_7b")
+    for path in configs:
+        cfg = yaml.safe_load(path.read_text())
+        assert cfg["distributed_type"] in ("NO", "MULTI_GPU", "MULTI_CPU", "DEEPSPEED", "FSDP"), path
+        assert "accelerate launch --config_file" in path.read_text() or path.stem.startswith("cpu2"), path
+        ds = cfg.get("deepspeed_config", {}).get("deepspeed_config_file")
+        if ds:
+            filled = fill_deepspeed_config(json.loads((REPO / ds).read_text()), recipe, 4096, 8)
+            assert "auto" not in json.dumps(filled), path
+            assert filled["train_batch_size"] == 1 * 16 * 8 and filled["bf16"]["enabled"] is True
+
+
+def test_deepspeed_config_disagreeing_with_the_recipe_is_an_error():
+    from workbench.config import RecipeError, load_recipe
+    from workbench.distributed import fill_deepspeed_config
+
+    with pytest.raises(RecipeError, match="train_micro_batch_size_per_gpu=3 but the recipe implies 1"):
+        fill_deepspeed_config({"train_micro_batch_size_per_gpu": 3}, load_recipe("kd_13b_to_7b"), 64, 2)
+    with pytest.raises(RecipeError, match="has an 'optimizer' section"):
+        fill_deepspeed_config({"optimizer": {"type": "Adam"}}, load_recipe("kd_13b_to_7b"), 64, 2)
+
+
+def test_slurm_script_is_valid_bash_and_names_real_configs():
+    script = REPO / "launch_scripts" / "slurm_multinode.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    assert "resume=true" in text and "--signal=TERM" in text
+    assert (REPO / "launch_scripts" / "accelerate" / "zero3.yaml").exists()

@@ -1,0 +1,110 @@
+"""Triton NF4 kernels against bitsandbytes and their torch references. On a CPU they run in Triton's
+interpreter (TRITON_INTERPRET=1, set by conftest), so shapes stay small; on a GPU the same tests run
+compiled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+bnb = pytest.importorskip("bitsandbytes")
+pytest.importorskip("triton")
+import bitsandbytes.functional as F  # noqa: E402
+
+from workbench.kernels import NF4Weight, dequantize_reference  # noqa: E402
+from workbench.kernels import dequant, gemv, matmul  # noqa: E402
+from workbench.kernels.linear import TritonLinear4bit, replace_linear4bit  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(64, 128), (33, 70), (7, 9), (3, 65), (96, 192)]  # odd sizes, odd element counts, K % 64 != 0
+
+
+def _weight(N, K, dtype, nested, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = (torch.randn(N, K, generator=g) * 2).to(dtype).to(DEVICE)
+    packed, state = F.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=nested)
+    return packed, state
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_dequant_is_bit_identical_to_bitsandbytes(shape, nested, dtype):
+    packed, state = _weight(*shape, dtype, nested)
+    ref = F.dequantize_4bit(packed, state)
+    w = NF4Weight.from_bnb(packed, state)
+    got = dequant.dequantize_nf4(w)
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8))  # bit for bit
+    assert torch.equal(dequantize_reference(w).view(torch.uint8), ref.view(torch.uint8))
+
+
+def _tol(dtype):
+    return {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M, N, K", [(5, 96, 128), (33, 70, 192), (7, 45, 37), (18, 64, 256)])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_fused_matmul_matches_reference(M, N, K, dtype, transpose):
+    packed, state = _weight(N, K, dtype, nested=True, seed=M)
+    w = NF4Weight.from_bnb(packed, state)
+    x = torch.randn(M, N if transpose else K, dtype=dtype, device=DEVICE)
+    bias = torch.randn(K if transpose else N, dtype=dtype, device=DEVICE)
+    ref = matmul.reference(x, w, bias, transpose=transpose)
+    for split in (1, 3):
+        got = matmul.nf4_matmul(x, w, bias, transpose=transpose, SPLIT=split)
+        assert got.dtype == dtype and got.shape == ref.shape
+        assert _rel(got, ref) < _tol(dtype), split
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+@pytest.mark.parametrize("nested", [True, False])
+def test_gemv_matches_reference(M, nested):
+    for dtype in DTYPES:
+        packed, state = _weight(40, 320, dtype, nested, seed=M)
+        w = NF4Weight.from_bnb(packed, state)
+        x = torch.randn(1, M, 320, dtype=dtype, device=DEVICE)  # leading dims are kept
+        ref = gemv.reference(x, w)
+        for split in (1, 2):
+            got = gemv.nf4_gemv(x, w, SPLIT=split, BLOCK_K=128)
+            assert got.shape == (1, M, 40) and _rel(got, ref) < _tol(dtype)
+
+
+def test_gemv_rejects_what_it_cannot_do():
+    packed, state = _weight(8, 70, torch.float32, True)
+    w = NF4Weight.from_bnb(packed, state)
+    with pytest.raises(ValueError, match="multiple of the quantisation block"):
+        gemv.nf4_gemv(torch.randn(1, 70, device=DEVICE), w)
+
+
+def _layer(N, K, dtype, bias=True, seed=0):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(K, N, bias=bias, dtype=dtype)
+    q = bnb.nn.Linear4bit(K, N, bias=bias, compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
+    q.load_state_dict(lin.state_dict())
+    q = q.to(DEVICE)  # quantises
+    q.support_avx512bf16_for_cpu = False
+    return q
+
+
+@pytest.mark.parametrize("rows", [1, 3, 20])
+def test_triton_layer_forward_and_input_gradient_match_bitsandbytes(rows):
+    ref = _layer(48, 128, torch.float32)
+    ours = _layer(48, 128, torch.float32)
+    assert replace_linear4bit(ours) == 1 and isinstance(ours, TritonLinear4bit)
+    x = torch.randn(rows, 128, device=DEVICE, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y_ref, y = ref(x), ours(x2)
+    assert _rel(y, y_ref) < 1e-5
+    g = torch.randn_like(y)
+    y_ref.backward(g)
+    y.backward(g)
+    assert _rel(x2.grad, x.grad) < 1e-5
+    assert _rel(ours.bias.grad, ref.bias.grad) < 1e-6
+    assert ours.weight.grad is None  # the 4-bit base stays frozen

@@ -1,0 +1,396 @@
+"""Losses against naive dense formulas (values and gradients, fp32 and bf16, odd shapes, all-ignored
+batches); the chunked/fused path against the dense one; top-k teachers; hidden-state and attention
+transfer with differing widths and head counts."""
+
+from __future__ import annotations
+
+import math
+import typing
+
+import pytest
+import torch
+
+from workbench import config, losses
+from workbench.config import LossTerm
+
+KINDS = sorted(losses.DIVERGENCES)
+
+
+# --------------------------------------------------------------------------------------------- references
+
+
+def _naive(kind, s, t, labels, temp, beta=0.5, alpha=0.1):
+    """Textbook formulas on probabilities, float64: sum over valid rows of T^2 * D."""
+    p_s = torch.softmax(s.double() / temp, -1)
+    p_t = torch.softmax(t.double() / temp, -1)
+
+    def kl(p, q):
+        return (p * (p / q).log()).sum(-1)
+
+    if kind == "forward_kl":
+        d = kl(p_t, p_s)
+    elif kind == "reverse_kl":
+        d = kl(p_s, p_t)
+    elif kind == "jsd":
+        m = beta * p_t + (1 - beta) * p_s
+        d = beta * kl(p_t, m) + (1 - beta) * kl(p_s, m)
+    elif kind == "skew_forward_kl":
+        d = kl(p_t, alpha * p_t + (1 - alpha) * p_s)
+    elif kind == "skew_reverse_kl":
+        d = kl(p_s, alpha * p_s + (1 - alpha) * p_t)
+    elif kind == "tvd":
+        d = 0.5 * (p_t - p_s).abs().sum(-1)
+    return (d * (labels != -100)).sum() * temp**2
+
+
+def _data(N=13, V=37, seed=0, dtype=torch.float32, ignore=(1, 5, 6)):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(N, V, generator=g) * 3).to(dtype)
+    t = (torch.randn(N, V, generator=g) * 3).to(dtype)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[list(ignore)] = -100
+    return s, t, labels
+
+
+def test_registries_match_the_recipe_schema():
+    names = set(typing.get_args(config.LossName))
+    assert set(losses.DIVERGENCES) == config.LOGIT_DIVERGENCES
+    assert names == config.LOGIT_DIVERGENCES | config.FEATURE_LOSSES | {"cross_entropy"}
+
+
+# --------------------------------------------------------------------------------------------- divergences
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_divergence_matches_naive_value_and_gradient(kind, temp, dtype):
+    s, t, labels = _data(dtype=dtype)
+    s.requires_grad_()
+    got = losses.LogitDivergence(kind, temperature=temp, beta=0.3, alpha=0.2)(s, t, labels)
+    s64 = s.detach().double().requires_grad_()
+    ref = _naive(kind, s64, t, labels, temp, beta=0.3, alpha=0.2)
+    assert got.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 2e-3  # bf16 inputs are exact; the math runs in fp32
+    torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+    got.backward()
+    ref.backward()
+    # the gradient comes back in the input dtype: bf16 rounds it to 8 significant bits
+    g_tol = 1e-4 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=g_tol, atol=g_tol)
+    assert s.grad.dtype == dtype
+    assert s.grad[[1, 5, 6]].abs().max() == 0  # ignored rows get no gradient
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_all_ignored_batch_gives_zero_not_nan(kind):
+    s, t, labels = _data(ignore=range(13))
+    s.requires_grad_()
+    got = losses.LogitDivergence(kind)(s, t, labels)
+    got.backward()
+    assert got.item() == 0.0 and torch.isfinite(s.grad).all() and s.grad.abs().max() == 0
+
+
+def test_identical_distributions_have_zero_divergence():
+    s, _, labels = _data()
+    for kind in KINDS:
+        assert losses.LogitDivergence(kind, temperature=1.5)(s, s.clone(), labels).abs().item() < 1e-5, kind
+
+
+def test_jsd_and_skew_reduce_to_the_kls():
+    s, t, labels = _data()
+    fwd = losses.LogitDivergence("forward_kl")(s, t, labels)
+    rev = losses.LogitDivergence("reverse_kl")(s, t, labels)
+    assert losses.LogitDivergence("jsd", beta=0.0)(s, t, labels) == fwd
+    assert losses.LogitDivergence("jsd", beta=1.0)(s, t, labels) == rev
+    # the convention at beta = 0/1 is the limit of JSD/beta and JSD/(1 - beta); the error is O(beta * chi^2),
+    # so check it on gentler logits
+    s1, t1, eps = s / 3, t / 3, 1e-3
+    fwd1 = losses.LogitDivergence("forward_kl")(s1, t1, labels)
+    rev1 = losses.LogitDivergence("reverse_kl")(s1, t1, labels)
+    torch.testing.assert_close(losses.LogitDivergence("jsd", beta=eps)(s1, t1, labels) / eps, fwd1, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(losses.LogitDivergence("jsd", beta=1 - eps)(s1, t1, labels) / eps, rev1, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(losses.LogitDivergence("skew_forward_kl", alpha=0.0)(s, t, labels), fwd)
+    torch.testing.assert_close(losses.LogitDivergence("skew_reverse_kl", alpha=0.0)(s, t, labels), rev)
+
+
+def test_temperature_scales_by_t_squared():
+    s, t, labels = _data()
+    a = losses.LogitDivergence("forward_kl", temperature=2.0)(s, t, labels)
+    b = losses.LogitDivergence("forward_kl", temperature=1.0)(s / 2, t / 2, labels)
+    torch.testing.assert_close(a, 4 * b)
+
+
+def test_cross_entropy_is_a_sum_over_valid_tokens():
+    s, _, labels = _data()
+    got = losses.CrossEntropy()(s, None, labels)
+    valid = labels != -100
+    ref = -torch.log_softmax(s.double(), -1)[valid.nonzero()[:, 0], labels[valid]].sum()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------- top-k teachers
+
+
+def _bucketed(p, idx):
+    """Dense probabilities -> [N, k + 1]: the top-k tokens, then the rest (float64)."""
+    top = p.gather(-1, idx)
+    return torch.cat([top, 1 - top.sum(-1, keepdim=True)], -1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_topk_teacher_is_the_divergence_between_bucketed_distributions(kind):
+    s, t, labels = _data()
+    temp, k = 1.7, 5
+    teacher = losses.topk_from_logits(t, k, temp)
+    s.requires_grad_()
+    got = losses.LogitDivergence(kind, temperature=temp)(s, teacher, labels)
+    # reference: bucket both dense distributions by hand and use the textbook formula on logits of buckets
+    p_s = torch.softmax(s.detach().double() / temp, -1)
+    p_t = torch.softmax(t.double() / temp, -1)
+    ref = _naive(kind, _bucketed(p_s, teacher.indices).log() * temp, _bucketed(p_t, teacher.indices).log() * temp,
+                 labels, temp)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    # with every token but one kept, the buckets are the full distributions: equal to the dense loss
+    full = losses.topk_from_logits(t, t.shape[-1] - 1, temp)
+    dense = losses.LogitDivergence(kind, temperature=temp)(s, t, labels)
+    torch.testing.assert_close(losses.LogitDivergence(kind, temperature=temp)(s, full, labels), dense,
+                               rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- chunking
+
+
+def _objective(*names):
+    return losses.LogitObjective([LossTerm(n, weight=0.3 + 0.1 * i, temperature=1.0 + i) for i, n in enumerate(names)])
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 100])
+def test_chunked_fused_equals_dense(chunk):
+    torch.manual_seed(0)
+    N, H, Ht, V = 11, 6, 9, 29
+    h = torch.randn(N, H, requires_grad=True)
+    W = torch.randn(V, H, requires_grad=True)
+    b = torch.randn(V, requires_grad=True)
+    ht, Wt = torch.randn(N, Ht), torch.randn(V, Ht)
+    labels = torch.randint(0, V, (N,))
+    labels[3] = -100
+    fn = _objective("cross_entropy", "forward_kl", "jsd", "tvd")
+
+    total, parts = losses.chunked_logit_loss(fn, h, {"labels": labels}, lambda a, z: ht[a:z] @ Wt.T, W, b, chunk)
+    total.mul(0.7).backward()  # the upstream gradient is honoured
+    got = [h.grad.clone(), W.grad.clone(), b.grad.clone()]
+    for p in (h, W, b):
+        p.grad = None
+    ref_total, ref_parts = fn(h @ W.T + b, ht @ Wt.T, {"labels": labels})
+    ref_total.mul(0.7).backward()
+    torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(parts, ref_parts, rtol=1e-5, atol=1e-5)
+    for g, p in zip(got, (h, W, b)):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
+    assert not parts.requires_grad
+
+
+def test_chunked_over_logits_and_topk_equal_dense():
+    torch.manual_seed(1)
+    s, t, labels = _data(N=17, V=23)
+    s.requires_grad_()
+    fn = _objective("forward_kl", "reverse_kl")
+    total, _ = losses.chunked_logit_loss(fn, s, {"labels": labels}, lambda a, b: t[a:b], chunk=3)
+    (g,) = torch.autograd.grad(total, s)
+    ref, _ = fn(s, t, {"labels": labels})
+    (g_ref,) = torch.autograd.grad(ref, s)
+    torch.testing.assert_close(total, ref)
+    torch.testing.assert_close(g, g_ref)
+    # a dict of top-k teachers (one per temperature) is sliced along with the rows
+    topk = {temp: losses.topk_from_logits(t, 4, temp) for temp in fn.temperatures}
+    total, _ = losses.chunked_logit_loss(fn, s, {"labels": labels}, lambda a, b: {k: v[a:b] for k, v in topk.items()}, chunk=5)
+    ref, _ = fn(s, topk, {"labels": labels})
+    torch.testing.assert_close(total, ref)
+
+
+def test_chunked_fused_under_bf16_autocast_is_close_to_fp32():
+    torch.manual_seed(2)
+    N, H, V = 32, 16, 64
+    h = torch.randn(N, H, requires_grad=True)
+    W = torch.randn(V, H, requires_grad=True)
+    t = torch.randn(N, V)
+    labels = torch.randint(0, V, (N,))
+    fn = _objective("cross_entropy", "forward_kl")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, _ = losses.chunked_logit_loss(fn, h, {"labels": labels}, lambda a, b: t[a:b], W, None, 8)
+    total.backward()
+    ref, _ = fn(h @ W.T, t, {"labels": labels})
+    (gh, gw) = torch.autograd.grad(ref, (h, W))
+    torch.testing.assert_close(total, ref, rtol=2e-2, atol=1e-1)
+    assert (h.grad - gh).norm() / gh.norm() < 3e-2 and (W.grad - gw).norm() / gw.norm() < 3e-2
+
+
+def test_no_gradient_work_without_grad():
+    h, W = torch.randn(8, 4), torch.randn(10, 4)
+    with torch.no_grad():
+        total, _ = losses.chunked_logit_loss(_objective("cross_entropy"), h, {"labels": torch.zeros(8, dtype=torch.long)},
+                                             weight=W, chunk=3)
+    assert not total.requires_grad and total.item() > 0
+
+
+def test_ce_labels_override_targets_for_cross_entropy_only():
+    s, t, labels = _data()
+    fn = _objective("cross_entropy", "forward_kl")
+    none = torch.full_like(labels, -100)
+    _, parts = fn(s, t, {"labels": labels, "ce_labels": none})
+    _, ref = fn(s, t, {"labels": labels})
+    assert parts[0] == 0 and parts[1] == ref[1]
+
+
+# --------------------------------------------------------------------------------------------- features
+
+
+class _Cfg:
+    def __init__(self, layers, width, heads):
+        self.num_hidden_layers, self.hidden_size, self.num_attention_heads = layers, width, heads
+
+
+def test_uniform_layer_map():
+    assert losses.uniform_layer_map(4, 6) == [[1, 2], [2, 3], [3, 5], [4, 6]]
+    assert losses.uniform_layer_map(2, 2) == [[1, 1], [2, 2]]
+
+
+@pytest.mark.parametrize("kind", ["hidden_mse", "hidden_cosine"])
+def test_hidden_state_losses_with_a_projection(kind):
+    torch.manual_seed(3)
+    B, T, Hs, Ht = 2, 5, 6, 10
+    hs = tuple(torch.randn(B, T, Hs, requires_grad=True) for _ in range(3))  # embeddings + 2 layers
+    ht = tuple(torch.randn(B, T, Ht) for _ in range(5))  # embeddings + 4 layers
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, -1] = False
+    obj = losses.Objective([LossTerm(kind, weight=0.5)], _Cfg(2, Hs, 4), _Cfg(4, Ht, 8))
+    (loss,) = obj.features
+    assert loss.layer_map == [(1, 2), (2, 4)] and all(isinstance(p, torch.nn.Linear) for p in loss.proj)
+    got = loss(hs, ht, mask)
+    ref = 0.0
+    for (s, t), P in zip(loss.layer_map, loss.proj):
+        a, b = hs[s] @ P.weight.T, ht[t]
+        per = ((a - b) ** 2).mean(-1) if kind == "hidden_mse" else 1 - (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+        ref = ref + (per * mask).sum()
+    torch.testing.assert_close(got, ref / 2)
+    got.backward()
+    assert loss.proj[0].weight.grad is not None and hs[1].grad is not None  # the projection trains
+    # equal widths: no projection
+    same = losses.HiddenStateLoss(kind, [[0, 0]], 6, 6)
+    assert isinstance(same.proj[0], torch.nn.Identity)
+
+
+def _tiny_llama(heads, kv, layers, hidden=32, vocab=50, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                                        num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=48))
+
+
+def test_recording_attention_equals_transformers_eager():
+    from workbench.models import forward_for_losses, use_recording_attention
+
+    m = _tiny_llama(4, 2, 2)
+    ids = torch.randint(0, 50, (2, 7))
+    m.set_attn_implementation("eager")
+    ref = m(input_ids=ids, output_attentions=True)
+    use_recording_attention(m)
+    out = forward_for_losses(m, ids, fused=True, attention_layers={1, 2})
+    for layer in (1, 2):
+        scores, probs = out.attention[layer]
+        torch.testing.assert_close(probs, ref.attentions[layer - 1])
+        masked = scores.masked_fill(~torch.ones(7, 7, dtype=torch.bool).tril(), float("-inf"))
+        torch.testing.assert_close(masked.softmax(-1), probs)  # the scores are the pre-softmax logits
+    assert out.logits is None and out.final_hidden.shape == (2, 7, 32)
+
+
+@pytest.mark.parametrize("head_map", ["average", "map"])
+def test_attention_losses_across_head_counts(head_map):
+    from workbench.models import forward_for_losses, use_recording_attention
+
+    student, teacher = _tiny_llama(2, 1, 2, seed=1), _tiny_llama(8, 4, 4, hidden=64, seed=2)
+    for m in (student, teacher):
+        use_recording_attention(m)
+    ids = torch.randint(0, 50, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[1, :2] = False
+    terms = [LossTerm("attention_kl", head_map=head_map), LossTerm("attention_logit_mse", head_map=head_map)]
+    obj = losses.Objective(terms, student.config, teacher.config)
+    so = forward_for_losses(student, ids, True, attention_layers=obj.attention_layers[0])
+    to = forward_for_losses(teacher, ids, True, attention_layers=obj.attention_layers[1])
+    kl_loss, mse_loss = obj.features
+    assert kl_loss.layer_map == [(1, 2), (2, 4)]
+    got_kl = kl_loss(so.attention, to.attention, mask)
+    got_mse = mse_loss(so.attention, to.attention, mask)
+    # reference: group teacher heads 8 -> 2 (map) or everything -> 1 (average), then the formulas
+    g = 2 if head_map == "map" else 1
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    ref_kl = ref_mse = 0.0
+    for s, t in kl_loss.layer_map:
+        (ss, sp), (ts, tp) = so.attention[s], to.attention[t]
+        a_s = sp.reshape(3, g, -1, 6, 6).mean(2).double()
+        a_t = tp.reshape(3, g, -1, 6, 6).mean(2).double()
+        kl = torch.where(causal, a_t * (a_t / a_s).log(), 0.0).sum(-1).mean(1)  # [B, T]
+        ref_kl = ref_kl + (kl * mask).sum()
+        z_s = torch.where(causal, ss, 0.0).reshape(3, g, -1, 6, 6).mean(2).double()
+        z_t = torch.where(causal, ts, 0.0).reshape(3, g, -1, 6, 6).mean(2).double()
+        mse = ((z_s - z_t) ** 2).sum(-1) / causal.sum(-1)
+        ref_mse = ref_mse + (mse.mean(1) * mask).sum()
+    torch.testing.assert_close(got_kl.double(), ref_kl / 2, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_mse.double(), ref_mse / 2, rtol=1e-4, atol=1e-5)
+    (got_kl + got_mse).backward()
+    assert student.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_head_map_needs_divisible_counts():
+    with pytest.raises(ValueError, match="head_map=map"):
+        losses.AttentionLoss("attention_kl", [[1, 1]], "map", 3, 8)
+
+
+def test_layer_map_out_of_range_is_reported():
+    with pytest.raises(ValueError, match=r"layer_map pair \[3, 1\] out of range"):
+        losses.Objective([LossTerm("hidden_mse", layer_map=[[3, 1]])], _Cfg(2, 4, 2), _Cfg(4, 4, 2))
+
+
+# --------------------------------------------------------------------------------------------- objective
+
+
+def test_objective_weights_terms_and_names_repeats():
+    from workbench.losses import ModelOutputs
+
+    torch.manual_seed(4)
+    B, T, V = 2, 3, 8
+    s, t = torch.randn(B, T, V), torch.randn(B, T, V)
+    labels = torch.randint(0, V, (B, T))
+    terms = [LossTerm("forward_kl", 0.3, 2.0), LossTerm("cross_entropy", 0.7), LossTerm("forward_kl", 0.1, 1.0)]
+    obj = losses.Objective(terms, vocab=V)
+    total, parts = obj(ModelOutputs(logits=s), ModelOutputs(logits=t), {"labels": labels})
+    assert list(parts) == ["forward_kl_0", "cross_entropy", "forward_kl_2"]
+    flat = labels.reshape(-1)
+    s2, t2 = s.reshape(-1, V), t.reshape(-1, V)
+    expected = 0.3 * _naive("forward_kl", s2, t2, flat, 2.0) + 0.7 * losses.CrossEntropy()(s2, None, flat).double() \
+        + 0.1 * _naive("forward_kl", s2, t2, flat, 1.0)
+    torch.testing.assert_close(total.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_vocab_cut_ignores_padded_logits():
+    from workbench.losses import ModelOutputs
+
+    s, t, labels = _data(N=6, V=10, ignore=(1,))
+    padded_s = torch.cat([s, torch.full((6, 3), 50.0)], -1)  # padding rows that must not count
+    obj = losses.Objective([LossTerm("forward_kl")], vocab=10)
+    got, _ = obj(ModelOutputs(logits=padded_s[None]), ModelOutputs(logits=t[None]), {"labels": labels[None]})
+    torch.testing.assert_close(got.double(), _naive("forward_kl", s, t, labels, 1.0), rtol=1e-5, atol=1e-5)
+
+
+def test_shift_labels_aligns_targets_without_copying_logits():
+    labels = torch.tensor([[1, 2, 3], [4, 5, -100]])
+    assert losses.shift_labels(labels).tolist() == [[2, 3, -100], [5, -100, -100]]
+
+
+def test_auto_chunk_bounds_chunk_memory():
+    assert losses.auto_chunk(128_000) * 128_000 <= (1 << 23)
+    assert losses.auto_chunk(4096) == 2048 and losses.auto_chunk(10**9) == 16
+    assert math.isclose(losses.auto_chunk(32_000) * 32_000, 1 << 23, rel_tol=0.01)

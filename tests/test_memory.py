@@ -1,0 +1,80 @@
+"""The memory estimator against what the tiny runs actually hold: parameter, gradient and optimizer
+bytes exactly, activations as the bytes autograd saves, ZeRO-3 partitions as logged by a 2-process run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workbench import memory, models
+from workbench.config import load_recipe
+from workbench.losses import LogitObjective, logit_loss_on, shift_labels
+from workbench.models import forward_for_losses
+
+
+class _Tok:
+    bos_token_id = eos_token_id = pad_token_id = 0
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("sft_tiny", []),
+    ("pretrain_tiny_teacher", ["train.micro_batch_size=2", "data.seq_len=512"]),
+    ("sft_tiny", ["train.gradient_checkpointing=true"]),
+])
+def test_estimate_matches_a_measured_step(name, overrides):
+    recipe = load_recipe(name, overrides)
+    est = memory.estimate(recipe)["gpu"]
+    model = models.load_model(recipe.student, _Tok(recipe.data.vocab_size), "student")
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, recipe.data.vocab_size, (recipe.train.micro_batch_size, recipe.data.seq_len))
+    saved = {}
+
+    def keep(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):  # what the model keeps for backward
+        out = forward_for_losses(model, ids, fused=True)
+    loss, _ = logit_loss_on(LogitObjective(recipe.distill.losses), out, None, {"labels": shift_labels(ids)})
+    loss.backward()
+    opt.step()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+    states = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if v.dim() > 0)
+    assert est["student weights"] == weights and est["gradients"] == grads and est["optimizer states"] == states
+    # activations: the constant is calibrated on these blocks; the estimate must stay within 25%
+    activations = sum(saved.values()) - weights  # saved tensors include the weights themselves
+    assert 0.75 < est["activations"] / activations < 1.25, (est["activations"], activations)
+
+
+def test_zero3_partition_estimate_matches_a_two_process_run(tmp_path, tiny_teacher):
+    """What a 2-process ZeRO-3 run logs as its local parameter share is what the estimator expects."""
+    from test_distributed import _launch, _kd_args, _record
+
+    _launch("cpu2_zero3_offload", tmp_path, *_kd_args(tiny_teacher), "train.micro_batch_size=2", "train.max_steps=1")
+    rec = _record(tmp_path, "parallel/param_elements_local")
+    from conftest import FAST
+
+    recipe = load_recipe("kd_tiny", [*FAST, "train.micro_batch_size=2"])
+    est = memory.estimate(recipe, "zero3", gpus=2)["gpu"]
+    assert est["student weights"] / 4 == pytest.approx(rec["parallel/param_elements_local"], rel=0.01)
+
+
+def test_headline_recipes_estimate_offline():
+    for launch in ("zero3", "zero3_offload"):
+        est = memory.estimate(load_recipe("kd_13b_to_7b"), launch, gpus=8)
+        gpu = sum(est["gpu"].values()) / memory.GIB
+        assert 10 < gpu < 80, (launch, gpu)  # fits an 80 GB GPU
+    q = memory.estimate(load_recipe("kd_13b_to_7b_qlora"), "single")
+    assert sum(q["gpu"].values()) / memory.GIB < 24  # the recipe's "one 24 GB GPU"
+    assert memory.main(["recipe=kd_13b_to_7b", "launch=zero3_offload", "gpus=8"]) == 0
+    assert memory.main(["recipe=kd_13b_to_7b", "launch=bogus"]) == 2

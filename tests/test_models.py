@@ -1,0 +1,187 @@
+"""Tiny models from configs, loading from a local path, vocabulary checks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from workbench import data, models
+from workbench.config import DataConfig, ModelSpec, RecipeError
+
+
+@pytest.fixture(scope="module")
+def tok():
+    cfg = DataConfig(max_documents=40, vocab_size=320, seq_len=32, val_fraction=0.1)
+    return data.load_tokenizer(cfg, data.load_corpus(cfg))
+
+
+def test_tiny_model_takes_its_vocabulary_from_the_tokenizer(tok):
+    m = models.load_model(ModelSpec(tiny="llama-2layer-64"), tok, "student", seed=0)
+    assert m.config.vocab_size == len(tok) == 320
+    assert m.config.num_hidden_layers == 2 and m.config.hidden_size == 64
+    assert m.config.eos_token_id == tok.eos_token_id
+    out = m(input_ids=torch.randint(0, len(tok), (2, 7))).logits
+    assert out.shape == (2, 7, 320)
+
+
+def test_tiny_init_is_seeded_and_does_not_disturb_global_rng(tok):
+    state = torch.random.get_rng_state()
+    a = models.load_model(ModelSpec(tiny="llama-2layer-64"), tok, "student", seed=1)
+    assert torch.equal(state, torch.random.get_rng_state())
+    b = models.load_model(ModelSpec(tiny="llama-2layer-64"), tok, "student", seed=1)
+    c = models.load_model(ModelSpec(tiny="llama-2layer-64"), tok, "student", seed=2)
+    pa, pb, pc = (next(iter(x.parameters())) for x in (a, b, c))
+    assert torch.equal(pa, pb) and not torch.equal(pa, pc)
+
+
+def test_tiny_config_overrides_and_sizes(tok):
+    m = models.load_model(ModelSpec(tiny="llama-2layer-64", config={"num_hidden_layers": 3}), tok, "s")
+    assert m.config.num_hidden_layers == 3
+    # the default pair: the student is about 4x smaller than the teacher (4096-token BPE)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def n(name):
+        with torch.device("meta"):
+            return models.count_parameters(LlamaForCausalLM(LlamaConfig(
+                **models._TINY_COMMON, **models.TINY_CONFIGS[name], vocab_size=4096)))
+
+    teacher, student = n("llama-teacher-5m"), n("llama-student-1m")
+    assert 5e6 < teacher < 10e6
+    assert 3.5 < teacher / student < 4.5
+
+
+def test_unknown_tiny_name_and_bad_override(tok):
+    with pytest.raises(RecipeError, match="did you mean 'llama-student-1m'"):
+        models.validate_spec(ModelSpec(tiny="llama-studnt-1m"), "student")
+    with pytest.raises(RecipeError, match="student.config"):
+        models.validate_spec(ModelSpec(tiny="llama-2layer-64", config={"hidden_size": 65}), "student")
+
+
+def test_local_path_round_trip(tok, tmp_path):
+    m = models.load_model(ModelSpec(tiny="llama-2layer-64"), tok, "student", seed=0)
+    m.save_pretrained(tmp_path)
+    again = models.load_model(ModelSpec(name_or_path=str(tmp_path)), tok, "teacher")
+    ids = torch.randint(0, len(tok), (1, 9))
+    torch.testing.assert_close(m(input_ids=ids).logits, again(input_ids=ids).logits)
+    with pytest.raises(RecipeError, match="no config.json"):
+        models.validate_spec(ModelSpec(name_or_path=str(tmp_path / "nope")), "teacher")
+
+
+def test_vocabulary_mismatch_is_a_clear_error(tok):
+    other_cfg = DataConfig(max_documents=40, vocab_size=300, seq_len=32, val_fraction=0.1)
+    other = data.load_tokenizer(other_cfg, data.load_corpus(other_cfg))
+    s = models.load_model(ModelSpec(tiny="llama-2layer-64"), tok, "student")
+    t = models.load_model(ModelSpec(tiny="llama-2layer-64"), other, "teacher")
+    with pytest.raises(RecipeError, match="teacher and student vocabularies differ.*teacher 300 tokens, student 320"):
+        models.check_same_vocabulary(other, tok, t, s)
+    assert models.check_same_vocabulary(tok, tok, s, s) == 320
+
+
+def test_padded_output_layer_is_accepted_but_a_short_one_is_not(tok):
+    s = models.load_model(ModelSpec(tiny="llama-2layer-64"), tok, "student")
+    t = models.load_model(ModelSpec(tiny="llama-2layer-64"), tok, "teacher")
+    t.resize_token_embeddings(len(tok) + 64)  # e.g. padded to a multiple of 64
+    assert models.check_same_vocabulary(tok, tok, t, s) == len(tok)
+    s.resize_token_embeddings(len(tok) - 1)
+    with pytest.raises(RecipeError, match="student: output layer has 319 rows"):
+        models.check_same_vocabulary(tok, tok, t, s)
+
+
+# --------------------------------------------------------------------------------------------- QLoRA
+
+
+def _nf4_spec(path, method="lora", kernel="bnb"):
+    from workbench.config import AdapterConfig, QuantConfig
+
+    return ModelSpec(name_or_path=str(path), quantize_base=True,
+                     quant=QuantConfig(compute_dtype="float32", kernel=kernel),
+                     adapter=AdapterConfig(method=method, r=4, alpha=8, dropout=0.0))
+
+
+def _dequantised_twin(peft_model):
+    """The same adapted model with every 4-bit base weight replaced by its dequantised nn.Linear."""
+    import copy
+
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    twin = copy.deepcopy(peft_model)
+    for module in list(twin.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                lin = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                with torch.no_grad():
+                    lin.weight.copy_(dequantize_4bit(child.weight.data, child.weight.quant_state).float())
+                lin.weight.requires_grad_(False)
+                setattr(module, name, lin)
+    return twin
+
+
+def _lora_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+@pytest.mark.parametrize("kernel", ["bnb", "triton"])
+def test_lora_over_nf4_equals_lora_over_the_dequantised_base(tok, tiny_teacher, kernel):
+    model = models.load_model(_nf4_spec(tiny_teacher, kernel=kernel), tok, "student")
+    assert models.is_peft(model)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # non-zero B so the adapter contributes
+            torch.nn.init.normal_(p, std=0.05)
+    twin = _dequantised_twin(model)
+    ids = torch.randint(0, len(tok), (2, 12))
+    out, ref = model(input_ids=ids).logits, twin(input_ids=ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    out.square().mean().backward()
+    ref.square().mean().backward()
+    ga, gb = _lora_grads(model), _lora_grads(twin)
+    assert ga.keys() == gb.keys() and len(ga) > 0
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-3, atol=1e-5)
+
+
+def test_merged_copy_and_adapter_load_with_plain_libraries(tok, tiny_teacher, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = models.load_model(_nf4_spec(tiny_teacher), tok, "student")
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    ids = torch.randint(0, len(tok), (2, 12))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    merged = models.merged_copy(model)
+    merged.save_pretrained(tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert "quantization_config" not in plain.config.to_dict()
+    torch.testing.assert_close(plain(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+    model.save_pretrained(tmp_path / "adapter")
+    from workbench.config import AdapterConfig
+
+    base = models.load_model(dataclasses.replace(_nf4_spec(tiny_teacher), adapter=AdapterConfig()), tok, "s")
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "loha", "lokr", "ia3", "vera"])
+def test_peft_methods_by_name_train_and_merge(tok, tiny_teacher, method):
+    spec = dataclasses.replace(_nf4_spec(tiny_teacher, method), quantize_base=method in ("lora", "dora"))
+    model = models.load_model(spec, tok, "student")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and sum(p.numel() for p in trainable) < models.count_parameters(model) / 5
+    opt = torch.optim.SGD(trainable, lr=0.5)
+    ids = torch.randint(0, len(tok), (2, 12))
+    before = model(input_ids=ids).logits.detach()
+    model(input_ids=ids).logits.square().mean().backward()
+    opt.step()
+    after = model(input_ids=ids).logits.detach()
+    assert not torch.allclose(before, after)  # the adapter trained
+    torch.testing.assert_close(models.merged_copy(model)(input_ids=ids).logits, after, rtol=1e-4, atol=1e-4)
+
+
+def test_quantising_a_random_tiny_model_is_refused():
+    with pytest.raises(RecipeError, match="quantize_base"):
+        ModelSpec(tiny="llama-2layer-64", quantize_base=True)

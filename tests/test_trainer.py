@@ -1,0 +1,286 @@
+"""The training loop end to end: 2-layer pretrain -> KD, accumulation invariance, bit-for-bit resume,
+interruption by a real signal, NaN detection, outputs that load with plain transformers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, fast_recipe
+from workbench import trainer
+from workbench.config import AdapterConfig, RecipeError
+from workbench.train import run
+
+
+def _losses(out):
+    return {r["step"]: r["train/loss"] for r in trainer.read_metrics(out) if "train/loss" in r}
+
+
+def _kd(tmp_path, teacher, *overrides):
+    return fast_recipe("kd_tiny", tmp_path, "teacher.recipe=null", f"teacher.name_or_path={teacher}", *overrides)
+
+
+def test_kd_end_to_end_outputs_load_with_plain_transformers(tmp_path, tiny_teacher, accelerator):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    metrics = run(_kd(tmp_path, tiny_teacher, "output.tensorboard=true"), accelerator)
+    assert metrics["step"] == 6 and metrics["teacher"] == str(tiny_teacher)
+    assert 1 < metrics["student_val_ppl"] < 1e4 and 1 < metrics["teacher_val_ppl"] < metrics["student_val_ppl"]
+
+    saved = json.loads((tmp_path / "final_metrics.json").read_text())
+    assert saved == metrics
+    recs = trainer.read_metrics(tmp_path)
+    train = [r for r in recs if "train/loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert {"train/forward_kl", "train/cross_entropy", "lr", "grad_norm", "tokens_per_s"} <= set(train[0])
+    # the logged total is the weighted sum of the logged terms
+    for r in train:
+        assert r["train/loss"] == pytest.approx(0.5 * r["train/forward_kl"] + 0.5 * r["train/cross_entropy"])
+    assert any("val/ppl" in r and r["step"] == 3 for r in recs)
+    assert any("teacher/val_ppl" in r for r in recs)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert [p.name for p in trainer.checkpoints(tmp_path)] == ["step-0000003", "step-0000006"]
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "model")
+    assert model.config.vocab_size == len(tok)
+    # the reported perplexity is the saved model's perplexity on the validation blocks
+    from workbench import data
+
+    r = _kd(tmp_path, tiny_teacher)
+    packed = data.load_packed(r.data, tok, data.load_corpus(r.data))
+    ppl = trainer.evaluate_perplexity(model, packed.val, 4, 0, accelerator)
+    assert ppl == pytest.approx(metrics["student_val_ppl"], rel=1e-4)
+
+
+def test_teacher_recipe_is_trained_once_then_cached(tmp_path, accelerator, monkeypatch):
+    """teacher.recipe names a recipe (here a YAML path): its model is trained into the cache on first use,
+    an interrupted teacher run would resume, and later runs reuse it without training."""
+    from workbench import data
+    from workbench import train as T
+
+    teacher_yaml = tmp_path / "my_teacher.yaml"
+    teacher_yaml.write_text(
+        "student: {tiny: llama-2layer-64}\n"
+        "data: {max_documents: 40, vocab_size: 320, seq_len: 32, val_fraction: 0.1}\n"
+        "train: {max_steps: 3, micro_batch_size: 4, warmup_steps: 1, eval_every: 0, checkpoint_every: 0}\n"
+        "output: {tensorboard: false}\n"
+    )
+    recipe = fast_recipe("kd_tiny", tmp_path / "kd", f"teacher.recipe={teacher_yaml}", "train.max_steps=2")
+    first = run(recipe, accelerator)
+    cached = list((data.cache_root() / "runs").glob("my_teacher-*/model/config.json"))
+    assert len(cached) == 1 and first["teacher"] == str(cached[0].parent)
+
+    calls = []
+    real_train = T.run
+    monkeypatch.setattr(T, "run", lambda r, a=None: calls.append(r.name) or real_train(r, a))
+    second = run(fast_recipe("kd_tiny", tmp_path / "kd2", f"teacher.recipe={teacher_yaml}", "train.max_steps=2"),
+                 accelerator)
+    assert "my_teacher" not in calls  # reused, not retrained
+    assert second["teacher_val_ppl"] == first["teacher_val_ppl"]
+
+
+def test_rerun_needs_resume_or_overwrite(tmp_path, accelerator):
+    recipe = fast_recipe("sft_tiny", tmp_path, "train.max_steps=2")
+    first = run(recipe, accelerator)
+    with pytest.raises(RecipeError, match="resume=true to continue it or output.overwrite=true"):
+        run(recipe, accelerator)
+    # resume of a finished run reuses it without training
+    again = run(fast_recipe("sft_tiny", tmp_path, "train.max_steps=2", "resume=true"), accelerator)
+    assert again == first
+    fresh = run(fast_recipe("sft_tiny", tmp_path, "train.max_steps=2", "output.overwrite=true"), accelerator)
+    assert fresh["student_val_ppl"] == pytest.approx(first["student_val_ppl"], rel=1e-6)
+
+
+FEATURES = ("distill.losses=[{name: jsd, weight: 0.5}, {name: cross_entropy, weight: 0.5}, "
+            "{name: hidden_mse, weight: 0.1}, {name: attention_kl, weight: 0.1}]")
+
+
+@pytest.mark.parametrize("micro, accum, losses", [(2, 2, None), (1, 4, None), (2, 2, FEATURES)])
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_teacher, accelerator, micro, accum, losses):
+    """Same sequences per step, split differently: same losses and the same trained weights."""
+    extra = [losses] if losses else []
+    base = run(_kd(tmp_path / "base", tiny_teacher, "train.micro_batch_size=4", *extra), accelerator)
+    split = run(_kd(tmp_path / "split", tiny_teacher, f"train.micro_batch_size={micro}",
+                    f"train.grad_accum_steps={accum}", *extra), accelerator)
+    a, b = _losses(tmp_path / "base"), _losses(tmp_path / "split")
+    assert a.keys() == b.keys()
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    assert split["student_val_ppl"] == pytest.approx(base["student_val_ppl"], rel=1e-4)
+
+
+def test_fused_and_unfused_training_agree(tmp_path, tiny_teacher, accelerator):
+    a = run(_kd(tmp_path / "fused", tiny_teacher, "distill.chunk_size=7"), accelerator)
+    b = run(_kd(tmp_path / "unfused", tiny_teacher, "distill.fused=false"), accelerator)
+    la, lb = _losses(tmp_path / "fused"), _losses(tmp_path / "unfused")
+    for step in la:
+        assert la[step] == pytest.approx(lb[step], rel=1e-5), step
+    assert a["student_val_ppl"] == pytest.approx(b["student_val_ppl"], rel=1e-4)
+
+
+def test_feature_losses_train_and_save_their_projections(tmp_path, tiny_teacher, accelerator):
+    from safetensors.torch import load_file
+
+    run(_kd(tmp_path, tiny_teacher, FEATURES), accelerator)
+    rec = [r for r in trainer.read_metrics(tmp_path) if "train/loss" in r]
+    assert {"train/jsd", "train/cross_entropy", "train/hidden_mse", "train/attention_kl"} <= set(rec[0])
+    for r in rec:
+        parts = 0.5 * r["train/jsd"] + 0.5 * r["train/cross_entropy"] + 0.1 * r["train/hidden_mse"] + 0.1 * r["train/attention_kl"]
+        assert r["train/loss"] == pytest.approx(parts, rel=1e-5)
+    heads = load_file(tmp_path / "model" / trainer.HEADS_FILE)
+    # student width 64 -> teacher width 128, one projection per mapped layer pair
+    assert {k: tuple(v.shape) for k, v in heads.items()} == {
+        "features.0.proj.0.weight": (128, 64), "features.0.proj.1.weight": (128, 64)}
+
+
+def test_gkd_with_lambda_one_trains_only_on_generated_tokens(tmp_path, tiny_teacher, accelerator):
+    run(_kd(tmp_path, tiny_teacher, "distill.losses=[{name: jsd, weight: 0.5}, {name: cross_entropy, weight: 0.5}]",
+            "distill.onpolicy={method: gkd, lmbda: 1.0, prompt_tokens: 8, max_new_tokens: 8}"), accelerator)
+    rec = [r for r in trainer.read_metrics(tmp_path) if "train/loss" in r]
+    assert all(r["train/cross_entropy"] == 0.0 and r["train/jsd"] > 0 for r in rec)
+
+
+def test_valid_token_normalisation_with_uneven_masks():
+    """Micro-batches with different numbers of valid tokens: dividing each micro-batch by its own
+    count (the common bug) differs from one big batch; dividing the window's sum once does not."""
+    torch.manual_seed(0)
+    w = torch.randn(5, 7, requires_grad=True)
+    x = torch.randn(2, 6, 5)
+    labels = torch.randint(0, 7, (2, 6))
+    labels[0, :5] = -100  # micro-batch 0 has 1 valid token, micro-batch 1 has 6
+    ce = torch.nn.functional.cross_entropy
+    big = ce((x @ w).reshape(-1, 7), labels.reshape(-1), ignore_index=-100)
+    g_big, = torch.autograd.grad(big, w)
+    n = (labels != -100).sum()
+    ours = sum(ce(x[i] @ w, labels[i], ignore_index=-100, reduction="sum") / n for i in range(2))
+    g_ours, = torch.autograd.grad(ours, w)
+    naive = sum(ce(x[i] @ w, labels[i], ignore_index=-100) / 2 for i in range(2))
+    g_naive, = torch.autograd.grad(naive, w)
+    torch.testing.assert_close(g_ours, g_big)
+    assert not torch.allclose(g_naive, g_big, atol=1e-3)
+
+
+def _qlora(tmp_path, teacher, *overrides):
+    return fast_recipe("qlora_tiny", tmp_path, "teacher.recipe=null", f"teacher.name_or_path={teacher}",
+                       "student.recipe=null", f"student.name_or_path={teacher}", "student.tiny=null",
+                       "train.eval_batches=1", *overrides)
+
+
+def test_qlora_distillation_saves_adapter_and_merged_student(tmp_path, tiny_teacher, accelerator):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    metrics = run(_qlora(tmp_path, tiny_teacher), accelerator)
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "model")  # plain transformers, full precision
+    tok = AutoTokenizer.from_pretrained(tmp_path / "model")
+    from workbench import data
+
+    r = _qlora(tmp_path, tiny_teacher)
+    packed = data.load_packed(r.data, tok)
+    assert trainer.evaluate_perplexity(merged, packed.val, 4, 0, accelerator) == pytest.approx(
+        metrics["student_val_ppl"], rel=1e-4)
+    # the adapter loads with plain peft over the 4-bit base and computes the same function
+    from workbench import models
+
+    base = models.load_model(dataclasses.replace(r.student, recipe=None, name_or_path=str(tiny_teacher),
+                                                 adapter=AdapterConfig()), tok, "student")
+    adapted = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    ids = torch.from_numpy(packed.val[:2].astype("int64"))
+    torch.testing.assert_close(adapted(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+ONPOLICY = {
+    "gkd": ["distill.losses=[{name: jsd, weight: 0.5}, {name: cross_entropy, weight: 0.5}]",
+            "distill.onpolicy={method: gkd, lmbda: 0.5, prompt_tokens: 8, max_new_tokens: 8}"],
+    "minillm": ["distill.losses=[{name: cross_entropy, weight: 1.0}]",
+                "distill.onpolicy={method: minillm, prompt_tokens: 8, max_new_tokens: 8, ppo_epochs: 2}"],
+}
+
+
+@pytest.mark.parametrize("method", ["offline", "gkd", "minillm", "qlora"])
+def test_resume_continues_bit_for_bit(tmp_path, tiny_teacher, accelerator, monkeypatch, method):
+    """Stop after step 5 of 8 (as by Ctrl-C) and resume: every logged loss equals the uninterrupted run's,
+    including on-policy samples (seeded by step), MiniLLM samples reused across ppo_epochs (checkpointed)
+    and a 4-bit student with a LoRA adapter."""
+    extra = ["train.max_steps=8", "train.checkpoint_every=4", *ONPOLICY.get(method, [])]
+    build = _qlora if method == "qlora" else _kd
+    full = run(build(tmp_path / "full", tiny_teacher, *extra), accelerator)
+
+    real = trainer._Stopper.agreed
+    monkeypatch.setattr(trainer._Stopper, "agreed", lambda self, acc, step, every: step == 5 or real(self, acc, step, every))
+    with pytest.raises(SystemExit) as stop:
+        run(build(tmp_path / "cut", tiny_teacher, *extra), accelerator)
+    assert stop.value.code == 130
+    assert [p.name for p in trainer.checkpoints(tmp_path / "cut")] == ["step-0000004", "step-0000005"]
+    monkeypatch.setattr(trainer._Stopper, "agreed", real)
+
+    resumed = run(build(tmp_path / "cut", tiny_teacher, *extra, "resume=true"), accelerator)
+    assert _losses(tmp_path / "cut") == _losses(tmp_path / "full")  # exact equality, every step
+    assert resumed["student_val_ppl"] == full["student_val_ppl"]
+    a = trainer.read_metrics(tmp_path / "full")
+    b = trainer.read_metrics(tmp_path / "cut")
+    assert [r["step"] for r in a] == [r["step"] for r in b]  # no duplicated records after resume
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path, accelerator, monkeypatch):
+    from workbench import losses
+
+    real = losses.CrossEntropy.forward
+    monkeypatch.setattr(losses.CrossEntropy, "forward", lambda self, s, t, y: real(self, s, t, y) * float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite loss at or before step 1"):
+        run(fast_recipe("sft_tiny", tmp_path), accelerator)
+    assert trainer.checkpoints(tmp_path) == []  # nothing poisoned was saved
+
+
+def _cli(*args, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "workbench/train.py", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
+    from conftest import FAST
+
+    args = ["recipe=sft_tiny", *FAST, f"output.dir={tmp_path}", "train.max_steps=400", "train.checkpoint_every=0"]
+    proc = _cli(*args)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    while time.time() < deadline and len(_losses(tmp_path)) < 3:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "rerun with resume=true" in out
+    (ckpt,) = trainer.checkpoints(tmp_path)
+    stopped = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    assert 3 <= stopped < 400
+
+    proc = _cli(*args, "resume=true", "train.max_steps=" + str(stopped + 2))
+    out, _ = proc.communicate(timeout=300)
+    # a different max_steps changes the schedule, so this is a new budget; it must still start from the checkpoint
+    assert proc.returncode == 0, out
+    assert f"resumed from {ckpt}" in out
+
+
+def test_accelerate_launch_runs_the_entry_point(tmp_path):
+    from conftest import FAST
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "workbench/train.py",
+           "recipe=sft_tiny", *FAST, f"output.dir={tmp_path}", "train.max_steps=2"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "validation perplexity" in done.stdout
+    assert (tmp_path / "model" / "model.safetensors").exists()

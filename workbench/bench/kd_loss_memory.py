@@ -1,0 +1,139 @@
+"""Peak memory and time of the distillation loss: our chunked, output-layer-fused loss against the naive
+dense one (full student and teacher logits), forward + backward, at several vocabulary sizes.
+
+    python -m workbench.bench.kd_loss_memory                 # vocab 32k and 128k, appends to BENCHMARKS.md
+    python -m workbench.bench.kd_loss_memory --vocab 4096 --tokens 256 --no-record   # a quick look
+
+Each measurement runs in a fresh process: peak memory is the rise of the process's peak resident set
+(ru_maxrss) over its resident set just before the loss, so it counts everything the loss allocates,
+whatever the allocator. Both sides compute the same objective (0.5 forward KL at T=2 + 0.5 cross-entropy)
+from the same student hidden states and output layer, and the teacher's hidden states and output layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def _one(variant: str, vocab: int, tokens: int, hidden: int, t_hidden: int, reps: int) -> dict:
+    import torch
+
+    from workbench.config import LossTerm
+    from workbench.losses import LogitObjective, chunked_logit_loss
+
+    torch.manual_seed(0)
+    fn = LogitObjective([LossTerm("forward_kl", 0.5, 2.0), LossTerm("cross_entropy", 0.5)])
+    h = torch.randn(tokens, hidden) * 0.5
+    W = torch.nn.Parameter(torch.randn(vocab, hidden) * 0.02)
+    ht = torch.randn(tokens, t_hidden) * 0.5
+    Wt = torch.randn(vocab, t_hidden) * 0.02
+    labels = torch.randint(0, vocab, (tokens,))
+    rows = {"labels": labels}
+
+    def step():
+        x = h.clone().requires_grad_()
+        if variant == "dense":
+            s_logits = x @ W.T  # [N, V]
+            with torch.no_grad():
+                t_logits = ht @ Wt.T
+            total, _ = fn(s_logits, t_logits, rows)
+        else:
+            total, _ = chunked_logit_loss(fn, x, rows, lambda a, b: ht[a:b] @ Wt.T, W, None)
+        total.backward()
+        value = total.item()
+        W.grad = None
+        return value
+
+    before = _rss_kib()
+    times, value = [], None
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        value = step()
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"variant": variant, "vocab": vocab, "peak_mib": (peak - before) / 1024,
+            "seconds": sorted(times)[len(times) // 2], "loss": value}
+
+
+def _measure(variant, vocab, tokens, hidden, t_hidden, reps) -> dict:
+    cmd = [sys.executable, "-m", "workbench.bench.kd_loss_memory", "--child", variant, "--vocab", str(vocab),
+           "--tokens", str(tokens), "--hidden", str(hidden), "--teacher-hidden", str(t_hidden), "--reps", str(reps)]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _machine() -> str:
+    import torch
+
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--vocab", type=int, nargs="*", default=[32_000, 128_000])
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--teacher-hidden", type=int, default=384)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
+    ap.add_argument("--child", choices=["dense", "ours"], help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(_one(args.child, args.vocab[0], args.tokens, args.hidden, args.teacher_hidden, args.reps)))
+        return 0
+
+    rows = []
+    for v in args.vocab:
+        d = _measure("dense", v, args.tokens, args.hidden, args.teacher_hidden, args.reps)
+        o = _measure("ours", v, args.tokens, args.hidden, args.teacher_hidden, args.reps)
+        rows.append((v, d, o))
+    machine = _machine()
+    lines = [
+        f"### KD loss: chunked + fused vs dense ({time.strftime('%Y-%m-%d')})",
+        "",
+        f"Machine: {machine}. {args.tokens} tokens, student width {args.hidden}, teacher width "
+        f"{args.teacher_hidden}; objective 0.5 forward KL (T=2) + 0.5 CE; forward + backward, median of "
+        f"{args.reps}; peak = rise of peak RSS over the RSS before the loss, fresh process each.",
+        "",
+        "| vocab | dense peak MiB | ours peak MiB | memory ratio (dense/ours) | dense s | ours s | time ratio (ours/dense) | same loss |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for v, d, o in rows:
+        same = abs(d["loss"] - o["loss"]) <= 1e-3 * max(1.0, abs(d["loss"]))
+        lines.append(f"| {v:,} | {d['peak_mib']:.0f} | {o['peak_mib']:.0f} | {d['peak_mib'] / max(o['peak_mib'], 1e-9):.1f}x "
+                     f"| {d['seconds']:.2f} | {o['seconds']:.2f} | {o['seconds'] / d['seconds']:.2f} | {same} |")
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_record:
+        path = REPO / "BENCHMARKS.md"
+        with path.open("a") as f:
+            f.write("\n" + text + "\n")
+        print(f"appended to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""QLoRA memory: bytes of a model in full precision and in NF4 (CPU, any machine), and on a CUDA GPU the
+peak memory and time of one QLoRA training step with bitsandbytes' kernels vs ours.
+
+    python -m workbench.bench.qlora_memory                 # CPU: model bytes of the tiny pair
+    python -m workbench.bench.qlora_memory --gpu           # + GPU step: Llama-2-7B-shaped layers
+
+The GPU model has Llama-2-7B's widths (4096 hidden, 11008 MLP, 32 heads, 32000 vocabulary) with --layers
+blocks and random weights (no download); LoRA r=16 on every linear layer, gradient checkpointing, batch 1
+x 2048 tokens, bf16 compute. Prints a Markdown section (and writes it to --out when given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def _footprint(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers())
+
+
+def cpu_bytes(path: str) -> list[tuple[str, int]]:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    bf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    nf4 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map={"": "cpu"},
+                                               quantization_config=BitsAndBytesConfig(
+                                                   load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_use_double_quant=True))
+    return [("fp32", _footprint(full)), ("bf16", _footprint(bf16)), ("nf4 + double quant (fp32 rest)", _footprint(nf4))]
+
+
+def gpu_step(layers: int, kernel: str, workdir: str) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from workbench.models import _keep_bnb_layout
+
+    model = AutoModelForCausalLM.from_pretrained(
+        workdir, dtype=torch.bfloat16, device_map={"": 0},
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16))
+    _keep_bnb_layout(model)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    if kernel == "triton":
+        from workbench.kernels.linear import replace_linear4bit
+
+        replace_linear4bit(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, 32000, (1, 2048), device="cuda")
+    for i in range(3):  # the first steps compile kernels and allocate optimizer state
+        if i == 2:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    out = dict(kernel=kernel, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+               step_s=time.perf_counter() - t0, weights_gib=torch.cuda.memory_allocated() / 2**30, loss=loss.item())
+    del model, opt
+    torch.cuda.empty_cache()
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--tiny", default=None, help="a local model directory for the CPU byte count")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    lines = [f"### QLoRA memory ({time.strftime('%Y-%m-%d')})", ""]
+    if args.tiny:
+        rows = cpu_bytes(args.tiny)
+        lines += [f"Model bytes of `{args.tiny}` (parameters + buffers), measured on CPU:", "",
+                  "| storage | bytes | vs fp32 |", "| --- | ---: | ---: |"]
+        lines += [f"| {name} | {b:,} | {b / rows[0][1]:.2f}x |" for name, b in rows]
+        lines.append("")
+    if args.gpu:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                          num_hidden_layers=args.layers, vocab_size=32000, max_position_embeddings=4096)
+        with tempfile.TemporaryDirectory() as d:
+            torch.manual_seed(0)
+            with torch.device("cuda"):
+                LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(d)
+            torch.cuda.empty_cache()
+            results = [gpu_step(args.layers, k, d) for k in ("bnb", "triton")]
+        name = torch.cuda.get_device_name(0)
+        lines += [f"One QLoRA step on {name}: Llama-2-7B widths, {args.layers} blocks, random weights, NF4 + double "
+                  "quantisation, LoRA r=16 on all linear layers, gradient checkpointing, 1 x 2048 tokens, bf16.", "",
+                  "| kernels | peak GiB | resident GiB after step | step s | loss |", "| --- | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['kernel']} | {r['peak_gib']:.2f} | {r['weights_gib']:.2f} | {r['step_s']:.3f} | {r['loss']:.4f} |"
+                  for r in results]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "qlora_memory.md"), "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

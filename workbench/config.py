@@ -1,0 +1,733 @@
+"""Typed recipes: `recipes/<name>.yaml` + dotted `key=value` overrides -> a validated `Recipe`.
+
+Nothing here loads weights or touches the network: a recipe for a 13B teacher validates on a laptop.
+Every field carries a docstring (the string literal under it); `python workbench/train.py --help-recipe`
+prints them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+# Loss names understood by workbench.losses (its registries are checked against these in tests).
+LossName = Literal[
+    "cross_entropy",
+    "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd",
+    "hidden_mse", "hidden_cosine",
+    "attention_kl", "attention_logit_mse",
+]
+LOGIT_DIVERGENCES = frozenset({"forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"})
+FEATURE_LOSSES = frozenset({"hidden_mse", "hidden_cosine", "attention_kl", "attention_logit_mse"})
+# Losses that need the teacher.
+TEACHER_LOSSES = LOGIT_DIVERGENCES | FEATURE_LOSSES
+
+
+class RecipeError(ValueError):
+    """A recipe or override is invalid; the message names the offending key."""
+
+
+# --------------------------------------------------------------------------------------------- schema
+
+
+@dataclass
+class QuantConfig:
+    """4-bit NF4 storage of a model's linear layers (bitsandbytes layout)."""
+
+    double_quant: bool = True
+    """Quantise the absmax scales too (saves 0.37 bits per parameter)."""
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Dtype activations and dequantised weights are computed in."""
+    kernel: Literal["bnb", "triton"] = "bnb"
+    """Matmul kernels: bitsandbytes' own, or ours (workbench.kernels; needs a CUDA GPU)."""
+
+
+@dataclass
+class AdapterConfig:
+    """A peft adapter trained instead of the full weights (LoRA over an NF4 base = QLoRA)."""
+
+    method: Literal["none", "lora", "dora", "loha", "lokr", "ia3", "vera"] = "none"
+    """peft method by name; 'dora' is LoRA with weight decomposition."""
+    r: int = 16
+    """Rank (lora, dora, loha, lokr, vera)."""
+    alpha: float = 32.0
+    """Scaling numerator (lora_alpha / alpha)."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input (lora, dora, loha, lokr, vera)."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt; ['all-linear'] is every linear layer but the output layer."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the peft config class."""
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 1, "r", "must be >= 1")
+        _check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        _check(len(self.target_modules) >= 1, "target_modules", "needs at least one name")
+
+
+@dataclass
+class ModelSpec:
+    """Where a teacher or student comes from, and how it is loaded."""
+
+    name_or_path: Optional[str] = None
+    """Hub id or local directory loaded with `AutoModelForCausalLM.from_pretrained`."""
+    tiny: Optional[str] = None
+    """Name of a tiny config in `workbench.models.TINY_CONFIGS`, randomly initialised (seeded)."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the tiny config's fields, e.g. `{num_hidden_layers: 2}` (only with `tiny`)."""
+    recipe: Optional[str] = None
+    """The final model of this recipe, trained first if it is not cached (e.g. the student of an SFT
+    recipe as the base of a QLoRA distillation)."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) for `name_or_path`."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the weights are held in. A student keeps fp32 master weights unless you say otherwise."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel passed to transformers."""
+    trust_remote_code: bool = False
+    """Passed to transformers; off unless you trust the repository."""
+    quantize_base: bool = False
+    """Hold the linear layers in 4-bit NF4 (bitsandbytes); with an adapter this is QLoRA."""
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    """NF4 settings (with quantize_base)."""
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    """peft adapter (student only): train it instead of the full weights."""
+
+    def __post_init__(self) -> None:
+        sources = [k for k in ("name_or_path", "tiny", "recipe") if getattr(self, k)]
+        if len(sources) != 1:
+            raise RecipeError(
+                f"name_or_path/tiny/recipe: give exactly one (got {sources or 'none'})"
+            )
+        if self.config and not self.tiny:
+            raise RecipeError("config: overrides apply to a tiny model only; set tiny")
+        if self.quantize_base and self.tiny:
+            raise RecipeError("quantize_base: quantising random weights makes no sense; give a pretrained "
+                              "model (name_or_path or recipe)")
+
+
+@dataclass
+class DataConfig:
+    """Training text: where it comes from, how it is tokenised, packed and split."""
+
+    dataset: str = "stdlib"
+    """'stdlib' (the embedded default corpus: the running Python's standard library source, tests
+    excluded), a Hub dataset name, or local files: a file, a directory or a glob of
+    .jsonl/.json/.txt/.parquet."""
+    subset: Optional[str] = None
+    """Hub dataset configuration name."""
+    split: str = "train"
+    """Split to read from a Hub dataset or from local files."""
+    text_field: str = "text"
+    """Column holding the text (jsonl/parquet/Hub)."""
+    tokenizer: str = "auto"
+    """'auto': the student's own tokenizer when it is loaded from a path, else a byte-level BPE trained
+    on the corpus and cached; 'bpe': always train one; else a Hub id or local path."""
+    vocab_size: int = 4096
+    """Vocabulary size of a trained byte-level BPE."""
+    seq_len: int = 256
+    """Tokens per packed training sequence."""
+    val_fraction: float = 0.05
+    """Share of documents held out for validation (whole documents, chosen by a hash of their id)."""
+    max_documents: Optional[int] = None
+    """Read at most this many documents (quick runs and tests)."""
+
+    def __post_init__(self) -> None:
+        _check(self.vocab_size >= 259, "vocab_size", "must be >= 259 (256 bytes + specials)")
+        _check(self.seq_len >= 2, "seq_len", "must be >= 2")
+        _check(0.0 < self.val_fraction < 1.0, "val_fraction", "must be in (0, 1)")
+        _check(self.max_documents is None or self.max_documents >= 2, "max_documents", "must be >= 2")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    max_steps: int = 1000
+    """Optimizer steps."""
+    micro_batch_size: int = 8
+    """Sequences per forward pass per process."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step; the loss is normalised by valid tokens over the whole window."""
+    lr: float = 3e-4
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 50
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to norms and biases)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables clipping."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast precision (accelerate)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    seed: int = 0
+    """Seeds model init, data order and every RNG."""
+    log_every: int = 10
+    """Steps between metric records (loss, lr, grad norm, tokens/s)."""
+    eval_every: int = 100
+    """Steps between validation perplexity evaluations (0: only at the end)."""
+    eval_batches: int = 20
+    """Validation micro-batches per evaluation (0: the whole validation split)."""
+    checkpoint_every: int = 200
+    """Steps between checkpoints (0: only on interruption)."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept on disk."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every"):
+            _check(getattr(self, name) >= 1, name, "must be >= 1")
+        for name in ("warmup_steps", "eval_every", "eval_batches", "checkpoint_every", "grad_clip"):
+            _check(getattr(self, name) >= 0, name, "must be >= 0")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        _check(self.lr > 0, "lr", "must be > 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _check(
+            len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+            "betas",
+            "must be two numbers in [0, 1)",
+        )
+
+
+@dataclass
+class LossTerm:
+    """One term of the training objective: weight * loss(name)."""
+
+    name: LossName = "cross_entropy"
+    """Which loss (see workbench.losses)."""
+    weight: float = 1.0
+    """Multiplier of this term in the total loss."""
+    temperature: float = 1.0
+    """Softmax temperature for logit divergences (both sides softened, the term scaled by T^2)."""
+    beta: float = 0.5
+    """jsd: mixture weight of the teacher; 0 is forward KL, 1 reverse KL (GKD's convention)."""
+    alpha: float = 0.1
+    """skew_forward_kl / skew_reverse_kl: skew of the mixture (DistiLLM); 0 is the plain KL."""
+    layer_map: Optional[list[list[int]]] = None
+    """hidden_* / attention_*: [student_layer, teacher_layer] pairs (layer 0 = embeddings, i = block i);
+    null maps every student block uniformly onto the teacher's."""
+    head_map: Literal["average", "map"] = "average"
+    """attention_*: compare head-averaged maps, or average the larger side's heads in groups ('map')."""
+
+    def __post_init__(self) -> None:
+        _check(self.weight >= 0, "weight", "must be >= 0")
+        _check(self.temperature > 0, "temperature", "must be > 0")
+        _check(0.0 <= self.beta <= 1.0, "beta", "must be in [0, 1]")
+        _check(0.0 <= self.alpha < 1.0, "alpha", "must be in [0, 1)")
+        _check(
+            self.layer_map is None or all(len(p) == 2 and min(p) >= 0 for p in self.layer_map),
+            "layer_map", "must be a list of [student_layer, teacher_layer] pairs of layer numbers >= 0",
+        )
+        _check(self.layer_map is None or self.name in FEATURE_LOSSES, "layer_map",
+               "applies to hidden_* and attention_* losses only")
+
+
+@dataclass
+class OnPolicyConfig:
+    """Training on sequences the student generates (GKD) or the MiniLLM policy gradient."""
+
+    method: Literal["off", "gkd", "minillm"] = "off"
+    """'gkd': a share `lmbda` of micro-batches are student continuations of prompts, trained with the
+    recipe's divergences; 'minillm': reverse-KL policy gradient on (teacher-mixed) samples, plus the
+    recipe's losses on the training data as the language-modelling term."""
+    lmbda: float = 0.5
+    """gkd: probability that a micro-batch is student-generated."""
+    prompt_tokens: int = 64
+    """Prompts are the first prompt_tokens tokens of training blocks."""
+    max_new_tokens: int = 64
+    """Tokens generated per prompt (fewer when EOS comes first)."""
+    temperature: float = 1.0
+    """Sampling temperature of the generating policy."""
+    top_k: int = 0
+    """Sample only among the top_k tokens (0: the whole vocabulary)."""
+    teacher_mix: float = 0.2
+    """minillm: sample from teacher_mix * teacher + (1 - teacher_mix) * student (importance-corrected)."""
+    clip: float = 0.2
+    """minillm: PPO clip range of the importance ratio."""
+    ppo_epochs: int = 1
+    """minillm: optimizer steps per batch of samples (ratios are taken against the sampling policy)."""
+    length_norm: bool = True
+    """minillm: divide each future return by the number of tokens it sums."""
+    reward_clip: float = 10.0
+    """minillm: clip per-token rewards log p_teacher - log q_student to [-reward_clip, reward_clip] (0: off)."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.lmbda <= 1.0, "lmbda", "must be in [0, 1]")
+        _check(self.prompt_tokens >= 1 and self.max_new_tokens >= 1, "prompt_tokens", "and max_new_tokens must be >= 1")
+        _check(self.temperature > 0, "temperature", "must be > 0")
+        _check(0.0 <= self.teacher_mix < 1.0, "teacher_mix", "must be in [0, 1)")
+        _check(self.clip > 0 and self.ppo_epochs >= 1, "clip", "must be > 0 (and ppo_epochs >= 1)")
+        _check(self.top_k >= 0 and self.reward_clip >= 0, "top_k", "and reward_clip must be >= 0")
+
+
+@dataclass
+class TeacherCacheConfig:
+    """A precomputed top-k teacher: train without the teacher in memory."""
+
+    top_k: int = 0
+    """Tokens kept per position (0: no cache, the teacher runs live)."""
+    dtype: Literal["float16", "float32"] = "float16"
+    """Storage dtype of the cached log-probabilities."""
+
+    def __post_init__(self) -> None:
+        _check(self.top_k >= 0, "top_k", "must be >= 0")
+
+
+@dataclass
+class DistillConfig:
+    """The objective: a weighted sum of loss terms."""
+
+    losses: list[LossTerm] = field(default_factory=lambda: [LossTerm()])
+    """Terms of the objective, each logged separately."""
+    fused: bool = True
+    """Compute logit losses chunk by chunk straight from the output layers, never holding [tokens, vocab]
+    logits; falls back to chunking materialised logits where the output layer is not a plain Linear."""
+    chunk_size: int = 0
+    """Tokens per chunk of the logit losses (0: about 32 MiB of fp32 logits per chunk)."""
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    """Student-generated data: GKD mixing or MiniLLM."""
+    teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
+    """Precomputed top-k teacher log-probabilities."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.losses) >= 1, "losses", "needs at least one term")
+        _check(sum(t.weight for t in self.losses) > 0 or self.onpolicy.method == "minillm", "losses",
+               "weights must not all be 0")
+        _check(self.chunk_size >= 0, "chunk_size", "must be >= 0")
+        if self.teacher_cache.top_k:
+            feats = sorted({t.name for t in self.losses if t.name in FEATURE_LOSSES})
+            _check(not feats, "teacher_cache.top_k", f"a logit cache cannot serve {feats}; they need the live teacher")
+            _check(self.onpolicy.method == "off", "teacher_cache.top_k",
+                   "on-policy training scores new sequences, so it needs the live teacher")
+        if self.onpolicy.method == "minillm":
+            feats = sorted({t.name for t in self.losses if t.name in FEATURE_LOSSES})
+            _check(not feats, "onpolicy.method", f"minillm cannot be combined with {feats}")
+        if self.onpolicy.method == "gkd":
+            _check(any(t.name in LOGIT_DIVERGENCES for t in self.losses), "onpolicy.method",
+                   "gkd trains generated sequences with a logit divergence; add one to losses")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.onpolicy.method != "off" or any(t.name in TEACHER_LOSSES for t in self.losses)
+
+
+@dataclass
+class ParallelConfig:
+    """Multi-process settings the launch config (launch_scripts/accelerate/*.yaml) does not hold."""
+
+    teacher: Literal["replicated", "zero3", "zero3_offload"] = "replicated"
+    """Teacher placement: a full copy per process (bf16, or NF4 with teacher.quantize_base), or a DeepSpeed
+    ZeRO-3 inference engine partitioned over the processes (with its parameters on the CPU: zero3_offload).
+    A precomputed top-k cache (distill.teacher_cache) needs no teacher at all."""
+    comm_hook: Literal["none", "fp16", "bf16", "powersgd", "batched_powersgd"] = "none"
+    """DDP gradient compression: cast gradients to 16 bits, or PowerSGD low-rank approximation."""
+    powersgd_rank: int = 1
+    """PowerSGD matrix approximation rank."""
+    powersgd_warmup_steps: int = 10
+    """Uncompressed all-reduce for the first steps (PowerSGD's start_powerSGD_iter, at least 2)."""
+
+    def __post_init__(self) -> None:
+        _check(self.powersgd_rank >= 1, "powersgd_rank", "must be >= 1")
+        _check(self.powersgd_warmup_steps >= 0, "powersgd_warmup_steps", "must be >= 0")
+
+
+@dataclass
+class OutputConfig:
+    """Where results go."""
+
+    dir: Optional[str] = None
+    """Run directory (default: outputs/<recipe name>): checkpoints, metrics, the final model."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files under <dir>/tensorboard."""
+    overwrite: bool = False
+    """Start over in a run directory that already holds checkpoints or a final model."""
+
+
+@dataclass
+class Recipe:
+    """A complete, validated training recipe."""
+
+    name: str = "custom"
+    """Recipe name (the YAML file's stem)."""
+    description: str = ""
+    """One line saying what the recipe does."""
+    student: ModelSpec = field(default_factory=lambda: ModelSpec(tiny="llama-student-1m"))
+    """The model being trained."""
+    teacher: Optional[ModelSpec] = None
+    """The frozen teacher (needed by distillation losses; also evaluated when present)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation loop."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Objective."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Multi-process settings (teacher placement, gradient compression)."""
+    output: OutputConfig = field(default_factory=OutputConfig)
+    """Outputs."""
+    resume: bool = False
+    """Continue from the newest checkpoint in the run directory."""
+
+    def __post_init__(self) -> None:
+        if self.distill.needs_teacher and self.teacher is None:
+            names = sorted({t.name for t in self.distill.losses if t.name in TEACHER_LOSSES})
+            what = f"distill.losses: {names} need" if names else f"distill.onpolicy.method={self.distill.onpolicy.method} needs"
+            raise RecipeError(f"{what} a teacher; set teacher.*")
+        if self.teacher is not None and self.teacher.recipe == self.name:
+            raise RecipeError(f"teacher.recipe: recipe '{self.name}' cannot be its own teacher")
+        if self.resume and self.output.overwrite:
+            raise RecipeError("resume/output.overwrite: choose one")
+        if self.student.quantize_base and self.student.adapter.method == "none":
+            raise RecipeError("student.quantize_base: a 4-bit student trains through an adapter; set "
+                              "student.adapter.method (e.g. lora)")
+        if self.parallel.teacher != "replicated" and (self.teacher is None or self.teacher.quantize_base):
+            raise RecipeError("parallel.teacher: ZeRO-3 placement needs a teacher that is not 4-bit (NF4 "
+                              "weights are replicated)")
+        if self.parallel.teacher != "replicated" and self.distill.teacher_cache.top_k:
+            raise RecipeError("parallel.teacher: the top-k cache is built with a replicated teacher")
+        if self.teacher is not None and self.teacher.adapter.method != "none":
+            raise RecipeError("teacher.adapter: the teacher is frozen; adapters belong to the student")
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output.dir or f"outputs/{self.name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def fingerprint(self, exclude: tuple[str, ...] = ("output", "resume", "description")) -> str:
+        """Stable hash of everything that changes the trained model (not where it is written). Only
+        values that differ from the schema's defaults count, so a new optional field does not invalidate
+        cached runs; bump _FINGERPRINT_VERSION when a default that changes training changes."""
+        d = {k: v for k, v in _non_default(self).items() if k not in exclude}
+        for k in _BOOKKEEPING:  # when to log, evaluate and checkpoint does not change the weights
+            d.get("train", {}).pop(k, None)
+        return hashlib.sha256(json.dumps([_FINGERPRINT_VERSION, d], sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with 1.2's scalars: only true/false are booleans ('no', 'off' stay strings, so
+    `mixed_precision=no` means "no"), and 1e-3 is a float."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in rs if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|\.inf|\.Inf|\.INF|\.nan|\.NaN|\.NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+_FINGERPRINT_VERSION = 1
+_BOOKKEEPING = ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints")
+
+
+def _non_default(obj) -> dict[str, Any]:
+    """The fields of a dataclass that differ from a default-constructed one, recursively."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        if dataclasses.is_dataclass(value) and dataclasses.is_dataclass(default):
+            sub = _non_default(value)
+            if sub or type(value) is not type(default):
+                out[f.name] = sub
+        elif isinstance(value, list) and value and all(dataclasses.is_dataclass(v) for v in value):
+            out[f.name] = [_non_default(v) for v in value]
+        elif dataclasses.is_dataclass(value):
+            out[f.name] = _non_default(value)
+        elif value != default:
+            out[f.name] = value
+    return out
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise RecipeError(f"{key}: {msg}")
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def recipe_path(name: str) -> Path:
+    """recipes/<name>.yaml, or `name` itself when it is a path to a YAML file."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise RecipeError(f"recipe file not found: {p}")
+        return p
+    p = RECIPES_DIR / f"{name}.yaml"
+    if not p.is_file():
+        known = list_recipes()
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.4)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise RecipeError(f"unknown recipe '{name}'{hint} (known: {', '.join(known)})")
+    return p
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load recipes/<name>.yaml (or a YAML path), apply `key=value` overrides, validate."""
+    path = recipe_path(name)
+    raw = yaml_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping")
+    raw.setdefault("name", path.stem)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_path(raw, key, value)
+    return build(Recipe, raw)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'train.lr=1e-3' -> ('train.lr', 0.001). Values are YAML ('[1, 2]', 'null', 'true')."""
+    if "=" not in item:
+        raise RecipeError(f"override '{item}' is not key=value")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise RecipeError(f"override '{item}' has an empty key")
+    try:
+        value = yaml_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    _check_path(Recipe, key.split("."), key)
+    return key, value
+
+
+def build(cls: type, raw: Any, prefix: str = "") -> Any:
+    """Turn a nested dict into the dataclass `cls`, checking keys, types and ranges."""
+    if dataclasses.is_dataclass(raw):
+        return raw
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{prefix or cls.__name__}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise RecipeError(_unknown_key_message(path))
+        kwargs[key] = _coerce(value, hints[key], path)
+    try:
+        return cls(**kwargs)
+    except RecipeError as e:
+        where = prefix.rstrip(".")
+        raise RecipeError(f"{where}.{e}" if where else str(e)) from None
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _coerce(value, a, path)
+            except RecipeError as e:
+                errors.append(str(e))
+        raise RecipeError(errors[0])
+    if value is None:
+        raise RecipeError(f"{path}: may not be null")
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise RecipeError(f"{path}: '{value}' is not one of {list(args)}{hint}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, prefix=f"{path}.")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{path}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise RecipeError(f"{path}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise RecipeError(f"{path}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise RecipeError(f"{path}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise RecipeError(f"{path}: expected a string, got {value!r}")
+    raise TypeError(f"{path}: unsupported field type {tp}")  # a bug in the schema, not in the recipe
+
+
+# --------------------------------------------------------------------------------------------- dotted keys
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(inner) == 1:
+            return inner[0]
+    return tp
+
+
+def _check_path(cls: type, parts: list[str], full: str) -> None:
+    """Reject a dotted key that does not exist in the schema, naming the closest one that does."""
+    tp: Any = cls
+    for i, part in enumerate(parts):
+        tp = _unwrap_optional(tp)
+        origin = typing.get_origin(tp)
+        if dataclasses.is_dataclass(tp):
+            names = [f.name for f in dataclasses.fields(tp)]
+            if part not in names:
+                raise RecipeError(_unknown_key_message(full))
+            tp = _field_type(tp, part)
+        elif origin is list:
+            if not part.isdigit():
+                raise RecipeError(f"{full}: '{part}' must be a list index")
+            tp = typing.get_args(tp)[0]
+        elif origin is dict:
+            return  # free-form mapping (tiny model config overrides)
+        else:
+            raise RecipeError(f"{full}: '{'.'.join(parts[:i])}' is a value, not a section")
+
+
+def _set_path(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(node, list):
+            idx = int(part)
+            if idx >= len(node):
+                raise RecipeError(f"{key}: index {idx} out of range (list has {len(node)} items)")
+            node = node[idx]
+            continue
+        if node.get(part) is None:
+            node[part] = [] if nxt.isdigit() else {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        idx = int(last)
+        if idx == len(node):
+            node.append(value)
+        elif idx < len(node):
+            node[idx] = value
+        else:
+            raise RecipeError(f"{key}: index {idx} out of range (list has {len(node)} items)")
+    else:
+        node[last] = value
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = _unwrap_optional(_field_type(cls, f.name))
+        path = f"{prefix}{f.name}"
+        out.append(path)
+        if dataclasses.is_dataclass(tp):
+            out += _all_keys(tp, f"{path}.")
+        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            out += _all_keys(typing.get_args(tp)[0], f"{path}.0.")
+    return out
+
+
+def _unknown_key_message(path: str) -> str:
+    candidates = _all_keys(Recipe)
+    norm = ".".join("0" if p.isdigit() else p for p in path.split("."))
+    close = difflib.get_close_matches(norm, candidates, n=1, cutoff=0.5)
+    if not close:  # compare the last component against siblings and all leaves
+        leaf = norm.rsplit(".", 1)[-1]
+        by_leaf = {c.rsplit(".", 1)[-1]: c for c in candidates}
+        m = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.5)
+        close = [by_leaf[m[0]]] if m else []
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown key '{path}'{hint}"
+
+
+def describe_fields(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, type, docstring) for every field; used by --help-recipe."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = " ".join(str(b.value.value).split())  # type: ignore[union-attr]
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp = _field_type(cls, f.name)
+        inner = _unwrap_optional(tp)
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(inner):
+            rows += describe_fields(inner, f"{path}.")
+        elif typing.get_origin(inner) is list and dataclasses.is_dataclass(typing.get_args(inner)[0]):
+            rows.append((path, "list", docs.get(f.name, "")))
+            rows += describe_fields(typing.get_args(inner)[0], f"{path}.N.")
+        else:
+            rows.append((path, _type_name(tp), docs.get(f.name, "")))
+    return rows
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "")

@@ -1,0 +1,70 @@
+"""Turn a training checkpoint into a plain transformers model directory.
+
+    python -m workbench.consolidate outputs/kd_13b_to_7b/checkpoints/step-0000500 outputs/student-500
+
+A DeepSpeed ZeRO checkpoint (partitioned over processes) is gathered with DeepSpeed's own
+`zero_to_fp32` tooling; an accelerate checkpoint (single process, DDP) is read from its model.safetensors.
+The student's config and tokenizer come from the checkpoint's student/ folder. Adapter (peft) students are
+saved in peft format at the end of training; this tool handles full-weight students.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:  # run as a file: import the package, not our siblings
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+
+def student_state_dict(checkpoint: Path) -> dict:
+    """The student's fp32 weights from a checkpoint directory, keys as in the transformers model."""
+    checkpoint = Path(checkpoint)
+    if (checkpoint / "latest").exists() or list(checkpoint.glob("pytorch_model*/")):  # DeepSpeed
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        tags = [p.name for p in checkpoint.iterdir() if p.is_dir() and p.name != "student"]
+        tag = (checkpoint / "latest").read_text().strip() if (checkpoint / "latest").exists() else tags[0]
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=tag)
+    else:
+        from safetensors.torch import load_file
+
+        state = load_file(str(checkpoint / "model.safetensors"))
+    prefix = "student."
+    out = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not out:
+        raise ValueError(f"no student weights in {checkpoint}")
+    return out
+
+
+def consolidate(checkpoint: Path, out_dir: Path) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    student_dir = checkpoint / "student"
+    if not (student_dir / "config.json").exists():
+        raise FileNotFoundError(f"{student_dir}/config.json missing: is {checkpoint} a workbench checkpoint?")
+    state = student_state_dict(checkpoint)
+    config = AutoConfig.from_pretrained(student_dir)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"checkpoint does not match the student: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.save_pretrained(out_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(student_dir).save_pretrained(out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 2 or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    print(consolidate(Path(argv[0]), Path(argv[1])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

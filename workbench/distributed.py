@@ -1,0 +1,249 @@
+"""Multi-process training on accelerate: the Accelerator for a recipe, DeepSpeed configs whose "auto"
+values are filled from the recipe, the optimizer ZeRO-Offload wants, teacher placement (replicated or a
+ZeRO-3 inference engine), DDP gradient-compression hooks, and what each process holds and sends.
+
+Launch configs live in launch_scripts/accelerate/*.yaml (+ launch_scripts/deepspeed/*.json); nothing
+here is a distributed layer of our own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+
+import torch
+
+from workbench.config import Recipe, RecipeError
+
+log = logging.getLogger(__name__)
+
+
+def backward_passes_per_micro_batch(recipe: Recipe) -> int:
+    """MiniLLM runs two forward/backward passes per micro-batch (data + rollouts)."""
+    return 2 if recipe.distill.onpolicy.method == "minillm" else 1
+
+
+def make_accelerator(recipe: Recipe):
+    """The Accelerator for `recipe` under whatever `accelerate launch` configured (single process, DDP,
+    DeepSpeed, FSDP). Gradient accumulation is counted in backward passes, so accelerate (and DeepSpeed)
+    step the optimizer exactly once per recipe step."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    handlers = []
+    cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    if cpu_processes:  # processes started by torchrun on a machine without GPUs: CPU data parallel over gloo
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    hook = recipe.parallel.comm_hook
+    if hook == "bf16" and not torch.cuda.is_available():
+        raise RecipeError("parallel.comm_hook=bf16: torch's bf16 compression hook needs NCCL (GPUs); use fp16 here")
+    if hook != "none":
+        from accelerate.utils import DDPCommunicationHookType
+
+        kind = {"fp16": DDPCommunicationHookType.FP16, "bf16": DDPCommunicationHookType.BF16,
+                "powersgd": DDPCommunicationHookType.POWER_SGD,
+                "batched_powersgd": DDPCommunicationHookType.BATCHED_POWER_SGD}[hook]
+        state = {}
+        if "powersgd" in hook:
+            state = {"matrix_approximation_rank": recipe.parallel.powersgd_rank,
+                     "start_powerSGD_iter": max(2, recipe.parallel.powersgd_warmup_steps)}
+        handlers.append(DistributedDataParallelKwargs(comm_hook=kind, comm_state_option=state))
+    accelerator = Accelerator(
+        mixed_precision=recipe.train.mixed_precision,
+        gradient_accumulation_steps=recipe.train.grad_accum_steps * backward_passes_per_micro_batch(recipe),
+        step_scheduler_with_optimizer=False,  # our schedule counts optimizer steps, not samples
+        kwargs_handlers=handlers,
+        # without GPUs accelerate recognises torchrun's processes as CPU data parallel only when told;
+        # DeepSpeed finds its processes itself
+        cpu=cpu_processes and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true",
+    )
+    if hook != "none" and accelerator.distributed_type.value not in ("MULTI_GPU", "MULTI_CPU"):
+        log.warning("parallel.comm_hook=%s applies to DDP only; ignored under %s", hook, accelerator.distributed_type)
+    return accelerator
+
+
+# --------------------------------------------------------------------------------------------- DeepSpeed
+
+
+def deepspeed_plugin(accelerator):
+    return getattr(accelerator.state, "deepspeed_plugin", None)
+
+
+def zero_stage(accelerator) -> int:
+    plugin = deepspeed_plugin(accelerator)
+    return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)) if plugin else 0
+
+
+def fill_deepspeed_config(config: dict, recipe: Recipe, hidden_size: int, world: int) -> dict:
+    """Replace every "auto" in a DeepSpeed config with the value the recipe implies (in place), and check
+    that explicit values agree with the recipe."""
+    t = recipe.train
+    gas = t.grad_accum_steps * backward_passes_per_micro_batch(recipe)
+    wanted = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": t.micro_batch_size * gas * world,
+        "gradient_clipping": t.grad_clip,
+        "bf16.enabled": t.mixed_precision == "bf16",
+        "fp16.enabled": t.mixed_precision == "fp16",
+        "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
+        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+    for dotted, value in wanted.items():
+        *parents, key = dotted.split(".")
+        node = config
+        for p in parents:
+            node = node.setdefault(p, {})
+        if node.get(key, "auto") == "auto":
+            node[key] = value
+        elif dotted in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size") \
+                and node[key] != value:
+            raise RecipeError(f"DeepSpeed config {dotted}={node[key]} but the recipe implies {value}; "
+                              "set it to \"auto\"")
+    if not torch.cuda.is_available() and config.get("zero_force_ds_cpu_optimizer", "auto") == "auto":
+        config["zero_force_ds_cpu_optimizer"] = False  # see make_optimizer
+    for section in ("optimizer", "scheduler"):
+        if section in config:
+            raise RecipeError(f"DeepSpeed config has an '{section}' section; the recipe owns the "
+                              f"{section} (train.*): remove it")
+    return config
+
+
+def prepare_deepspeed(accelerator, recipe: Recipe, hidden_size: int) -> None:
+    """Fill the launch's DeepSpeed config from the recipe before accelerate.prepare()."""
+    plugin = deepspeed_plugin(accelerator)
+    if plugin is None:
+        return
+    # keep the launch's config with its "auto"s: a later run in this process (after a teacher's) refills it
+    template = getattr(plugin, "_workbench_template", None)
+    if template is None:
+        template = plugin._workbench_template = copy.deepcopy(plugin.deepspeed_config)
+    plugin.deepspeed_config.clear()
+    plugin.deepspeed_config.update(copy.deepcopy(template))
+    fill_deepspeed_config(plugin.deepspeed_config, recipe, hidden_size, accelerator.num_processes)
+    if accelerator.is_main_process:
+        import json
+
+        recipe.output_dir.mkdir(parents=True, exist_ok=True)
+        (recipe.output_dir / "deepspeed_config.json").write_text(json.dumps(plugin.deepspeed_config, indent=2))
+
+
+@contextlib.contextmanager
+def unpartitioned_loading():
+    """Load a model whole even under a ZeRO-3 launch: transformers partitions every model created while
+    accelerate's DeepSpeed config is registered, which a replicated teacher must not be."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
+def offloads_optimizer(accelerator) -> bool:
+    plugin = deepspeed_plugin(accelerator)
+    if plugin is None:
+        return False
+    device = plugin.deepspeed_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device in ("cpu", "nvme")
+
+
+def make_optimizer(param_groups, cfg, accelerator):
+    """AdamW; DeepSpeedCPUAdam (the same update, vectorised on the CPU) when ZeRO offloads the optimizer
+    of GPU processes. On machines without GPUs, DeepSpeed's offload path with DeepSpeedCPUAdam does not
+    reproduce a single-process run (measured with 2 gloo processes, DeepSpeed 0.19.8: the first update
+    already differs, while DeepSpeedCPUAdam alone matches torch's AdamW), so CPU processes keep torch's
+    AdamW on the offloaded fp32 partitions, which matches exactly."""
+    if offloads_optimizer(accelerator) and torch.cuda.is_available():
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), adamw_mode=True)
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def place_teacher(teacher, recipe: Recipe, accelerator):
+    """The frozen teacher where the recipe wants it: 'replicated' on every process (in its own dtype, NF4
+    included), or 'zero3' / 'zero3_offload': a DeepSpeed ZeRO-3 inference engine whose parameters are
+    partitioned over the processes (and kept on the CPU with offload). Returns what to call."""
+    teacher.requires_grad_(False)
+    teacher.eval()
+    placement = recipe.parallel.teacher
+    if placement == "replicated":
+        if not getattr(teacher, "is_loaded_in_4bit", False):
+            teacher.to(accelerator.device)
+        return teacher
+    import deepspeed
+
+    if accelerator.num_processes > 1 and deepspeed_plugin(accelerator) is None and not torch.distributed.is_initialized():
+        raise RecipeError("parallel.teacher=zero3 needs torch.distributed (launch with accelerate)")
+    config = {
+        "train_micro_batch_size_per_gpu": recipe.train.micro_batch_size,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 10 * teacher.config.hidden_size,
+                              "stage3_prefetch_bucket_size": int(0.9 * teacher.config.hidden_size ** 2)},
+        "bf16": {"enabled": recipe.train.mixed_precision == "bf16"},
+        "fp16": {"enabled": recipe.train.mixed_precision == "fp16"},
+    }
+    if placement == "zero3_offload":
+        config["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    engine, *_ = deepspeed.initialize(model=teacher, config=copy.deepcopy(config))
+    engine.eval()
+    return engine.module  # ZeRO-3 hooks on the module gather each layer's weights as it runs
+
+
+# --------------------------------------------------------------------------------------------- accounting
+
+
+def param_elements(model) -> tuple[int, int]:
+    """(elements this process holds, elements of the full model): ZeRO-3 partitions, others replicate."""
+    local = total = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_numel"):
+            total += p.ds_numel
+            local += p.ds_tensor.numel() if getattr(p, "ds_tensor", None) is not None else 0
+        else:
+            total += p.numel()
+            local += p.numel()
+    return local, total
+
+
+class CommBytes:
+    """Counts the bytes handed to torch.distributed all-reduce / all-gather calls made from Python (DDP
+    communication hooks make theirs there) while active."""
+
+    def __init__(self):
+        self.bytes = 0
+        self._saved = {}
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor"):
+            real = getattr(dist, name, None)
+            if real is None:
+                continue
+            self._saved[name] = real
+
+            def counted(*args, _real=real, _name=name, **kwargs):
+                tensors = [a for a in args if isinstance(a, torch.Tensor)][:1] if _name == "all_reduce" else \
+                    [a for a in args[1:2] if isinstance(a, torch.Tensor)]
+                self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+                return _real(*args, **kwargs)
+
+            setattr(dist, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        for name, real in self._saved.items():
+            setattr(dist, name, real)
+
+
+def ddp_gradient_bytes(model) -> int:
+    """Bytes one uncompressed DDP all-reduce of the trainable gradients sends (per process, per step)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,511 @@
+"""Distillation losses. Every loss returns a SUM over valid tokens; the trainer divides once by the number
+of valid tokens in the whole gradient-accumulation window (all processes), so results do not depend on how
+a step is split into micro-batches.
+
+Shapes: N = tokens (batch * time, aligned so that row i predicts labels[i]), V = vocabulary, H = width.
+Softmaxes run in fp32 whatever the logits' dtype.
+
+Logit divergences share one temperature convention: both distributions are softened, p^T = softmax(z / T),
+and the divergence is multiplied by T^2 (so gradients keep their scale as T changes, as in Hinton et al.).
+A teacher is either dense logits [N, V] or a `TopKTeacher` (its k most likely tokens plus one bucket for
+the remaining mass, e.g. from a precomputed cache); with a top-k teacher every divergence is computed
+between the two (k + 1)-bucket distributions.
+
+`chunked_logit_loss` is the one chunking wrapper: it runs any logit objective over chunks of tokens,
+optionally fused with the student's (and teacher's) output layer, so neither [N, V] logits tensor is ever
+materialised in full; the gradient is formed chunk by chunk during the forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workbench.config import LOGIT_DIVERGENCES, TEACHER_LOSSES, LossTerm
+
+_NEG = -1e30  # stands in for log(0): keeps 0 * log(0) terms finite in values and gradients
+
+
+# --------------------------------------------------------------------------------------------- divergences
+# Each takes row-normalised log-probabilities s (student) and t (teacher), [N, K], and returns [N].
+
+
+def _kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row from log-probabilities; 0 * log 0 = 0."""
+    lp, lq = lp.clamp(min=_NEG), lq.clamp(min=_NEG)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def _mix(la: torch.Tensor, lb: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w * a + (1 - w) * b) from log a, log b."""
+    if w <= 0.0:
+        return lb
+    if w >= 1.0:
+        return la
+    return torch.logaddexp(la + math.log(w), lb + math.log1p(-w))
+
+
+def forward_kl(s, t, **_):
+    """KL(teacher || student): mass-covering (Hinton)."""
+    return _kl(t, s)
+
+
+def reverse_kl(s, t, **_):
+    """KL(student || teacher): mode-seeking (MiniLLM)."""
+    return _kl(s, t)
+
+
+def jsd(s, t, beta: float = 0.5, **_):
+    """Generalised Jensen-Shannon (GKD): beta * KL(t || m) + (1 - beta) * KL(s || m), m = beta t + (1 - beta) s.
+    beta = 0 and beta = 1 are defined as forward and reverse KL (the limits of JSD/beta and
+    JSD/(1 - beta)), the convention of GKD and TRL."""
+    if beta <= 0.0:
+        return forward_kl(s, t)
+    if beta >= 1.0:
+        return reverse_kl(s, t)
+    m = _mix(t, s, beta)
+    return beta * _kl(t, m) + (1.0 - beta) * _kl(s, m)
+
+
+def skew_forward_kl(s, t, alpha: float = 0.1, **_):
+    """DistiLLM's skew KL: KL(t || alpha t + (1 - alpha) s); alpha = 0 is forward KL."""
+    return _kl(t, _mix(t, s, alpha))
+
+
+def skew_reverse_kl(s, t, alpha: float = 0.1, **_):
+    """DistiLLM's skew reverse KL: KL(s || alpha s + (1 - alpha) t); alpha = 0 is reverse KL."""
+    return _kl(s, _mix(s, t, alpha))
+
+
+def tvd(s, t, **_):
+    """Total variation distance: 0.5 * sum |p_t - p_s|."""
+    return 0.5 * (t.exp() - s.exp()).abs().sum(-1)
+
+
+DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "jsd": jsd,
+    "skew_forward_kl": skew_forward_kl,
+    "skew_reverse_kl": skew_reverse_kl,
+    "tvd": tvd,
+}
+assert set(DIVERGENCES) == LOGIT_DIVERGENCES
+
+
+# --------------------------------------------------------------------------------------------- teachers
+
+
+@dataclass
+class TopKTeacher:
+    """A sparse teacher: its k most likely tokens and one bucket for the rest, per token."""
+
+    indices: torch.Tensor  # [N, k] int64 token ids
+    logp: torch.Tensor  # [N, k + 1] log-probabilities at the loss's temperature; last column = the rest
+
+    def __getitem__(self, rows) -> "TopKTeacher":
+        return TopKTeacher(self.indices[rows], self.logp[rows])
+
+    def __len__(self) -> int:
+        return self.indices.shape[0]
+
+
+def topk_from_logits(logits: torch.Tensor, k: int, temperature: float = 1.0) -> TopKTeacher:
+    """[N, V] logits -> TopKTeacher at `temperature` (what the cache stores)."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    top, idx = logp.topk(k, dim=-1)
+    rest = logp.scatter(-1, idx, float("-inf")).logsumexp(-1, keepdim=True)
+    return TopKTeacher(idx, torch.cat([top, rest], dim=-1))
+
+
+def _bucketise(s_logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Student [N, V] log-probs -> [N, k + 1]: the teacher's top-k tokens, then everything else."""
+    rest = s_logp.scatter(-1, idx, float("-inf")).logsumexp(-1, keepdim=True)
+    return torch.cat([s_logp.gather(-1, idx), rest], dim=-1)
+
+
+# --------------------------------------------------------------------------------------------- logit losses
+
+
+class CrossEntropy(nn.Module):
+    """Next-token cross-entropy against the labels (summed over valid tokens)."""
+
+    needs_teacher = False
+
+    def __init__(self, ignore_index: int = -100, **_):
+        super().__init__()
+        self.ignore_index = ignore_index
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,  # [N, V] any float dtype
+        teacher,  # unused
+        labels: torch.Tensor,  # [N] int64, ignore_index marks tokens without a target
+    ) -> torch.Tensor:  # [] fp32
+        return F.cross_entropy(student_logits.float(), labels, ignore_index=self.ignore_index, reduction="sum")
+
+
+class LogitDivergence(nn.Module):
+    """T^2 * D(p_teacher^T, p_student^T) summed over valid tokens, D one of DIVERGENCES."""
+
+    needs_teacher = True
+
+    def __init__(self, kind: str, temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
+                 ignore_index: int = -100, **_):
+        super().__init__()
+        if kind not in DIVERGENCES:
+            raise ValueError(f"unknown divergence '{kind}' (known: {sorted(DIVERGENCES)})")
+        self.kind, self.fn = kind, DIVERGENCES[kind]
+        self.temperature, self.beta, self.alpha = temperature, beta, alpha
+        self.ignore_index = ignore_index
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,  # [N, V]
+        teacher: torch.Tensor | TopKTeacher,  # [N, V] logits (same vocabulary) or top-k at self.temperature
+        labels: torch.Tensor,  # [N] int64; rows with ignore_index do not count
+    ) -> torch.Tensor:  # [] fp32
+        T = self.temperature
+        s = F.log_softmax(student_logits.float() / T, dim=-1)
+        if isinstance(teacher, TopKTeacher):
+            s, t = _bucketise(s, teacher.indices), teacher.logp.float()
+        else:
+            t = F.log_softmax(teacher.float() / T, dim=-1)
+        rows = self.fn(s, t, beta=self.beta, alpha=self.alpha)  # [N]
+        return (rows * (labels != self.ignore_index)).sum() * (T * T)
+
+
+def build_logit_loss(term: LossTerm, ignore_index: int = -100) -> nn.Module:
+    if term.name == "cross_entropy":
+        return CrossEntropy(ignore_index)
+    return LogitDivergence(term.name, term.temperature, term.beta, term.alpha, ignore_index)
+
+
+class LogitObjective(nn.Module):
+    """sum_i weight_i * loss_i(student_logits, teacher, labels) over the recipe's logit terms."""
+
+    def __init__(self, terms: list[LossTerm], ignore_index: int = -100):
+        super().__init__()
+        self.weights = [t.weight for t in terms]
+        self.losses = nn.ModuleList(build_logit_loss(t, ignore_index) for t in terms)
+        self.n_parts = len(self.losses)
+        self.needs_teacher = any(m.needs_teacher for m in self.losses)
+        self.temperatures = sorted({t.temperature for t in terms if t.name != "cross_entropy"})
+
+    def forward(self, student_logits, teacher, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """student_logits [N, V]; teacher [N, V] logits, a dict temperature -> TopKTeacher, or None;
+        rows: {"labels": [N]} (+ "ce_labels": [N] when cross-entropy has other targets than the
+        divergences, e.g. none on student-generated tokens). -> (weighted total [], per-term sums)."""
+        parts = []
+        for loss in self.losses:
+            t = teacher
+            if isinstance(teacher, dict):  # one top-k teacher per temperature
+                t = teacher[loss.temperature] if loss.needs_teacher else None
+            labels = rows.get("ce_labels", rows["labels"]) if isinstance(loss, CrossEntropy) else rows["labels"]
+            parts.append(loss(student_logits, t, labels))
+        parts = torch.stack(parts)
+        return (parts * parts.new_tensor(self.weights)).sum(), parts
+
+
+# --------------------------------------------------------------------------------------------- chunking
+
+
+def auto_chunk(vocab: int, budget: int = 1 << 23) -> int:
+    """Tokens per chunk so that one [chunk, V] fp32 tensor holds about `budget` elements (32 MiB)."""
+    return max(16, budget // max(vocab, 1))
+
+
+class _ChunkedLogitLoss(torch.autograd.Function):
+    """Runs `fn` over row chunks of the student's logits (computed per chunk from hidden states and the
+    output layer when `weight` is given) and forms the gradient during the forward pass, so only one
+    chunk of [rows, V] exists at a time. backward() just scales the stored gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, teacher_chunk, fn, rows, chunk):
+        # x: [N, H] student hidden states (weight given) or [N, V] student logits (weight None)
+        # weight: [V, H] student output layer; bias: [V] or None
+        # teacher_chunk(a, b) -> teacher rows a:b (logits, TopKTeacher, dict of them, or None)
+        # rows: dict of per-row tensors [N, ...] (labels, ...), sliced along with x
+        # fn(logits [c, V], teacher rows, rows) -> (total [], parts [fn.n_parts])
+        n_parts = fn.n_parts
+        need = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                bias is not None and ctx.needs_input_grad[2]]
+        grad_x = torch.zeros_like(x) if need[0] else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need[1] else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need[2] else None
+        total = x.new_zeros((), dtype=torch.float32)
+        parts = x.new_zeros(n_parts, dtype=torch.float32)
+        for a in range(0, x.shape[0], chunk):
+            b = min(a + chunk, x.shape[0])
+            h = x[a:b]  # [c, H] or [c, V]
+            with torch.no_grad():
+                logits = h if weight is None else F.linear(h, weight, bias)  # [c, V]
+            with torch.enable_grad():
+                logits = logits.detach().requires_grad_(any(need))
+                tot, p = fn(logits, teacher_chunk(a, b), {k: v[a:b] for k, v in rows.items()})
+            if any(need):
+                (g,) = torch.autograd.grad(tot, logits, allow_unused=True)  # [c, V]
+                if g is None:  # the objective does not depend on these rows
+                    g = torch.zeros_like(logits)
+                if weight is None:
+                    grad_x[a:b] = g
+                else:
+                    if need[0]:
+                        grad_x[a:b] = (g.to(weight.dtype) @ weight).to(x.dtype)
+                    if need[1]:
+                        grad_w += (g.t().to(h.dtype) @ h).float()
+                    if need[2]:
+                        grad_b += g.float().sum(0)
+            total += tot.detach()
+            parts += p.detach()
+        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_x, grad_w, grad_b)))
+        ctx.need = need
+        ctx.mark_non_differentiable(parts)
+        return total, parts
+
+    @staticmethod
+    def backward(ctx, g_total, g_parts):
+        saved = ctx.saved_tensors
+        grads = [s * g_total.to(s.dtype) if n else None for s, n in zip(saved, ctx.need)]
+        return grads[0], grads[1], grads[2], None, None, None, None
+
+
+def chunked_logit_loss(
+    fn: nn.Module,  # (logits [c, V], teacher rows, rows) -> (total [], parts [fn.n_parts])
+    x: torch.Tensor,  # [N, H] student hidden states (with weight) or [N, V] student logits
+    rows: dict[str, torch.Tensor],  # per-row tensors [N, ...], at least "labels" [N]
+    teacher_chunk: Callable[[int, int], object] = lambda a, b: None,
+    weight: torch.Tensor | None = None,  # [V, H] student output layer (fused mode)
+    bias: torch.Tensor | None = None,  # [V]
+    chunk: int = 0,  # rows per chunk (0: auto from V)
+) -> tuple[torch.Tensor, torch.Tensor]:  # total [], per-term sums [n_parts]
+    vocab = weight.shape[0] if weight is not None else x.shape[-1]
+    chunk = chunk or auto_chunk(vocab)
+    return _ChunkedLogitLoss.apply(x, weight, bias, teacher_chunk, fn, rows, chunk)
+
+
+# --------------------------------------------------------------------------------------------- features
+
+
+def uniform_layer_map(n_student: int, n_teacher: int) -> list[list[int]]:
+    """Student layer i (1-based) -> teacher layer round(i * n_teacher / n_student)."""
+    return [[i, (i * n_teacher + n_student // 2) // n_student] for i in range(1, n_student + 1)]
+
+
+def _check_layer_map(layer_map, n_student: int, n_teacher: int, first: int) -> None:
+    for s, t in layer_map:
+        if not (first <= s <= n_student and first <= t <= n_teacher):
+            raise ValueError(f"layer_map pair [{s}, {t}] out of range: student layers {first}..{n_student}, "
+                             f"teacher layers {first}..{n_teacher}")
+
+
+class HiddenStateLoss(nn.Module):
+    """MSE (mean over the teacher's width) or 1 - cosine between mapped hidden states, summed over valid
+    tokens and averaged over layer pairs. Layer 0 is the embedding output, layer i the i-th block's.
+    A learned linear projection (student width -> teacher width) per pair when the widths differ."""
+
+    needs_teacher = True
+
+    def __init__(self, kind: str, layer_map, student_width: int, teacher_width: int):
+        super().__init__()
+        self.kind, self.layer_map = kind, [tuple(p) for p in layer_map]
+        self.proj = nn.ModuleList(
+            nn.Linear(student_width, teacher_width, bias=False) if student_width != teacher_width else nn.Identity()
+            for _ in self.layer_map
+        )
+
+    def forward(
+        self,
+        student_hidden: tuple[torch.Tensor, ...],  # L_s + 1 tensors [B, T, H_s]
+        teacher_hidden: tuple[torch.Tensor, ...],  # L_t + 1 tensors [B, T, H_t]
+        mask: torch.Tensor,  # [B, T] bool: tokens that count
+    ) -> torch.Tensor:  # [] fp32
+        total = 0.0
+        for (s, t), proj in zip(self.layer_map, self.proj):
+            hs = proj(student_hidden[s]).float()  # [B, T, H_t]
+            ht = teacher_hidden[t].float()
+            if self.kind == "hidden_mse":
+                per_token = (hs - ht).pow(2).mean(-1)
+            else:
+                per_token = 1.0 - F.cosine_similarity(hs, ht, dim=-1, eps=1e-6)
+            total = total + (per_token * mask).sum()
+        return total / len(self.layer_map)
+
+
+def _group_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, H, T, T] -> [B, heads, T, T] by averaging consecutive groups of H / heads heads."""
+    B, H, T, S = x.shape
+    return x.reshape(B, heads, H // heads, T, S).mean(2)
+
+
+class AttentionLoss(nn.Module):
+    """Between mapped layers (1-based): 'attention_kl' = KL(A_teacher || A_student) per query row, or
+    'attention_logit_mse' = mean squared difference of pre-softmax scores over the causal keys; averaged
+    over heads, summed over valid query tokens, averaged over layer pairs. Heads: 'average' compares the
+    head-averaged maps; 'map' averages the larger side's heads in groups down to the smaller count."""
+
+    needs_teacher = True
+
+    def __init__(self, kind: str, layer_map, head_map: str, student_heads: int, teacher_heads: int):
+        super().__init__()
+        self.kind, self.layer_map, self.head_map = kind, [tuple(p) for p in layer_map], head_map
+        if head_map == "map":
+            lo, hi = sorted((student_heads, teacher_heads))
+            if hi % lo:
+                raise ValueError(f"head_map=map needs one head count to divide the other "
+                                 f"(student {student_heads}, teacher {teacher_heads}); use head_map=average")
+        self.heads = 1 if head_map == "average" else min(student_heads, teacher_heads)
+
+    def forward(
+        self,
+        student_att: dict[int, tuple[torch.Tensor, torch.Tensor]],  # layer -> (scores, probs) [B, H_s, T, T]
+        teacher_att: dict[int, tuple[torch.Tensor, torch.Tensor]],  # layer -> (scores, probs) [B, H_t, T, T]
+        mask: torch.Tensor,  # [B, T] bool: query tokens that count
+    ) -> torch.Tensor:  # [] fp32
+        total = 0.0
+        for s, t in self.layer_map:
+            (ss, sp), (ts, tp) = student_att[s], teacher_att[t]
+            T = ss.shape[-1]
+            causal = torch.ones(T, T, dtype=torch.bool, device=ss.device).tril()
+            if self.kind == "attention_kl":
+                a_s, a_t = _group_heads(sp.float(), self.heads), _group_heads(tp.float(), self.heads)
+                # masked keys have probability 0 on both sides; the clamp keeps log's gradient finite there
+                per_row = _kl(a_t.clamp(min=1e-30).log(), a_s.clamp(min=1e-30).log())  # [B, h, T]
+            else:
+                z_s = ss.float().masked_fill(~causal, 0.0)
+                z_t = ts.float().masked_fill(~causal, 0.0)
+                d = (_group_heads(z_s, self.heads) - _group_heads(z_t, self.heads)).pow(2)
+                per_row = d.sum(-1) / causal.sum(-1)  # mean over the keys each query sees
+            total = total + (per_row.mean(1) * mask).sum()
+        return total / len(self.layer_map)
+
+
+# --------------------------------------------------------------------------------------------- objective
+
+
+@dataclass
+class ModelOutputs:
+    """What one model's forward pass gives the objective (teacher side: no gradients)."""
+
+    final_hidden: torch.Tensor | None = None  # [B, T, H] input of the output layer (fused mode)
+    head_weight: torch.Tensor | None = None  # [V, H] output layer (fused mode)
+    head_bias: torch.Tensor | None = None  # [V]
+    logits: torch.Tensor | None = None  # [B, T, V] when not fused
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # L + 1 x [B, T, H]
+    attention: dict | None = None  # layer -> (scores, probs) [B, heads, T, T]
+
+
+class Objective(nn.Module):
+    """The recipe's weighted sum of loss terms; owns the trainable projections of feature losses.
+
+    forward(...) -> (weighted total [], {term name: sum []}), both sums over valid tokens."""
+
+    def __init__(self, terms: list[LossTerm], student_config=None, teacher_config=None,
+                 ignore_index: int = -100, vocab: int | None = None, chunk: int = 0):
+        super().__init__()
+        self.names = term_names(terms)
+        logit_idx = [i for i, t in enumerate(terms) if t.name == "cross_entropy" or t.name in LOGIT_DIVERGENCES]
+        feat_idx = [i for i in range(len(terms)) if i not in logit_idx]
+        self.logit_names = [self.names[i] for i in logit_idx]
+        self.logit = LogitObjective([terms[i] for i in logit_idx], ignore_index) if logit_idx else None
+        self.feature_names = [self.names[i] for i in feat_idx]
+        self.feature_weights = [terms[i].weight for i in feat_idx]
+        self.features = nn.ModuleList(_build_feature(terms[i], student_config, teacher_config) for i in feat_idx)
+        self.needs_teacher = any(t.name in TEACHER_LOSSES for t in terms)
+        self.hidden_layers = _layers(self.features, HiddenStateLoss)  # (student, teacher) layers to keep
+        self.attention_layers = _layers(self.features, AttentionLoss)
+        self.ignore_index, self.vocab, self.chunk = ignore_index, vocab, chunk
+
+    def forward(self, student: ModelOutputs, teacher: ModelOutputs | dict | None, rows: dict[str, torch.Tensor]):
+        # rows["labels"]: [B, T] targets aligned with positions (already shifted), ignore_index where none;
+        # rows["ce_labels"] (optional): other targets for cross-entropy
+        labels = rows["labels"]
+        total = labels.new_zeros((), dtype=torch.float32)
+        parts: dict[str, torch.Tensor] = {}
+        if self.logit is not None:
+            tot, p = logit_loss_on(self.logit, student, teacher, rows, self.vocab, self.chunk)
+            total = total + tot
+            parts.update({n: p[i] for i, n in enumerate(self.logit_names)})
+        mask = labels != self.ignore_index
+        for name, w, loss in zip(self.feature_names, self.feature_weights, self.features):
+            if isinstance(loss, HiddenStateLoss):
+                value = loss(student.hidden_states, teacher.hidden_states, mask)
+            else:
+                value = loss(student.attention, teacher.attention, mask)
+            total = total + w * value
+            parts[name] = value.detach()
+        return total, parts
+
+
+def logit_loss_on(fn: nn.Module, student: ModelOutputs, teacher, rows: dict[str, torch.Tensor],
+                  vocab: int | None = None, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a logit objective on model outputs: fused with the output layers when the outputs carry hidden
+    states, else chunked over the materialised logits; both sides cut to `vocab` columns when given."""
+    B, T = rows["labels"].shape
+    flat = {k: v.reshape(B * T, *v.shape[2:]) for k, v in rows.items()}
+    if student.final_hidden is not None:
+        x, w, b = student.final_hidden.reshape(B * T, -1), student.head_weight, student.head_bias
+        if vocab is not None and w.shape[0] != vocab:
+            w, b = w[:vocab], (b[:vocab] if b is not None else None)
+    else:
+        x, w, b = student.logits.reshape(B * T, -1), None, None
+        if vocab is not None and x.shape[-1] != vocab:
+            x = x[:, :vocab]
+    return chunked_logit_loss(fn, x, flat, _teacher_rows(teacher, B * T, vocab), w, b, chunk)
+
+
+def _teacher_rows(teacher, n: int, vocab: int | None) -> Callable[[int, int], object]:
+    """A function giving teacher rows a:b in the form the logit losses take."""
+    if teacher is None:
+        return lambda a, b: None
+    if isinstance(teacher, dict):  # temperature -> TopKTeacher
+        return lambda a, b: {k: v[a:b] for k, v in teacher.items()}
+    if teacher.final_hidden is not None:  # fused: teacher logits for the chunk only
+        h = teacher.final_hidden.reshape(n, -1)
+        w, bias = teacher.head_weight, teacher.head_bias
+        if vocab is not None and w.shape[0] != vocab:
+            w, bias = w[:vocab], (bias[:vocab] if bias is not None else None)
+        return lambda a, b: F.linear(h[a:b], w, bias)
+    logits = teacher.logits.reshape(n, -1)
+    if vocab is not None and logits.shape[-1] != vocab:
+        logits = logits[:, :vocab]
+    return lambda a, b: logits[a:b]
+
+
+def _build_feature(term: LossTerm, sc, tc) -> nn.Module:
+    if sc is None or tc is None:
+        raise ValueError(f"{term.name} needs the student's and teacher's model configs")
+    if term.name in ("hidden_mse", "hidden_cosine"):
+        lm = term.layer_map or uniform_layer_map(sc.num_hidden_layers, tc.num_hidden_layers)
+        _check_layer_map(lm, sc.num_hidden_layers, tc.num_hidden_layers, first=0)
+        return HiddenStateLoss(term.name, lm, sc.hidden_size, tc.hidden_size)
+    lm = term.layer_map or uniform_layer_map(sc.num_hidden_layers, tc.num_hidden_layers)
+    _check_layer_map(lm, sc.num_hidden_layers, tc.num_hidden_layers, first=1)
+    return AttentionLoss(term.name, lm, term.head_map, sc.num_attention_heads, tc.num_attention_heads)
+
+
+def _layers(features, cls) -> tuple[set[int], set[int]]:
+    s, t = set(), set()
+    for f in features:
+        if isinstance(f, cls):
+            s |= {p[0] for p in f.layer_map}
+            t |= {p[1] for p in f.layer_map}
+    return s, t
+
+
+def term_names(terms: list[LossTerm]) -> list[str]:
+    """Log names of the terms: the loss name, suffixed with its index when a name repeats."""
+    names = [t.name for t in terms]
+    return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """[B, T] labels -> [B, T] targets: position t predicts label t + 1; the last position of each row has
+    no target. Shifting the labels rather than the logits avoids copying [B, T, V]."""
+    pad = labels.new_full((labels.shape[0], 1), ignore_index)
+    return torch.cat([labels[:, 1:], pad], dim=1)

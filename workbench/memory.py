@@ -1,0 +1,202 @@
+"""Memory estimator: expected per-GPU and CPU memory of a recipe under a launch config, without loading
+weights.
+
+    python -m workbench.memory recipe=kd_13b_to_7b launch=zero3_offload gpus=8 [nodes=1] [key=value ...]
+
+launch: single | ddp | zero2 | zero3 | zero3_offload | zero3_nvme | fsdp2 (the configs in
+launch_scripts/accelerate/). Parameter counts come from the models' configs (instantiated on the meta
+device); Hub configs must be cached or reachable, and Llama-2 7B/13B/70B are known offline.
+
+Model states follow the ZeRO paper's accounting (mixed precision Adam: 2 + 2 + 12 bytes per trainable
+parameter, partitioned by stage). Activations are counted like Korthikanti et al., with the constant for
+our Llama blocks (SwiGLU MLP, RMSNorm, SDPA attention, which keeps no s x s scores): 11 + 4 i/h values
+per token and hidden unit per layer (measured: the bytes autograd saves in our tiny Llamas), plus
+2.5 a s^2 b values per layer with eager attention (attention losses); gradient checkpointing keeps only
+each layer's input plus one layer in flight. Logits follow our chunked loss.
+It is an estimate: allocator caching, fragmentation and CUDA context (about 0.5-1 GiB) come on top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from workbench.config import ModelSpec, Recipe, RecipeError, load_recipe  # noqa: E402
+
+LAUNCHES = ("single", "ddp", "zero2", "zero3", "zero3_offload", "zero3_nvme", "fsdp2")
+GIB = 2**30
+
+# Llama-2 configs (public, Apache/Llama-2 license metadata), so the headline recipes estimate offline.
+KNOWN = {
+    "meta-llama/Llama-2-7b-hf": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                     num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    "meta-llama/Llama-2-13b-hf": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                                      num_attention_heads=40, num_key_value_heads=40, vocab_size=32000),
+    "meta-llama/Llama-2-70b-hf": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                      num_attention_heads=64, num_key_value_heads=8, vocab_size=32000),
+}
+
+
+@dataclass
+class ModelShape:
+    params: int  # all parameters
+    linear: int  # parameters in linear layers of the blocks (what NF4 quantises)
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    vocab: int
+
+
+def model_shape(spec: ModelSpec, vocab: int) -> ModelShape:
+    """Sizes of the model a spec names, from its config on the meta device (no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    from workbench.models import _TINY_COMMON, TINY_CONFIGS
+
+    if spec.tiny:
+        config = LlamaConfig(**{**_TINY_COMMON, **TINY_CONFIGS[spec.tiny], **spec.config}, vocab_size=vocab)
+    elif spec.name_or_path in KNOWN:
+        config = LlamaConfig(**KNOWN[spec.name_or_path])
+    elif spec.recipe:
+        dep = load_recipe(spec.recipe)
+        return model_shape(dep.student, vocab if dep.data.tokenizer == "auto" else dep.data.vocab_size)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(spec.name_or_path, revision=spec.revision)
+        except Exception as e:
+            raise RecipeError(f"cannot read the config of '{spec.name_or_path}' ({e}); give a local path") from e
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    out_layer = model.get_output_embeddings()
+    linear = sum(m.weight.numel() for m in model.modules()
+                 if isinstance(m, torch.nn.Linear) and m is not out_layer)
+    return ModelShape(params=sum(p.numel() for p in model.parameters()), linear=linear, hidden=config.hidden_size,
+                      intermediate=getattr(config, "intermediate_size", 4 * config.hidden_size),
+                      layers=config.num_hidden_layers, heads=config.num_attention_heads, vocab=config.vocab_size)
+
+
+def _weight_bytes(shape: ModelShape, spec: ModelSpec, bits16: bool) -> float:
+    """Bytes of a model's weights as held on the device."""
+    if spec.quantize_base:
+        nf4 = shape.linear * (0.5 + (1 / 64 if spec.quant.double_quant else 4 / 64))
+        other = (shape.params - shape.linear) * (4 if spec.quant.compute_dtype == "float32" else 2)
+        return nf4 + other
+    return shape.params * (2 if bits16 or spec.dtype != "float32" else 4)
+
+
+def _adapter_params(shape: ModelShape, spec: ModelSpec) -> int:
+    if spec.adapter.method == "none":
+        return shape.params
+    # LoRA-like: r * (in + out) per adapted linear layer; all-linear ~ 7 layers of width ~hidden per block
+    return int(spec.adapter.r * 2 * shape.hidden * 7 * shape.layers * 1.4)
+
+
+def estimate(recipe: Recipe, launch: str = "single", gpus: int = 1, nodes: int = 1) -> dict[str, dict[str, float]]:
+    """{"gpu": {component: bytes}, "cpu": {component: bytes}} per GPU / per node."""
+    if launch not in LAUNCHES:
+        raise RecipeError(f"launch: '{launch}' is not one of {list(LAUNCHES)}")
+    world = gpus * nodes
+    t = recipe.train
+    vocab = recipe.data.vocab_size
+    s = model_shape(recipe.student, vocab)
+    bits16 = t.mixed_precision in ("bf16", "fp16")
+    zero = {"zero2": 2, "zero3": 3, "zero3_offload": 3, "zero3_nvme": 3, "fsdp2": 3}.get(launch, 0)
+    shard = world if zero else 1
+    trainable = _adapter_params(s, recipe.student)
+    ds16 = bits16 and launch.startswith("zero")  # DeepSpeed keeps 16-bit params + an fp32 master copy
+    weights = _weight_bytes(s, recipe.student, ds16)
+    if recipe.student.adapter.method != "none":
+        weights += trainable * 4
+    grads = trainable * (2 if ds16 else 4)
+    optimizer = trainable * (8 + (4 if ds16 else 0))  # Adam m, v (+ fp32 master)
+    gpu = {"student weights": weights / (shard if zero >= 3 else 1),
+           "gradients": grads / (shard if zero >= 2 else 1),
+           "optimizer states": optimizer / shard if zero else optimizer}
+    cpu = {}
+    if launch in ("zero3_offload", "zero3_nvme"):
+        where = "optimizer states (offloaded)" if launch == "zero3_offload" else "optimizer buffers (NVMe-backed)"
+        cpu[where] = optimizer * gpus / world * (1 if launch == "zero3_offload" else 0.1)
+        cpu["student weights (offloaded)"] = weights * gpus / world
+        gpu["optimizer states"] = 0.0
+        gpu["student weights"] = 0.0
+    # activations: batch x sequence through every layer
+    b, seq, h, L, a = t.micro_batch_size, recipe.data.seq_len, s.hidden, s.layers, s.heads
+    act_bytes = 2 if bits16 else 4
+    eager = any(x.name.startswith("attention_") for x in recipe.distill.losses)
+    per_layer = seq * b * h * (11 + 4 * s.intermediate / h) * act_bytes + (2.5 * a * seq * seq * b * act_bytes if eager else 0)
+    if t.gradient_checkpointing:  # layer inputs kept; one layer's activations rebuilt at a time
+        gpu["activations"] = L * seq * b * h * act_bytes
+        gpu["recomputed layer"] = per_layer
+    else:
+        gpu["activations"] = L * per_layer
+    # logits: chunks of [tokens, vocab] fp32 for student and teacher, plus the final hidden states
+    from workbench.losses import auto_chunk
+
+    chunk = recipe.distill.chunk_size or auto_chunk(s.vocab)
+    fused = recipe.distill.fused and not zero >= 3
+    tokens = b * seq
+    gpu["logits"] = (min(chunk, tokens) * s.vocab * 4 * 6 if fused else tokens * s.vocab * (act_bytes + 4 * 3))
+    if recipe.teacher is not None and not recipe.distill.teacher_cache.top_k:
+        ts = model_shape(recipe.teacher, vocab)
+        tw = _weight_bytes(ts, recipe.teacher, bits16 or recipe.teacher.dtype != "float32")
+        place = recipe.parallel.teacher
+        gpu["teacher weights"] = tw if place == "replicated" else (tw / world if place == "zero3" else 0.0)
+        if place == "zero3_offload":
+            cpu["teacher weights (offloaded)"] = tw * gpus / world
+        gpu["teacher activations"] = seq * b * ts.hidden * act_bytes * 4 + (0 if fused else tokens * ts.vocab * act_bytes)
+        if not recipe.teacher.quantize_base:  # loaded whole on the CPU by every process, then moved
+            cpu["teacher loading (per process)"] = tw * gpus
+    if not (launch.startswith("zero3") or launch == "fsdp2") or recipe.student.name_or_path or recipe.student.recipe:
+        cpu["loading (one fp32 copy per process)"] = s.params * 4 * gpus
+    return {"gpu": gpu, "cpu": cpu}
+
+
+def format_estimate(est: dict, recipe: Recipe, launch: str, gpus: int, nodes: int) -> str:
+    lines = [f"{recipe.name} under {launch} on {nodes} node(s) x {gpus} GPU(s)", "", "per GPU:"]
+    for k, v in est["gpu"].items():
+        lines.append(f"  {k:38s} {v / GIB:9.2f} GiB")
+    lines.append(f"  {'total':38s} {sum(est['gpu'].values()) / GIB:9.2f} GiB")
+    lines.append("CPU per node:")
+    for k, v in est["cpu"].items():
+        lines.append(f"  {k:38s} {v / GIB:9.2f} GiB")
+    lines.append(f"  {'total':38s} {sum(est['cpu'].values()) / GIB:9.2f} GiB")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    opts = {"launch": "single", "gpus": "1", "nodes": "1"}
+    names, overrides = [], []
+    for a in argv:
+        key = a.split("=", 1)[0]
+        if key == "recipe":
+            names.append(a.split("=", 1)[1])
+        elif key in opts:
+            opts[key] = a.split("=", 1)[1]
+        else:
+            overrides.append(a)
+    try:
+        if len(names) != 1:
+            raise RecipeError("give exactly one recipe=NAME")
+        recipe = load_recipe(names[0], overrides)
+        gpus, nodes = int(opts["gpus"]), int(opts["nodes"])
+        est = estimate(recipe, opts["launch"], gpus, nodes)
+    except (RecipeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_estimate(est, recipe, opts["launch"], gpus, nodes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

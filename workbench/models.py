@@ -1,0 +1,349 @@
+"""Teacher and student models: from a Hub id or local path, or a named tiny config (randomly initialised).
+
+A model given by `recipe` must be resolved to a path first (workbench.train does that, training the
+recipe if its output is not cached).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import torch
+
+from workbench.config import ModelSpec, RecipeError
+
+# Llama-architecture configs for the embedded default and for tests; the vocabulary size comes from
+# the tokenizer. Parameter counts are for the 4096-token BPE with tied embeddings.
+TINY_CONFIGS: dict[str, dict] = {
+    # ~5.3M parameters: the teacher pre-trained on the default corpus.
+    "llama-teacher-5m": dict(
+        hidden_size=256, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4, intermediate_size=704
+    ),
+    # ~1.3M parameters: the ~4x smaller student.
+    "llama-student-1m": dict(
+        hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=352
+    ),
+    # ~0.3M parameters: 2 layers, hidden 64, for tests.
+    "llama-2layer-64": dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=176
+    ),
+}
+_TINY_COMMON = dict(tie_word_embeddings=True, max_position_embeddings=2048, rms_norm_eps=1e-5)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def validate_spec(spec: ModelSpec, role: str) -> None:
+    """Checks that need no weights: the tiny name exists, a local path holds a model."""
+    if spec.tiny is not None:
+        if spec.tiny not in TINY_CONFIGS:
+            close = difflib.get_close_matches(spec.tiny, list(TINY_CONFIGS), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise RecipeError(f"{role}.tiny: unknown tiny config '{spec.tiny}'{hint} (known: {list(TINY_CONFIGS)})")
+        from transformers import LlamaConfig
+
+        try:
+            LlamaConfig(**{**_TINY_COMMON, **TINY_CONFIGS[spec.tiny], **spec.config})
+        except Exception as e:  # transformers raises its own validation error types
+            raise RecipeError(f"{role}.config: {e}") from e
+    if spec.name_or_path is not None and _looks_local(spec.name_or_path):
+        if not (Path(spec.name_or_path).expanduser() / "config.json").is_file():
+            raise RecipeError(f"{role}.name_or_path: no config.json in local directory '{spec.name_or_path}'")
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+
+
+def tiny_config(spec: ModelSpec, tokenizer):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        **{**_TINY_COMMON, **TINY_CONFIGS[spec.tiny], **spec.config},
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def load_model(spec: ModelSpec, tokenizer, role: str, seed: int = 0, device=None):
+    """An AutoModelForCausalLM for `spec`: weights in spec.dtype, or NF4 linear layers with
+    quantize_base (placed on `device`, where bitsandbytes quantises them), wrapped in a peft adapter when
+    spec.adapter says so, with our kernels when quant.kernel=triton. Tiny models are seeded with `seed`."""
+    from transformers import AutoModelForCausalLM
+
+    validate_spec(spec, role)
+    dtype = _DTYPES[spec.dtype]
+    if spec.recipe is not None:
+        raise ValueError(f"{role}: resolve recipe '{spec.recipe}' to a path before loading")
+    if spec.tiny is not None:
+        config = tiny_config(spec, tokenizer)
+        config._attn_implementation = spec.attn_implementation
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        extra = {}
+        if spec.quantize_base:
+            from transformers import BitsAndBytesConfig
+
+            q = spec.quant
+            dtype = _DTYPES[q.compute_dtype]
+            extra["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=q.double_quant,
+                bnb_4bit_compute_dtype=dtype)
+            extra["device_map"] = {"": device if device is not None else "cpu"}
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.name_or_path, revision=spec.revision, dtype=dtype, attn_implementation=spec.attn_implementation,
+            trust_remote_code=spec.trust_remote_code, **extra)
+        if spec.quantize_base:
+            _keep_bnb_layout(model)
+    if spec.adapter.method != "none":
+        model = add_adapter(model, spec)
+    if spec.quantize_base and spec.quant.kernel == "triton":
+        from workbench.kernels.linear import replace_linear4bit
+
+        replace_linear4bit(model)
+    return model
+
+
+def _keep_bnb_layout(model) -> None:
+    """bitsandbytes repacks a 4-bit weight, in place and for good, into a CPU-only layout the first time
+    the layer runs in eval mode on an AVX512-BF16 CPU (and fails for widths that are not multiples of
+    64). Our kernels, merging and adapters read the standard layout, so keep it."""
+    import bitsandbytes as bnb
+
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+
+
+def add_adapter(model, spec: ModelSpec):
+    """Wrap `model` in the peft adapter `spec.adapter` names (after prepare_model_for_kbit_training when
+    the base is 4-bit). Only the adapter's parameters train."""
+    import peft
+
+    a = spec.adapter
+    if spec.quantize_base:
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    targets = "all-linear" if a.target_modules == ["all-linear"] else list(a.target_modules)
+    common = dict(target_modules=targets, task_type="CAUSAL_LM")
+    if a.method in ("lora", "dora"):
+        cfg = peft.LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, use_dora=a.method == "dora",
+                              **common, **a.options)
+    elif a.method == "loha":
+        cfg = peft.LoHaConfig(r=a.r, alpha=a.alpha, module_dropout=a.dropout, **common, **a.options)
+    elif a.method == "lokr":
+        cfg = peft.LoKrConfig(r=a.r, alpha=a.alpha, module_dropout=a.dropout, **common, **a.options)
+    elif a.method == "ia3":  # IA3 checks feedforward_modules against an explicit target list
+        if targets == "all-linear":
+            common["target_modules"] = _linear_leaf_names(model)
+        cfg = peft.IA3Config(**common, **a.options)
+    elif a.method == "vera":
+        cfg = peft.VeraConfig(r=a.r, vera_dropout=a.dropout, **common, **a.options)
+    else:
+        raise ValueError(f"unknown adapter method {a.method}")
+    try:
+        return peft.get_peft_model(model, cfg)
+    except (ValueError, TypeError) as e:
+        raise RecipeError(f"adapter: peft rejected {a.method} on this model: {e}") from e
+
+
+def _linear_leaf_names(model) -> list[str]:
+    """Names of the model's linear layers (last path component), output layer excluded."""
+    out_layer = model.get_output_embeddings()
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and m is not out_layer})
+
+
+def is_peft(model) -> bool:
+    import peft
+
+    return isinstance(model, peft.PeftModel)
+
+
+@torch.no_grad()
+def merged_copy(peft_model, dtype: torch.dtype = torch.float32, state_dict: dict | None = None):
+    """A plain transformers model (on the CPU) computing what the adapted model computes: every 4-bit
+    weight dequantised exactly as bitsandbytes does for its forward pass, the adapter loaded over that with
+    plain peft and merged by peft's own merge (LoRA, DoRA, LoHa, ... alike). `state_dict`: the adapted
+    model's full state (e.g. gathered from ZeRO-3 partitions) to read weights from instead of the
+    parameters."""
+    import copy
+    import tempfile
+
+    import bitsandbytes as bnb
+    import peft
+    from bitsandbytes.functional import dequantize_4bit
+    from transformers import AutoModelForCausalLM
+
+    base = peft_model.get_base_model()
+    config = copy.deepcopy(base.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if state_dict is not None:  # keys of the PeftModel: base_model.model.<name>
+        prefix = "base_model.model."
+        source = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    else:
+        source = dict(base.named_parameters(remove_duplicate=False))  # tied weights under both names
+    for name, module in plain.named_modules():
+        src = base.get_submodule(name) if name else base
+        src = getattr(src, "base_layer", src)  # the layer under a peft wrapper
+        if isinstance(src, bnb.nn.Linear4bit):
+            module.weight.copy_(dequantize_4bit(src.weight.data, src.weight.quant_state).to(dtype).cpu())
+            if module.bias is not None:
+                module.bias.copy_(src.bias.to(dtype).cpu())
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            full = f"{name}.{pname}" if name else pname
+            if full not in source:  # a peft wrapper's own layer: look under base_layer
+                parent = full.rsplit(".", 1)[0]
+                full = f"{parent}.base_layer.{pname}"
+            p.copy_(source[full].to(dtype).cpu())
+    with tempfile.TemporaryDirectory() as tmp:
+        peft_model.save_pretrained(tmp, state_dict=state_dict)
+        adapted = peft.PeftModel.from_pretrained(plain, tmp)
+        return adapted.merge_and_unload()
+
+
+def check_same_vocabulary(teacher_tok, student_tok, teacher, student) -> int:
+    """Teacher and student must share one tokenizer; returns the vocabulary size the KD losses compare
+    over (models may pad their output layer beyond the tokenizer). Raises a RecipeError naming the
+    first difference otherwise."""
+    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if tv != sv:
+        only_t = sorted(set(tv) - set(sv))[:5]
+        only_s = sorted(set(sv) - set(tv))[:5]
+        moved = sorted(k for k in set(tv) & set(sv) if tv[k] != sv[k])[:5]
+        raise RecipeError(
+            "teacher and student vocabularies differ "
+            f"(teacher {len(tv)} tokens, student {len(sv)}; only in teacher: {only_t}, "
+            f"only in student: {only_s}, different ids: {moved}); logit distillation needs one tokenizer"
+        )
+    n = len(student_tok)
+    for role, m in (("teacher", teacher), ("student", student)):
+        w = m.get_output_embeddings().weight
+        out = getattr(w, "ds_shape", w.shape)[0]  # a ZeRO-3 partitioned weight keeps its full shape aside
+        if out < n:
+            raise RecipeError(f"{role}: output layer has {out} rows but the tokenizer has {n} tokens")
+    return n
+
+
+def count_parameters(model) -> int:
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------- forward helpers
+
+
+def output_layer(model):
+    """The output layer (lm_head) of a causal LM, through any wrapper (DDP, peft)."""
+    inner = getattr(model, "module", model)
+    return inner.get_output_embeddings()
+
+
+def can_fuse(model) -> bool:
+    """True when logits are exactly `output_layer(hidden)` with a plain nn.Linear whose weight is held
+    here (not partitioned by ZeRO-3, not wrapped by an adapter or a quantised layer), so losses may
+    compute logits chunk by chunk themselves."""
+    layer = output_layer(model)
+    if type(layer) is not torch.nn.Linear or getattr(layer.weight, "ds_id", None) is not None:
+        return False
+    cfg = getattr(getattr(model, "module", model), "config", None)
+    post = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+    return not any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in post)
+
+
+class _OutputInputCapture:
+    """Forward pre-hook on the output layer: keeps its input (the final hidden states) and hands it an
+    empty slice, so the model skips the [B, T, V] product; the losses compute logits chunk by chunk."""
+
+    def __init__(self, model, enabled: bool):
+        self.layer = output_layer(model) if enabled else None
+        self.hidden = None
+
+    def _hook(self, module, args):
+        self.hidden = args[0]
+        return (args[0][..., :0, :],)
+
+    def __enter__(self):
+        self.handle = self.layer.register_forward_pre_hook(self._hook) if self.layer is not None else None
+        return self
+
+    def __exit__(self, *exc):
+        if self.handle is not None:
+            self.handle.remove()
+
+
+# Attention maps for attention-transfer losses: a registered eager attention that also records the
+# pre-softmax scores and the probabilities of the layers asked for.
+_ATTN_NAME = "workbench_eager"
+_recording: dict | None = None  # layer number (1-based) -> (scores, probs), while recording
+_recording_layers: set[int] = set()
+
+
+def _recording_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    # query [B, Hq, T, D], key/value [B, Hkv, S, D], attention_mask additive [B, 1, T, S] or None
+    if kwargs.get("sliding_window") or kwargs.get("softcap"):
+        raise NotImplementedError("attention losses support plain causal attention (no sliding window/softcap)")
+    rep = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # [B, H, T, S]
+    masked = scores + attention_mask if attention_mask is not None else scores
+    probs = torch.softmax(masked, dim=-1, dtype=torch.float32).to(query.dtype)
+    layer = getattr(module, "layer_idx", None)
+    if _recording is not None and layer is not None and layer + 1 in _recording_layers:
+        _recording[layer + 1] = (scores, probs)
+    probs_d = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+    out = torch.matmul(probs_d, value).transpose(1, 2).contiguous()  # [B, T, H, D]
+    return out, probs
+
+
+def use_recording_attention(model) -> None:
+    """Switch `model` to the recording eager attention (needed by attention losses only)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(_ATTN_NAME, _recording_attention)
+    AttentionMaskInterface.register(_ATTN_NAME, eager_mask)
+    getattr(model, "module", model).set_attn_implementation(_ATTN_NAME)
+
+
+class _AttentionRecorder:
+    def __init__(self, layers: set[int]):
+        self.layers, self.records = set(layers), {}
+
+    def __enter__(self):
+        global _recording, _recording_layers
+        if self.layers:
+            self._saved = (_recording, _recording_layers)
+            _recording, _recording_layers = self.records, self.layers
+        return self
+
+    def __exit__(self, *exc):
+        global _recording, _recording_layers
+        if self.layers:
+            _recording, _recording_layers = self._saved
+
+
+def forward_for_losses(model, input_ids, fused: bool, hidden_layers=(), attention_layers=()):
+    """One forward pass returning what the objective needs (`losses.ModelOutputs`)."""
+    from workbench.losses import ModelOutputs
+
+    fuse = fused and can_fuse(model)
+    with _OutputInputCapture(model, fuse) as cap, _AttentionRecorder(set(attention_layers)) as att:
+        out = model(input_ids=input_ids, use_cache=False, output_hidden_states=bool(hidden_layers))
+    if attention_layers and set(attention_layers) - set(att.records):
+        raise RuntimeError("attention maps were not recorded; call use_recording_attention(model) first")
+    layer = output_layer(model)
+    return ModelOutputs(
+        final_hidden=cap.hidden if fuse else None,
+        head_weight=layer.weight if fuse else None,
+        head_bias=layer.bias if fuse else None,
+        logits=None if fuse else out.logits,
+        hidden_states=out.hidden_states if hidden_layers else None,
+        attention=att.records if attention_layers else None,
+    )

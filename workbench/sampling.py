@@ -1,0 +1,72 @@
+"""Token sampling shared by on-policy distillation and speculative decoding: one logits processor
+(temperature, top-k, top-p) and an incremental sampler with KV caches, optionally drawing from a mixture
+of student and teacher."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def probs_from_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """[..., V] logits -> [..., V] fp32 probabilities after temperature, top-k and top-p (nucleus) filtering.
+    temperature 0 means greedy: a one-hot on the argmax."""
+    logits = logits.float()
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return logits.softmax(-1)
+
+
+@dataclass
+class Samples:
+    ids: torch.Tensor  # [B, P + G] prompt followed by the generated tokens
+    valid: torch.Tensor  # [B, G] bool: generated tokens up to and including the first EOS
+    prompt_len: int
+
+
+@torch.no_grad()
+def sample(model, prompt_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
+           generator: torch.Generator | None = None, eos_id: int | None = None,
+           teacher=None, teacher_mix: float = 0.0) -> Samples:
+    """Sample continuations of equal-length prompts [B, P] with KV caches. With a teacher and
+    teacher_mix > 0, each token is drawn from teacher_mix * p_teacher + (1 - teacher_mix) * q_student
+    (both after the same temperature/top-k), as MiniLLM's teacher-mixed sampling."""
+    from transformers import DynamicCache
+
+    B, P = prompt_ids.shape
+    models = [model] + ([teacher] if teacher is not None and teacher_mix > 0 else [])
+    caches = [DynamicCache() for _ in models]
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    out = [prompt_ids]
+    step_input = prompt_ids
+    done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
+    valid = []
+    try:
+        for _ in range(max_new_tokens):
+            logits = [m(input_ids=step_input, past_key_values=c, use_cache=True).logits[:, -1]
+                      for m, c in zip(models, caches)]
+            probs = probs_from_logits(logits[0], temperature, top_k)
+            if len(models) == 2:
+                probs = teacher_mix * probs_from_logits(logits[1], temperature, top_k) + (1 - teacher_mix) * probs
+            nxt = torch.multinomial(probs, 1, generator=generator)  # [B, 1]
+            valid.append(~done)
+            if eos_id is not None:
+                done = done | (nxt[:, 0] == eos_id)
+            out.append(nxt)
+            step_input = nxt
+    finally:
+        for m, t in zip(models, was_training):
+            m.train(t)
+    return Samples(torch.cat(out, dim=1), torch.stack(valid, dim=1), P)

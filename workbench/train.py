@@ -1,0 +1,285 @@
+"""Entry point: parse a recipe, build models and data, train, save, report.
+
+    accelerate launch workbench/train.py recipe=kd_tiny [key=value ...]
+    python workbench/train.py recipe=kd_tiny train.max_steps=50
+    python workbench/train.py recipe=kd_13b_to_7b --dry-run     # validate + print, no weights loaded
+    python workbench/train.py --help-recipe                      # every key with its meaning
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:  # run as a file: import the package, not our siblings
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from workbench.config import Recipe, RecipeError, describe_fields, list_recipes, load_recipe
+
+log = logging.getLogger("workbench")
+
+USAGE = """usage: train.py recipe=NAME [key=value ...] [--dry-run] [--help-recipe] [--list]
+
+  recipe=NAME      recipes/NAME.yaml (or a path to a YAML file)
+  key=value        override any recipe key, dotted: train.lr=1e-3 distill.losses.0.weight=0.5
+  --dry-run        validate the recipe (no weights loaded) and print it resolved
+  --help-recipe    list every recipe key with its type and meaning
+  --list           list the shipped recipes
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags = {a for a in argv if a.startswith("--") or a == "-h"}
+    args = [a for a in argv if a not in flags]
+    if "-h" in flags or "--help" in flags:
+        print(USAGE)
+        return 0
+    if "--help-recipe" in flags:
+        for key, tp, doc in describe_fields():
+            print(f"{key:36s} {tp:40s} {doc}")
+        return 0
+    if "--list" in flags:
+        print("\n".join(list_recipes()))
+        return 0
+    unknown = flags - {"--dry-run"}
+    if unknown:
+        print(f"error: unknown flag(s) {sorted(unknown)}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    names = [a.split("=", 1)[1] for a in args if a.startswith("recipe=")]
+    overrides = [a for a in args if not a.startswith("recipe=")]
+    if len(names) != 1:
+        print(f"error: give exactly one recipe=NAME\n\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        recipe = load_recipe(names[0], overrides)
+        validate(recipe)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if "--dry-run" in flags:
+        print(recipe.to_yaml())
+        print(f"# recipe '{recipe.name}' is valid", file=sys.stderr)
+        return 0
+    _setup_logging()
+    metrics = run(recipe)
+    if metrics:
+        print(format_summary(metrics))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+def validate(recipe: Recipe, _chain: tuple[str, ...] = ()) -> None:
+    """Everything that can be checked without loading weights or touching the network."""
+    from workbench import data, models
+
+    for role in ("student", "teacher"):
+        spec = getattr(recipe, role)
+        if spec is None:
+            continue
+        models.validate_spec(spec, role)
+        if spec.recipe is not None:  # the model another recipe trains: validate that recipe too
+            chain = _chain + (recipe.name,)
+            dep = load_recipe(spec.recipe)
+            if dep.name in chain:
+                raise RecipeError(f"{role}.recipe: cycle {' -> '.join(chain + (dep.name,))}")
+            try:
+                validate(dep, chain)
+            except RecipeError as e:
+                raise RecipeError(f"{role}.recipe '{spec.recipe}': {e}") from None
+    if "triton" in (recipe.student.quant.kernel, getattr(recipe.teacher, "quant", recipe.student.quant).kernel):
+        try:
+            import workbench.kernels.linear  # noqa: F401
+        except ImportError as e:
+            raise RecipeError(f"quant.kernel=triton: the kernels do not import ({e}); pip install -e .[quant]") from e
+    if recipe.data.dataset != "stdlib":
+        data._local_files(recipe.data.dataset)  # raises for a local path with no files
+    if recipe.data.tokenizer not in ("auto", "bpe") and models._looks_local(recipe.data.tokenizer):
+        if not Path(recipe.data.tokenizer).expanduser().exists():
+            raise RecipeError(f"data.tokenizer: no such path '{recipe.data.tokenizer}'")
+    if recipe.student.tiny and recipe.train.mixed_precision == "fp16" and recipe.student.dtype != "float32":
+        raise RecipeError("student.dtype: fp16 mixed precision needs float32 master weights")
+
+
+# --------------------------------------------------------------------------------------------- running
+
+
+def run(recipe: Recipe, accelerator=None) -> dict:
+    """Train `recipe` to completion (or to a signal); returns its final metrics ({} if interrupted)."""
+    from accelerate.utils import set_seed
+
+    from workbench import data as D
+    from workbench import models as M
+    from workbench import trainer as T
+
+    from workbench.distributed import make_accelerator, unpartitioned_loading
+
+    accelerator = accelerator or make_accelerator(recipe)
+    out = recipe.output_dir
+    done = _finished_metrics(recipe)
+    if done is not None:
+        log.info("%s: already trained to step %d in %s; reusing it", recipe.name, done["step"], out)
+        return done
+    _check_run_dir(recipe, accelerator)
+
+    teacher_spec, student_spec = recipe.teacher, recipe.student
+    if teacher_spec is not None and teacher_spec.recipe is not None:
+        path = ensure_trained(teacher_spec.recipe, accelerator)
+        teacher_spec = dataclasses.replace(teacher_spec, name_or_path=str(path), recipe=None)
+    if student_spec.recipe is not None:  # e.g. an SFT student as the base of QLoRA distillation
+        path = ensure_trained(student_spec.recipe, accelerator)
+        student_spec = dataclasses.replace(student_spec, name_or_path=str(path), recipe=None)
+
+    set_seed(recipe.train.seed)
+    pretrained = student_spec.name_or_path or (teacher_spec.name_or_path if teacher_spec else None)
+    with accelerator.main_process_first():  # the main process fills the caches, the others read them
+        corpus = D.load_corpus(recipe.data)
+        tokenizer = D.load_tokenizer(recipe.data, corpus, pretrained=pretrained)
+        packed = D.load_packed(recipe.data, tokenizer, corpus)
+    log.info("data: %d train / %d validation blocks of %d tokens", len(packed.train), len(packed.val), packed.seq_len)
+
+    # a randomly initialised (tiny) student is built whole, so its weights do not depend on the launch;
+    # pretrained ones load partitioned under ZeRO-3 (transformers' zero.Init) to spare host memory
+    with unpartitioned_loading() if student_spec.tiny else contextlib.nullcontext():
+        student = M.load_model(student_spec, tokenizer, "student", seed=recipe.train.seed, device=accelerator.device)
+    teacher, kd_vocab = None, None
+    if teacher_spec is not None:
+        from transformers import AutoTokenizer
+
+        with unpartitioned_loading():  # placed (replicated or partitioned) by the trainer
+            teacher = M.load_model(teacher_spec, tokenizer, "teacher", seed=recipe.train.seed, device=accelerator.device)
+        teacher_tok = AutoTokenizer.from_pretrained(teacher_spec.name_or_path) if teacher_spec.name_or_path else tokenizer
+        kd_vocab = M.check_same_vocabulary(teacher_tok, tokenizer, teacher, student)
+        log.info("teacher: %.2fM parameters", M.count_parameters(teacher) / 1e6)
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters() if p.requires_grad)
+    log.info("student: %.2fM parameters, %.3fM trainable", M.count_parameters(student) / 1e6, trainable / 1e6)
+
+    cache, cached_teacher_ppl = None, None
+    if recipe.distill.teacher_cache.top_k:
+        cache, cached_teacher_ppl = _teacher_cache(recipe, teacher_spec, teacher, packed, kd_vocab, accelerator)
+        teacher = None  # trained from the cache alone
+    result = T.train(recipe, accelerator, student, tokenizer, packed, teacher=teacher, kd_vocab=kd_vocab,
+                     teacher_cache=cache)
+    if result.interrupted:
+        raise SystemExit(130)
+    if teacher_spec is not None:
+        result.metrics["teacher"] = teacher_spec.name_or_path
+    if cache is not None:
+        result.metrics["teacher_val_ppl"] = cached_teacher_ppl
+    result.metrics["fingerprint"] = recipe.fingerprint()
+    if accelerator.is_main_process:
+        (out / "final_metrics.json").write_text(json.dumps(result.metrics, indent=2))
+    return result.metrics
+
+
+def _teacher_cache(recipe, spec, teacher, packed, vocab, accelerator):
+    """Build (or find) the top-k cache of `teacher` on the training blocks; -> (TeacherCache, teacher ppl)."""
+    from workbench import teacher_cache as TC
+    from workbench.trainer import evaluate_perplexity
+
+    tc = recipe.distill.teacher_cache
+    temps = sorted({t.temperature for t in recipe.distill.losses if t.name != "cross_entropy"})
+    path = TC.cache_path(_model_id(spec), packed.key, tc.top_k, temps, vocab, tc.dtype)
+    ppl_file = path / "teacher_val_ppl.json"
+    if not (path / "meta.json").exists():
+        teacher.to(accelerator.device)
+        TC.build(teacher, packed.train, path, tc.top_k, temps, vocab, tc.dtype, accelerator,
+                 recipe.train.micro_batch_size)
+    if not ppl_file.exists():
+        teacher.to(accelerator.device)
+        ppl = evaluate_perplexity(teacher, packed.val, recipe.train.micro_batch_size, 0, accelerator)
+        if accelerator.is_main_process:
+            ppl_file.write_text(json.dumps(ppl))
+        accelerator.wait_for_everyone()
+    log.info("training from the top-%d teacher cache %s", tc.top_k, path)
+    return TC.TeacherCache(path), json.loads(ppl_file.read_text())
+
+
+def _model_id(spec) -> str:
+    """Identity of a model's weights for cache keys: Hub id + revision, or a local directory's files."""
+    path = Path(spec.name_or_path).expanduser()
+    if not path.is_dir():
+        return f"{spec.name_or_path}@{spec.revision}"
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())
+    return json.dumps([str(path.resolve()), files])
+
+
+def ensure_trained(name: str, accelerator) -> Path:
+    """The final model of recipe `name`, trained now (resuming an interrupted run) unless cached under
+    $WORKBENCH_CACHE/runs/<name>-<fingerprint>/model."""
+    from workbench.data import cache_root
+
+    dep = load_recipe(name, [f"train.mixed_precision={accelerator.mixed_precision}"])
+    out = cache_root() / "runs" / f"{dep.name}-{dep.fingerprint()}"
+    dep = dataclasses.replace(dep, output=dataclasses.replace(dep.output, dir=str(out)), resume=True)
+    if _finished_metrics(dep) is None:
+        log.info("teacher recipe '%s' is not cached: training it into %s", name, out)
+        run(dep, accelerator)
+    return out / "model"
+
+
+def _finished_metrics(recipe: Recipe) -> dict | None:
+    """Final metrics of a completed earlier run of this exact recipe in its run directory, if any."""
+    if not recipe.resume:
+        return None
+    path = recipe.output_dir / "final_metrics.json"
+    if not path.is_file() or not (recipe.output_dir / "model" / "config.json").is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    same = metrics.get("fingerprint") == recipe.fingerprint()
+    return metrics if same and metrics.get("step", -1) >= recipe.train.max_steps else None
+
+
+def _check_run_dir(recipe: Recipe, accelerator) -> None:
+    from workbench.trainer import latest_checkpoint
+
+    out = recipe.output_dir
+    prior = latest_checkpoint(out) or ((out / "model").exists() and out / "model")
+    if prior and not recipe.resume:
+        if not recipe.output.overwrite:
+            raise RecipeError(
+                f"{out} already holds a run ({prior}); pass resume=true to continue it "
+                "or output.overwrite=true to start over"
+            )
+        if accelerator.is_main_process:
+            import shutil
+
+            for sub in ("checkpoints", "model", "tensorboard", "final_metrics.json", "metrics.jsonl"):
+                p = out / sub
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    if recipe.resume and latest_checkpoint(out) is None and (out / "model").exists():
+        raise RecipeError(f"{out} holds a final model from a different recipe or step budget and no "
+                          "checkpoint to resume from; pass output.overwrite=true or another output.dir")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+
+
+def format_summary(m: dict) -> str:
+    lines = [f"{m['recipe']}: {m['step']} steps, {m['train_tokens']:,} training tokens, {m['train_seconds']} s",
+             f"validation perplexity ({m['val_tokens']:,} held-out tokens):"]
+    if m.get("teacher_val_ppl") is not None:
+        lines.append(f"  teacher  {m['teacher_val_ppl']:10.3f}")
+    lines.append(f"  student  {m['student_val_ppl']:10.3f}")
+    return "\n".join(lines)
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file is noise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
