@@ -169,8 +169,8 @@ def merged_copy(peft_model, dtype: torch.dtype = torch.float32, state_dict: dict
     """A plain transformers model (on the CPU) computing what the adapted model computes: every 4-bit
     weight dequantised exactly as bitsandbytes does for its forward pass, the adapter loaded over that with
     plain peft and merged by peft's own merge (LoRA, DoRA, LoHa, ... alike). `state_dict`: the adapted
-    model's full state (e.g. gathered from ZeRO-3 partitions) to read weights from instead of the
-    parameters."""
+    model's state (e.g. gathered from ZeRO-3 partitions) to read weights from instead of the parameters;
+    weights it lacks are read from the parameters."""
     import copy
     import tempfile
 
@@ -184,11 +184,10 @@ def merged_copy(peft_model, dtype: torch.dtype = torch.float32, state_dict: dict
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if state_dict is not None:  # keys of the PeftModel: base_model.model.<name>
-        prefix = "base_model.model."
-        source = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    else:
-        source = dict(base.named_parameters(remove_duplicate=False))  # tied weights under both names
+    source = dict(base.named_parameters(remove_duplicate=False))  # tied weights under both names
+    if state_dict is not None:  # keys of the PeftModel: base_model.model.<name>; may hold only the
+        prefix = "base_model.model."  # trained parameters (frozen ones then come from the model)
+        source.update({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
     for name, module in plain.named_modules():
         src = base.get_submodule(name) if name else base
         src = getattr(src, "base_layer", src)  # the layer under a peft wrapper
