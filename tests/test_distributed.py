@@ -127,11 +127,12 @@ def test_lora_adapter_saved_from_zero3_partitions(tmp_path, tiny_teacher):
             "student.tiny=null", f"student.name_or_path={tiny_teacher}", "train.lr=1e-2",
             "student.adapter={method: lora, r: 4, alpha: 8, dropout: 0.0}")
     base = AutoModelForCausalLM.from_pretrained(tiny_teacher)
-    adapted = PeftModel.from_pretrained(base, tmp_path / "adapter")
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     ids = torch.randint(0, 320, (2, 16))
     with torch.no_grad():
-        a, m, b = adapted(input_ids=ids).logits, merged(input_ids=ids).logits, base(input_ids=ids).logits
+        b = base(input_ids=ids).logits  # before peft injects the adapter into `base` in place
+        adapted = PeftModel.from_pretrained(base, tmp_path / "adapter")
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+        a, m = adapted(input_ids=ids).logits, merged(input_ids=ids).logits
     torch.testing.assert_close(a, m, rtol=1e-4, atol=1e-4)
     assert (a - b).abs().max() > 1e-3  # the adapter learned something (not zeros from empty partitions)
 

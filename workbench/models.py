@@ -179,11 +179,14 @@ def merged_copy(peft_model, dtype: torch.dtype = torch.float32, state_dict: dict
     from bitsandbytes.functional import dequantize_4bit
     from transformers import AutoModelForCausalLM
 
+    from workbench.distributed import unpartitioned_loading
+
     base = peft_model.get_base_model()
     config = copy.deepcopy(base.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with unpartitioned_loading():  # only the main process builds it: no ZeRO-3 partitioning collectives
+        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
     source = dict(base.named_parameters(remove_duplicate=False))  # tied weights under both names
     if state_dict is not None:  # keys of the PeftModel: base_model.model.<name>; may hold only the
         prefix = "base_model.model."  # trained parameters (frozen ones then come from the model)

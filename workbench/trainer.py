@@ -373,7 +373,9 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
         raise ValueError("the student has no trainable parameters")
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # no empty groups (e.g. an adapter has no norms): DeepSpeed drops them, leaving the schedule one short
+    return [g for g in groups if g["params"]]
 
 
 def _schedule(optimizer, cfg):
