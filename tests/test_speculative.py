@@ -1,0 +1,215 @@
+"""Speculative decoding against plain decoding of the target: greedy gives the target's own greedy tokens
+(batch > 1, ragged prompts, EOS, any draft), sampling follows the target's distribution (a chi-square test
+that a draft-only sampler fails), and the KV caches with holes compute what a fresh forward computes."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from workbench.speculative import _KVStream, expected_tokens_per_call, speculative_generate, target_generate
+
+EOS, PAD = 1, 0
+
+
+def _llama(vocab: int, hidden: int, layers: int, seed: int, init: float = 0.02) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=2 * hidden, pad_token_id=PAD, eos_token_id=EOS,
+                      bos_token_id=2, tie_word_embeddings=True, initializer_range=init)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _perturbed(model, scale: float, seed: int) -> LlamaForCausalLM:
+    """A draft that agrees with `model` often but not always: rows then accept different numbers of drafts."""
+    draft = _llama(model.config.vocab_size, model.config.hidden_size, model.config.num_hidden_layers, 0)
+    draft.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * p.std())
+    return draft
+
+
+@pytest.fixture(scope="module")
+def target():
+    return _llama(64, 64, 2, seed=0)
+
+
+def _ragged_prompts(B: int = 5, P: int = 7, vocab: int = 64, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (B, P), generator=g)
+    mask = torch.ones_like(ids)
+    for row, n_pad in ((1, 3), (3, 1), (4, 5)):
+        if row < B:
+            ids[row, :n_pad], mask[row, :n_pad] = PAD, 0
+    return ids, mask
+
+
+def _greedy(model, ids, mask, n, eos=EOS):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=eos,
+                          pad_token_id=PAD)
+
+
+@pytest.mark.parametrize("draft_kind", ["random", "close", "self", "padded_vocab"])
+@pytest.mark.parametrize("k", [1, 4])
+def test_greedy_equals_the_targets_own_greedy_generate(target, draft_kind, k):
+    ids, mask = _ragged_prompts()
+    draft = {"random": lambda: _llama(64, 32, 1, seed=1),
+             "close": lambda: _perturbed(target, 0.3, seed=1),
+             "self": lambda: target,
+             "padded_vocab": lambda: _llama(72, 32, 1, seed=2)}[draft_kind]()  # output layer padded
+    ref = _greedy(target, ids, mask, 24)
+    out = speculative_generate(target, draft, ids, 24, attention_mask=mask, draft_len=k, eos_token_id=EOS,
+                               pad_token_id=PAD)
+    assert torch.equal(out.sequences, ref)
+    s = out.stats
+    assert s.new_tokens == 5 * 24 and 0 <= s.accepted <= s.proposed
+    if draft_kind == "self":
+        assert s.acceptance_rate == 1.0 and s.tokens_per_target_call == pytest.approx(k + 1, rel=0.2)
+    if draft_kind == "close":  # rows really do accept different numbers of drafts (holes in the caches)
+        assert 0.2 < s.acceptance_rate < 1.0 and sum(1 for c in s.accepted_hist if c) >= 2
+
+
+def test_rows_stop_at_eos_and_are_padded_like_generate(target):
+    ids, mask = _ragged_prompts()
+    free = _greedy(target, ids, mask, 20, eos=None)
+    eos = int(free[0, ids.shape[1] + 4])  # a token row 0 emits early: some rows stop, others go on
+    ref = _greedy(target, ids, mask, 20, eos=eos)
+    draft = _perturbed(target, 0.3, seed=3)
+    for k, adaptive in ((3, False), (2, True)):
+        out = speculative_generate(target, draft, ids, 20, attention_mask=mask, draft_len=k, adaptive=adaptive,
+                                   eos_token_id=eos, pad_token_id=PAD)
+        assert torch.equal(out.sequences, ref)
+    assert (ref[:, ids.shape[1]:] == PAD).any()  # the case is exercised
+
+
+def test_target_alone_and_a_4bit_or_adapted_draft_keep_the_output(target, tmp_path):
+    """The draft only changes speed: an NF4 draft (bitsandbytes) or an unmerged LoRA draft give the
+    target's tokens too."""
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    ids, mask = _ragged_prompts()
+    ref = _greedy(target, ids, mask, 16)
+    assert torch.equal(target_generate(target, ids, 16, attention_mask=mask, eos_token_id=EOS,
+                                       pad_token_id=PAD).sequences, ref)
+    _perturbed(target, 0.2, seed=4).save_pretrained(tmp_path / "draft")
+    nf4 = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "draft", device_map={"": "cpu"},
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_compute_dtype=torch.float32))
+    lora = get_peft_model(_perturbed(target, 0.2, seed=5), LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    for draft in (nf4, lora):
+        out = speculative_generate(target, draft, ids, 16, attention_mask=mask, draft_len=3, eos_token_id=EOS,
+                                   pad_token_id=PAD)
+        assert torch.equal(out.sequences, ref)
+        assert out.stats.acceptance_rate > 0.2
+
+
+# ----------------------------------------------------------------------------------------- sampling
+
+
+def _chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> float:
+    """Pearson's chi-square goodness of fit; cells expected < min_expected times are pooled."""
+    n = counts.sum()
+    expected = probs * n
+    small = expected < min_expected
+    obs = torch.cat([counts[~small], counts[small].sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = exp > 0
+    obs, exp = obs[keep], exp[keep]
+    stat = ((obs - exp) ** 2 / exp).sum()
+    df = len(obs) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), stat.double() / 2))
+
+
+def _exact_joint(model, prompt, n_tokens, vocab, **proc):
+    """The target's own distribution over every continuation of n_tokens tokens (with the same
+    temperature / top-k / top-p processing): [vocab ** n_tokens] probabilities."""
+    from workbench.sampling import probs_from_logits
+
+    seqs = torch.tensor(list(itertools.product(range(vocab), repeat=n_tokens)))  # [V^n, n]
+    full = torch.cat([prompt.expand(len(seqs), -1), seqs], dim=1)
+    with torch.no_grad():
+        p = probs_from_logits(model(input_ids=full).logits[:, prompt.shape[1] - 1 : -1], **proc)  # [V^n, n, V]
+    return p.gather(-1, seqs[..., None])[..., 0].prod(dim=1)
+
+
+def _sample_counts(gen, n_rows, prompt, n_tokens, vocab):
+    ids = prompt.expand(n_rows, -1).contiguous()
+    seqs = gen(ids)[:, prompt.shape[1]:]
+    code = (seqs * vocab ** torch.arange(n_tokens - 1, -1, -1)).sum(dim=1)
+    return torch.bincount(code, minlength=vocab ** n_tokens).double()
+
+
+@pytest.mark.parametrize("proc", [dict(temperature=1.0), dict(temperature=0.7, top_k=5, top_p=0.9)])
+def test_sampling_follows_the_targets_distribution(proc):
+    """4,000 rows (one batch) of 3 sampled tokens over a 6-token vocabulary: the joint distribution of the
+    216 continuations matches the target's exact one; the draft's own samples do not (the test can fail).
+    Larger initial weights make both models peaked, so about half the drafts are rejected and a wrong
+    residual (e.g. resampling from p instead of max(0, p - q)) is caught too."""
+    V, N, rows = 6, 3, 4000
+    target, draft = _llama(V, 32, 2, seed=10, init=0.15), _llama(V, 32, 1, seed=11, init=0.15)
+    prompt = torch.tensor([[2, 3, 4]])
+    exact = _exact_joint(target, prompt, N, V, **proc)
+    g = torch.Generator().manual_seed(0)
+
+    def spec(ids):
+        out = speculative_generate(target, draft, ids, N, draft_len=2, generator=g, **proc)
+        assert 0.05 < out.stats.acceptance_rate < 0.95  # both accepting and rejecting happen
+        return out.sequences
+
+    def draft_only(ids):
+        return target_generate(draft, ids, N, generator=g, **proc).sequences
+
+    assert _chi2_pvalue(_sample_counts(spec, rows, prompt, N, V), exact) > 1e-3
+    assert _chi2_pvalue(_sample_counts(draft_only, rows, prompt, N, V), exact) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------- caches
+
+
+def test_cache_with_holes_computes_what_a_fresh_forward_computes(target):
+    """Feed three rows, drop a different number of each row's last entries (as rejected drafts), feed
+    more: every row's logits equal a forward over its real tokens alone, and the cache is compacted to
+    the longest row."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 64, (3, 6), generator=g)
+    stream = _KVStream(target, torch.ones(3, 0, dtype=torch.bool))
+    stream.feed(ids[:, :0])
+    stream.feed(ids)
+    stream.keep_last(6, torch.tensor([2, 6, 4]))  # row 0 keeps 2 of its 6 tokens, row 2 keeps 4
+    more = torch.randint(3, 64, (3, 3), generator=g)
+    logits = stream.feed(more)
+    assert stream.mask.shape[1] == 9  # 6 columns for the longest row + 3 new ones, not more
+    for row, kept in enumerate([2, 6, 4]):
+        alone = torch.cat([ids[row, :kept], more[row]])[None]
+        with torch.no_grad():
+            ref = target(input_ids=alone).logits[0, -3:]
+        torch.testing.assert_close(logits[row], ref, rtol=1e-4, atol=1e-5)
+    stream.keep_last(3, torch.tensor([1, 1, 1]))
+    stream.select(torch.tensor([0, 2]))  # row 1 finished: the others' holes are compacted away
+    assert stream.mask.shape[1] == 4 + 1 and stream.mask.sum(1).tolist() == [3, 5]
+
+
+def test_expected_tokens_per_call():
+    assert expected_tokens_per_call(0.0, 4) == 1.0
+    assert expected_tokens_per_call(1.0, 4) == 5.0
+    assert expected_tokens_per_call(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+
+
+def test_bad_inputs_are_refused(target):
+    ids, mask = _ragged_prompts()
+    with pytest.raises(ValueError, match="left-padded"):
+        speculative_generate(target, target, ids, 4, attention_mask=mask.flip(1))
+    with pytest.raises(ValueError, match="fewer than the target's vocabulary of 64"):
+        speculative_generate(target, _llama(56, 32, 1, seed=2), ids, 4, attention_mask=mask)

@@ -1,0 +1,325 @@
+"""Speculative decoding: a small draft model (the distilled student) proposes tokens, the target (the
+teacher) checks them all in one forward pass and keeps what its own distribution allows.
+
+The acceptance rule is the exact one of Leviathan et al. (2023) and Chen et al. (2023): every emitted
+token is distributed exactly as if the target had sampled it alone (greedy: the same tokens as greedy
+decoding of the target). Both models keep KV caches. Batches of any size work (Hugging Face's assisted
+generation refuses batch > 1): rows accept different numbers of drafts, and what a row rejected stays
+in its cache as a masked hole until the cache is compacted.
+
+    out = speculative_generate(teacher, student, input_ids, 64, draft_len=4)
+    out.sequences, out.stats.acceptance_rate, out.stats.tokens_per_target_call
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from workbench.sampling import probs_from_logits
+
+
+@dataclass
+class SpecStats:
+    """Counters of one generate call; rates are derived from them."""
+
+    new_tokens: int = 0  # tokens emitted, summed over rows (up to EOS / max_new_tokens)
+    target_calls: int = 0  # verification forward passes of the target (prefill excluded)
+    row_calls: int = 0  # (row, verification) pairs: each emits 1 + its accepted drafts
+    proposed: int = 0  # draft tokens proposed, over active rows
+    accepted: int = 0  # draft tokens accepted
+    draft_seconds: float = 0.0
+    target_seconds: float = 0.0
+    total_seconds: float = 0.0
+    draft_lens: list[int] = field(default_factory=list)  # draft length of every verification
+    accepted_hist: list[int] = field(default_factory=list)  # [n] = row verifications accepting n drafts
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Share of proposed draft tokens the target accepted."""
+        return self.accepted / max(self.proposed, 1)
+
+    @property
+    def tokens_per_target_call(self) -> float:
+        """Tokens a row gains per verification: accepted drafts + the target's own token (1 without drafts)."""
+        return self.new_tokens / max(self.row_calls, 1)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / max(self.total_seconds, 1e-9)
+
+    def as_dict(self) -> dict:
+        return {"new_tokens": self.new_tokens, "target_calls": self.target_calls,
+                "acceptance_rate": self.acceptance_rate, "tokens_per_target_call": self.tokens_per_target_call,
+                "tokens_per_s": self.tokens_per_second, "draft_seconds": self.draft_seconds,
+                "target_seconds": self.target_seconds, "total_seconds": self.total_seconds,
+                "mean_draft_len": sum(self.draft_lens) / max(len(self.draft_lens), 1),
+                "accepted_hist": list(self.accepted_hist)}
+
+
+@dataclass
+class SpecOutput:
+    sequences: torch.Tensor  # [B, P + N] prompt then new tokens, pad_token_id after a row's EOS
+    stats: SpecStats
+
+
+@torch.no_grad()
+def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens: int, *,
+                         attention_mask: torch.Tensor | None = None, draft_len: int = 4, adaptive: bool = False,
+                         max_draft_len: int = 12, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                         eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                         generator: torch.Generator | None = None) -> SpecOutput:
+    """Continue `input_ids` [B, P] (left-padded where `attention_mask` [B, P] has zeros) by up to
+    `max_new_tokens` tokens of `target`, drafted `draft_len` at a time by `draft`. temperature 0 is greedy;
+    temperature/top_k/top_p shape both models' distributions identically. `adaptive` re-picks the draft
+    length after every verification from the measured acceptance rate and draft/target cost. draft=None
+    (or draft_len=0) decodes with the target alone."""
+    B, P = input_ids.shape
+    dev = input_ids.device
+    eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if not bool(mask[:, -1].all()):
+        raise ValueError("prompts must be left-padded: attention_mask[:, -1] has zeros")
+    if draft_len == 0:
+        draft, adaptive = None, False
+    V = _vocab(target)
+    if draft is not None and draft.get_input_embeddings().weight.shape[0] < V:
+        raise ValueError(f"the draft embeds {draft.get_input_embeddings().weight.shape[0]} tokens, fewer than "
+                         f"the target's vocabulary of {V}: it could not read every token the target emits")
+    stats, clock = SpecStats(accepted_hist=[0] * (max(draft_len, max_draft_len if adaptive else 0) + 1)), _Clock(dev)
+    start = clock()
+
+    tgt = _KVStream(target, mask[:, :-1])
+    drf = None if draft is None else _KVStream(draft, mask[:, :-1])
+    for stream in (tgt, drf):
+        if stream is not None:
+            stream.feed(input_ids[:, :-1])  # prefill all but the last prompt token
+    last = input_ids[:, -1:]  # [B, 1] newest token: in neither cache yet
+    lag = None  # [B] a draft token the draft model has not seen yet (after a full acceptance), or -1
+    rows = torch.arange(B, device=dev)  # batch rows still generating
+    out = [[] for _ in range(B)]  # new tokens per row
+    k, tuner = draft_len, _DraftTuner(draft_len, max_draft_len) if adaptive else None
+
+    while len(rows):
+        left = max_new_tokens - min(len(out[int(r)]) for r in rows)
+        # never draft past the longest-living row's budget; `left` only shrinks, so once k is 0 the draft
+        # (which is then fed nothing) is never used again
+        k = 0 if drf is None else max(0, min(k, left - 1))
+        # 1) draft k tokens, one draft forward each; the first forward also feeds `last` (and `lag`)
+        t0 = clock()
+        x, x_valid = last, None
+        if lag is not None and bool((lag >= 0).any()):
+            x = torch.cat([lag.clamp(min=0)[:, None], last], dim=1)
+            x_valid = torch.stack([lag >= 0, torch.ones_like(lag, dtype=torch.bool)], dim=1)
+        fed_draft = x.shape[1]
+        drafts, q = [], []
+        for i in range(k):
+            qi = _pad_vocab(probs_from_logits(drf.feed(x, x_valid)[:, -1, :V], temperature, top_k, top_p), V)
+            x, x_valid = torch.multinomial(qi, 1, generator=generator), None  # [B, 1] d_i ~ q_i
+            drafts.append(x), q.append(qi)
+            fed_draft += i < k - 1  # d_k itself is not fed to the draft
+        t1 = clock()
+        # 2) the target scores [last, d_1..d_k] in one pass: p_1..p_{k+1}
+        chunk = torch.cat([last, *drafts], dim=1)  # [B, k + 1]
+        p = probs_from_logits(tgt.feed(chunk)[:, :, :V], temperature, top_k, top_p)  # [B, k + 1, V]
+        # 3) accept d_i with probability min(1, p_i(d_i) / q_i(d_i)), stopping at the first rejection
+        if k:
+            d, q = chunk[:, 1:], torch.stack(q, dim=1)  # [B, k], [B, k, V]
+            p_d, q_d = p[:, :k].gather(-1, d[..., None])[..., 0], q.gather(-1, d[..., None])[..., 0]
+            u = torch.rand(d.shape, device=dev, generator=generator)
+            n = (u * q_d < p_d).long().cumprod(dim=1).sum(dim=1)  # [B] accepted drafts
+            # 4) the token after them: on a rejection at j, resample from the residual max(0, p_j - q_j)
+            #    (normalised) -- this is what makes the output exactly target-distributed; after k
+            #    acceptances, a bonus token from p_{k+1}
+            q_ext = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)  # q_{k+1} = 0: residual = p_{k+1}
+            at = n[:, None, None].expand(-1, 1, V)
+            resid = (p.gather(1, at) - q_ext.gather(1, at)).clamp(min=0)[:, 0]  # [B, V]
+            resid = torch.where(resid.sum(-1, keepdim=True) > 0, resid, p.gather(1, at)[:, 0])
+        else:
+            n, resid = torch.zeros(len(rows), dtype=torch.long, device=dev), p[:, 0]
+        nxt = torch.multinomial(resid / resid.sum(-1, keepdim=True), 1, generator=generator)  # [B, 1]
+        t2 = clock()
+        # 5) caches keep what was accepted: the target [last, d_1..d_n], the draft also up to d_n (d_k
+        #    was never fed to it: after a full acceptance it is fed next round as `lag`)
+        tgt.keep_last(chunk.shape[1], n + 1)
+        if k:
+            drf.keep_last(fed_draft, (fed_draft - k + 1) + n.clamp(max=k - 1))
+            lag = torch.where(n == k, chunk[:, -1], -1)
+        else:
+            drf = None
+        last = nxt
+
+        # bookkeeping: emit tokens, stop rows at EOS or max_new_tokens, drop finished rows
+        n_host, new = n.tolist(), torch.cat([chunk[:, 1:], nxt], dim=1).tolist()
+        keep = []
+        for j, r in enumerate(rows.tolist()):
+            toks = new[j][: n_host[j]] + [new[j][k]]  # d_1..d_n, then the target's token
+            room = max_new_tokens - len(out[r])
+            toks = toks[:room]
+            stop = next((i for i, t in enumerate(toks) if t in eos), None)
+            if stop is not None:
+                toks = toks[: stop + 1]
+            out[r] += toks
+            stats.new_tokens += len(toks)
+            stats.accepted += n_host[j]
+            stats.accepted_hist[n_host[j]] += 1
+            if stop is None and len(out[r]) < max_new_tokens:
+                keep.append(j)
+        stats.target_calls += 1
+        stats.row_calls += len(rows)
+        stats.proposed += k * len(rows)
+        stats.draft_lens.append(k)
+        stats.draft_seconds += t1 - t0
+        stats.target_seconds += t2 - t1
+        if tuner is not None:
+            k = tuner.update(accepted=sum(n_host), proposed=k * len(rows), draft_seconds=t1 - t0,
+                             target_seconds=t2 - t1, drafted=k)
+        if len(keep) < len(rows):  # finished rows leave the batch (and both caches)
+            idx = torch.tensor(keep, dtype=torch.long, device=dev)
+            rows, last, lag = rows[idx], last[idx], None if lag is None else lag[idx]
+            for stream in (tgt, drf):
+                if stream is not None:
+                    stream.select(idx)
+
+    stats.total_seconds = clock() - start
+    width = max(len(o) for o in out)
+    seq = torch.full((B, P + width), pad, dtype=input_ids.dtype, device=dev)
+    seq[:, :P] = input_ids
+    for r, toks in enumerate(out):
+        seq[r, P : P + len(toks)] = torch.tensor(toks, dtype=input_ids.dtype, device=dev)
+    return SpecOutput(seq, stats)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+class _KVStream:
+    """A model's KV cache over a batch whose rows may hold holes. `mask` [B, L] marks the cache entries
+    that are real tokens; a row's positions count its real tokens only, so holes (left padding, rejected
+    drafts) change nothing the model computes. While there are no holes, masks and positions are left
+    to transformers."""
+
+    def __init__(self, model, mask: torch.Tensor):
+        from transformers import DynamicCache
+
+        self.model, self.cache = model, DynamicCache(config=model.config)
+        self.prefill_mask = mask  # [B, P-1] for the first feed
+        self.mask = mask[:, :0]  # [B, L] of the cache
+        self.dense = True  # mask is all True
+
+    def feed(self, ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Append ids [B, n] (valid [B, n]: False marks a hole) to the cache; -> logits [B, n, V]."""
+        if self.prefill_mask is not None:
+            valid, self.prefill_mask = self.prefill_mask, None
+        if ids.shape[1] == 0:
+            return ids.new_zeros(ids.shape[0], 0, _vocab(self.model), dtype=torch.float32)
+        new_valid = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid
+        self.mask = torch.cat([self.mask, new_valid], dim=1)
+        if self.dense and (valid is None or bool(valid.all())):
+            return self.model(input_ids=ids, past_key_values=self.cache, use_cache=True).logits
+        self.dense = False
+        positions = (self.mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+        return self.model(input_ids=ids, attention_mask=self.mask.long(), position_ids=positions,
+                          past_key_values=self.cache, use_cache=True).logits
+
+    def keep_last(self, fed: int, n_keep: torch.Tensor) -> None:
+        """Of the last `fed` entries, keep the first n_keep[b] of row b (their other entries become
+        holes); then drop columns no row uses and compact rows so the cache is no longer than its
+        longest row."""
+        cols = torch.arange(fed, device=self.mask.device)
+        self.mask[:, -fed:] &= cols[None, :] < n_keep[:, None]
+        self._compact()
+
+    def select(self, idx: torch.Tensor) -> None:
+        """Keep only batch rows `idx`."""
+        self.cache.batch_select_indices(idx)
+        self.mask = self.mask[idx]
+        self._compact()
+
+    def _compact(self) -> None:
+        used = self.mask.any(dim=0).nonzero()
+        tail = self.mask.shape[1] - (int(used[-1]) + 1 if len(used) else 0)
+        if tail:  # columns rejected by every row: a plain crop
+            self.cache.crop(-tail)
+            self.mask = self.mask[:, : self.mask.shape[1] - tail]
+        drop = int((~self.mask).sum(dim=1).min()) if self.mask.numel() else 0
+        if drop:  # every row has holes: move each row's real entries right (order kept), cut `drop` columns
+            order = torch.sort(self.mask.int(), dim=1, stable=True).indices[:, drop:]  # holes first
+            self.mask = self.mask.gather(1, order)
+            for layer in self.cache.layers:
+                if not hasattr(layer, "keys") or getattr(layer, "is_sliding", False):
+                    raise NotImplementedError("speculative decoding needs a full-attention DynamicCache")
+                idx = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+                layer.keys, layer.values = layer.keys.gather(2, idx), layer.values.gather(2, idx)
+        self.dense = bool(self.mask.all())
+
+
+class _DraftTuner:
+    """Adaptive draft length. With per-token acceptance rate a and c = (time of one draft forward) /
+    (time of one verification), drafting k tokens yields (1 - a^(k+1)) / (1 - a) tokens per round at a
+    cost of k c + 1 (Leviathan et al., 2023, eq. 1 and theorem 3.8); pick the k maximising their ratio,
+    with a and c estimated as exponential moving averages of what was measured."""
+
+    def __init__(self, k: int, k_max: int, momentum: float = 0.8):
+        self.k, self.k_max, self.m = k, k_max, momentum
+        self.a, self.c = None, None
+
+    def update(self, accepted: int, proposed: int, draft_seconds: float, target_seconds: float, drafted: int) -> int:
+        if proposed:
+            a = accepted / proposed
+            self.a = a if self.a is None else self.m * self.a + (1 - self.m) * a
+        if drafted and target_seconds > 0:
+            c = draft_seconds / drafted / target_seconds
+            self.c = c if self.c is None else self.m * self.c + (1 - self.m) * c
+        if self.a is None or self.c is None:
+            return max(self.k, 1)
+        a = min(self.a, 0.999)
+
+        def speed(k: int) -> float:
+            return (1 - a ** (k + 1)) / (1 - a) / (k * self.c + 1)
+
+        self.k = max(range(1, self.k_max + 1), key=speed)
+        return self.k
+
+
+class _Clock:
+    """Seconds, synchronising the device first so GPU work is counted where it happens."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+def _vocab(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def _pad_vocab(probs: torch.Tensor, V: int) -> torch.Tensor:
+    """A draft distribution over the target's V tokens (zero beyond the draft's own vocabulary)."""
+    return probs if probs.shape[-1] == V else torch.nn.functional.pad(probs, (0, V - probs.shape[-1]))
+
+
+@torch.no_grad()
+def target_generate(target, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask=None,
+                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_token_id=None,
+                    pad_token_id=None, generator: torch.Generator | None = None) -> SpecOutput:
+    """The target alone, token by token with its KV cache and the same sampling code: the baseline
+    speculative decoding is measured against (speculative_generate with no draft tokens)."""
+    return speculative_generate(target, None, input_ids, max_new_tokens, attention_mask=attention_mask,
+                                draft_len=0, temperature=temperature, top_k=top_k, top_p=top_p,
+                                eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator)
+
+
+def expected_tokens_per_call(acceptance: float, k: int) -> float:
+    """(1 - a^(k+1)) / (1 - a): tokens per verification for i.i.d. per-token acceptance a."""
+    return k + 1.0 if acceptance >= 1 else (1 - acceptance ** (k + 1)) / (1 - acceptance)
+
+
+__all__ = ["SpecOutput", "SpecStats", "expected_tokens_per_call", "speculative_generate", "target_generate"]
