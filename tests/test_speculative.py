@@ -184,10 +184,9 @@ def test_cache_with_holes_computes_what_a_fresh_forward_computes(target):
     the longest row."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 64, (3, 6), generator=g)
-    stream = _KVStream(target, torch.ones(3, 0, dtype=torch.bool))
-    stream.feed(ids[:, :0])
-    stream.feed(ids)
-    stream.keep_last(6, torch.tensor([2, 6, 4]))  # row 0 keeps 2 of its 6 tokens, row 2 keeps 4
+    stream = _KVStream(target, ids[:, :2], torch.ones(3, 2, dtype=torch.bool))  # a prefix fed with the first feed
+    assert stream.feed(ids[:, 2:]).shape[1] == 4
+    stream.keep_last(4, torch.tensor([0, 4, 2]))  # row 0 keeps 2 of its 6 tokens, row 2 keeps 4
     more = torch.randint(3, 64, (3, 3), generator=g)
     logits = stream.feed(more)
     assert stream.mask.shape[1] == 9  # 6 columns for the longest row + 3 new ones, not more
@@ -213,3 +212,39 @@ def test_bad_inputs_are_refused(target):
         speculative_generate(target, target, ids, 4, attention_mask=mask.flip(1))
     with pytest.raises(ValueError, match="fewer than the target's vocabulary of 64"):
         speculative_generate(target, _llama(56, 32, 1, seed=2), ids, 4, attention_mask=mask)
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_decodes_compares_and_reports(tiny_teacher, tmp_path, capsys):
+    """speculate.py with a trained tiny teacher and a perturbed copy of it as the draft (with its
+    tokenizer): greedy tokens identical to the teacher alone, statistics written as JSON."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workbench import speculate
+
+    draft_dir = tmp_path / "draft"
+    _perturbed(AutoModelForCausalLM.from_pretrained(tiny_teacher), 0.2, seed=6).save_pretrained(draft_dir)
+    AutoTokenizer.from_pretrained(tiny_teacher).save_pretrained(draft_dir)
+    out = tmp_path / "stats.json"
+    rc = speculate.main(["--teacher", str(tiny_teacher), "--draft", str(draft_dir), "--prompt", "def quick_sort(",
+                         "--prompt", "import os", "--prompt", "class Stack:", "--batch-size", "2",
+                         "--max-new-tokens", "12", "--draft-len", "adaptive", "--compare", "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "--- 'def quick_sort('" in printed and "speed-up" in printed
+    import json
+
+    stats = json.loads(out.read_text())
+    assert stats["identical_to_teacher"] is True
+    assert stats["speculative"]["new_tokens"] == stats["teacher_alone"]["new_tokens"] > 0
+    assert 0 < stats["speculative"]["acceptance_rate"] <= 1 and stats["speculative"]["tokens_per_target_call"] > 1
+
+
+def test_cli_errors(tmp_path, capsys):
+    from workbench import speculate
+
+    assert speculate.main(["--draft", str(tmp_path / "missing")]) == 2
+    assert "no draft model" in capsys.readouterr().err
+    assert speculate.main(["--draft-len", "-1"]) == 2

@@ -26,7 +26,7 @@ class SpecStats:
     """Counters of one generate call; rates are derived from them."""
 
     new_tokens: int = 0  # tokens emitted, summed over rows (up to EOS / max_new_tokens)
-    target_calls: int = 0  # verification forward passes of the target (prefill excluded)
+    target_calls: int = 0  # forward passes of the target (the prompt goes into the first)
     row_calls: int = 0  # (row, verification) pairs: each emits 1 + its accepted drafts
     proposed: int = 0  # draft tokens proposed, over active rows
     accepted: int = 0  # draft tokens accepted
@@ -49,6 +49,17 @@ class SpecStats:
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / max(self.total_seconds, 1e-9)
+
+    def add(self, other: "SpecStats") -> "SpecStats":
+        """Accumulate another call's counters into this one (several batches of prompts)."""
+        for f in ("new_tokens", "target_calls", "row_calls", "proposed", "accepted", "draft_seconds",
+                  "target_seconds", "total_seconds"):
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+        self.draft_lens += other.draft_lens
+        n = max(len(self.accepted_hist), len(other.accepted_hist))
+        self.accepted_hist = [sum(h[i] for h in (self.accepted_hist, other.accepted_hist) if i < len(h))
+                              for i in range(n)]
+        return self
 
     def as_dict(self) -> dict:
         return {"new_tokens": self.new_tokens, "target_calls": self.target_calls,
@@ -92,16 +103,15 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
     stats, clock = SpecStats(accepted_hist=[0] * (max(draft_len, max_draft_len if adaptive else 0) + 1)), _Clock(dev)
     start = clock()
 
-    tgt = _KVStream(target, mask[:, :-1])
-    drf = None if draft is None else _KVStream(draft, mask[:, :-1])
-    for stream in (tgt, drf):
-        if stream is not None:
-            stream.feed(input_ids[:, :-1])  # prefill all but the last prompt token
+    # all but the last prompt token go into each model's first forward (no separate prefill call)
+    tgt = _KVStream(target, input_ids[:, :-1], mask[:, :-1])
+    drf = None if draft is None else _KVStream(draft, input_ids[:, :-1], mask[:, :-1])
     last = input_ids[:, -1:]  # [B, 1] newest token: in neither cache yet
     lag = None  # [B] a draft token the draft model has not seen yet (after a full acceptance), or -1
     rows = torch.arange(B, device=dev)  # batch rows still generating
     out = [[] for _ in range(B)]  # new tokens per row
     k, tuner = draft_len, _DraftTuner(draft_len, max_draft_len) if adaptive else None
+    greedy = temperature == 0
 
     while len(rows):
         left = max_new_tokens - min(len(out[int(r)]) for r in rows)
@@ -117,32 +127,30 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
         fed_draft = x.shape[1]
         drafts, q = [], []
         for i in range(k):
-            qi = _pad_vocab(probs_from_logits(drf.feed(x, x_valid)[:, -1, :V], temperature, top_k, top_p), V)
-            x, x_valid = torch.multinomial(qi, 1, generator=generator), None  # [B, 1] d_i ~ q_i
-            drafts.append(x), q.append(qi)
+            logits = drf.feed(x, x_valid)[:, -1, :V]  # [B, V] (a padded draft vocabulary is cut to the target's)
+            if greedy:  # q_i is one-hot on the argmax
+                x = logits.argmax(dim=-1, keepdim=True)
+            else:
+                q.append(_pad_vocab(probs_from_logits(logits, temperature, top_k, top_p), V))
+                x = torch.multinomial(q[-1], 1, generator=generator)  # [B, 1] d_i ~ q_i
+            x_valid = None
+            drafts.append(x)
             fed_draft += i < k - 1  # d_k itself is not fed to the draft
         t1 = clock()
         # 2) the target scores [last, d_1..d_k] in one pass: p_1..p_{k+1}
         chunk = torch.cat([last, *drafts], dim=1)  # [B, k + 1]
-        p = probs_from_logits(tgt.feed(chunk)[:, :, :V], temperature, top_k, top_p)  # [B, k + 1, V]
-        # 3) accept d_i with probability min(1, p_i(d_i) / q_i(d_i)), stopping at the first rejection
-        if k:
-            d, q = chunk[:, 1:], torch.stack(q, dim=1)  # [B, k], [B, k, V]
-            p_d, q_d = p[:, :k].gather(-1, d[..., None])[..., 0], q.gather(-1, d[..., None])[..., 0]
-            u = torch.rand(d.shape, device=dev, generator=generator)
-            n = (u * q_d < p_d).long().cumprod(dim=1).sum(dim=1)  # [B] accepted drafts
-            # 4) the token after them: on a rejection at j, resample from the residual max(0, p_j - q_j)
-            #    (normalised) -- this is what makes the output exactly target-distributed; after k
-            #    acceptances, a bonus token from p_{k+1}
-            q_ext = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)  # q_{k+1} = 0: residual = p_{k+1}
-            at = n[:, None, None].expand(-1, 1, V)
-            resid = (p.gather(1, at) - q_ext.gather(1, at)).clamp(min=0)[:, 0]  # [B, V]
-            resid = torch.where(resid.sum(-1, keepdim=True) > 0, resid, p.gather(1, at)[:, 0])
+        logits = tgt.feed(chunk)[:, :, :V]  # [B, k + 1, V]
+        # 3) accept d_1..d_n, then one token of the target's: see _accept (greedy: p and q are one-hot, so
+        #    d_i is accepted while it is the target's argmax, and the next token is the target's argmax)
+        if greedy:
+            best = logits.argmax(dim=-1)  # [B, k + 1]
+            n = (chunk[:, 1:] == best[:, :k]).long().cumprod(dim=1).sum(dim=1)  # [B] accepted drafts
+            nxt = best.gather(1, n[:, None])  # [B, 1]
         else:
-            n, resid = torch.zeros(len(rows), dtype=torch.long, device=dev), p[:, 0]
-        nxt = torch.multinomial(resid / resid.sum(-1, keepdim=True), 1, generator=generator)  # [B, 1]
+            p = probs_from_logits(logits, temperature, top_k, top_p)  # [B, k + 1, V]
+            n, nxt = _accept(p, torch.stack(q, dim=1) if k else p[:, :0], chunk[:, 1:], generator)
         t2 = clock()
-        # 5) caches keep what was accepted: the target [last, d_1..d_n], the draft also up to d_n (d_k
+        # 4) caches keep what was accepted: the target [last, d_1..d_n], the draft also up to d_n (d_k
         #    was never fed to it: after a full acceptance it is fed next round as `lag`)
         tgt.keep_last(chunk.shape[1], n + 1)
         if k:
@@ -196,34 +204,53 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
 # --------------------------------------------------------------------------------------------- helpers
 
 
+def _accept(p: torch.Tensor, q: torch.Tensor, d: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rejection rule of Leviathan et al. / Chen et al. p [B, k+1, V]: the target's distributions at
+    the k drafts and after them; q [B, k, V]: the draft's; d [B, k]: the drafted tokens (d_i ~ q_i).
+    -> n [B] accepted drafts, next token [B, 1]."""
+    B, k = d.shape
+    # accept d_i with probability min(1, p_i(d_i) / q_i(d_i)), stopping at the first rejection
+    p_d, q_d = p[:, :k].gather(-1, d[..., None])[..., 0], q.gather(-1, d[..., None])[..., 0]
+    u = torch.rand(d.shape, device=d.device, generator=generator)
+    n = (u * q_d < p_d).long().cumprod(dim=1).sum(dim=1)  # [B]
+    # on a rejection at j, resample from the residual max(0, p_j - q_j), normalised: this is what makes
+    # every emitted token exactly target-distributed; after k acceptances, a bonus token from p_{k+1}
+    q_ext = torch.cat([q, torch.zeros_like(p[:, :1])], dim=1)  # q_{k+1} = 0: the residual is p_{k+1}
+    at = n[:, None, None].expand(-1, 1, p.shape[-1])
+    resid = (p.gather(1, at) - q_ext.gather(1, at)).clamp(min=0)[:, 0]  # [B, V]
+    resid = torch.where(resid.sum(-1, keepdim=True) > 0, resid, p.gather(1, at)[:, 0])  # p_j == q_j
+    return n, torch.multinomial(resid / resid.sum(-1, keepdim=True), 1, generator=generator)
+
+
 class _KVStream:
     """A model's KV cache over a batch whose rows may hold holes. `mask` [B, L] marks the cache entries
     that are real tokens; a row's positions count its real tokens only, so holes (left padding, rejected
     drafts) change nothing the model computes. While there are no holes, masks and positions are left
     to transformers."""
 
-    def __init__(self, model, mask: torch.Tensor):
+    def __init__(self, model, prefix: torch.Tensor, prefix_mask: torch.Tensor):
         from transformers import DynamicCache
 
         self.model, self.cache = model, DynamicCache(config=model.config)
-        self.prefill_mask = mask  # [B, P-1] for the first feed
-        self.mask = mask[:, :0]  # [B, L] of the cache
+        self.pending = (prefix, prefix_mask)  # [B, P0] ids and validity, fed with the first feed()
+        self.mask = prefix_mask[:, :0]  # [B, L] of the cache
         self.dense = True  # mask is all True
 
     def feed(self, ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Append ids [B, n] (valid [B, n]: False marks a hole) to the cache; -> logits [B, n, V]."""
-        if self.prefill_mask is not None:
-            valid, self.prefill_mask = self.prefill_mask, None
-        if ids.shape[1] == 0:
-            return ids.new_zeros(ids.shape[0], 0, _vocab(self.model), dtype=torch.float32)
-        new_valid = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid
-        self.mask = torch.cat([self.mask, new_valid], dim=1)
-        if self.dense and (valid is None or bool(valid.all())):
-            return self.model(input_ids=ids, past_key_values=self.cache, use_cache=True).logits
+        """Append ids [B, n] (valid [B, n]: False marks a hole) to the cache; -> logits [B, n, V] of
+        those positions."""
+        n = ids.shape[1]
+        valid = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid
+        if self.pending is not None:
+            (prefix, prefix_mask), self.pending = self.pending, None
+            ids, valid = torch.cat([prefix, ids], dim=1), torch.cat([prefix_mask, valid], dim=1)
+        self.mask = torch.cat([self.mask, valid], dim=1)
+        if self.dense and bool(valid.all()):
+            return self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=n).logits
         self.dense = False
         positions = (self.mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, -ids.shape[1]:]
         return self.model(input_ids=ids, attention_mask=self.mask.long(), position_ids=positions,
-                          past_key_values=self.cache, use_cache=True).logits
+                          past_key_values=self.cache, use_cache=True, logits_to_keep=n).logits
 
     def keep_last(self, fed: int, n_keep: torch.Tensor) -> None:
         """Of the last `fed` entries, keep the first n_keep[b] of row b (their other entries become

@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from workbench.bench import _report
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -77,20 +78,6 @@ def _measure(variant, vocab, tokens, hidden, t_hidden, reps) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _machine() -> str:
-    import torch
-
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--vocab", type=int, nargs="*", default=[32_000, 128_000])
@@ -110,7 +97,7 @@ def main(argv=None) -> int:
         d = _measure("dense", v, args.tokens, args.hidden, args.teacher_hidden, args.reps)
         o = _measure("ours", v, args.tokens, args.hidden, args.teacher_hidden, args.reps)
         rows.append((v, d, o))
-    machine = _machine()
+    machine = _report.machine()
     lines = [
         f"### KD loss: chunked + fused vs dense ({time.strftime('%Y-%m-%d')})",
         "",
@@ -128,10 +115,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if not args.no_record:
-        path = REPO / "BENCHMARKS.md"
-        with path.open("a") as f:
-            f.write("\n" + text + "\n")
-        print(f"appended to {path}")
+        print(f"appended to {_report.append_to_benchmarks(text)}")
     return 0
 
 

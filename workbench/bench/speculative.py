@@ -1,0 +1,195 @@
+"""Speculative decoding on the embedded default: the tiny teacher alone vs our speculative decoding vs
+Hugging Face's assisted generation, with the KD-distilled student and the no-distillation (sft_tiny)
+student of the same size as drafts.
+
+    python -m workbench.bench.speculative                 # appends a section to BENCHMARKS.md
+    python -m workbench.bench.speculative --prompts 4 --max-new-tokens 32 --no-record   # a quick look
+
+Prompts are held-out standard-library files (the validation split of the corpus the models were trained
+on) cut right after a `def name(` line start, with up to --context characters before it. Every method
+decodes the same prompts to EOS or --max-new-tokens; at temperature 0 all of them must produce the
+teacher's own greedy tokens (checked). Batch 1 unless the row says otherwise; one warm-up pass first.
+Tokens per target call divides by all of the teacher's forward passes (counted by a hook for HF's), the
+prompt's included: both fold the prompt into the first verification.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from workbench.bench import _report
+
+
+def held_out_prompts(n: int, context_chars: int) -> list[str]:
+    """`n` prompts from the corpus's held-out files, each ending in 'def name(' at a line start."""
+    from workbench.config import DataConfig
+    from workbench.data import load_corpus
+
+    corpus = load_corpus(DataConfig())
+    found = []
+    for text in corpus.val_texts:
+        for m in re.finditer(r"^[ \t]*def \w+\(", text, flags=re.M):
+            start = text.rfind("\n", 0, max(0, m.start() - context_chars)) + 1
+            found.append(text[start : m.end()])
+    if len(found) < n:
+        raise RuntimeError(f"only {len(found)} 'def' lines in the held-out files, asked for {n}")
+    step = len(found) / n
+    return [found[int(i * step)] for i in range(n)]
+
+
+class _CallCounter:
+    """Counts forward passes of a model."""
+
+    def __init__(self, model):
+        self.n = 0
+        self.handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, *_):
+        self.n += 1
+
+
+def _hf(teacher, tok, prompts, max_new, assistant=None, batch=1, num_assistant_tokens=None):
+    """HF generate, greedy: -> (sequences per prompt, tokens, seconds, target forward passes)."""
+    saved = None if assistant is None else copy.deepcopy(assistant.generation_config)
+    if assistant is not None and num_assistant_tokens is not None:  # a fixed k, as ours
+        assistant.generation_config.num_assistant_tokens = num_assistant_tokens
+        assistant.generation_config.num_assistant_tokens_schedule = "constant"
+        assistant.generation_config.assistant_confidence_threshold = 0.0
+    counter = _CallCounter(teacher)
+    seqs, tokens, seconds = [], 0, 0.0
+    try:
+        for i in range(0, len(prompts), batch):
+            enc = tok(prompts[i : i + batch], return_tensors="pt", padding=True)
+            t = time.perf_counter()
+            out = teacher.generate(**enc, max_new_tokens=max_new, do_sample=False, assistant_model=assistant,
+                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            seconds += time.perf_counter() - t
+            new = out[:, enc.input_ids.shape[1]:]
+            for row in new:
+                row = row.tolist()
+                n = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+                seqs.append(row[:n])
+                tokens += n
+    finally:
+        counter.handle.remove()
+        if saved is not None:
+            assistant.generation_config = saved
+    return seqs, tokens, seconds, counter.n
+
+
+def _ours(teacher, draft, tok, prompts, max_new, batch=1, **kw):
+    from workbench.speculative import SpecStats, speculative_generate
+
+    total, seqs = SpecStats(), []
+    for i in range(0, len(prompts), batch):
+        enc = tok(prompts[i : i + batch], return_tensors="pt", padding=True)
+        out = speculative_generate(teacher, draft, enc.input_ids, max_new, attention_mask=enc.attention_mask,
+                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                   generator=torch.Generator().manual_seed(i), **kw)
+        total.add(out.stats)
+        for row in out.sequences[:, enc.input_ids.shape[1]:].tolist():
+            n = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+            seqs.append(row[:n])
+    return seqs, total
+
+
+def run(args) -> str:
+    from transformers import AutoTokenizer
+
+    from workbench.speculate import load_decoder
+
+    cpu = torch.device("cpu")
+    kd = args.kd or ("outputs/kd_tiny/model" if Path("outputs/kd_tiny/model/config.json").is_file() else "recipe:kd_tiny")
+    sft = args.sft or ("outputs/sft_tiny/model" if Path("outputs/sft_tiny/model/config.json").is_file() else "recipe:sft_tiny")
+    teacher = load_decoder(args.teacher, "teacher", device=cpu)
+    drafts = {"KD student (kd_tiny)": load_decoder(kd, "draft", device=cpu),
+              "no-KD student (sft_tiny)": load_decoder(sft, "draft", device=cpu)}
+    tok = AutoTokenizer.from_pretrained(teacher.config._name_or_path)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    prompts = held_out_prompts(args.prompts, args.context)
+    N, k = args.max_new_tokens, args.draft_len
+
+    _ours(teacher, drafts["KD student (kd_tiny)"], tok, prompts[:2], 8, draft_len=k)  # warm-up
+    _hf(teacher, tok, prompts[:2], 8)
+    rows = []  # (method, draft, batch, tokens/s, acceptance, tokens per target call, identical)
+    ref, tokens, sec, calls = _hf(teacher, tok, prompts, N)
+    base = tokens / sec
+    rows.append(("teacher alone, HF generate", "-", 1, base, None, tokens / max(calls, 1), True))
+    seqs, s = _ours(teacher, None, tok, prompts, N, draft_len=0)
+    rows.append(("teacher alone, ours", "-", 1, s.tokens_per_second, None, s.tokens_per_target_call, seqs == ref))
+    for name, draft in drafts.items():
+        for label, kw in ((f"ours, k={k}", dict(draft_len=k)),
+                          ("ours, adaptive k", dict(draft_len=k, adaptive=True, max_draft_len=args.max_draft_len))):
+            seqs, s = _ours(teacher, draft, tok, prompts, N, **kw)
+            rows.append((label, name, 1, s.tokens_per_second, s.acceptance_rate, s.tokens_per_target_call, seqs == ref))
+        for label, nat in ((f"HF assisted, k={k}", k), ("HF assisted, its defaults", None)):
+            seqs, tokens, sec, calls = _hf(teacher, tok, prompts, N, assistant=draft, num_assistant_tokens=nat)
+            rows.append((label, name, 1, tokens / sec, None, tokens / max(calls, 1), seqs == ref))
+    B = args.batch
+    ref_b, tokens, sec, calls = _hf(teacher, tok, prompts, N, batch=B)
+    rows.append(("teacher alone, HF generate", "-", B, tokens / sec, None, None, ref_b == ref))
+    for name, draft in drafts.items():
+        seqs, s = _ours(teacher, draft, tok, prompts, N, batch=B, draft_len=k)
+        rows.append((f"ours, k={k}", name, B, s.tokens_per_second, s.acceptance_rate, s.tokens_per_target_call,
+                     seqs == ref_b))
+    sampled = {}
+    for name, draft in drafts.items():
+        _, s = _ours(teacher, draft, tok, prompts, N, draft_len=k, temperature=1.0)
+        sampled[name] = s
+
+    lines = [f"### Speculative decoding on the embedded default ({time.strftime('%Y-%m-%d')})", "",
+             f"Machine: {_report.machine()}. Teacher `{args.teacher}` (5.5M parameters), drafts `{kd}` and "
+             f"`{sft}` (1.3M each, same size and steps, with and without distillation). {len(prompts)} held-out "
+             f"prompts ending in `def name(` (up to {args.context} characters of context), greedy, up to {N} new "
+             "tokens each; fp32 on the CPU. Speed-up is tokens/s over the first row's (HF generate, teacher "
+             "alone, batch 1); 'same tokens' checks the teacher's own greedy output.", "",
+             "| method | draft | batch | tokens/s | speed-up | acceptance rate | tokens per target call | same tokens |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for method, draft, b, tps, acc, tpc, same in rows:
+        lines.append(f"| {method} | {draft} | {b} | {tps:.1f} | {tps / base:.2f}x | "
+                     f"{'-' if acc is None else f'{acc:.3f}'} | {'-' if tpc is None else f'{tpc:.2f}'} | {same} |")
+    kd_name, sft_name = list(drafts)
+    greedy = {r[1]: r[5] for r in rows if r[0] == f"ours, k={k}" and r[2] == 1}
+    lines += ["", f"Sampling at temperature 1 (ours, k={k}): acceptance rate "
+              f"{sampled[kd_name].acceptance_rate:.3f} (KD) vs {sampled[sft_name].acceptance_rate:.3f} (no KD); tokens "
+              f"per target call {sampled[kd_name].tokens_per_target_call:.2f} vs "
+              f"{sampled[sft_name].tokens_per_target_call:.2f}.",
+              f"Distilled vs undistilled draft, tokens per target call at k={k}: greedy "
+              f"{greedy[kd_name] / greedy[sft_name]:.2f}x, sampled "
+              f"{sampled[kd_name].tokens_per_target_call / sampled[sft_name].tokens_per_target_call:.2f}x.",
+              f"Accepted drafts per verification, greedy, KD draft (k={k}): histogram "
+              f"{_ours(teacher, drafts[kd_name], tok, prompts, N, draft_len=k)[1].accepted_hist}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--teacher", default="recipe:pretrain_tiny_teacher")
+    ap.add_argument("--kd", default=None, help="distilled draft (default outputs/kd_tiny/model, else recipe:kd_tiny)")
+    ap.add_argument("--sft", default=None, help="undistilled draft (default outputs/sft_tiny/model, else recipe:sft_tiny)")
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--context", type=int, default=300, help="characters of held-out file before 'def name('")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--draft-len", type=int, default=4)
+    ap.add_argument("--max-draft-len", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=8, help="batch size of the batched rows")
+    ap.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
+    args = ap.parse_args(argv)
+    text = run(args)
+    print(text)
+    if not args.no_record:
+        print(f"appended to {_report.append_to_benchmarks(text)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Speculative decoding from the command line: the teacher generates, the distilled student drafts.
+
+    python workbench/speculate.py                                  # tiny teacher + outputs/kd_tiny/model
+    python workbench/speculate.py --prompt "def quick_sort(" --prompt "class Stack:" --temperature 0.8
+    python workbench/speculate.py --teacher meta-llama/Llama-2-13b-hf --draft outputs/kd_13b_to_7b/model \\
+        --draft-4bit --kernel triton --draft-len adaptive --compare
+
+--teacher is a model directory or Hub id, or recipe:NAME for the final model of a recipe (trained and
+cached first if needed; the default is recipe:pretrain_tiny_teacher). --draft is a model directory, or a
+peft adapter directory (loaded unmerged over its base; --merge merges it). --compare also decodes with the
+teacher alone and prints the speed-up (and, at temperature 0, checks the tokens are identical).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:  # run as a file: import the package, not our siblings
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import torch
+
+log = logging.getLogger("workbench")
+
+
+def load_decoder(name: str, role: str, *, device, dtype: str = "float32", four_bit: bool = False,
+                 kernel: str = "bnb", merge: bool = False):
+    """A model for decoding, in eval mode on `device`: a model directory or Hub id (optionally NF4, with
+    bitsandbytes' or our Triton kernels), recipe:NAME (that recipe's cached final model), or a peft
+    adapter directory over its base (merged with `merge`)."""
+    from workbench.config import ModelSpec, QuantConfig
+    from workbench.models import load_model
+
+    if name.startswith("recipe:"):
+        from accelerate import Accelerator
+
+        from workbench.train import ensure_trained
+
+        name = str(ensure_trained(name[len("recipe:"):], Accelerator(cpu=device.type == "cpu")))
+    adapter = Path(name) / "adapter_config.json"
+    base_name = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.is_file() else name
+    compute = dtype if dtype != "float16" or not four_bit else "float16"
+    spec = ModelSpec(name_or_path=base_name, dtype=dtype, quantize_base=four_bit,
+                     quant=QuantConfig(compute_dtype=compute, kernel=kernel))
+    model = load_model(spec, None, role, device=device)
+    if adapter.is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, name)
+        if merge:
+            model = model.merge_and_unload()
+    if not four_bit:
+        model.to(device)
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+    ap.add_argument("--teacher", default="recipe:pretrain_tiny_teacher", help="target model (default: %(default)s)")
+    ap.add_argument("--draft", default="outputs/kd_tiny/model", help="draft model or adapter (default: %(default)s)")
+    ap.add_argument("--prompt", action="append", help="a prompt (repeatable; default 'def quick_sort(')")
+    ap.add_argument("--prompts-file", help="one prompt per line")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--draft-len", default="4", help="tokens drafted per verification, or 'adaptive'")
+    ap.add_argument("--max-draft-len", type=int, default=12, help="upper bound for --draft-len adaptive")
+    ap.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="default: bfloat16 on a GPU, float32 on the CPU")
+    ap.add_argument("--draft-4bit", action="store_true", help="hold the draft in NF4")
+    ap.add_argument("--teacher-4bit", action="store_true", help="hold the teacher in NF4")
+    ap.add_argument("--kernel", choices=["bnb", "triton"], default="bnb", help="NF4 matmul kernels")
+    ap.add_argument("--merge", action="store_true", help="merge an adapter draft into its base")
+    ap.add_argument("--compare", action="store_true", help="also decode with the teacher alone")
+    ap.add_argument("--json", help="write the statistics to this file")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+    try:
+        adaptive = args.draft_len == "adaptive"
+        draft_len = 4 if adaptive else int(args.draft_len)
+        if draft_len < 0 or args.max_new_tokens < 1 or args.batch_size < 1:
+            raise ValueError("--draft-len, --max-new-tokens and --batch-size must be positive")
+        prompts = list(args.prompt or [])
+        if args.prompts_file:
+            prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        prompts = prompts or ["def quick_sort("]
+        draft_dir = Path(args.draft)
+        if not args.draft.startswith("recipe:") and _looks_local(args.draft) and not draft_dir.is_dir():
+            raise FileNotFoundError(f"no draft model at {draft_dir}: train one first (e.g. accelerate launch "
+                                    "workbench/train.py recipe=kd_tiny) or pass --draft")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from transformers import AutoTokenizer
+
+    from workbench.models import check_same_vocabulary
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    teacher = load_decoder(args.teacher, "teacher", device=device, dtype=dtype, four_bit=args.teacher_4bit,
+                           kernel=args.kernel)
+    draft = load_decoder(args.draft, "draft", device=device, dtype=dtype, four_bit=args.draft_4bit,
+                         kernel=args.kernel, merge=args.merge)
+    tok = AutoTokenizer.from_pretrained(teacher.config._name_or_path)
+    draft_tok_dir = draft_dir if (draft_dir / "tokenizer_config.json").is_file() else teacher.config._name_or_path
+    check_same_vocabulary(tok, AutoTokenizer.from_pretrained(draft_tok_dir), teacher, draft)
+
+    result = decode_prompts(teacher, draft, tok, prompts, args, draft_len, adaptive, device)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def decode_prompts(teacher, draft, tok, prompts, args, draft_len, adaptive, device) -> dict:
+    """Decode `prompts` in batches with speculative decoding (and the teacher alone with --compare);
+    print the texts and the statistics, return them."""
+    from workbench.speculative import SpecStats, speculative_generate, target_generate
+
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    common = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    runs = {"speculative": SpecStats(), **({"teacher_alone": SpecStats()} if args.compare else {})}
+    texts, same = [], True
+    for i in range(0, len(prompts), args.batch_size):
+        batch = tok(prompts[i : i + args.batch_size], return_tensors="pt", padding=True).to(device)
+        g = torch.Generator(device=device).manual_seed(args.seed + i)
+        out = speculative_generate(teacher, draft, batch.input_ids, args.max_new_tokens,
+                                   attention_mask=batch.attention_mask, draft_len=draft_len, adaptive=adaptive,
+                                   max_draft_len=args.max_draft_len, generator=g, **common)
+        runs["speculative"].add(out.stats)
+        P = batch.input_ids.shape[1]
+        texts += tok.batch_decode(out.sequences[:, P:], skip_special_tokens=True)
+        if args.compare:
+            alone = target_generate(teacher, batch.input_ids, args.max_new_tokens,
+                                    attention_mask=batch.attention_mask,
+                                    generator=torch.Generator(device=device).manual_seed(args.seed + i), **common)
+            runs["teacher_alone"].add(alone.stats)
+            same = same and torch.equal(alone.sequences, out.sequences)
+    for prompt, text in zip(prompts, texts):
+        print(f"--- {prompt!r}\n{prompt}{text}")
+    s = runs["speculative"]
+    print(f"\nspeculative decoding: {s.new_tokens} tokens, {s.tokens_per_second:.1f} tokens/s, acceptance rate "
+          f"{s.acceptance_rate:.3f}, {s.tokens_per_target_call:.2f} tokens per target call, mean draft length "
+          f"{sum(s.draft_lens) / max(len(s.draft_lens), 1):.2f}; time: draft {s.draft_seconds:.2f} s, "
+          f"target {s.target_seconds:.2f} s")
+    result = {name: r.as_dict() for name, r in runs.items()}
+    if args.compare:
+        a = runs["teacher_alone"]
+        result["speedup"] = s.tokens_per_second / max(a.tokens_per_second, 1e-9)
+        print(f"teacher alone: {a.tokens_per_second:.1f} tokens/s -> speed-up {result['speedup']:.2f}x")
+        if args.temperature == 0:
+            result["identical_to_teacher"] = same
+            print(f"greedy tokens identical to the teacher's own: {same}")
+    return result
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a Hub id ('org/name')."""
+    return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") != 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
