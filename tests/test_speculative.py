@@ -248,3 +248,23 @@ def test_cli_errors(tmp_path, capsys):
     assert speculate.main(["--draft", str(tmp_path / "missing")]) == 2
     assert "no draft model" in capsys.readouterr().err
     assert speculate.main(["--draft-len", "-1"]) == 2
+
+
+def test_nf4_draft_on_our_triton_kernels(target, tmp_path):
+    """A 4-bit draft loaded the way the CLI loads it, its matmuls on our Triton NF4 kernels (Triton's CPU
+    interpreter here): still the target's greedy tokens, and the draft agrees with its bnb twin."""
+    pytest.importorskip("triton")
+    from workbench.kernels.linear import TritonLinear4bit
+    from workbench.speculate import load_decoder
+
+    _perturbed(target, 0.2, seed=7).save_pretrained(tmp_path / "draft")
+    ids, mask = _ragged_prompts(B=2)
+    ref = _greedy(target, ids, mask, 6)
+    drafts = {kernel: load_decoder(str(tmp_path / "draft"), "draft", device=torch.device("cpu"), four_bit=True,
+                                   kernel=kernel) for kernel in ("bnb", "triton")}
+    assert any(isinstance(m, TritonLinear4bit) for m in drafts["triton"].modules())
+    outs = {kernel: speculative_generate(target, d, ids, 6, attention_mask=mask, draft_len=3, eos_token_id=EOS,
+                                         pad_token_id=PAD) for kernel, d in drafts.items()}
+    for out in outs.values():
+        assert torch.equal(out.sequences, ref)
+    assert outs["triton"].stats.accepted_hist == outs["bnb"].stats.accepted_hist
