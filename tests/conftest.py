@@ -34,6 +34,7 @@ FAST = [
     "train.eval_batches=2",
     "train.checkpoint_every=3",
     "output.tensorboard=false",
+    "eval.report=false",  # tests/test_evaluation.py covers the report
 ]
 
 

@@ -349,6 +349,46 @@ class ParallelConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The evaluation report written when training finishes (report.md and report.html in the run
+    directory; `python workbench/evaluate.py RUN [BASELINE ...]` writes one comparing runs)."""
+
+    report: bool = True
+    """Write the report when training finishes."""
+    prompts: int = 16
+    """Held-out prompts for generation samples, ROUGE-L and speculative decoding (0: none)."""
+    prompt_regex: Optional[str] = None
+    """Prompts end right after a match of this regex in a held-out document (e.g. '^[ \\t]*def \\w+\\(');
+    null: at the end of a line."""
+    context_chars: int = 300
+    """Characters of held-out text a prompt holds at most (from a line start)."""
+    max_new_tokens: int = 48
+    """Tokens generated per prompt (greedy), and the length of each reference continuation."""
+    samples: int = 4
+    """Generation samples (teacher vs students) shown in the report."""
+    choice_items: int = 100
+    """Multiple-choice items for the accuracy metric: pick a held-out line's true successor among 4
+    lines of the same document, by mean log-likelihood (0: none)."""
+    task_file: Optional[str] = None
+    """A .jsonl of {"prompt": str, "choices": [str, ...], "label": int} scored for accuracy instead."""
+    speculative: bool = True
+    """Measure speculative decoding, the teacher as target and each student as draft."""
+    draft_len: int = 4
+    """Draft length of that measurement."""
+
+    def __post_init__(self) -> None:
+        for name in ("prompts", "context_chars", "max_new_tokens", "samples", "choice_items"):
+            _check(getattr(self, name) >= 0, name, "must be >= 0")
+        _check(self.max_new_tokens >= 1 and self.context_chars >= 1, "max_new_tokens", "and context_chars must be >= 1")
+        _check(self.draft_len >= 1, "draft_len", "must be >= 1")
+        if self.prompt_regex is not None:
+            try:
+                re.compile(self.prompt_regex)
+            except re.error as e:
+                raise RecipeError(f"prompt_regex: not a regular expression ({e})") from None
+
+
+@dataclass
 class OutputConfig:
     """Where results go."""
 
@@ -380,6 +420,8 @@ class Recipe:
     """Objective."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Multi-process settings (teacher placement, gradient compression)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """The report written after training."""
     output: OutputConfig = field(default_factory=OutputConfig)
     """Outputs."""
     resume: bool = False
@@ -415,7 +457,7 @@ class Recipe:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def fingerprint(self, exclude: tuple[str, ...] = ("output", "resume", "description")) -> str:
+    def fingerprint(self, exclude: tuple[str, ...] = ("output", "resume", "description", "eval")) -> str:
         """Stable hash of everything that changes the trained model (not where it is written). Only
         values that differ from the schema's defaults count, so a new optional field does not invalidate
         cached runs; bump _FINGERPRINT_VERSION when a default that changes training changes."""

@@ -1,14 +1,20 @@
-"""Compare finished runs: validation perplexity of each run's teacher and student.
+"""Evaluate finished runs and write a report: the first run is the main one, the others its baselines.
 
-    python workbench/evaluate.py outputs/kd_tiny outputs/sft_tiny
+    python workbench/evaluate.py outputs/kd_tiny outputs/sft_tiny            # report in outputs/kd_tiny
+    python workbench/evaluate.py outputs/kd_tiny --out reports/kd --no-speculative --prompts 32
 
-Runs are comparable only when they were evaluated on the same validation blocks (same corpus, tokenizer
-and sequence length); the table says so, and refuses to rank runs that were not.
+Prints the validation perplexities, then writes report.md, report.html (self-contained, with plots) and
+report.json: perplexity, parameters and sizes, training throughput and peak memory, ROUGE-L and
+multiple-choice accuracy, generation samples, speculative decoding with each student as the draft of the
+main run's teacher. Settings default to the main run's recipe (`eval.*`). Training runs this itself at
+the end of every run (eval.report=true).
 """
 
 from __future__ import annotations
 
-import json
+import argparse
+import dataclasses
+import logging
 import sys
 from pathlib import Path
 
@@ -16,54 +22,39 @@ if __name__ == "__main__" and not __package__:  # run as a file: import the pack
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 
-def load_final(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / "final_metrics.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: has the run in {run_dir} finished?")
-    return json.loads(path.read_text())
-
-
-def compare(run_dirs: list[str | Path]) -> str:
-    """A table of validation perplexities: each distinct teacher once, then every student."""
-    runs = [(Path(d), load_final(d)) for d in run_dirs]
-    keys = {m["data_key"] for _, m in runs}
-    rows, teachers = [], {}
-    for d, m in runs:
-        if m.get("teacher_val_ppl") is not None:
-            teachers.setdefault(m.get("teacher", "teacher"), (m["teacher_val_ppl"], m["data_key"]))
-    for name, (ppl, _) in teachers.items():
-        rows.append(("teacher", _short(name), ppl, None))
-    for d, m in runs:
-        rows.append(("student", f"{m['recipe']} ({d})", m["student_val_ppl"], m["step"]))
-    width = max(len(r[1]) for r in rows)
-    tokens = runs[0][1]["val_tokens"]
-    lines = [f"validation perplexity on {tokens:,} held-out tokens (lower is better)",
-             f"  {'role':8s} {'model':{width}s} {'steps':>6s} {'ppl':>10s}"]
-    for role, name, ppl, step in rows:
-        lines.append(f"  {role:8s} {name:{width}s} {'' if step is None else step:>6} {ppl:10.3f}")
-    if len(keys) > 1:
-        lines.append("WARNING: these runs used different validation data; their perplexities are not comparable")
-    elif len(runs) == 2 and all(m.get("teacher_val_ppl") is None for _, m in runs[1:]):
-        a, b = runs[0][1], runs[1][1]
-        lines.append(f"  {a['recipe']} / {b['recipe']} perplexity ratio: {a['student_val_ppl'] / b['student_val_ppl']:.3f}")
-    return "\n".join(lines)
-
-
-def _short(path: str) -> str:
-    parts = Path(path).parts
-    return str(Path(*parts[-3:])) if len(parts) > 3 else path
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv else 2
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("runs", nargs="+", help="run directories (outputs/<recipe>)")
+    ap.add_argument("--out", help="report directory (default: the first run's)")
+    ap.add_argument("--prompts", type=int, help="held-out prompts (eval.prompts)")
+    ap.add_argument("--max-new-tokens", type=int, help="tokens per generation (eval.max_new_tokens)")
+    ap.add_argument("--choice-items", type=int, help="multiple-choice items (eval.choice_items)")
+    ap.add_argument("--task-file", help="a .jsonl multiple-choice task (eval.task_file)")
+    ap.add_argument("--no-speculative", action="store_true", help="skip the speculative decoding measurement")
+    ap.add_argument("--table-only", action="store_true", help="print the perplexity table, write no report")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+    from workbench.config import RecipeError, build
+    from workbench.evaluation import load_run, perplexity_table, report
+
     try:
-        print(compare(argv))
-    except FileNotFoundError as e:
+        runs = [load_run(d) for d in args.runs]
+        print(perplexity_table(runs))
+        if args.table_only:
+            return 0
+        cfg = runs[0].recipe.eval
+        changes = {"prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "choice_items": args.choice_items,
+                   "task_file": args.task_file, "speculative": False if args.no_speculative else None}
+        cfg = build(type(cfg), {**dataclasses.asdict(cfg), **{k: v for k, v in changes.items() if v is not None}})
+        if cfg.task_file and not Path(cfg.task_file).is_file():
+            raise FileNotFoundError(f"task file not found: {cfg.task_file}")
+        md, html = report(args.runs, args.out, cfg)
+    except (FileNotFoundError, ValueError, RecipeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(f"report: {md}\n        {html}")
     return 0
 
 

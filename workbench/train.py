@@ -104,6 +104,8 @@ def validate(recipe: Recipe, _chain: tuple[str, ...] = ()) -> None:
     if recipe.data.tokenizer not in ("auto", "bpe") and models._looks_local(recipe.data.tokenizer):
         if not Path(recipe.data.tokenizer).expanduser().exists():
             raise RecipeError(f"data.tokenizer: no such path '{recipe.data.tokenizer}'")
+    if recipe.eval.task_file and not Path(recipe.eval.task_file).expanduser().is_file():
+        raise RecipeError(f"eval.task_file: no such file '{recipe.eval.task_file}'")
     if recipe.student.tiny and recipe.train.mixed_precision == "fp16" and recipe.student.dtype != "float32":
         raise RecipeError("student.dtype: fp16 mixed precision needs float32 master weights")
 
@@ -176,6 +178,14 @@ def run(recipe: Recipe, accelerator=None) -> dict:
     result.metrics["fingerprint"] = recipe.fingerprint()
     if accelerator.is_main_process:
         (out / "final_metrics.json").write_text(json.dumps(result.metrics, indent=2))
+        if recipe.eval.report:  # the trained model is saved already; the report reads it back
+            from workbench.evaluation import report
+
+            del student, teacher  # the report loads what it evaluates itself: free the training copies
+            accelerator.free_memory()
+            log.info("evaluating %s: report.md / report.html", out)
+            md, html = report([out], device=accelerator.device)
+            log.info("report: %s", html)
     return result.metrics
 
 

@@ -308,6 +308,7 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
         "val_tokens": int(data.val.size),
         "data_key": data.key,
         "train_seconds": round(state["elapsed"], 1),
+        **_peak_memory(accelerator.device),
     }
     metrics.write({"step": state["step"], "val/ppl": student_ppl, "final": True})
     metrics.close()
@@ -364,6 +365,18 @@ def _check_finite(bad: torch.Tensor, accelerator, step: int) -> None:
             f"non-finite loss at or before step {step}: lower train.lr, raise train.warmup_steps, "
             "use train.mixed_precision=no, or check the data; the last checkpoint is still good"
         )
+
+
+def _peak_memory(device) -> dict:
+    """Peak memory of this process so far: allocated CUDA memory on a GPU, else the peak resident set
+    (which counts everything the process holds: teacher, data, Python)."""
+    if device.type == "cuda":
+        return {"peak_memory_mib": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+                "peak_memory_kind": "cuda allocated"}
+    import resource
+
+    return {"peak_memory_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_memory_kind": "process peak RSS"}
 
 
 def _param_groups(model, weight_decay: float) -> list[dict]:

@@ -3,29 +3,15 @@ BENCHMARKS.md."""
 
 from __future__ import annotations
 
+import json
 import os
-import platform
+import subprocess
+import sys
 from pathlib import Path
 
+from workbench.evaluation import machine  # noqa: F401  (re-exported for the benchmarks)
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def machine() -> str:
-    """CPU model, cores, GPU (if any) and the versions that matter, in one line."""
-    import torch
-    import transformers
-
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores{gpu}; Python {platform.python_version()}, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), transformers {transformers.__version__}")
 
 
 def append_to_benchmarks(text: str) -> Path:
@@ -33,3 +19,17 @@ def append_to_benchmarks(text: str) -> Path:
     with path.open("a") as f:
         f.write("\n" + text.rstrip("\n") + "\n")
     return path
+
+
+def launch(config: str, recipe: str, *overrides: str, threads: int | None = None) -> dict:
+    """`accelerate launch --config_file launch_scripts/accelerate/<config>.yaml workbench/train.py
+    recipe=<recipe> [overrides]` from the repository root; -> the run's final_metrics.json."""
+    from workbench.config import load_recipe
+
+    out = load_recipe(recipe, list(overrides)).output_dir
+    out = out if out.is_absolute() else REPO / out
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads or os.cpu_count())}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           f"launch_scripts/accelerate/{config}.yaml", "workbench/train.py", f"recipe={recipe}", *overrides]
+    subprocess.run(cmd, cwd=REPO, env=env, check=True)
+    return json.loads((out / "final_metrics.json").read_text())

@@ -11,9 +11,6 @@ outputs/NAME is reused, an interrupted one continues); the table reads their fin
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import time
 
@@ -24,15 +21,7 @@ RECIPES = ["sft_tiny", "kd_tiny", "kd_tiny_rkl", "kd_tiny_jsd", "kd_tiny_hidden_
 
 
 def train(name: str) -> dict:
-    out = _report.REPO / "outputs" / name
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           "launch_scripts/accelerate/single.yaml", "workbench/train.py", f"recipe={name}", "resume=true"]
-    t = time.time()
-    subprocess.run(cmd, cwd=_report.REPO, env=env, check=True)
-    metrics = json.loads((out / "final_metrics.json").read_text())
-    metrics["wall_s"] = time.time() - t
-    return metrics
+    return _report.launch("single", name, "resume=true")
 
 
 def table(results: dict[str, dict]) -> str:

@@ -1,0 +1,200 @@
+"""The evaluation report: held-out prompts and multiple-choice items, scoring against a naive reference,
+the offline `evaluate` modules, the report written after training and by the CLI (with a baseline), and
+the HTML rendered by headless Chromium with its plots."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import fast_recipe
+from workbench import evaluation
+from workbench.train import run
+
+DOCS = ["import os\nimport sys\n\n\ndef quick_sort(xs):\n    if len(xs) < 2:\n        return xs\n    pivot = xs[0]\n"
+        "    return quick_sort([x for x in xs if x < pivot]) + [pivot]\n",
+        "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n"
+        "        self.items.append(item)\n\n    def pop(self):\n        return self.items.pop()\n"]
+
+
+def test_held_out_prompts_end_at_matches_and_hold_at_most_the_context():
+    pairs = evaluation.held_out_prompts(DOCS, 4, 40, r"^[ \t]*def \w+\(")
+    assert [p.rsplit("def ", 1)[1] for p, _ in pairs] == ["quick_sort(", "__init__(", "push(", "pop("]
+    for prompt, ref in pairs:
+        assert len(prompt) <= 40 and ref and (prompt + ref) in "".join(DOCS)
+    lines = evaluation.held_out_prompts(DOCS, 5, 1000)
+    assert all(p.endswith("\n") for p, _ in lines)
+    assert lines[0][0] == "import os\n"  # a short context is kept whole, from the document's start
+    with pytest.raises(ValueError, match="only 4 prompts"):
+        evaluation.held_out_prompts(DOCS, 5, 40, r"def \w+\(")
+
+
+def test_next_line_items_offer_the_true_line_among_lines_of_the_document():
+    items = evaluation.next_line_items(DOCS, 6, 60, seed=1)
+    for it in items:
+        assert len(it["choices"]) == len(set(it["choices"])) == 4 and it["prompt"].endswith("\n")
+        doc = next(d for d in DOCS if it["prompt"] in d)
+        truth = it["choices"][it["label"]]
+        assert it["prompt"] + truth in doc and all(c in doc for c in it["choices"])
+        assert len(it["prompt"]) <= 60
+
+
+def test_choose_equals_a_naive_one_at_a_time_scoring(tiny_teacher):
+    """Batched, right-padded scoring = each prompt + choice scored alone, with the tokens that end after
+    the prompt (tokenised together, so a newline merged with the next line's indentation is scored)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    items = evaluation.next_line_items(DOCS, 6, 60, seed=2)
+
+    def naive(item):
+        scores = []
+        for c in item["choices"]:
+            full = tok(item["prompt"] + c, add_special_tokens=False).input_ids
+            n_ctx = len(tok(item["prompt"], add_special_tokens=False).input_ids)
+            while tok.decode(full[:n_ctx]) != item["prompt"][: len(tok.decode(full[:n_ctx]))] or \
+                    len(tok.decode(full[:n_ctx])) > len(item["prompt"]):
+                n_ctx -= 1  # the seam token belongs to the choice
+            with torch.no_grad():
+                lp = model(input_ids=torch.tensor([full])).logits[0].float().log_softmax(-1)
+            scores.append(float(lp[n_ctx - 1 : -1].gather(-1, torch.tensor(full[n_ctx:])[:, None]).mean()))
+        return max(range(len(scores)), key=scores.__getitem__)
+
+    assert evaluation.choose(model, tok, items, batch=5) == [naive(it) for it in items]
+
+
+def test_metric_modules_load_offline_and_match_rouge_score():
+    from rouge_score import rouge_scorer
+
+    preds, refs = ["def f(x): return x + 1", "import os", ""], ["def f(y): return y + 1", "import sys", "pass"]
+    got = evaluation._metric("rouge_l").compute(predictions=preds, references=refs)["rougeL"]
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    assert got == pytest.approx(sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs)) / 3)
+    assert evaluation._metric("accuracy").compute(predictions=[0, 1, 2, 3], references=[0, 1, 0, 0])["accuracy"] == 0.5
+
+
+def test_task_file_is_checked(tmp_path):
+    good = tmp_path / "task.jsonl"
+    good.write_text(json.dumps({"prompt": "1 + 1 =", "choices": [" 2", " 3"], "label": 0}) + "\n\n")
+    assert evaluation.read_task_file(good)[0]["choices"] == [" 2", " 3"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "choices": ["a"], "label": 3}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        evaluation.read_task_file(bad)
+
+
+REPORT = ["eval.report=true", "eval.prompts=4", "eval.max_new_tokens=8", "eval.samples=2", "eval.choice_items=8",
+          "eval.context_chars=120"]
+
+
+@pytest.fixture(scope="module")
+def kd_run(tmp_path_factory, tiny_teacher, accelerator):
+    """A KD run that writes its report when training ends."""
+    out = tmp_path_factory.mktemp("kd_report")
+    metrics = run(fast_recipe("kd_tiny", out, "teacher.recipe=null", f"teacher.name_or_path={tiny_teacher}",
+                              *REPORT), accelerator)
+    return out, metrics
+
+
+def test_training_writes_the_report(kd_run):
+    out, metrics = kd_run
+    md = (out / "report.md").read_text()
+    res = json.loads((out / "report.json").read_text())
+    for section in ("## Models", "## Training", "## Task metrics", "## Speculative decoding", "## Plots",
+                    "## Generation samples"):
+        assert section in md
+    student = next(m for m in res["models"] if m["role"] == "student")
+    assert student["val_ppl"] == metrics["student_val_ppl"] and student["params"] > 0 and student["disk_bytes"] > 0
+    assert f"{metrics['student_val_ppl']:.2f}" in md and f"{metrics['teacher_val_ppl']:.2f}" in md
+    assert metrics["peak_memory_mib"] > 0 and metrics["peak_memory_kind"] == "process peak RSS"
+    assert set(res["tasks"]) == {"teacher", "kd_tiny"} and 0 <= res["tasks"]["kd_tiny"]["accuracy"] <= 1
+    spec = res["speculative"]["kd_tiny"]
+    assert spec["identical"] is True and spec["new_tokens"] > 0 and sum(spec["accepted_hist"]) > 0
+    assert {p.name for p in (out / "report_plots").iterdir()} == {"losses.png", "perplexity.png", "acceptance.png"}
+    assert len(res["samples"]) == 2 and {"prompt", "reference", "teacher", "kd_tiny"} <= set(res["samples"][0])
+
+
+def test_cli_compares_with_a_baseline_and_refuses_another_tokenizer(kd_run, tmp_path, accelerator, capsys):
+    from workbench import evaluate
+
+    kd, _ = kd_run
+    base = tmp_path / "sft"
+    run(fast_recipe("sft_tiny", base), accelerator)
+    out = tmp_path / "report"
+    assert evaluate.main([str(kd), str(base), "--out", str(out), "--no-speculative"]) == 0
+    printed = capsys.readouterr().out
+    assert "kd_tiny" in printed and "sft_tiny" in printed and "report.html" in printed
+    res = json.loads((out / "report.json").read_text())
+    assert [m["name"] for m in res["models"] if m["role"] == "student"] == ["kd_tiny", "sft_tiny"]
+    assert res["speculative"] == {} and set(res["tasks"]) == {"teacher", "kd_tiny", "sft_tiny"}
+    assert evaluate.main([str(tmp_path / "nothing")]) == 2
+    other = tmp_path / "other"
+    run(fast_recipe("sft_tiny", other, "data.vocab_size=300"), accelerator)
+    assert evaluate.main([str(kd), str(other), "--out", str(tmp_path / "x")]) == 2
+    assert "another tokenizer" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------- browser
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+PROBE = """<!DOCTYPE html><html><body><pre id="result">pending</pre>
+<iframe id="r" style="width:1200px;height:900px"></iframe>
+<script>
+var frame = document.getElementById('r');
+frame.onload = function () {  // an iframe's load event waits for its images
+  var d = frame.contentDocument;
+  document.getElementById('result').textContent = JSON.stringify({
+    title: d.title, h2: Array.from(d.querySelectorAll('h2')).map(function (h) { return h.textContent; }),
+    tables: d.querySelectorAll('table').length,
+    images: Array.from(d.images).map(function (i) {
+      return {alt: i.alt, w: i.naturalWidth, h: i.naturalHeight, complete: i.complete,
+              inline: i.src.indexOf('data:image/png;base64,') === 0}; })});
+};
+frame.src = 'report.html';
+</script></body></html>"""
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs Chromium (launch_scripts/test.sh installs it)")
+def test_report_html_renders_in_headless_chromium_with_its_plots(kd_run, tmp_path):
+    """Served over 127.0.0.1, the report opens in headless Chromium: its sections and tables are there and
+    every plot decodes to a real image, inlined (the HTML is self-contained: no report_plots/ beside it)."""
+    src, _ = kd_run
+    site = tmp_path / "site"
+    site.mkdir()
+    shutil.copy(src / "report.html", site / "report.html")  # alone: the plots must be inside the file
+    (site / "probe.html").write_text(PROBE)
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(site), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom",
+               f"http://127.0.0.1:{server.server_address[1]}/probe.html"]
+        dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    finally:
+        server.shutdown()
+    import html
+    import re
+
+    found = re.search(r'<pre id="result">(.*?)</pre>', dom, flags=re.S)
+    assert found and found.group(1) != "pending", dom[-2000:]
+    page = json.loads(html.unescape(found.group(1)))
+    assert page["title"] == "workbench report: kd_tiny"
+    assert {"Models", "Training", "Task metrics", "Speculative decoding", "Plots", "Generation samples"} <= set(page["h2"])
+    assert page["tables"] >= 4
+    assert sorted(i["alt"] for i in page["images"]) == ["Accepted drafts per verification", "Training loss per term",
+                                                       "Validation perplexity"]
+    assert all(i["complete"] and i["inline"] and i["w"] > 300 and i["h"] > 200 for i in page["images"]), page["images"]

@@ -1,0 +1,485 @@
+"""Evaluation of finished runs, written as report.md and a self-contained report.html with plots.
+
+For the main run (and any baseline runs beside it, e.g. sft_tiny next to kd_tiny): validation
+perplexity of teacher and students, parameter counts and sizes on disk, training throughput and peak
+memory, ROUGE-L of greedy continuations of held-out prompts against the true continuations, accuracy on a
+multiple-choice task (the true next line of a held-out document among four lines of it, or a .jsonl task
+file), generation samples side by side, and speculative decoding with the teacher as target and each
+student as draft. Plots: loss curves per loss term, validation perplexity against steps, accepted drafts
+per verification. Metrics go through `evaluate` (our offline modules in workbench/metrics).
+
+    from workbench.evaluation import report
+    md, html = report(["outputs/kd_tiny", "outputs/sft_tiny"])
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import os
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from workbench.config import EvalConfig, Recipe, build, yaml_load
+
+log = logging.getLogger(__name__)
+METRICS_DIR = Path(__file__).resolve().parent / "metrics"
+
+
+# --------------------------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Run:
+    """A finished training run directory."""
+
+    path: Path
+    final: dict  # final_metrics.json
+    recipe: Recipe  # recipe.yaml as trained
+    records: list[dict] = field(default_factory=list)  # metrics.jsonl
+
+    @property
+    def name(self) -> str:
+        return self.final.get("recipe", self.path.name)
+
+
+def load_run(path: str | Path) -> Run:
+    from workbench.trainer import read_metrics
+
+    path = Path(path)
+    final = path / "final_metrics.json"
+    if not final.is_file():
+        raise FileNotFoundError(f"{final} not found: has the run in {path} finished?")
+    recipe = build(Recipe, yaml_load((path / "recipe.yaml").read_text())) if (path / "recipe.yaml").is_file() else Recipe()
+    return Run(path, json.loads(final.read_text()), recipe, read_metrics(path))
+
+
+def perplexity_table(runs: list[Run]) -> str:
+    """Plain-text table of validation perplexities: each distinct teacher once, then every student."""
+    keys = {r.final["data_key"] for r in runs}
+    rows, teachers = [], {}
+    for r in runs:
+        if r.final.get("teacher_val_ppl") is not None:
+            teachers.setdefault(r.final.get("teacher", "teacher"), r.final["teacher_val_ppl"])
+    rows += [("teacher", _short(name), ppl, None) for name, ppl in teachers.items()]
+    rows += [("student", f"{r.name} ({r.path})", r.final["student_val_ppl"], r.final["step"]) for r in runs]
+    width = max(len(r[1]) for r in rows)
+    lines = [f"validation perplexity on {runs[0].final['val_tokens']:,} held-out tokens (lower is better)",
+             f"  {'role':8s} {'model':{width}s} {'steps':>6s} {'ppl':>10s}"]
+    for role, name, ppl, step in rows:
+        lines.append(f"  {role:8s} {name:{width}s} {'' if step is None else step:>6} {ppl:10.3f}")
+    if len(keys) > 1:
+        lines.append("WARNING: these runs used different validation data; their perplexities are not comparable")
+    elif len(runs) == 2 and runs[1].final.get("teacher_val_ppl") is None:
+        a, b = runs[0].final, runs[1].final
+        lines.append(f"  {a['recipe']} / {b['recipe']} perplexity ratio: {a['student_val_ppl'] / b['student_val_ppl']:.3f}")
+    return "\n".join(lines)
+
+
+def _short(path: str) -> str:
+    parts = Path(path).parts
+    return str(Path(*parts[-3:])) if len(parts) > 3 else path
+
+
+# --------------------------------------------------------------------------------------------- tasks
+
+
+def held_out_prompts(texts: list[str], n: int, context_chars: int, regex: str | None = None) -> list[tuple[str, str]]:
+    """`n` (prompt, true continuation) pairs spread evenly over held-out documents. A prompt ends right
+    after a match of `regex` (or at the end of a line) and holds at most `context_chars` characters,
+    starting at a line start where it can."""
+    pattern = re.compile(regex if regex else r"\n", flags=re.M)
+    found = []
+    for text in texts:
+        for m in pattern.finditer(text):
+            end = m.end()
+            if end >= len(text) or not text[end:].strip():
+                continue
+            prompt = _tail(text[:end], context_chars)
+            if prompt.strip():
+                found.append((prompt, text[end : end + 4000]))
+    if len(found) < n:
+        raise ValueError(f"only {len(found)} prompts in the held-out documents, asked for {n}")
+    step = len(found) / max(n, 1)
+    return [found[int(i * step)] for i in range(n)]
+
+
+def _tail(text: str, n: int) -> str:
+    """The last `n` characters of `text` at most, starting at a line start when one falls in them."""
+    if len(text) <= n:
+        return text
+    nl = text.find("\n", len(text) - n, len(text) - 1)
+    return text[nl + 1 :] if nl >= 0 else text[-n:]
+
+
+def next_line_items(texts: list[str], n: int, context_chars: int, choices: int = 4, seed: int = 0) -> list[dict]:
+    """Multiple-choice items from held-out documents: the lines before a line (at most context_chars
+    characters) as the prompt, that line and `choices - 1` other lines of the same document as choices."""
+    rng = random.Random(seed)
+    pool = []
+    for text in texts:
+        lines = text.split("\n")
+        distinct = sorted({ln for ln in lines if len(ln.strip()) >= 8})
+        if len(distinct) < choices:
+            continue
+        for i in range(1, len(lines)):
+            if len(lines[i].strip()) >= 8 and "\n".join(lines[max(0, i - 3) : i]).strip():
+                pool.append((lines, i, distinct))
+    if len(pool) < n:
+        raise ValueError(f"only {len(pool)} candidate lines in the held-out documents, asked for {n} items")
+    items = []
+    for j in range(n):
+        lines, i, distinct = pool[int(j * len(pool) / n)]
+        others = rng.sample([ln for ln in distinct if ln != lines[i]], choices - 1)
+        opts = others + [lines[i]]
+        rng.shuffle(opts)
+        items.append({"prompt": _tail("\n".join(lines[:i]) + "\n", context_chars), "choices": opts,
+                      "label": opts.index(lines[i])})
+    return items
+
+
+def read_task_file(path: str | Path) -> list[dict]:
+    """{"prompt", "choices", "label"} items of a .jsonl task file, checked."""
+    items = []
+    for i, line in enumerate(Path(path).read_text().splitlines()):
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        if not ({"prompt", "choices", "label"} <= set(item)) or not 0 <= item["label"] < len(item["choices"]):
+            raise ValueError(f"{path}:{i + 1}: need prompt, choices (a list) and label (an index into choices)")
+        items.append(item)
+    return items
+
+
+@torch.no_grad()
+def choose(model, tok, items: list[dict], batch: int = 16) -> list[int]:
+    """The choice with the highest mean log-likelihood per token after its prompt, for each item.
+    Prompt and choice are tokenised together (byte-level BPE merges across the seam, e.g. a newline with
+    the next line's indentation), and the tokens that end inside the choice are the ones scored."""
+    device = next(model.parameters()).device
+    limit = getattr(model.config, "max_position_embeddings", 2048)
+    seqs = []  # (ids, number of scored tokens at the end)
+    for item in items:
+        for choice in item["choices"]:
+            enc = tok(item["prompt"] + choice, add_special_tokens=False, return_offsets_mapping=True)
+            n_c = sum(1 for _, end in enc.offset_mapping if end > len(item["prompt"]))
+            ids = enc.input_ids[-limit:]
+            n_c = min(max(n_c, 1), len(ids) - 1)
+            if len(ids) < 2:
+                raise ValueError(f"a prompt and choice of one token cannot be scored: {item['prompt'] + choice!r}")
+            seqs.append((ids, n_c))
+    scores = []
+    for i in range(0, len(seqs), batch):
+        chunk = seqs[i : i + batch]
+        width = max(len(s) for s, _ in chunk)
+        ids = torch.full((len(chunk), width), tok.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, (s, _) in enumerate(chunk):  # right-padded: positions are those of an unpadded row
+            ids[r, : len(s)], mask[r, : len(s)] = torch.tensor(s), 1
+        logp = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1)
+        for r, (s, n_c) in enumerate(chunk):  # positions len(s)-n_c-1 .. len(s)-2 predict the scored tokens
+            pos = torch.arange(len(s) - n_c - 1, len(s) - 1, device=device)
+            tgt = torch.tensor(s[len(s) - n_c :], device=device)
+            scores.append(float(logp[r, pos, tgt].mean()))
+    out, k = [], 0
+    for item in items:
+        m = len(item["choices"])
+        out.append(max(range(m), key=lambda j: scores[k + j]))
+        k += m
+    return out
+
+
+def _greedy(model, tok, prompts: list[str], max_new: int, batch: int = 8) -> list[str]:
+    from workbench.speculative import target_generate
+
+    device = next(model.parameters()).device
+    texts = []
+    for i in range(0, len(prompts), batch):
+        enc = tok(prompts[i : i + batch], return_tensors="pt", padding=True).to(device)
+        out = target_generate(model, enc.input_ids, max_new, attention_mask=enc.attention_mask,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        texts += tok.batch_decode(out.sequences[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    return texts
+
+
+def _speculation(teacher, draft, tok, prompts: list[str], max_new: int, k: int) -> dict:
+    """Speculative decoding (batch 1 per prompt) against the teacher alone: rates, speed-up, identity."""
+    from workbench.speculative import SpecStats, speculative_generate, target_generate
+
+    device = next(teacher.parameters()).device
+    spec, alone, same = SpecStats(), SpecStats(), True
+    common = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    for p in prompts:
+        ids = tok(p, return_tensors="pt").input_ids.to(device)
+        a = target_generate(teacher, ids, max_new, **common)
+        s = speculative_generate(teacher, draft, ids, max_new, draft_len=k, **common)
+        alone.add(a.stats), spec.add(s.stats)
+        same = same and torch.equal(a.sequences, s.sequences)
+    return {**spec.as_dict(), "teacher_tokens_per_s": alone.tokens_per_second,
+            "speedup": spec.tokens_per_second / max(alone.tokens_per_second, 1e-9), "identical": same, "draft_len": k}
+
+
+def _metric(name: str):
+    import evaluate
+
+    return evaluate.load(str(METRICS_DIR / name))
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate_runs(run_dirs: list[str | Path], cfg: EvalConfig | None = None, device=None) -> dict:
+    """Everything the report shows, as plain data. The first run is the main one: its teacher, tokenizer
+    and held-out data serve every run; the others are baselines (they must share the tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workbench.data import load_corpus, tokenizer_fingerprint
+    from workbench.models import count_parameters
+
+    runs = [load_run(d) for d in run_dirs]
+    main = runs[0]
+    cfg = cfg or main.recipe.eval
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tok = AutoTokenizer.from_pretrained(main.path / "model")
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    for r in runs[1:]:
+        if tokenizer_fingerprint(AutoTokenizer.from_pretrained(r.path / "model")) != tokenizer_fingerprint(tok):
+            raise ValueError(f"{r.path} uses another tokenizer than {main.path}: the runs cannot be compared")
+
+    def load(path):
+        return AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+
+    models = {r.name if i == 0 or r.name != main.name else f"{r.name} ({r.path})": (r, load(r.path / "model"))
+              for i, r in enumerate(runs)}
+    teacher_path = main.final.get("teacher")
+    teacher = load(teacher_path) if teacher_path and Path(teacher_path).is_dir() else None
+
+    res = {"date": time.strftime("%Y-%m-%d %H:%M"), "main": main.name, "machine": machine(),
+           "val_tokens": main.final["val_tokens"], "same_val_data": len({r.final["data_key"] for r in runs}) == 1,
+           "models": [], "training": [], "tasks": {}, "samples": [], "speculative": {}, "curves": {},
+           "eval": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}}
+    if teacher is not None:
+        res["models"].append({"role": "teacher", "name": _short(teacher_path), "params": count_parameters(teacher),
+                              "disk_bytes": _disk(teacher_path), "val_ppl": main.final.get("teacher_val_ppl")})
+    for name, (r, m) in models.items():
+        res["models"].append({"role": "student", "name": name, "params": count_parameters(m),
+                              "disk_bytes": _disk(r.path / "model"), "val_ppl": r.final["student_val_ppl"],
+                              "adapter_bytes": _disk(r.path / "adapter") if (r.path / "adapter").is_dir() else None})
+        f = r.final
+        res["training"].append({"name": name, "steps": f["step"], "tokens": f["train_tokens"],
+                                "seconds": f["train_seconds"], "tokens_per_s": f["train_tokens"] / max(f["train_seconds"], 1e-9),
+                                "peak_memory_mib": f.get("peak_memory_mib"), "peak_memory_kind": f.get("peak_memory_kind"),
+                                "losses": [t.name for t in r.recipe.distill.losses]})
+        res["curves"][name] = {"loss": {k[len("train/"):]: [(x["step"], x[k]) for x in r.records if k in x]
+                                        for k in sorted({k for x in r.records for k in x if k.startswith("train/")})},
+                               "val_ppl": [(x["step"], x["val/ppl"]) for x in r.records if "val/ppl" in x]}
+
+    scored = {**({"teacher": teacher} if teacher is not None else {}), **{n: m for n, (_, m) in models.items()}}
+    corpus = load_corpus(main.recipe.data) if (cfg.prompts or (cfg.choice_items and not cfg.task_file)) else None
+    if cfg.prompts:
+        pairs = held_out_prompts(corpus.val_texts, cfg.prompts, cfg.context_chars, cfg.prompt_regex)
+        prompts = [p for p, _ in pairs]
+        refs = [tok.decode(tok(ref, add_special_tokens=False).input_ids[: cfg.max_new_tokens]) for _, ref in pairs]
+        rouge = _metric("rouge_l")
+        gens = {}
+        for name, m in scored.items():
+            gens[name] = _greedy(m, tok, prompts, cfg.max_new_tokens)
+            res["tasks"].setdefault(name, {})["rougeL"] = rouge.compute(predictions=gens[name], references=refs)["rougeL"]
+        res["tasks_info"] = {"rouge_prompts": len(prompts)}
+        res["samples"] = [{"prompt": prompts[i], "reference": refs[i], **{n: g[i] for n, g in gens.items()}}
+                          for i in range(min(cfg.samples, len(prompts)))]
+        if teacher is not None and cfg.speculative:
+            for name, m in models.items():
+                res["speculative"][name] = _speculation(teacher, m[1], tok, prompts, cfg.max_new_tokens, cfg.draft_len)
+    if cfg.choice_items or cfg.task_file:
+        items = read_task_file(cfg.task_file) if cfg.task_file else \
+            next_line_items(corpus.val_texts, cfg.choice_items, cfg.context_chars)
+        acc = _metric("accuracy")
+        refs = [it["label"] for it in items]
+        for name, m in scored.items():
+            res["tasks"].setdefault(name, {})["accuracy"] = acc.compute(predictions=choose(m, tok, items),
+                                                                       references=refs)["accuracy"]
+        res.setdefault("tasks_info", {})["choice_items"] = len(items)
+        res["tasks_info"]["choice_task"] = Path(cfg.task_file).name if cfg.task_file else "next line among 4"
+    return res
+
+
+def _disk(path) -> int:
+    p = Path(path)
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else 0
+
+
+def machine() -> str:
+    """CPU model, cores, GPU (if any) and the versions that matter, in one line."""
+    import platform
+
+    import transformers
+
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores{gpu}; Python {platform.python_version()}, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), transformers {transformers.__version__}")
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def write_report(res: dict, out_dir: str | Path) -> tuple[Path, Path]:
+    """report.md (plots as PNG files in report_plots/) and report.html (plots inlined) in `out_dir`."""
+    import markdown
+
+    out = Path(out_dir)
+    plots_dir = out / "report_plots"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    plots = _plots(res)
+    for name, png in plots.items():
+        (plots_dir / f"{name}.png").write_bytes(png)
+    md = _markdown(res, plots)
+    (out / "report.md").write_text(md)
+    body = markdown.markdown(md, extensions=["tables", "fenced_code"])
+    for name, png in plots.items():
+        body = body.replace(f'src="report_plots/{name}.png"', f'src="data:image/png;base64,{base64.b64encode(png).decode()}"')
+    html = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>workbench report: {res['main']}"
+            f"</title><style>{_CSS}</style></head><body>\n{body}\n</body></html>\n")
+    (out / "report.html").write_text(html)
+    return out / "report.md", out / "report.html"
+
+
+def report(run_dirs: list[str | Path], out_dir: str | Path | None = None, cfg: EvalConfig | None = None,
+           device=None) -> tuple[Path, Path]:
+    """Evaluate `run_dirs` (the first is the main run) and write the report (default: in the main run)."""
+    res = evaluate_runs(run_dirs, cfg, device)
+    paths = write_report(res, out_dir or run_dirs[0])
+    (Path(out_dir or run_dirs[0]) / "report.json").write_text(json.dumps(res, indent=1, default=str))
+    return paths
+
+
+_CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "th:first-child,td:first-child{text-align:left}img{max-width:100%}pre{background:#f6f6f6;padding:8px;"
+        "overflow-x:auto;white-space:pre-wrap}h1,h2{border-bottom:1px solid #ddd}")
+
+
+def _fmt_bytes(n) -> str:
+    return "-" if not n else f"{n / 2**20:.1f} MiB"
+
+
+def _markdown(res: dict, plots: dict) -> str:
+    L = [f"# Evaluation report: {res['main']}", "",
+         f"{res['date']} on {res['machine']}. Validation data: {res['val_tokens']:,} held-out tokens"
+         + ("" if res["same_val_data"] else " (WARNING: the runs used different validation data)") + ".", "",
+         "## Models", "", "| role | model | parameters | size on disk | validation perplexity |",
+         "| --- | --- | ---: | ---: | ---: |"]
+    for m in res["models"]:
+        size = _fmt_bytes(m["disk_bytes"]) + (f" (adapter {_fmt_bytes(m['adapter_bytes'])})" if m.get("adapter_bytes") else "")
+        ppl = "-" if m["val_ppl"] is None else f"{m['val_ppl']:.2f}"
+        L.append(f"| {m['role']} | {m['name']} | {m['params'] / 1e6:.2f}M | {size} | {ppl} |")
+    L += ["", "## Training", "", "| student | objective | steps | tokens | wall-clock s | tokens/s | peak memory |",
+          "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for t in res["training"]:
+        mem = "-" if t["peak_memory_mib"] is None else f"{t['peak_memory_mib']:.0f} MiB ({t['peak_memory_kind']})"
+        L.append(f"| {t['name']} | {' + '.join(t['losses'])} | {t['steps']} | {t['tokens']:,} | {t['seconds']:.0f} | "
+                 f"{t['tokens_per_s']:,.0f} | {mem} |")
+    if res["tasks"]:
+        info = res.get("tasks_info", {})
+        L += ["", "## Task metrics", "",
+              f"ROUGE-L: greedy continuations of {info.get('rouge_prompts', 0)} held-out prompts against the true "
+              f"continuations ({res['eval']['max_new_tokens']} tokens). Accuracy: {info.get('choice_task', '-')}, "
+              f"{info.get('choice_items', 0)} items, by mean log-likelihood per token.", "",
+              "| model | ROUGE-L | accuracy |", "| --- | ---: | ---: |"]
+        for name, t in res["tasks"].items():
+            L.append(f"| {name} | {_num(t.get('rougeL'))} | {_num(t.get('accuracy'))} |")
+    if res["speculative"]:
+        L += ["", "## Speculative decoding", "",
+              "Teacher as target, each student as draft, greedy, batch 1, over the same prompts; speed-up against the "
+              "teacher decoding alone (same code, no draft) on this machine.", "",
+              "| draft | k | acceptance rate | tokens per target call | tokens/s | teacher alone tokens/s | speed-up | "
+              "identical tokens |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for name, s in res["speculative"].items():
+            L.append(f"| {name} | {s['draft_len']} | {s['acceptance_rate']:.3f} | {s['tokens_per_target_call']:.2f} | "
+                     f"{s['tokens_per_s']:.1f} | {s['teacher_tokens_per_s']:.1f} | {s['speedup']:.2f}x | {s['identical']} |")
+    L += ["", "## Plots", ""]
+    titles = {"losses": "Training loss per term", "perplexity": "Validation perplexity",
+              "acceptance": "Accepted drafts per verification"}
+    for name in plots:
+        L += [f"![{titles[name]}](report_plots/{name}.png)", ""]
+    if res["samples"]:
+        L += ["## Generation samples", ""]
+        for i, s in enumerate(res["samples"], 1):
+            L += [f"### Sample {i}", "", "Prompt:", "", "```", s["prompt"], "```", ""]
+            for name in ["reference", *[k for k in s if k not in ("prompt", "reference")]]:
+                L += [f"{'True continuation' if name == 'reference' else name}:", "", "```", s[name], "```", ""]
+    return "\n".join(L).rstrip() + "\n"
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _plots(res: dict) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    curves = res["curves"]
+    if any(c["loss"] for c in curves.values()):
+        fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.8), squeeze=False)
+        for ax, (name, c) in zip(axes[0], curves.items()):
+            for term, pts in c["loss"].items():
+                ax.plot(*zip(*pts), label=term, lw=1.5 if term == "loss" else 1.0)
+            ax.set(title=name, xlabel="step", ylabel="loss (per valid token)")
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+        out["losses"] = _png(fig)
+    if any(c["val_ppl"] for c in curves.values()):
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for name, c in curves.items():
+            if c["val_ppl"]:
+                ax.plot(*zip(*c["val_ppl"]), marker="o", label=name)
+        teacher = next((m for m in res["models"] if m["role"] == "teacher" and m["val_ppl"]), None)
+        if teacher:
+            ax.axhline(teacher["val_ppl"], ls="--", color="k", label=f"teacher ({teacher['val_ppl']:.1f})")
+        ax.set(xlabel="step", ylabel="validation perplexity", yscale="log")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+        out["perplexity"] = _png(fig)
+    if res["speculative"]:
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        width = 0.8 / len(res["speculative"])
+        for i, (name, s) in enumerate(res["speculative"].items()):
+            hist = s["accepted_hist"]
+            total = max(sum(hist), 1)
+            ax.bar([x + i * width for x in range(len(hist))], [h / total for h in hist], width, label=name)
+        ax.set(xlabel="drafts accepted per verification", ylabel="share of verifications")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+        out["acceptance"] = _png(fig)
+    return out
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
