@@ -389,6 +389,29 @@ class EvalConfig:
 
 
 @dataclass
+class HubConfig:
+    """Where and how output.push_to_hub pushes the student (token: HF_TOKEN or `hf auth login`)."""
+
+    repo_id: Optional[str] = None
+    """Hub repository, 'user-or-org/name' (created if missing)."""
+    private: bool = True
+    """Create the repository private (false: public)."""
+    revision: Optional[str] = None
+    """Branch to push to (created if missing); null: main."""
+    content: Literal["auto", "adapter", "merged"] = "auto"
+    """What to push: the peft adapter or the merged model; auto: the adapter when the run trained one."""
+    dry_run: bool = False
+    """Write the folder that would be pushed (<output.dir>/hub_upload) and push nothing."""
+    commit_message: str = "Upload student trained with workbench"
+    """Commit message."""
+
+    def __post_init__(self) -> None:
+        if self.repo_id is not None:
+            _check(re.fullmatch(r"[\w.-]+/[\w.-]+", self.repo_id) is not None, "repo_id",
+                   f"'{self.repo_id}' is not 'user-or-org/name'")
+
+
+@dataclass
 class OutputConfig:
     """Where results go."""
 
@@ -398,6 +421,14 @@ class OutputConfig:
     """Also write TensorBoard event files under <dir>/tensorboard."""
     overwrite: bool = False
     """Start over in a run directory that already holds checkpoints or a final model."""
+    push_to_hub: bool = False
+    """Push the final student (with a generated model card) when training finishes; see output.hub."""
+    hub: HubConfig = field(default_factory=HubConfig)
+    """Hub repository and push settings."""
+
+    def __post_init__(self) -> None:
+        _check(not self.push_to_hub or self.hub.repo_id is not None, "push_to_hub",
+               "needs output.hub.repo_id ('user-or-org/name')")
 
 
 @dataclass

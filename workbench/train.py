@@ -186,6 +186,10 @@ def run(recipe: Recipe, accelerator=None) -> dict:
             log.info("evaluating %s: report.md / report.html", out)
             md, html = report([out], device=accelerator.device)
             log.info("report: %s", html)
+        if recipe.output.push_to_hub:  # after the report, so the model card carries its metrics
+            from workbench.hub import push
+
+            push(out, recipe.output.hub)
     return result.metrics
 
 

@@ -6,7 +6,7 @@ student of the same size as drafts.
     python -m workbench.bench.speculative --prompts 4 --max-new-tokens 32 --no-record   # a quick look
 
 Prompts are held-out standard-library files (the validation split of the corpus the models were trained
-on) cut right after a `def name(` line start, with up to --context characters before it. Every method
+on) cut right after a `def name(` line start, at most --context characters from a line start. Every method
 decodes the same prompts to EOS or --max-new-tokens; at temperature 0 all of them must produce the
 teacher's own greedy tokens (checked). Batch 1 unless the row says otherwise; one warm-up pass first.
 Tokens per target call divides by all of the teacher's forward passes (counted by a hook for HF's), the
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import re
 import sys
 import time
 from pathlib import Path
@@ -31,17 +30,12 @@ def held_out_prompts(n: int, context_chars: int) -> list[str]:
     """`n` prompts from the corpus's held-out files, each ending in 'def name(' at a line start."""
     from workbench.config import DataConfig
     from workbench.data import load_corpus
+    from workbench.evaluation import held_out_prompts as prompts
 
-    corpus = load_corpus(DataConfig())
-    found = []
-    for text in corpus.val_texts:
-        for m in re.finditer(r"^[ \t]*def \w+\(", text, flags=re.M):
-            start = text.rfind("\n", 0, max(0, m.start() - context_chars)) + 1
-            found.append(text[start : m.end()])
-    if len(found) < n:
-        raise RuntimeError(f"only {len(found)} 'def' lines in the held-out files, asked for {n}")
-    step = len(found) / n
-    return [found[int(i * step)] for i in range(n)]
+    return [p for p, _ in prompts(load_corpus(DataConfig()).val_texts, n, context_chars, DEF_LINE)]
+
+
+DEF_LINE = r"^[ \t]*def \w+\("
 
 
 class _CallCounter:
@@ -151,7 +145,7 @@ def run(args) -> str:
     lines = [f"### Speculative decoding on the embedded default ({time.strftime('%Y-%m-%d')})", "",
              f"Machine: {_report.machine()}. Teacher `{args.teacher}` (5.5M parameters), drafts `{kd}` and "
              f"`{sft}` (1.3M each, same size and steps, with and without distillation). {len(prompts)} held-out "
-             f"prompts ending in `def name(` (up to {args.context} characters of context), greedy, up to {N} new "
+             f"prompts ending in `def name(` (at most {args.context} characters), greedy, up to {N} new "
              "tokens each; fp32 on the CPU. Speed-up is tokens/s over the first row's (HF generate, teacher "
              "alone, batch 1); 'same tokens' checks the teacher's own greedy output.", "",
              "| method | draft | batch | tokens/s | speed-up | acceptance rate | tokens per target call | same tokens |",
