@@ -394,3 +394,19 @@ def test_auto_chunk_bounds_chunk_memory():
     assert losses.auto_chunk(128_000) * 128_000 <= (1 << 23)
     assert losses.auto_chunk(4096) == 2048 and losses.auto_chunk(10**9) == 16
     assert math.isclose(losses.auto_chunk(32_000) * 32_000, 1 << 23, rel_tol=0.01)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_jsd_equals_trls_generalized_jsd(beta):
+    """The objective workbench.bench.vs_trl compares: our jsd (a sum over valid tokens, divided once by
+    the caller) equals TRL GKDTrainer's generalized_jsd_loss (normalised by the number of valid tokens),
+    values and gradients, with beta meaning the same on both sides."""
+    gkd = pytest.importorskip("trl.experimental.gkd")
+    s, t, labels = _data(N=13, V=37)
+    s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+    n = (labels != -100).sum()
+    ours = losses.LogitDivergence("jsd", beta=beta)(s1, t, labels) / n
+    theirs = gkd.GKDTrainer.generalized_jsd_loss(s2[None], t[None], labels[None], beta=beta, num_items_in_batch=n)
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=1e-6)
+    ours.backward(), theirs.backward()
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-4, atol=1e-6)

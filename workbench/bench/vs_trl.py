@@ -1,0 +1,192 @@
+"""Our trainer against TRL's GKDTrainer (trl.experimental.gkd) on the same tiny teacher/student pair,
+data, steps and settings: generalised JSD (beta 0.5, no temperature, no cross-entropy), lambda = 0
+(off-policy) and lambda > 0 (student-generated continuations of 64-token prompts, 64 new tokens, sampled
+at temperature 1). Same student initialisation, optimizer (AdamW, betas 0.9/0.95, weight decay 0.1),
+cosine schedule with warm-up and minimum, gradient clipping, batch size.
+
+    python -m workbench.bench.vs_trl                       # 100 steps, lambda 0 and 0.5, appends to BENCHMARKS.md
+    python -m workbench.bench.vs_trl --steps 10 --lambdas 0 --no-record
+
+Each run is a fresh process. Peak memory is the rise of the process's memory during training over what
+it held just before (resident set sampled every 2 ms on a CPU; allocated CUDA memory on a GPU); both
+load the same models and data first. Time is the optimisation loop's (TRL: train_runtime; ours: the
+loop, without the teacher's evaluation before it and the save after it); tokens/s counts the training
+data's tokens (steps x batch x 256). Perplexity: our evaluation of each trained student, held-out blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+from workbench.bench import _report
+
+SEQ, PROMPT, NEW, BATCH, LR, WARMUP = 256, 64, 64, 8, 3e-3, 10
+
+
+class _PeakMemory:
+    """Peak memory above the level at start: CUDA allocated, or the resident set sampled in a thread."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = self.peak = _rss()
+            self.running = True
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak = max(self.peak, _rss())
+
+    @property
+    def rise_mib(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _setup(out: str):
+    """Teacher, a seeded student, tokenizer, packed data and the recipe both sides train with."""
+    from accelerate import Accelerator
+
+    from workbench import data as D
+    from workbench import models as M
+    from workbench.config import load_recipe
+    from workbench.train import ensure_trained
+
+    accelerator = Accelerator()
+    recipe = load_recipe("kd_tiny", [f"output.dir={out}", "output.overwrite=true", "eval.report=false",
+                                     "output.tensorboard=false", "train.eval_every=0", "train.checkpoint_every=0",
+                                     f"train.micro_batch_size={BATCH}", f"train.lr={LR}", f"train.warmup_steps={WARMUP}",
+                                     "distill.losses=[{name: jsd, weight: 1.0, beta: 0.5}]", "teacher.recipe=null",
+                                     "teacher.name_or_path=" + str(ensure_trained("pretrain_tiny_teacher", accelerator))])
+    corpus = D.load_corpus(recipe.data)
+    tok = D.load_tokenizer(recipe.data, corpus, pretrained=recipe.teacher.name_or_path)
+    packed = D.load_packed(recipe.data, tok, corpus)
+    teacher = M.load_model(recipe.teacher, tok, "teacher").to(accelerator.device).eval()
+    student = M.load_model(recipe.student, tok, "student", seed=recipe.train.seed).to(accelerator.device)
+    return accelerator, recipe, tok, packed, teacher, student
+
+
+def _child(framework: str, steps: int, lmbda: float, out: str) -> dict:
+    import dataclasses
+
+    from workbench import trainer as T
+    from workbench.config import OnPolicyConfig
+
+    accelerator, recipe, tok, packed, teacher, student = _setup(out)
+    onp = OnPolicyConfig(method="gkd", lmbda=lmbda, prompt_tokens=PROMPT, max_new_tokens=NEW, temperature=1.0)
+    recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, max_steps=steps),
+                                 distill=dataclasses.replace(recipe.distill, onpolicy=onp))
+    with _PeakMemory(accelerator.device) as mem:
+        if framework == "ours":  # its loop time: our trainer also evaluates the teacher first and saves after
+            seconds = T.train(recipe, accelerator, student, tok, packed, teacher=teacher,
+                              kd_vocab=len(tok)).metrics["train_seconds"]
+        else:
+            seconds = _train_trl(recipe, student, teacher, tok, packed, steps, lmbda, out)
+    ppl = T.evaluate_perplexity(student, packed.val, BATCH, 0, accelerator)
+    return {"framework": framework, "lambda": lmbda, "steps": steps, "seconds": seconds,
+            "tokens_per_s": steps * BATCH * SEQ / seconds, "peak_rise_mib": mem.rise_mib, "val_ppl": ppl,
+            "memory_kind": "CUDA allocated" if accelerator.device.type == "cuda" else "resident set"}
+
+
+def _train_trl(recipe, student, teacher, tok, packed, steps: int, lmbda: float, out: str) -> float:
+    """Train `student` with TRL's GKDTrainer; -> its train_runtime (seconds)."""
+    from datasets import Dataset
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    blocks = torch.from_numpy(packed.train.astype("int64"))
+    ds = Dataset.from_dict({"input_ids": blocks.tolist()})
+
+    def collate(rows):  # every token is a target, as in our trainer; the first PROMPT tokens are the prompt
+        ids = torch.tensor([r["input_ids"] for r in rows])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
+                "prompts": ids[:, :PROMPT], "prompt_attention_mask": torch.ones_like(ids[:, :PROMPT])}
+
+    t = recipe.train
+    args = GKDConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
+                     learning_rate=t.lr, lr_scheduler_type="cosine_with_min_lr",
+                     lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio}, warmup_steps=t.warmup_steps,
+                     weight_decay=t.weight_decay, adam_beta1=t.betas[0], adam_beta2=t.betas[1], max_grad_norm=t.grad_clip,
+                     logging_steps=10, save_strategy="no", report_to=[], seed=t.seed, data_seed=t.seed,
+                     dataloader_num_workers=0, lmbda=lmbda, beta=0.5, temperature=1.0, max_new_tokens=NEW,
+                     max_length=SEQ, use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+    trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds, data_collator=collate,
+                         processing_class=tok)
+    return trainer.train().metrics["train_runtime"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--lambdas", type=float, nargs="*", default=[0.0, 0.5])
+    ap.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
+    ap.add_argument("--child", nargs=3, metavar=("FRAMEWORK", "LAMBDA", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(_child(args.child[0], args.steps, float(args.child[1]), args.child[2])))
+        return 0
+    results = []
+    for lmbda in args.lambdas:
+        for fw in ("trl", "ours"):
+            out = str(_report.REPO / "outputs" / "bench_vs_trl" / f"{fw}-{lmbda:g}")
+            cmd = [sys.executable, "-m", "workbench.bench.vs_trl", "--steps", str(args.steps), "--child", fw, str(lmbda), out]
+            done = subprocess.run(cmd, cwd=_report.REPO, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"{fw} lambda={lmbda} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+            results.append(json.loads(done.stdout.split("RESULT ", 1)[1].splitlines()[0]))
+            print(results[-1], flush=True)
+    import trl
+
+    lines = [f"### Ours vs TRL GKDTrainer ({time.strftime('%Y-%m-%d')})", "",
+             f"Machine: {_report.machine()}, trl {trl.__version__}. Teacher `pretrain_tiny_teacher` (5.5M), student "
+             f"`llama-student-1m` (1.3M, same initialisation), {args.steps} steps x {BATCH} x {SEQ} tokens of the "
+             "embedded corpus; generalised JSD (beta 0.5); lambda > 0: continuations of 64-token prompts, 64 new "
+             f"tokens at temperature 1. Peak memory: rise during training ({results[0]['memory_kind']}). Fresh "
+             "process per run.", "",
+             "| lambda | trainer | wall s | tokens/s | peak memory rise MiB | validation ppl | speed ours/TRL | "
+             "memory TRL/ours |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for lmbda in args.lambdas:
+        trl_r, ours = [next(r for r in results if r["lambda"] == lmbda and r["framework"] == f) for f in ("trl", "ours")]
+        for r in (trl_r, ours):
+            ratio = (f"{ours['tokens_per_s'] / trl_r['tokens_per_s']:.2f}x | "
+                     f"{trl_r['peak_rise_mib'] / max(ours['peak_rise_mib'], 1e-9):.2f}x") if r is ours else " | "
+            lines.append(f"| {lmbda:g} | {'TRL GKDTrainer' if r is trl_r else 'workbench'} | {r['seconds']:.1f} | "
+                         f"{r['tokens_per_s']:,.0f} | {r['peak_rise_mib']:.0f} | {r['val_ppl']:.2f} | {ratio} |")
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_record:
+        print(f"appended to {_report.append_to_benchmarks(text)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
