@@ -21,6 +21,13 @@ def append_to_benchmarks(text: str) -> Path:
     return path
 
 
+def publish(text: str, record: bool) -> None:
+    """Print a benchmark's section and, when `record`, append it to BENCHMARKS.md."""
+    print(text)
+    if record:
+        print(f"appended to {append_to_benchmarks(text)}")
+
+
 def launch(config: str, recipe: str, *overrides: str, threads: int | None = None) -> dict:
     """`accelerate launch --config_file launch_scripts/accelerate/<config>.yaml workbench/train.py
     recipe=<recipe> [overrides]` from the repository root; -> the run's final_metrics.json."""

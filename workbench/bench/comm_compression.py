@@ -48,9 +48,7 @@ def main(argv=None) -> int:
         name = hook + (f" ({extra[0].split('.')[-1]})" if extra else "")
         lines.append(f"| {name} | {sent:,.0f} | {sent / full:.3f} | {first:.3f} | {last:.3f} | {ppl:.2f} | {secs:.0f} |")
     text = "\n".join(lines)
-    print(text)
-    if not args.no_record:
-        print(f"appended to {_report.append_to_benchmarks(text)}")
+    _report.publish(text, record=not args.no_record)
     return 0
 
 

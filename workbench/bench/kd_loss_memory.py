@@ -113,9 +113,7 @@ def main(argv=None) -> int:
         lines.append(f"| {v:,} | {d['peak_mib']:.0f} | {o['peak_mib']:.0f} | {d['peak_mib'] / max(o['peak_mib'], 1e-9):.1f}x "
                      f"| {d['seconds']:.2f} | {o['seconds']:.2f} | {o['seconds'] / d['seconds']:.2f} | {same} |")
     text = "\n".join(lines)
-    print(text)
-    if not args.no_record:
-        print(f"appended to {_report.append_to_benchmarks(text)}")
+    _report.publish(text, record=not args.no_record)
     return 0
 
 

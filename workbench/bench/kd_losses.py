@@ -59,9 +59,7 @@ def main(argv=None) -> int:
         "the same data order; perplexity on the held-out standard-library files"
         + ("" if len(keys) == 1 else " (WARNING: the runs used different validation data)") + ".", "",
         table(results)])
-    print(text)
-    if not args.no_record:
-        print(f"appended to {_report.append_to_benchmarks(text)}")
+    _report.publish(text, record=not args.no_record)
     return 0
 
 

@@ -190,9 +190,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     args = ap.parse_args(argv)
     text = run(args)
-    print(text)
-    if not args.no_record:
-        print(f"appended to {_report.append_to_benchmarks(text)}")
+    _report.publish(text, record=not args.no_record)
     return 0
 
 

@@ -182,9 +182,7 @@ def main(argv=None) -> int:
             lines.append(f"| {lmbda:g} | {'TRL GKDTrainer' if r is trl_r else 'workbench'} | {r['seconds']:.1f} | "
                          f"{r['tokens_per_s']:,.0f} | {r['peak_rise_mib']:.0f} | {r['val_ppl']:.2f} | {ratio} |")
     text = "\n".join(lines)
-    print(text)
-    if not args.no_record:
-        print(f"appended to {_report.append_to_benchmarks(text)}")
+    _report.publish(text, record=not args.no_record)
     return 0
 
 
