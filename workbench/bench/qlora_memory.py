@@ -1,8 +1,8 @@
 """QLoRA memory: bytes of a model in full precision and in NF4 (CPU, any machine), and on a CUDA GPU the
 peak memory and time of one QLoRA training step with bitsandbytes' kernels vs ours.
 
-    python -m workbench.bench.qlora_memory                 # CPU: model bytes of the tiny pair
-    python -m workbench.bench.qlora_memory --gpu           # + GPU step: Llama-2-7B-shaped layers
+    python -m workbench.bench.qlora_memory --tiny DIR --cpu-7b   # CPU: model bytes, fp32 / bf16 / NF4
+    python -m workbench.bench.qlora_memory --gpu                  # + GPU step: Llama-2-7B-shaped layers
 
 The GPU model has Llama-2-7B's widths (4096 hidden, 11008 MLP, 32 heads, 32000 vocabulary) with --layers
 blocks and random weights (no download); LoRA r=16 on every linear layer, gradient checkpointing, batch 1
@@ -73,29 +73,44 @@ def gpu_step(layers: int, kernel: str, workdir: str) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--gpu", action="store_true")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--tiny", default=None, help="a local model directory for the CPU byte count")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    lines = [f"### QLoRA memory ({time.strftime('%Y-%m-%d')})", ""]
-    if args.tiny:
-        rows = cpu_bytes(args.tiny)
-        lines += [f"Model bytes of `{args.tiny}` (parameters + buffers), measured on CPU:", "",
-                  "| storage | bytes | vs fp32 |", "| --- | ---: | ---: |"]
-        lines += [f"| {name} | {b:,} | {b / rows[0][1]:.2f}x |" for name, b in rows]
-        lines.append("")
-    if args.gpu:
-        from transformers import LlamaConfig, LlamaForCausalLM
+def _llama7b_shaped(path: str, layers: int, device: str) -> None:
+    """Save a model with Llama-2-7B's widths, `layers` blocks and random weights (no download) to `path`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-        cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                          num_hidden_layers=args.layers, vocab_size=32000, max_position_embeddings=4096)
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                      num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with torch.device(device):
+        LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+
+
+def main(argv=None) -> int:
+    from workbench.bench import _report
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gpu", action="store_true", help="also measure a QLoRA step on the GPU (bnb vs ours)")
+    ap.add_argument("--layers", type=int, default=4, help="blocks of the Llama-2-7B-shaped model")
+    ap.add_argument("--tiny", default=None, help="a local model directory for the CPU byte count")
+    ap.add_argument("--cpu-7b", action="store_true", help="CPU byte count of the Llama-2-7B-shaped model too")
+    ap.add_argument("--out", default=None, help="also write qlora_memory.md here")
+    ap.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
+    args = ap.parse_args(argv)
+    lines = [f"### QLoRA memory ({time.strftime('%Y-%m-%d')})", "", f"Machine: {_report.machine()}.", ""]
+    targets = [(args.tiny, f"`{args.tiny}`")] if args.tiny else []
+    with tempfile.TemporaryDirectory() as d:
+        if args.cpu_7b:
+            _llama7b_shaped(d, args.layers, "cpu")
+            targets.append((d, f"a Llama-2-7B-shaped model with {args.layers} blocks (random weights)"))
+        for path, what in targets:
+            rows = cpu_bytes(path)
+            lines += [f"Bytes of {what} (parameters + buffers), measured on CPU:", "",
+                      "| storage | bytes | vs fp32 | bits per parameter |", "| --- | ---: | ---: | ---: |"]
+            n = rows[0][1] / 4  # fp32 parameters + buffers, as elements
+            lines += [f"| {name} | {b:,} | {b / rows[0][1]:.3f}x | {8 * b / n:.2f} |" for name, b in rows]
+            lines.append("")
+    if args.gpu:
         with tempfile.TemporaryDirectory() as d:
-            torch.manual_seed(0)
-            with torch.device("cuda"):
-                LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(d)
+            _llama7b_shaped(d, args.layers, "cuda")
             torch.cuda.empty_cache()
             results = [gpu_step(args.layers, k, d) for k in ("bnb", "triton")]
         name = torch.cuda.get_device_name(0)
@@ -105,7 +120,7 @@ def main(argv=None) -> int:
         lines += [f"| {r['kernel']} | {r['peak_gib']:.2f} | {r['weights_gib']:.2f} | {r['step_s']:.3f} | {r['loss']:.4f} |"
                   for r in results]
     text = "\n".join(lines) + "\n"
-    print(text)
+    _report.publish(text, record=not args.no_record)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "qlora_memory.md"), "w") as f:
