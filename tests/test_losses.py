@@ -410,3 +410,35 @@ def test_jsd_equals_trls_generalized_jsd(beta):
     torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=1e-6)
     ours.backward(), theirs.backward()
     torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_teacher_masking_tokens_with_minus_inf(kind):
+    """A teacher that masks tokens with -inf logits (probability 0): finite values and gradients equal to
+    the naive formula with 0 * log 0 = 0. Reverse KL is infinite there (the student gives mass where the
+    teacher gives none): a huge finite stand-in, never NaN."""
+    s, t, labels = _data(N=9, V=23, ignore=(2,))
+    t[:, [0, 5, 7]] = float("-inf")
+    s1 = s.clone().requires_grad_()
+    got = losses.LogitDivergence(kind, temperature=2.0, beta=0.3, alpha=0.2)(s1, t, labels)
+    got.backward()
+    if kind == "reverse_kl":
+        assert torch.isfinite(got) and got > 1e29 and torch.isfinite(s1.grad).all()
+        return
+    s64 = s.double().requires_grad_()
+    p_s = torch.softmax(s64 / 2.0, -1)
+    p_t = torch.softmax(t.double() / 2.0, -1)  # exact zeros at the masked tokens
+
+    def kl(p, q):  # 0 * log(0 / q) = 0
+        return torch.where(p > 0, p * (p.clamp(min=1e-300) / q).log(), torch.zeros_like(p)).sum(-1)
+
+    m = {"jsd": 0.3 * p_t + 0.7 * p_s, "skew_forward_kl": 0.2 * p_t + 0.8 * p_s,
+         "skew_reverse_kl": 0.2 * p_s + 0.8 * p_t}.get(kind)
+    d = {"forward_kl": lambda: kl(p_t, p_s), "reverse_kl": lambda: kl(p_s, p_t),
+         "jsd": lambda: 0.3 * kl(p_t, m) + 0.7 * kl(p_s, m), "skew_forward_kl": lambda: kl(p_t, m),
+         "skew_reverse_kl": lambda: kl(p_s, m), "tvd": lambda: 0.5 * (p_t - p_s).abs().sum(-1)}[kind]()
+    ref = (d * (labels != -100)).sum() * 4.0
+    ref.backward()
+    assert torch.isfinite(got) and torch.isfinite(s1.grad).all()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s1.grad.double(), s64.grad, rtol=1e-4, atol=1e-5)

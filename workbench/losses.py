@@ -32,12 +32,13 @@ _NEG = -1e30  # stands in for log(0): keeps 0 * log(0) terms finite in values an
 
 
 # --------------------------------------------------------------------------------------------- divergences
-# Each takes row-normalised log-probabilities s (student) and t (teacher), [N, K], and returns [N].
+# Each takes row-normalised log-probabilities s (student) and t (teacher), [N, K], and returns [N]. They
+# must be finite: a zero probability is log p = _NEG, not -inf (callers clamp where -inf can occur, once:
+# every clamp is a full pass over [N, V], and the divergences combine their inputs several times).
 
 
 def _kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per row from log-probabilities; 0 * log 0 = 0."""
-    lp, lq = lp.clamp(min=_NEG), lq.clamp(min=_NEG)
+    """KL(p || q) per row from finite log-probabilities; p = 0 (lp = _NEG) contributes 0."""
     return (lp.exp() * (lp - lq)).sum(-1)
 
 
@@ -171,11 +172,11 @@ class LogitDivergence(nn.Module):
         labels: torch.Tensor,  # [N] int64; rows with ignore_index do not count
     ) -> torch.Tensor:  # [] fp32
         T = self.temperature
-        s = F.log_softmax(student_logits.float() / T, dim=-1)
-        if isinstance(teacher, TopKTeacher):
-            s, t = _bucketise(s, teacher.indices), teacher.logp.float()
-        else:
-            t = F.log_softmax(teacher.float() / T, dim=-1)
+        s = F.log_softmax(student_logits.float() / T, dim=-1)  # finite: the student's logits are
+        if isinstance(teacher, TopKTeacher):  # an empty bucket is -inf
+            s, t = _bucketise(s, teacher.indices).clamp(min=_NEG), teacher.logp.float().clamp(min=_NEG)
+        else:  # a teacher may mask tokens with -inf logits; in place: t needs no gradient
+            t = F.log_softmax(teacher.float() / T, dim=-1).clamp_(min=_NEG)
         rows = self.fn(s, t, beta=self.beta, alpha=self.alpha)  # [N]
         return (rows * (labels != self.ignore_index)).sum() * (T * T)
 

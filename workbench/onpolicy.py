@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.config import OnPolicyConfig
-from workbench.losses import ModelOutputs, logit_loss_on, reverse_kl
+from workbench.losses import _NEG, ModelOutputs, logit_loss_on, reverse_kl
 from workbench.sampling import Samples, probs_from_logits, sample
 
 IGNORE = -100
@@ -114,7 +114,7 @@ class MiniLLMTokenLoss(nn.Module):
         ratio = (lq_y - rows["old_logp"]).exp() * rows["w"]
         adv = rows["adv"]
         pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - self.clip, 1 + self.clip))
-        rkl = rows["w"] * reverse_kl(lq, F.log_softmax(teacher_logits.float(), dim=-1))
+        rkl = rows["w"] * reverse_kl(lq, F.log_softmax(teacher_logits.float(), dim=-1).clamp_(min=_NEG))
         parts = torch.stack([(pg * valid).sum(), (rkl * valid).sum()])
         return parts.sum(), parts
 
