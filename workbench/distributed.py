@@ -49,7 +49,15 @@ def make_accelerator(recipe: Recipe):
         if "powersgd" in hook:
             state = {"matrix_approximation_rank": recipe.parallel.powersgd_rank,
                      "start_powerSGD_iter": max(2, recipe.parallel.powersgd_warmup_steps)}
-        handlers.append(DistributedDataParallelKwargs(comm_hook=kind, comm_state_option=state))
+        extra = {}
+        if "powersgd" in hook and cpu_processes:
+            # PowerSGD chains its all-reduces through future callbacks, which gloo runs on its own threads
+            # while DDP hands the next bucket to the hook from the main thread: with several buckets the
+            # processes issue the collectives in different orders (a size mismatch, then an abort). One
+            # bucket leaves nothing to interleave. (NCCL completes futures in issue order: GPUs keep the
+            # default bucketing.)
+            extra["bucket_cap_mb"] = 1 << 16
+        handlers.append(DistributedDataParallelKwargs(comm_hook=kind, comm_state_option=state, **extra))
     accelerator = Accelerator(
         mixed_precision=recipe.train.mixed_precision,
         gradient_accumulation_steps=recipe.train.grad_accum_steps * backward_passes_per_micro_batch(recipe),
