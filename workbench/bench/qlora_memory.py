@@ -20,21 +20,48 @@ import time
 import torch
 
 
-def _footprint(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
-        b.numel() * b.element_size() for b in model.buffers())
+def _tensor_bytes(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
 
-def cpu_bytes(path: str) -> list[tuple[str, int]]:
+def _quant_state_bytes(qs) -> int:
+    """Bytes of a bitsandbytes QuantState: absmax, code, offset, and the nested state of double quantisation."""
+    if qs is None:
+        return 0
+    return sum(_tensor_bytes(getattr(qs, a, None)) for a in ("absmax", "code", "offset")) + \
+        _quant_state_bytes(getattr(qs, "state2", None))
+
+
+def _footprint(model) -> tuple[int, float | None]:
+    """(bytes of parameters + buffers + 4-bit quantisation states, bits per weight of the 4-bit linear
+    layers including their states; None without any)."""
+    import bitsandbytes as bnb
+
+    total = sum(_tensor_bytes(p) for p in model.parameters()) + sum(_tensor_bytes(b) for b in model.buffers())
+    q_bytes = q_weights = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit) and m.weight.quant_state is not None:
+            extra = _quant_state_bytes(m.weight.quant_state)
+            total += extra
+            q_bytes += _tensor_bytes(m.weight) + extra
+            q_weights += m.weight.quant_state.shape.numel()
+    return total, (8 * q_bytes / q_weights if q_weights else None)
+
+
+def cpu_bytes(path: str) -> list[tuple[str, int, float | None]]:
+    """(storage, bytes, bits per weight of the quantised linear layers) for fp32, bf16 and NF4 (double
+    quantisation) with the rest in bf16 (as QLoRA holds it) or fp32."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    bf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-    nf4 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map={"": "cpu"},
-                                               quantization_config=BitsAndBytesConfig(
-                                                   load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                   bnb_4bit_use_double_quant=True))
-    return [("fp32", _footprint(full)), ("bf16", _footprint(bf16)), ("nf4 + double quant (fp32 rest)", _footprint(nf4))]
+    rows = []
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        rows.append((name, *_footprint(AutoModelForCausalLM.from_pretrained(path, dtype=dtype))))
+    for name, dtype in (("nf4 + double quant, bf16 rest", torch.bfloat16), ("nf4 + double quant, fp32 rest", torch.float32)):
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": "cpu"}, quantization_config=q)
+        rows.append((name, *_footprint(model)))
+    return rows
 
 
 def gpu_step(layers: int, kernel: str, workdir: str) -> dict:
@@ -103,10 +130,13 @@ def main(argv=None) -> int:
             targets.append((d, f"a Llama-2-7B-shaped model with {args.layers} blocks (random weights)"))
         for path, what in targets:
             rows = cpu_bytes(path)
-            lines += [f"Bytes of {what} (parameters + buffers), measured on CPU:", "",
-                      "| storage | bytes | vs fp32 | bits per parameter |", "| --- | ---: | ---: | ---: |"]
-            n = rows[0][1] / 4  # fp32 parameters + buffers, as elements
-            lines += [f"| {name} | {b:,} | {b / rows[0][1]:.3f}x | {8 * b / n:.2f} |" for name, b in rows]
+            lines += [f"Bytes of {what}, measured on CPU: parameters, buffers and 4-bit quantisation states "
+                      "(absmax, nested absmax, codebooks). Only the blocks' linear layers are quantised; the "
+                      "embeddings, output layer and norms keep the rest's dtype.", "",
+                      "| storage | bytes | vs fp32 | bits per weight of the quantised layers |",
+                      "| --- | ---: | ---: | ---: |"]
+            lines += [f"| {name} | {b:,} | {b / rows[0][1]:.3f}x | {'-' if bits is None else f'{bits:.3f}'} |"
+                      for name, b, bits in rows]
             lines.append("")
     if args.gpu:
         with tempfile.TemporaryDirectory() as d:
