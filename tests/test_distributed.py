@@ -118,14 +118,17 @@ def test_zero3_offload_partitions_matches_resumes_and_consolidates(tmp_path, tin
 
 def test_lora_adapter_saved_from_zero3_partitions(tmp_path, tiny_teacher):
     """A LoRA student under ZeRO-3: the adapter is gathered from the partitions, loads with plain peft over
-    the base, and equals the merged model the run saved."""
+    the base, and equals the merged model the run saved. The main process then writes the report alone
+    (its model loading must not wait for partitioning collectives the other process never joins)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     _launch("cpu2_zero3_offload", tmp_path, *_kd_args(tiny_teacher), "train.micro_batch_size=2", "train.max_steps=3",
             "student.tiny=null", f"student.name_or_path={tiny_teacher}", "train.lr=1e-2",
-            "student.adapter={method: lora, r: 4, alpha: 8, dropout: 0.0}")
+            "student.adapter={method: lora, r: 4, alpha: 8, dropout: 0.0}", "eval.report=true", "eval.prompts=2",
+            "eval.max_new_tokens=4", "eval.choice_items=4", "eval.samples=1", timeout=300)
+    assert json.loads((tmp_path / "report.json").read_text())["speculative"]["kd_tiny"]["identical"]
     base = AutoModelForCausalLM.from_pretrained(tiny_teacher)
     ids = torch.randint(0, 320, (2, 16))
     with torch.no_grad():

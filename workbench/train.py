@@ -184,7 +184,8 @@ def run(recipe: Recipe, accelerator=None) -> dict:
             del student, teacher  # the report loads what it evaluates itself: free the training copies
             accelerator.free_memory()
             log.info("evaluating %s: report.md / report.html", out)
-            md, html = report([out], device=accelerator.device)
+            with unpartitioned_loading():  # this process alone: no ZeRO-3 partitioning (a collective)
+                _, html = report([out], device=accelerator.device)
             log.info("report: %s", html)
         if recipe.output.push_to_hub:  # after the report, so the model card carries its metrics
             from workbench.hub import push
