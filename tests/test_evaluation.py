@@ -113,6 +113,7 @@ def test_training_writes_the_report(kd_run):
         assert section in md
     student = next(m for m in res["models"] if m["role"] == "student")
     assert student["val_ppl"] == metrics["student_val_ppl"] and student["params"] > 0 and student["disk_bytes"] > 0
+    assert student["held_as"] == "float32"
     assert f"{metrics['student_val_ppl']:.2f}" in md and f"{metrics['teacher_val_ppl']:.2f}" in md
     assert metrics["peak_memory_mib"] > 0 and metrics["peak_memory_kind"] == "process peak RSS"
     assert set(res["tasks"]) == {"teacher", "kd_tiny"} and 0 <= res["tasks"]["kd_tiny"]["accuracy"] <= 1
@@ -140,6 +141,25 @@ def test_cli_compares_with_a_baseline_and_refuses_another_tokenizer(kd_run, tmp_
     run(fast_recipe("sft_tiny", other, "data.vocab_size=300"), accelerator)
     assert evaluate.main([str(kd), str(other), "--out", str(tmp_path / "x")]) == 2
     assert "another tokenizer" in capsys.readouterr().err
+
+
+def test_report_of_a_qlora_run_loads_models_as_training_held_them(tiny_teacher, tmp_path, accelerator):
+    """A 4-bit teacher and a 4-bit student with its adapter: the report evaluates them in 4-bit (the
+    memory the run was sized for), and the adapted student's perplexity is the run's."""
+    out = tmp_path / "qlora"
+    metrics = run(fast_recipe("qlora_tiny", out, "teacher.recipe=null", f"teacher.name_or_path={tiny_teacher}",
+                              "teacher.quantize_base=true", "teacher.quant={compute_dtype: float32}",
+                              "student.recipe=null", f"student.name_or_path={tiny_teacher}", "student.tiny=null",
+                              *REPORT), accelerator)
+    from safetensors.torch import load_file
+
+    res = json.loads((out / "report.json").read_text())
+    teacher, student = res["models"]
+    assert teacher["held_as"] == "nf4 (float32 compute)" and student["held_as"] == "nf4 (float32 compute) + lora"
+    lora = sum(t.numel() for t in load_file(out / "adapter" / "adapter_model.safetensors").values())
+    assert student["params"] == teacher["params"] + lora  # the same base, plus the adapter
+    assert student["val_ppl"] == metrics["student_val_ppl"] and student["adapter_bytes"] > 0
+    assert res["speculative"]["qlora_tiny"]["identical"] is True
 
 
 # ----------------------------------------------------------------------------------------- browser

@@ -142,6 +142,16 @@ def test_lora_over_nf4_equals_lora_over_the_dequantised_base(tok, tiny_teacher, 
         torch.testing.assert_close(ga[n], gb[n], rtol=1e-3, atol=1e-5)
 
 
+def test_parameters_of_a_4bit_model_are_counted_unpacked(tok, tiny_teacher):
+    """Two NF4 weights share a byte; the count is the model's, whatever its storage."""
+    from transformers import AutoModelForCausalLM
+
+    full = models.count_parameters(AutoModelForCausalLM.from_pretrained(tiny_teacher))
+    nf4 = models.load_model(_nf4_spec(tiny_teacher, kernel="bnb"), tok, "student")
+    lora = sum(p.numel() for n, p in nf4.named_parameters() if "lora_" in n)
+    assert lora > 0 and models.count_parameters(nf4) == full + lora
+
+
 def test_merged_copy_and_adapter_load_with_plain_libraries(tok, tiny_teacher, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

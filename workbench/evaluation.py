@@ -30,6 +30,7 @@ import torch
 from workbench.config import EvalConfig, Recipe, build, yaml_load
 
 log = logging.getLogger(__name__)
+logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score logs each scorer it builds at INFO
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 
 
@@ -238,7 +239,7 @@ def _metric(name: str):
 def evaluate_runs(run_dirs: list[str | Path], cfg: EvalConfig | None = None, device=None) -> dict:
     """Everything the report shows, as plain data. The first run is the main one: its teacher, tokenizer
     and held-out data serve every run; the others are baselines (they must share the tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from workbench.data import load_corpus, tokenizer_fingerprint
     from workbench.models import count_parameters
@@ -255,13 +256,10 @@ def evaluate_runs(run_dirs: list[str | Path], cfg: EvalConfig | None = None, dev
         if tokenizer_fingerprint(AutoTokenizer.from_pretrained(r.path / "model")) != tokenizer_fingerprint(tok):
             raise ValueError(f"{r.path} uses another tokenizer than {main.path}: the runs cannot be compared")
 
-    def load(path):
-        return AutoModelForCausalLM.from_pretrained(path).to(device).eval()
-
-    models = {r.name if i == 0 or r.name != main.name else f"{r.name} ({r.path})": (r, load(r.path / "model"))
+    models = {r.name if i == 0 or r.name != main.name else f"{r.name} ({r.path})": (r, _load_student(r, device))
               for i, r in enumerate(runs)}
     teacher_path = main.final.get("teacher")
-    teacher = load(teacher_path) if teacher_path and Path(teacher_path).is_dir() else None
+    teacher = _load_teacher(main, teacher_path, device) if teacher_path and Path(teacher_path).is_dir() else None
 
     res = {"date": time.strftime("%Y-%m-%d %H:%M"), "main": main.name, "machine": machine(),
            "val_tokens": main.final["val_tokens"], "same_val_data": len({r.final["data_key"] for r in runs}) == 1,
@@ -269,11 +267,13 @@ def evaluate_runs(run_dirs: list[str | Path], cfg: EvalConfig | None = None, dev
            "eval": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}}
     if teacher is not None:
         res["models"].append({"role": "teacher", "name": _short(teacher_path), "params": count_parameters(teacher),
-                              "disk_bytes": _disk(teacher_path), "val_ppl": main.final.get("teacher_val_ppl")})
+                              "disk_bytes": _disk(teacher_path), "val_ppl": main.final.get("teacher_val_ppl"),
+                              "held_as": _held_as(teacher)})
     for name, (r, m) in models.items():
         res["models"].append({"role": "student", "name": name, "params": count_parameters(m),
                               "disk_bytes": _disk(r.path / "model"), "val_ppl": r.final["student_val_ppl"],
-                              "adapter_bytes": _disk(r.path / "adapter") if (r.path / "adapter").is_dir() else None})
+                              "adapter_bytes": _disk(r.path / "adapter") if (r.path / "adapter").is_dir() else None,
+                              "held_as": _held_as(m)})
         f = r.final
         res["training"].append({"name": name, "steps": f["step"], "tokens": f["train_tokens"],
                                 "seconds": f["train_seconds"], "tokens_per_s": f["train_tokens"] / max(f["train_seconds"], 1e-9),
@@ -311,6 +311,41 @@ def evaluate_runs(run_dirs: list[str | Path], cfg: EvalConfig | None = None, dev
         res.setdefault("tasks_info", {})["choice_items"] = len(items)
         res["tasks_info"]["choice_task"] = Path(cfg.task_file).name if cfg.task_file else "next line among 4"
     return res
+
+
+def _load_student(run: Run, device):
+    """The run's student as training held it: a 4-bit base with its adapter (QLoRA), else the saved model
+    (in bf16 on a GPU when it trained in bf16)."""
+    from workbench.models import load_for_inference
+
+    s = run.recipe.student
+    if s.quantize_base and (run.path / "adapter" / "adapter_config.json").is_file():
+        return load_for_inference(str(run.path / "adapter"), "student", device=device, dtype=s.quant.compute_dtype,
+                                  four_bit=True, kernel=s.quant.kernel)
+    dtype = "bfloat16" if device.type == "cuda" and run.recipe.train.mixed_precision == "bf16" else s.dtype
+    return load_for_inference(str(run.path / "model"), "student", device=device, dtype=dtype)
+
+
+def _load_teacher(run: Run, path: str, device):
+    """The teacher as the run's recipe holds it (NF4 when teacher.quantize_base)."""
+    from workbench.models import load_for_inference
+
+    t = run.recipe.teacher
+    if t is None:
+        return load_for_inference(path, "teacher", device=device)
+    return load_for_inference(path, "teacher", device=device, dtype=t.quant.compute_dtype if t.quantize_base else t.dtype,
+                              four_bit=t.quantize_base, kernel=t.quant.kernel)
+
+
+def _held_as(model) -> str:
+    """How the evaluation holds a model: 'nf4 (bfloat16 compute) + lora', 'float32', ..."""
+    import bitsandbytes as bnb
+
+    q = next((m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)), None)
+    kind = f"nf4 ({str(q.compute_dtype).replace('torch.', '')} compute)" if q is not None else \
+        str(next(model.parameters()).dtype).replace("torch.", "")
+    adapter = getattr(model, "peft_config", {}).get("default")
+    return kind + (f" + {adapter.peft_type.value.lower()}" if adapter is not None else "")
 
 
 def _disk(path) -> int:
@@ -384,12 +419,12 @@ def _markdown(res: dict, plots: dict) -> str:
     L = [f"# Evaluation report: {res['main']}", "",
          f"{res['date']} on {res['machine']}. Validation data: {res['val_tokens']:,} held-out tokens"
          + ("" if res["same_val_data"] else " (WARNING: the runs used different validation data)") + ".", "",
-         "## Models", "", "| role | model | parameters | size on disk | validation perplexity |",
-         "| --- | --- | ---: | ---: | ---: |"]
+         "## Models", "", "| role | model | parameters | size on disk | evaluated in | validation perplexity |",
+         "| --- | --- | ---: | ---: | --- | ---: |"]
     for m in res["models"]:
         size = _fmt_bytes(m["disk_bytes"]) + (f" (adapter {_fmt_bytes(m['adapter_bytes'])})" if m.get("adapter_bytes") else "")
         ppl = "-" if m["val_ppl"] is None else f"{m['val_ppl']:.2f}"
-        L.append(f"| {m['role']} | {m['name']} | {m['params'] / 1e6:.2f}M | {size} | {ppl} |")
+        L.append(f"| {m['role']} | {m['name']} | {m['params'] / 1e6:.2f}M | {size} | {m['held_as']} | {ppl} |")
     L += ["", "## Training", "", "| student | objective | steps | tokens | wall-clock s | tokens/s | peak memory |",
           "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for t in res["training"]:

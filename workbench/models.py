@@ -109,6 +109,31 @@ def load_model(spec: ModelSpec, tokenizer, role: str, seed: int = 0, device=None
     return model
 
 
+def load_for_inference(name: str, role: str, *, device, dtype: str = "float32", four_bit: bool = False,
+                       kernel: str = "bnb", merge: bool = False):
+    """A model in eval mode on `device`: a model directory or Hub id (NF4 with `four_bit`, on bitsandbytes'
+    or our Triton kernels), or a peft adapter directory loaded over its base (merged with `merge`)."""
+    import json
+
+    from workbench.config import QuantConfig
+
+    adapter = Path(name) / "adapter_config.json"
+    base_name = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.is_file() else name
+    compute = "float16" if dtype == "float16" else ("bfloat16" if dtype == "bfloat16" else "float32")
+    spec = ModelSpec(name_or_path=base_name, dtype=dtype, quantize_base=four_bit,
+                     quant=QuantConfig(compute_dtype=compute, kernel=kernel))
+    model = load_model(spec, None, role, device=device)
+    if adapter.is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, name)
+        if merge:
+            model = model.merge_and_unload()
+    if not four_bit:
+        model.to(device)
+    return model.eval()
+
+
 def _keep_bnb_layout(model) -> None:
     """bitsandbytes repacks a 4-bit weight, in place and for good, into a CPU-only layout the first time
     the layer runs in eval mode on an AVX512-BF16 CPU (and fails for widths that are not multiples of
@@ -235,7 +260,14 @@ def check_same_vocabulary(teacher_tok, student_tok, teacher, student) -> int:
 
 
 def count_parameters(model) -> int:
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    """Weights of `model`, counted at full size: ZeRO-3-partitioned ones and 4-bit packed ones (two per
+    byte) alike."""
+
+    def n(p) -> int:
+        qs = getattr(p, "quant_state", None)
+        return qs.shape.numel() if qs is not None else getattr(p, "ds_numel", p.numel())
+
+    return sum(n(p) for p in model.parameters())
 
 
 # --------------------------------------------------------------------------------------------- forward helpers

@@ -29,11 +29,9 @@ log = logging.getLogger("workbench")
 
 def load_decoder(name: str, role: str, *, device, dtype: str = "float32", four_bit: bool = False,
                  kernel: str = "bnb", merge: bool = False):
-    """A model for decoding, in eval mode on `device`: a model directory or Hub id (optionally NF4, with
-    bitsandbytes' or our Triton kernels), recipe:NAME (that recipe's cached final model), or a peft
-    adapter directory over its base (merged with `merge`)."""
-    from workbench.config import ModelSpec, QuantConfig
-    from workbench.models import load_model
+    """models.load_for_inference, where `name` may also be recipe:NAME (that recipe's cached final model,
+    trained first if needed)."""
+    from workbench.models import load_for_inference
 
     if name.startswith("recipe:"):
         from accelerate import Accelerator
@@ -41,21 +39,7 @@ def load_decoder(name: str, role: str, *, device, dtype: str = "float32", four_b
         from workbench.train import ensure_trained
 
         name = str(ensure_trained(name[len("recipe:"):], Accelerator(cpu=device.type == "cpu")))
-    adapter = Path(name) / "adapter_config.json"
-    base_name = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.is_file() else name
-    compute = dtype if dtype != "float16" or not four_bit else "float16"
-    spec = ModelSpec(name_or_path=base_name, dtype=dtype, quantize_base=four_bit,
-                     quant=QuantConfig(compute_dtype=compute, kernel=kernel))
-    model = load_model(spec, None, role, device=device)
-    if adapter.is_file():
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, name)
-        if merge:
-            model = model.merge_and_unload()
-    if not four_bit:
-        model.to(device)
-    return model.eval()
+    return load_for_inference(name, role, device=device, dtype=dtype, four_bit=four_bit, kernel=kernel, merge=merge)
 
 
 def main(argv: list[str] | None = None) -> int:
