@@ -15,6 +15,7 @@ per verification. Metrics go through `evaluate` (our offline modules in workbenc
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import logging
@@ -243,15 +244,13 @@ def evaluate_runs(run_dirs: list[str | Path], cfg: EvalConfig | None = None, dev
 
     from workbench.data import load_corpus, tokenizer_fingerprint
     from workbench.models import count_parameters
+    from workbench.speculative import left_padding
 
     runs = [load_run(d) for d in run_dirs]
     main = runs[0]
     cfg = cfg or main.recipe.eval
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tok = AutoTokenizer.from_pretrained(main.path / "model")
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = left_padding(AutoTokenizer.from_pretrained(main.path / "model"))
     for r in runs[1:]:
         if tokenizer_fingerprint(AutoTokenizer.from_pretrained(r.path / "model")) != tokenizer_fingerprint(tok):
             raise ValueError(f"{r.path} uses another tokenizer than {main.path}: the runs cannot be compared")
@@ -264,7 +263,7 @@ def evaluate_runs(run_dirs: list[str | Path], cfg: EvalConfig | None = None, dev
     res = {"date": time.strftime("%Y-%m-%d %H:%M"), "main": main.name, "machine": machine(),
            "val_tokens": main.final["val_tokens"], "same_val_data": len({r.final["data_key"] for r in runs}) == 1,
            "models": [], "training": [], "tasks": {}, "samples": [], "speculative": {}, "curves": {},
-           "eval": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}}
+           "eval": dataclasses.asdict(cfg)}
     if teacher is not None:
         res["models"].append({"role": "teacher", "name": _short(teacher_path), "params": count_parameters(teacher),
                               "disk_bytes": _disk(teacher_path), "val_ppl": main.final.get("teacher_val_ppl"),
@@ -439,7 +438,7 @@ def _markdown(res: dict, plots: dict) -> str:
               f"{info.get('choice_items', 0)} items, by mean log-likelihood per token.", "",
               "| model | ROUGE-L | accuracy |", "| --- | ---: | ---: |"]
         for name, t in res["tasks"].items():
-            L.append(f"| {name} | {_num(t.get('rougeL'))} | {_num(t.get('accuracy'))} |")
+            L.append(f"| {name} | {fmt_metric(t.get('rougeL'))} | {fmt_metric(t.get('accuracy'))} |")
     if res["speculative"]:
         L += ["", "## Speculative decoding", "",
               "Teacher as target, each student as draft, greedy, batch 1, over the same prompts; speed-up against the "
@@ -463,7 +462,8 @@ def _markdown(res: dict, plots: dict) -> str:
     return "\n".join(L).rstrip() + "\n"
 
 
-def _num(v) -> str:
+def fmt_metric(v) -> str:
+    """A metric in a table: three decimals, '-' when not measured."""
     return "-" if v is None else f"{v:.3f}"
 
 

@@ -21,7 +21,9 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from workbench.config import HubConfig, RecipeError, build  # noqa: E402
+from workbench.config import LOGIT_DIVERGENCES, HubConfig, RecipeError, build  # noqa: E402
+from workbench.evaluation import fmt_metric  # noqa: E402
+from workbench.models import is_hub_id  # noqa: E402
 
 log = logging.getLogger(__name__)
 UPLOAD_DIR = "hub_upload"
@@ -102,8 +104,7 @@ def model_card(run, is_adapter: bool, repo_id: str, report: dict | None) -> str:
         meta += ["datasets:", f"- {data}"]
     meta += ["tags:"] + [f"- {t}" for t in tags] + ["---", ""]
 
-    terms = ", ".join(f"{t.weight:g} x {t.name}" + (f" (T={t.temperature:g})" if t.name not in
-                      ("cross_entropy", "hidden_mse", "hidden_cosine", "attention_kl", "attention_logit_mse") else "")
+    terms = ", ".join(f"{t.weight:g} x {t.name}" + (f" (T={t.temperature:g})" if t.name in LOGIT_DIVERGENCES else "")
                       for t in r.distill.losses)
     student_desc = r.student.name_or_path or (f"a randomly initialised `{r.student.tiny}` model" if r.student.tiny
                                               else f"the `{r.student.recipe}` recipe's model")
@@ -128,9 +129,9 @@ def model_card(run, is_adapter: bool, repo_id: str, report: dict | None) -> str:
     tasks = (report or {}).get("tasks", {})
     if f.get("teacher_val_ppl") is not None:
         t = tasks.get("teacher", {})
-        L.append(f"| teacher | {f['teacher_val_ppl']:.2f} | {_num(t.get('rougeL'))} | {_num(t.get('accuracy'))} |")
+        L.append(f"| teacher | {f['teacher_val_ppl']:.2f} | {fmt_metric(t.get('rougeL'))} | {fmt_metric(t.get('accuracy'))} |")
     s = tasks.get(run.name, {})
-    L.append(f"| this model | {f['student_val_ppl']:.2f} | {_num(s.get('rougeL'))} | {_num(s.get('accuracy'))} |")
+    L.append(f"| this model | {f['student_val_ppl']:.2f} | {fmt_metric(s.get('rougeL'))} | {fmt_metric(s.get('accuracy'))} |")
     L += ["", f"Perplexity on {f['val_tokens']:,} held-out tokens."]
     spec = (report or {}).get("speculative", {}).get(run.name)
     if spec:
@@ -155,15 +156,9 @@ def model_card(run, is_adapter: bool, repo_id: str, report: dict | None) -> str:
     return "\n".join(meta + L)
 
 
-def _num(v) -> str:
-    return "-" if v is None else f"{v:.3f}"
-
-
 def _hub_id(name: str | None) -> str | None:
     """`name` when it names a Hub repository, not a local path."""
-    if not name or name.startswith((".", "/", "~")) or Path(name).expanduser().exists() or name.count("/") != 1:
-        return None
-    return name
+    return name if name and is_hub_id(name) else None
 
 
 def _adapter_base(run_dir: Path) -> str | None:

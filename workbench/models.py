@@ -56,6 +56,11 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
 
 
+def is_hub_id(name: str) -> bool:
+    """`name` names a Hub repository ('org/name'), not a local path (existing or not)."""
+    return not _looks_local(name) and name.count("/") == 1
+
+
 def tiny_config(spec: ModelSpec, tokenizer):
     from transformers import LlamaConfig
 
@@ -119,9 +124,8 @@ def load_for_inference(name: str, role: str, *, device, dtype: str = "float32", 
 
     adapter = Path(name) / "adapter_config.json"
     base_name = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.is_file() else name
-    compute = "float16" if dtype == "float16" else ("bfloat16" if dtype == "bfloat16" else "float32")
     spec = ModelSpec(name_or_path=base_name, dtype=dtype, quantize_base=four_bit,
-                     quant=QuantConfig(compute_dtype=compute, kernel=kernel))
+                     quant=QuantConfig(compute_dtype=dtype, kernel=kernel))
     model = load_model(spec, None, role, device=device)
     if adapter.is_file():
         from peft import PeftModel

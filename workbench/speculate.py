@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
+    from workbench.models import is_hub_id
+
     try:
         adaptive = args.draft_len == "adaptive"
         draft_len = 4 if adaptive else int(args.draft_len)
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
         prompts = prompts or ["def quick_sort("]
         draft_dir = Path(args.draft)
-        if not args.draft.startswith("recipe:") and _looks_local(args.draft) and not draft_dir.is_dir():
+        if not args.draft.startswith("recipe:") and not is_hub_id(args.draft) and not draft_dir.is_dir():
             raise FileNotFoundError(f"no draft model at {draft_dir}: train one first (e.g. accelerate launch "
                                     "workbench/train.py recipe=kd_tiny) or pass --draft")
     except (ValueError, FileNotFoundError) as e:
@@ -108,11 +110,9 @@ def main(argv: list[str] | None = None) -> int:
 def decode_prompts(teacher, draft, tok, prompts, args, draft_len, adaptive, device) -> dict:
     """Decode `prompts` in batches with speculative decoding (and the teacher alone with --compare);
     print the texts and the statistics, return them."""
-    from workbench.speculative import SpecStats, speculative_generate, target_generate
+    from workbench.speculative import SpecStats, left_padding, speculative_generate, target_generate
 
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    left_padding(tok)
     common = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     runs = {"speculative": SpecStats(), **({"teacher_alone": SpecStats()} if args.compare else {})}
@@ -137,7 +137,7 @@ def decode_prompts(teacher, draft, tok, prompts, args, draft_len, adaptive, devi
     s = runs["speculative"]
     print(f"\nspeculative decoding: {s.new_tokens} tokens, {s.tokens_per_second:.1f} tokens/s, acceptance rate "
           f"{s.acceptance_rate:.3f}, {s.tokens_per_target_call:.2f} tokens per target call, mean draft length "
-          f"{sum(s.draft_lens) / max(len(s.draft_lens), 1):.2f}; time: draft {s.draft_seconds:.2f} s, "
+          f"{s.mean_draft_len:.2f}; time: draft {s.draft_seconds:.2f} s, "
           f"target {s.target_seconds:.2f} s")
     result = {name: r.as_dict() for name, r in runs.items()}
     if args.compare:
@@ -148,11 +148,6 @@ def decode_prompts(teacher, draft, tok, prompts, args, draft_len, adaptive, devi
             result["identical_to_teacher"] = same
             print(f"greedy tokens identical to the teacher's own: {same}")
     return result
-
-
-def _looks_local(name: str) -> bool:
-    """A path rather than a Hub id ('org/name')."""
-    return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") != 1
 
 
 if __name__ == "__main__":

@@ -47,6 +47,10 @@ class SpecStats:
         return self.new_tokens / max(self.row_calls, 1)
 
     @property
+    def mean_draft_len(self) -> float:
+        return sum(self.draft_lens) / max(len(self.draft_lens), 1)
+
+    @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / max(self.total_seconds, 1e-9)
 
@@ -66,7 +70,7 @@ class SpecStats:
                 "acceptance_rate": self.acceptance_rate, "tokens_per_target_call": self.tokens_per_target_call,
                 "tokens_per_s": self.tokens_per_second, "draft_seconds": self.draft_seconds,
                 "target_seconds": self.target_seconds, "total_seconds": self.total_seconds,
-                "mean_draft_len": sum(self.draft_lens) / max(len(self.draft_lens), 1),
+                "mean_draft_len": self.mean_draft_len,
                 "accepted_hist": list(self.accepted_hist)}
 
 
@@ -306,7 +310,7 @@ class _DraftTuner:
         a = min(self.a, 0.999)
 
         def speed(k: int) -> float:
-            return (1 - a ** (k + 1)) / (1 - a) / (k * self.c + 1)
+            return expected_tokens_per_call(a, k) / (k * self.c + 1)
 
         self.k = max(range(1, self.k_max + 1), key=speed)
         return self.k
@@ -344,9 +348,18 @@ def target_generate(target, input_ids: torch.Tensor, max_new_tokens: int, *, att
                                 eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator)
 
 
+def left_padding(tok):
+    """`tok` set up for batched generation: prompts padded on the left, EOS as padding if it has none."""
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def expected_tokens_per_call(acceptance: float, k: int) -> float:
     """(1 - a^(k+1)) / (1 - a): tokens per verification for i.i.d. per-token acceptance a."""
     return k + 1.0 if acceptance >= 1 else (1 - acceptance ** (k + 1)) / (1 - acceptance)
 
 
-__all__ = ["SpecOutput", "SpecStats", "expected_tokens_per_call", "speculative_generate", "target_generate"]
+__all__ = ["SpecOutput", "SpecStats", "expected_tokens_per_call", "left_padding", "speculative_generate",
+           "target_generate"]

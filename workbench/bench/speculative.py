@@ -65,12 +65,9 @@ def _hf(teacher, tok, prompts, max_new, assistant=None, batch=1, num_assistant_t
             out = teacher.generate(**enc, max_new_tokens=max_new, do_sample=False, assistant_model=assistant,
                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
             seconds += time.perf_counter() - t
-            new = out[:, enc.input_ids.shape[1]:]
-            for row in new:
-                row = row.tolist()
-                n = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
-                seqs.append(row[:n])
-                tokens += n
+            for row in out[:, enc.input_ids.shape[1]:].tolist():
+                seqs.append(_until_eos(row, tok.eos_token_id))
+                tokens += len(seqs[-1])
     finally:
         counter.handle.remove()
         if saved is not None:
@@ -88,16 +85,20 @@ def _ours(teacher, draft, tok, prompts, max_new, batch=1, **kw):
                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                    generator=torch.Generator().manual_seed(i), **kw)
         total.add(out.stats)
-        for row in out.sequences[:, enc.input_ids.shape[1]:].tolist():
-            n = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
-            seqs.append(row[:n])
+        seqs += [_until_eos(row, tok.eos_token_id) for row in out.sequences[:, enc.input_ids.shape[1]:].tolist()]
     return seqs, total
+
+
+def _until_eos(row: list[int], eos: int) -> list[int]:
+    """New tokens up to and including the first EOS (what follows it is padding)."""
+    return row[: row.index(eos) + 1] if eos in row else row
 
 
 def run(args) -> str:
     from transformers import AutoTokenizer
 
     from workbench.speculate import load_decoder
+    from workbench.speculative import left_padding
 
     cpu = torch.device("cpu")
     kd = args.kd or ("outputs/kd_tiny/model" if Path("outputs/kd_tiny/model/config.json").is_file() else "recipe:kd_tiny")
@@ -105,10 +106,7 @@ def run(args) -> str:
     teacher = load_decoder(args.teacher, "teacher", device=cpu)
     drafts = {"KD student (kd_tiny)": load_decoder(kd, "draft", device=cpu),
               "no-KD student (sft_tiny)": load_decoder(sft, "draft", device=cpu)}
-    tok = AutoTokenizer.from_pretrained(teacher.config._name_or_path)
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = left_padding(AutoTokenizer.from_pretrained(teacher.config._name_or_path))
     prompts = held_out_prompts(args.prompts, args.context)
     N, k = args.max_new_tokens, args.draft_len
 
