@@ -211,21 +211,28 @@ def _greedy(model, tok, prompts: list[str], max_new: int, batch: int = 8) -> lis
     return texts
 
 
-def _speculation(teacher, draft, tok, prompts: list[str], max_new: int, k: int) -> dict:
-    """Speculative decoding (batch 1 per prompt) against the teacher alone: rates, speed-up, identity."""
+def _speculation(teacher, drafts: dict, tok, prompts: list[str], max_new: int, k: int) -> dict:
+    """Speculative decoding (batch 1 per prompt) with each draft against the teacher alone, decoded once:
+    {draft name: rates, speed-up, identical tokens}."""
     from workbench.speculative import SpecStats, speculative_generate, target_generate
 
     device = next(teacher.parameters()).device
-    spec, alone, same = SpecStats(), SpecStats(), True
     common = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    for p in prompts:
-        ids = tok(p, return_tensors="pt").input_ids.to(device)
-        a = target_generate(teacher, ids, max_new, **common)
-        s = speculative_generate(teacher, draft, ids, max_new, draft_len=k, **common)
-        alone.add(a.stats), spec.add(s.stats)
-        same = same and torch.equal(a.sequences, s.sequences)
-    return {**spec.as_dict(), "teacher_tokens_per_s": alone.tokens_per_second,
-            "speedup": spec.tokens_per_second / max(alone.tokens_per_second, 1e-9), "identical": same, "draft_len": k}
+    ids = [tok(p, return_tensors="pt").input_ids.to(device) for p in prompts]
+    alone, ref = SpecStats(), []
+    for x in ids:
+        a = target_generate(teacher, x, max_new, **common)
+        alone.add(a.stats), ref.append(a.sequences)
+    out = {}
+    for name, draft in drafts.items():
+        spec, same = SpecStats(), True
+        for x, r in zip(ids, ref):
+            s = speculative_generate(teacher, draft, x, max_new, draft_len=k, **common)
+            spec.add(s.stats)
+            same = same and torch.equal(r, s.sequences)
+        out[name] = {**spec.as_dict(), "teacher_tokens_per_s": alone.tokens_per_second, "identical": same,
+                     "speedup": spec.tokens_per_second / max(alone.tokens_per_second, 1e-9), "draft_len": k}
+    return out
 
 
 def _metric(name: str):
@@ -297,8 +304,8 @@ def evaluate_runs(run_dirs: list[str | Path], cfg: EvalConfig | None = None, dev
         res["samples"] = [{"prompt": prompts[i], "reference": refs[i], **{n: g[i] for n, g in gens.items()}}
                           for i in range(min(cfg.samples, len(prompts)))]
         if teacher is not None and cfg.speculative:
-            for name, m in models.items():
-                res["speculative"][name] = _speculation(teacher, m[1], tok, prompts, cfg.max_new_tokens, cfg.draft_len)
+            res["speculative"] = _speculation(teacher, {n: m for n, (_, m) in models.items()}, tok, prompts,
+                                              cfg.max_new_tokens, cfg.draft_len)
     if cfg.choice_items or cfg.task_file:
         items = read_task_file(cfg.task_file) if cfg.task_file else \
             next_line_items(corpus.val_texts, cfg.choice_items, cfg.context_chars)
