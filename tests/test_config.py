@@ -164,3 +164,31 @@ def test_cli_dry_run_and_errors(capsys):
     assert main(["recipe=kd_tiny", "--bogus"]) == 2
     assert main(["--help-recipe"]) == 0
     assert "train.grad_accum_steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("main_process", [True, False])
+def test_cli_run_prints_once_and_leaves_the_process_group(monkeypatch, capsys, main_process):
+    """Every process waits for the others, then destroys its process group before exiting: a gloo process
+    that exits with the group alive can abort in interpreter shutdown ("terminate called without an
+    active exception"). Only the main process prints the summary."""
+    from workbench import distributed, train
+
+    calls = []
+
+    class FakeAccelerator:
+        is_main_process = main_process
+
+        def wait_for_everyone(self):
+            calls.append("barrier")
+
+        def end_training(self):
+            calls.append("end")
+
+    metrics = {"recipe": "sft_tiny", "step": 1, "train_tokens": 8, "train_seconds": 0.1, "val_tokens": 8,
+               "student_val_ppl": 2.0}
+    monkeypatch.setattr(distributed, "make_accelerator", lambda recipe: FakeAccelerator())
+    monkeypatch.setattr(train, "run", lambda recipe, acc: calls.append("run") or metrics)
+    monkeypatch.setattr(train, "_setup_logging", lambda: None)
+    assert main(["recipe=sft_tiny"]) == 0
+    assert calls == ["run", "barrier", "end"]
+    assert ("sft_tiny: 1 steps" in capsys.readouterr().out) == main_process

@@ -67,9 +67,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# recipe '{recipe.name}' is valid", file=sys.stderr)
         return 0
     _setup_logging()
-    metrics = run(recipe)
-    if metrics:
+    from workbench.distributed import make_accelerator
+
+    accelerator = make_accelerator(recipe)
+    metrics = run(recipe, accelerator)
+    if metrics and accelerator.is_main_process:
         print(format_summary(metrics))
+    # every process leaves the process group before the interpreter shuts down: exiting with gloo's worker
+    # threads still alive aborts the process (SIGABRT, "terminate called without an active exception")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     return 0
 
 
