@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU-only measurements, run ON a CUDA machine from the repository root, offline:
+#     bash launch_scripts/gpu_bench.sh [STEP ...]          # default: tests nf4 qlora
+# Steps:  tests  the kernel tests on CUDA (bit-exact dequant vs bitsandbytes, GEMM/GEMV, autograd, LoRA)
+#         nf4    kernels/bench/bench_nf4.py: every shape and M (ours vs cuBLAS bf16 vs bitsandbytes)
+#         quick  bench_nf4 --quick (one shape, M in {1, 16, 512})
+#         qlora  workbench/bench/qlora_memory.py --gpu: one QLoRA step's peak memory, bnb vs our kernels
+# Packages the machine lacks come from .whl/ when present (launch_scripts/gpu_wheels.sh fetches them on a
+# machine with PyPI); with none there, the machine's own are used. Logs and results (nf4_bench.md/json,
+# qlora_memory.md) go to $OUT (default gpu_out/); fold the .md sections into BENCHMARKS.md afterwards.
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-$REPO/gpu_out}
+mkdir -p "$OUT"
+SITE=/tmp/workbench-site
+if [ -d "$REPO/.whl" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+        "$REPO"/.whl/*.whl || exit 1
+fi
+# workbench itself, installed (not run from the checkout: kernels/ installs as workbench.kernels)
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade \
+    --target "$SITE" "$REPO" || exit 1
+export PYTHONPATH=$SITE PYTHONUNBUFFERED=1
+cd /tmp  # not the checkout, whose workbench/ lacks workbench.kernels
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton, transformers, bitsandbytes as b; print('torch', torch.__version__, 'cuda', \
+torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__, 'bnb', b.__version__)" \
+    | tee -a "$OUT/gpu.txt"
+
+status=0
+step() {  # step NAME COMMAND...: runs it, logs to $OUT/NAME.log, reports its exit status and seconds
+    local name=$1 start=$SECONDS
+    shift
+    echo "== $name: $*"
+    "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$OUT/steps.txt"
+    [ "$rc" = 0 ] || status=1
+}
+for s in "${@:-tests nf4 qlora}"; do
+    for name in $s; do
+        case $name in
+            tests) step tests python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/test_kernels.py" ;;
+            nf4) step nf4 python3 -m workbench.kernels.bench.bench_nf4 --out "$OUT" ;;
+            quick) step quick python3 -m workbench.kernels.bench.bench_nf4 --quick --out "$OUT" ;;
+            qlora) step qlora python3 -m workbench.bench.qlora_memory --gpu --no-record --out "$OUT" ;;
+            *) echo "unknown step '$name' (tests, nf4, quick, qlora)" >&2; exit 2 ;;
+        esac
+    done
+done
+exit $status
