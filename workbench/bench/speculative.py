@@ -1,6 +1,6 @@
 """Speculative decoding on the embedded default: the tiny teacher alone vs our speculative decoding vs
-Hugging Face's assisted generation, with the KD-distilled student and the no-distillation (sft_tiny)
-student of the same size as drafts.
+Hugging Face's assisted generation, with KD-distilled students (kd_tiny: forward KL + cross-entropy;
+kd_tiny_draft: forward KL alone) and the no-distillation student (sft_tiny) of the same size as drafts.
 
     python -m workbench.bench.speculative                 # appends a section to BENCHMARKS.md
     python -m workbench.bench.speculative --prompts 4 --max-new-tokens 32 --no-record   # a quick look
@@ -60,10 +60,12 @@ def _hf(teacher, tok, prompts, max_new, assistant=None, batch=1, num_assistant_t
     seqs, tokens, seconds = [], 0, 0.0
     try:
         for i in range(0, len(prompts), batch):
-            enc = tok(prompts[i : i + batch], return_tensors="pt", padding=True)
+            enc = tok(prompts[i : i + batch], return_tensors="pt", padding=True).to(teacher.device)
+            _sync(teacher.device)
             t = time.perf_counter()
             out = teacher.generate(**enc, max_new_tokens=max_new, do_sample=False, assistant_model=assistant,
                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            _sync(teacher.device)
             seconds += time.perf_counter() - t
             for row in out[:, enc.input_ids.shape[1]:].tolist():
                 seqs.append(_until_eos(row, tok.eos_token_id))
@@ -80,10 +82,10 @@ def _ours(teacher, draft, tok, prompts, max_new, batch=1, **kw):
 
     total, seqs = SpecStats(), []
     for i in range(0, len(prompts), batch):
-        enc = tok(prompts[i : i + batch], return_tensors="pt", padding=True)
+        enc = tok(prompts[i : i + batch], return_tensors="pt", padding=True).to(teacher.device)
         out = speculative_generate(teacher, draft, enc.input_ids, max_new, attention_mask=enc.attention_mask,
                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                                   generator=torch.Generator().manual_seed(i), **kw)
+                                   generator=torch.Generator(teacher.device).manual_seed(i), **kw)
         total.add(out.stats)
         seqs += [_until_eos(row, tok.eos_token_id) for row in out.sequences[:, enc.input_ids.shape[1]:].tolist()]
     return seqs, total
@@ -94,23 +96,38 @@ def _until_eos(row: list[int], eos: int) -> list[int]:
     return row[: row.index(eos) + 1] if eos in row else row
 
 
+def _draft_path(name: str) -> str:
+    """A recipe's trained model: outputs/NAME/model when the quickstart left one, else recipe:NAME (cached
+    run, trained on first use); anything else (a directory, a Hub id) as given."""
+    if "/" in name or name.startswith("recipe:"):
+        return name
+    local = Path("outputs") / name / "model"
+    return str(local) if (local / "config.json").is_file() else f"recipe:{name}"
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def run(args) -> str:
     from transformers import AutoTokenizer
 
     from workbench.speculate import load_decoder
     from workbench.speculative import left_padding
 
-    cpu = torch.device("cpu")
-    kd = args.kd or ("outputs/kd_tiny/model" if Path("outputs/kd_tiny/model/config.json").is_file() else "recipe:kd_tiny")
-    sft = args.sft or ("outputs/sft_tiny/model" if Path("outputs/sft_tiny/model/config.json").is_file() else "recipe:sft_tiny")
-    teacher = load_decoder(args.teacher, "teacher", device=cpu)
-    drafts = {"KD student (kd_tiny)": load_decoder(kd, "draft", device=cpu),
-              "no-KD student (sft_tiny)": load_decoder(sft, "draft", device=cpu)}
+    dev = torch.device(args.device)
+    names = [n.strip() for n in args.drafts.split(",") if n.strip()]
+    if args.baseline not in names:
+        names.append(args.baseline)
+    paths = {n: _draft_path(n) for n in names}
+    teacher = load_decoder(args.teacher, "teacher", device=dev)
+    drafts = {n: load_decoder(p, "draft", device=dev) for n, p in paths.items()}
     tok = left_padding(AutoTokenizer.from_pretrained(teacher.config._name_or_path))
     prompts = held_out_prompts(args.prompts, args.context)
     N, k = args.max_new_tokens, args.draft_len
 
-    _ours(teacher, drafts["KD student (kd_tiny)"], tok, prompts[:2], 8, draft_len=k)  # warm-up
+    _ours(teacher, drafts[names[0]], tok, prompts[:2], 8, draft_len=k)  # warm-up
     _hf(teacher, tok, prompts[:2], 8)
     rows = []  # (method, draft, batch, tokens/s, acceptance, tokens per target call, identical)
     ref, tokens, sec, calls = _hf(teacher, tok, prompts, N)
@@ -135,51 +152,60 @@ def run(args) -> str:
         seqs, s = _ours(teacher, draft, tok, prompts, N, batch=B, draft_len=k)
         rows.append((f"ours, k={k}", name, B, s.tokens_per_second, s.acceptance_rate, s.tokens_per_target_call,
                      seqs == ref_b))
-    sampled = {}
-    for name, draft in drafts.items():
-        _, s = _ours(teacher, draft, tok, prompts, N, draft_len=k, temperature=1.0)
-        sampled[name] = s
+    sampled = {name: _ours(teacher, draft, tok, prompts, N, draft_len=k, temperature=1.0)[1]
+               for name, draft in drafts.items()}
+
+    def described(name):
+        return f"`{name}` (`{paths[name]}`)"
 
     lines = [f"### Speculative decoding on the embedded default ({time.strftime('%Y-%m-%d')})", "",
-             f"Machine: {_report.machine()}. Teacher `{args.teacher}` (5.5M parameters), drafts `{kd}` and "
-             f"`{sft}` (1.3M each, same size and steps, with and without distillation). {len(prompts)} held-out "
-             f"prompts ending in `def name(` (at most {args.context} characters), greedy, up to {N} new "
-             "tokens each; fp32 on the CPU. Speed-up is tokens/s over the first row's (HF generate, teacher "
-             "alone, batch 1); 'same tokens' checks the teacher's own greedy output.", "",
+             f"Machine: {_report.machine()}. Teacher `{args.teacher}` ({_millions(teacher)} parameters); drafts "
+             f"{', '.join(described(n) for n in names)} ({_millions(drafts[names[0]])} each, same size and steps; "
+             f"`{args.baseline}` without distillation). {len(prompts)} held-out prompts ending in `def name(` (at "
+             f"most {args.context} characters), greedy, up to {N} new tokens each; fp32 on {dev.type}. Speed-up is "
+             "tokens/s over the first row's (HF generate, teacher alone, batch 1); 'same tokens' checks the "
+             "teacher's own greedy output.", "",
              "| method | draft | batch | tokens/s | speed-up | acceptance rate | tokens per target call | same tokens |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for method, draft, b, tps, acc, tpc, same in rows:
         lines.append(f"| {method} | {draft} | {b} | {tps:.1f} | {tps / base:.2f}x | "
                      f"{'-' if acc is None else f'{acc:.3f}'} | {'-' if tpc is None else f'{tpc:.2f}'} | {same} |")
-    kd_name, sft_name = list(drafts)
     greedy = {r[1]: r[5] for r in rows if r[0] == f"ours, k={k}" and r[2] == 1}
-    lines += ["", f"Sampling at temperature 1 (ours, k={k}): acceptance rate "
-              f"{sampled[kd_name].acceptance_rate:.3f} (KD) vs {sampled[sft_name].acceptance_rate:.3f} (no KD); tokens "
-              f"per target call {sampled[kd_name].tokens_per_target_call:.2f} vs "
-              f"{sampled[sft_name].tokens_per_target_call:.2f}.",
-              f"Distilled vs undistilled draft, tokens per target call at k={k}: greedy "
-              f"{greedy[kd_name] / greedy[sft_name]:.2f}x, sampled "
-              f"{sampled[kd_name].tokens_per_target_call / sampled[sft_name].tokens_per_target_call:.2f}x.",
-              f"Accepted drafts per verification, greedy, KD draft (k={k}): histogram {fixed[kd_name].accepted_hist}."]
-    s, alone = fixed[kd_name], rows[1][3]  # KD draft at fixed k; tokens/s of our teacher-alone loop
+    lines += ["", f"Sampling at temperature 1 (ours, k={k}): " + "; ".join(
+        f"`{n}` acceptance rate {sampled[n].acceptance_rate:.3f}, tokens per target call "
+        f"{sampled[n].tokens_per_target_call:.2f}" for n in names) + "."]
+    for n in names:
+        if n != args.baseline:
+            lines.append(f"Distilled `{n}` vs undistilled `{args.baseline}`, tokens per target call at k={k}: greedy "
+                         f"{greedy[n] / greedy[args.baseline]:.2f}x, sampled "
+                         f"{sampled[n].tokens_per_target_call / sampled[args.baseline].tokens_per_target_call:.2f}x.")
+    lines.append(f"Accepted drafts per verification, greedy, k={k}: " + "; ".join(
+        f"`{n}` {fixed[n].accepted_hist}" for n in names) + ".")
+    s, alone = fixed[names[0]], rows[1][3]  # first draft at fixed k; tokens/s of our teacher-alone loop
     draft_ms = 1e3 * s.draft_seconds / max(sum(s.draft_lens), 1)
     verify_ms = 1e3 * s.target_seconds / max(s.target_calls, 1)
     round_ms = k * draft_ms + verify_ms
-    lines.append(f"Why no speed-up here: a draft forward takes {draft_ms:.2f} ms, a verification of {k + 1} tokens "
-                 f"{verify_ms:.2f} ms, the teacher alone {1e3 / alone:.2f} ms per token. A round at k={k} takes "
+    lines.append(f"Cost split (`{names[0]}`, k={k}): a draft forward takes {draft_ms:.2f} ms, a verification of "
+                 f"{k + 1} tokens {verify_ms:.2f} ms, the teacher alone {1e3 / alone:.2f} ms per token. A round takes "
                  f"{round_ms:.2f} ms for {s.tokens_per_target_call:.2f} tokens ({round_ms / s.tokens_per_target_call:.2f} "
-                 f"ms per token): the draft costs {draft_ms * alone / 1e3:.2f} of a teacher step, because both models are "
-                 "small enough to be bound by per-layer overhead on a CPU. Speculative decoding pays off when the "
-                 "draft is far cheaper than its target.")
+                 f"ms per token); the draft costs {draft_ms * alone / 1e3:.2f} of a teacher step. Speculative decoding "
+                 "pays off when the draft is far cheaper than its target.")
     return "\n".join(lines) + "\n"
+
+
+def _millions(model) -> str:
+    return f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--teacher", default="recipe:pretrain_tiny_teacher")
-    ap.add_argument("--kd", default=None, help="distilled draft (default outputs/kd_tiny/model, else recipe:kd_tiny)")
-    ap.add_argument("--sft", default=None, help="undistilled draft (default outputs/sft_tiny/model, else recipe:sft_tiny)")
-    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--drafts", default="kd_tiny,kd_tiny_draft,sft_tiny",
+                    help="comma-separated drafts: recipe names (outputs/NAME/model if there, else recipe:NAME), "
+                         "model directories or Hub ids")
+    ap.add_argument("--baseline", default="sft_tiny", help="the undistilled draft the others are compared with")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--context", type=int, default=300, help="characters of held-out file before 'def name('")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--draft-len", type=int, default=4)
