@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from workbench import config
@@ -192,3 +196,19 @@ def test_cli_run_prints_once_and_leaves_the_process_group(monkeypatch, capsys, m
     assert main(["recipe=sft_tiny"]) == 0
     assert calls == ["run", "barrier", "end"]
     assert ("sft_tiny: 1 steps" in capsys.readouterr().out) == main_process
+
+
+def test_installed_package_carries_the_recipes(tmp_path):
+    """A non-editable install (a wheel, `pip install .`) finds every shipped recipe without the checkout."""
+    from conftest import REPO
+
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "--no-compile", "--target", str(site), str(REPO)], check=True, capture_output=True)
+    code = ("from workbench.config import RECIPES_DIR, list_recipes, load_recipe; "
+            "print(RECIPES_DIR); print(','.join(list_recipes())); load_recipe('kd_tiny')")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    where, names = done.stdout.split()
+    assert where.startswith(str(site)) and set(names.split(",")) == set(list_recipes())

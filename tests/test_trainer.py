@@ -87,6 +87,13 @@ def test_teacher_recipe_is_trained_once_then_cached(tmp_path, accelerator, monke
     assert "my_teacher" not in calls  # reused, not retrained
     assert second["teacher_val_ppl"] == first["teacher_val_ppl"]
 
+    class Bf16Accelerator:  # e.g. speculate.py's, in a process already set to bf16
+        mixed_precision = "bf16"
+
+    # the run cached at the recipe's own precision is found whatever the caller's precision
+    assert T.ensure_trained(str(teacher_yaml), Bf16Accelerator()) == cached[0].parent
+    assert "my_teacher" not in calls
+
 
 def test_rerun_needs_resume_or_overwrite(tmp_path, accelerator):
     recipe = fast_recipe("sft_tiny", tmp_path, "train.max_steps=2")

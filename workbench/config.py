@@ -20,7 +20,15 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+def _recipes_dir() -> Path:
+    """recipes/ of the source checkout (also an editable install's); an installed wheel ships the same
+    files as workbench/recipes."""
+    checkout = Path(__file__).resolve().parent.parent / "recipes"
+    return checkout if (checkout / "kd_tiny.yaml").is_file() else Path(__file__).resolve().parent / "recipes"
+
+
+RECIPES_DIR = _recipes_dir()
 
 # Loss names understood by workbench.losses (its registries are checked against these in tests).
 LossName = Literal[

@@ -24,6 +24,15 @@ TINY_CONFIGS: dict[str, dict] = {
     "llama-student-1m": dict(
         hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=352
     ),
+    # ~50M parameters, 16 layers: a teacher deep enough that a 2-layer draft is far cheaper per token on a
+    # GPU, where small models' decoding time is per-layer kernel launches (pretrain_gpu_teacher).
+    "llama-teacher-50m": dict(
+        hidden_size=512, num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1408
+    ),
+    # ~8M parameters: the same widths in 2 layers, its draft (kd_gpu_draft, sft_gpu_draft).
+    "llama-draft-2layer": dict(
+        hidden_size=512, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1408
+    ),
     # ~0.3M parameters: 2 layers, hidden 64, for tests.
     "llama-2layer-64": dict(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=176

@@ -36,9 +36,15 @@ def load_decoder(name: str, role: str, *, device, dtype: str = "float32", four_b
     if name.startswith("recipe:"):
         from accelerate import Accelerator
 
+        from workbench.config import load_recipe
         from workbench.train import ensure_trained
 
-        name = str(ensure_trained(name[len("recipe:"):], Accelerator(cpu=device.type == "cpu")))
+        recipe = name[len("recipe:"):]
+        try:  # train it (if not cached) at the recipe's own precision, as a dependent recipe's run would
+            acc = Accelerator(cpu=device.type == "cpu", mixed_precision=load_recipe(recipe).train.mixed_precision)
+        except ValueError:  # this process's accelerate state already has another precision
+            acc = Accelerator(cpu=device.type == "cpu")
+        name = str(ensure_trained(recipe, acc))
     return load_for_inference(name, role, device=device, dtype=dtype, four_bit=four_bit, kernel=kernel, merge=merge)
 
 

@@ -238,9 +238,16 @@ def ensure_trained(name: str, accelerator) -> Path:
     $WORKBENCH_CACHE/runs/<name>-<fingerprint>/model."""
     from workbench.data import cache_root
 
-    dep = load_recipe(name, [f"train.mixed_precision={accelerator.mixed_precision}"])
-    out = cache_root() / "runs" / f"{dep.name}-{dep.fingerprint()}"
-    dep = dataclasses.replace(dep, output=dataclasses.replace(dep.output, dir=str(out)), resume=True)
+    def cached(dep):
+        out = cache_root() / "runs" / f"{dep.name}-{dep.fingerprint()}"
+        return dataclasses.replace(dep, output=dataclasses.replace(dep.output, dir=str(out)), resume=True)
+
+    own = cached(load_recipe(name))  # trained earlier at the recipe's own precision (a dependent recipe's run)
+    if _finished_metrics(own) is not None:
+        return own.output_dir / "model"
+    # trained here, with this accelerator: its precision is the one the run really has
+    dep = cached(load_recipe(name, [f"train.mixed_precision={accelerator.mixed_precision}"]))
+    out = dep.output_dir
     if _finished_metrics(dep) is None:
         log.info("teacher recipe '%s' is not cached: training it into %s", name, out)
         run(dep, accelerator)

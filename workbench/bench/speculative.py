@@ -121,8 +121,8 @@ def run(args) -> str:
     if args.baseline not in names:
         names.append(args.baseline)
     paths = {n: _draft_path(n) for n in names}
-    teacher = load_decoder(args.teacher, "teacher", device=dev)
-    drafts = {n: load_decoder(p, "draft", device=dev) for n, p in paths.items()}
+    teacher = load_decoder(args.teacher, "teacher", device=dev, dtype=args.dtype)
+    drafts = {n: load_decoder(p, "draft", device=dev, dtype=args.dtype) for n, p in paths.items()}
     tok = left_padding(AutoTokenizer.from_pretrained(teacher.config._name_or_path))
     prompts = held_out_prompts(args.prompts, args.context)
     N, k = args.max_new_tokens, args.draft_len
@@ -162,7 +162,7 @@ def run(args) -> str:
              f"Machine: {_report.machine()}. Teacher `{args.teacher}` ({_millions(teacher)} parameters); drafts "
              f"{', '.join(described(n) for n in names)} ({_millions(drafts[names[0]])} each, same size and steps; "
              f"`{args.baseline}` without distillation). {len(prompts)} held-out prompts ending in `def name(` (at "
-             f"most {args.context} characters), greedy, up to {N} new tokens each; fp32 on {dev.type}. Speed-up is "
+             f"most {args.context} characters), greedy, up to {N} new tokens each; {args.dtype} on {dev.type}. Speed-up is "
              "tokens/s over the first row's (HF generate, teacher alone, batch 1); 'same tokens' checks the "
              "teacher's own greedy output.", "",
              "| method | draft | batch | tokens/s | speed-up | acceptance rate | tokens per target call | same tokens |",
@@ -205,6 +205,7 @@ def main(argv=None) -> int:
                          "model directories or Hub ids")
     ap.add_argument("--baseline", default="sft_tiny", help="the undistilled draft the others are compared with")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--context", type=int, default=300, help="characters of held-out file before 'def name('")
     ap.add_argument("--max-new-tokens", type=int, default=64)
