@@ -97,6 +97,7 @@ def test_list_items_can_be_appended_and_replaced():
         ("distill.losses.5.weight=1", "index 5 out of range"),
         ("train.lr.x=1", "is a value, not a section"),
         ("resume", "is not key=value"),
+        ("distill.losses.0.normalize=true", "normalize: applies to hidden_mse only"),
     ],
 )
 def test_bad_overrides_name_the_key(override, expected):

@@ -256,22 +256,25 @@ def test_uniform_layer_map():
     assert losses.uniform_layer_map(2, 2) == [[1, 1], [2, 2]]
 
 
-@pytest.mark.parametrize("kind", ["hidden_mse", "hidden_cosine"])
-def test_hidden_state_losses_with_a_projection(kind):
+@pytest.mark.parametrize("kind,normalize", [("hidden_mse", False), ("hidden_mse", True), ("hidden_cosine", False)])
+def test_hidden_state_losses_with_a_projection(kind, normalize):
     torch.manual_seed(3)
     B, T, Hs, Ht = 2, 5, 6, 10
     hs = tuple(torch.randn(B, T, Hs, requires_grad=True) for _ in range(3))  # embeddings + 2 layers
-    ht = tuple(torch.randn(B, T, Ht) for _ in range(5))  # embeddings + 4 layers
+    ht = tuple(torch.randn(B, T, Ht) * (1 + torch.arange(T)[:, None]) for _ in range(5))  # embeddings + 4 layers
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[0, -1] = False
-    obj = losses.Objective([LossTerm(kind, weight=0.5)], _Cfg(2, Hs, 4), _Cfg(4, Ht, 8))
+    obj = losses.Objective([LossTerm(kind, weight=0.5, normalize=normalize)], _Cfg(2, Hs, 4), _Cfg(4, Ht, 8))
     (loss,) = obj.features
     assert loss.layer_map == [(1, 2), (2, 4)] and all(isinstance(p, torch.nn.Linear) for p in loss.proj)
     got = loss(hs, ht, mask)
     ref = 0.0
     for (s, t), P in zip(loss.layer_map, loss.proj):
         a, b = hs[s] @ P.weight.T, ht[t]
-        per = ((a - b) ** 2).mean(-1) if kind == "hidden_mse" else 1 - (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+        if kind == "hidden_mse":
+            per = ((a - b) ** 2).sum(-1) / (b**2).sum(-1) if normalize else ((a - b) ** 2).mean(-1)
+        else:
+            per = 1 - (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
         ref = ref + (per * mask).sum()
     torch.testing.assert_close(got, ref / 2)
     got.backward()

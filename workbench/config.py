@@ -233,6 +233,9 @@ class LossTerm:
     null maps every student block uniformly onto the teacher's."""
     head_map: Literal["average", "map"] = "average"
     """attention_*: compare head-averaged maps, or average the larger side's heads in groups ('map')."""
+    normalize: bool = False
+    """hidden_mse: divide each token's squared error by the teacher state's mean square (a relative error:
+    the residual stream's scale grows with depth, and raw MSE can dwarf the other terms)."""
 
     def __post_init__(self) -> None:
         _check(self.weight >= 0, "weight", "must be >= 0")
@@ -245,6 +248,7 @@ class LossTerm:
         )
         _check(self.layer_map is None or self.name in FEATURE_LOSSES, "layer_map",
                "applies to hidden_* and attention_* losses only")
+        _check(not self.normalize or self.name == "hidden_mse", "normalize", "applies to hidden_mse only")
 
 
 @dataclass

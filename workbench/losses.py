@@ -306,15 +306,16 @@ def _check_layer_map(layer_map, n_student: int, n_teacher: int, first: int) -> N
 
 
 class HiddenStateLoss(nn.Module):
-    """MSE (mean over the teacher's width) or 1 - cosine between mapped hidden states, summed over valid
-    tokens and averaged over layer pairs. Layer 0 is the embedding output, layer i the i-th block's.
-    A learned linear projection (student width -> teacher width) per pair when the widths differ."""
+    """MSE (mean over the teacher's width; with `normalize`, divided by the teacher state's mean square) or
+    1 - cosine between mapped hidden states, summed over valid tokens and averaged over layer pairs. Layer 0
+    is the embedding output, layer i the i-th block's. A learned linear projection (student width ->
+    teacher width) per pair when the widths differ."""
 
     needs_teacher = True
 
-    def __init__(self, kind: str, layer_map, student_width: int, teacher_width: int):
+    def __init__(self, kind: str, layer_map, student_width: int, teacher_width: int, normalize: bool = False):
         super().__init__()
-        self.kind, self.layer_map = kind, [tuple(p) for p in layer_map]
+        self.kind, self.layer_map, self.normalize = kind, [tuple(p) for p in layer_map], normalize
         self.proj = nn.ModuleList(
             nn.Linear(student_width, teacher_width, bias=False) if student_width != teacher_width else nn.Identity()
             for _ in self.layer_map
@@ -332,6 +333,8 @@ class HiddenStateLoss(nn.Module):
             ht = teacher_hidden[t].float()
             if self.kind == "hidden_mse":
                 per_token = (hs - ht).pow(2).mean(-1)
+                if self.normalize:
+                    per_token = per_token / ht.pow(2).mean(-1).clamp_min(1e-6)
             else:
                 per_token = 1.0 - F.cosine_similarity(hs, ht, dim=-1, eps=1e-6)
             total = total + (per_token * mask).sum()
@@ -484,7 +487,7 @@ def _build_feature(term: LossTerm, sc, tc) -> nn.Module:
     if term.name in ("hidden_mse", "hidden_cosine"):
         lm = term.layer_map or uniform_layer_map(sc.num_hidden_layers, tc.num_hidden_layers)
         _check_layer_map(lm, sc.num_hidden_layers, tc.num_hidden_layers, first=0)
-        return HiddenStateLoss(term.name, lm, sc.hidden_size, tc.hidden_size)
+        return HiddenStateLoss(term.name, lm, sc.hidden_size, tc.hidden_size, normalize=term.normalize)
     lm = term.layer_map or uniform_layer_map(sc.num_hidden_layers, tc.num_hidden_layers)
     _check_layer_map(lm, sc.num_hidden_layers, tc.num_hidden_layers, first=1)
     return AttentionLoss(term.name, lm, term.head_map, sc.num_attention_heads, tc.num_attention_heads)
