@@ -5,8 +5,10 @@
 #         nf4    kernels/bench/bench_nf4.py: every shape and M (ours vs cuBLAS bf16 vs bitsandbytes)
 #         quick  bench_nf4 --quick (one shape, M in {1, 16, 512})
 #         qlora  workbench/bench/qlora_memory.py --gpu: one QLoRA step's peak memory, bnb vs our kernels
-#         spec   trains pretrain_gpu_teacher, kd_gpu_draft and sft_gpu_draft, then workbench/bench/speculative.py
-#                on the GPU (teacher alone vs ours vs HF assisted generation, distilled vs undistilled draft)
+#         spec   spec_train (trains pretrain_gpu_teacher, kd_gpu_draft, sft_gpu_draft) then spec_bench
+#                (workbench/bench/speculative.py on the GPU, bf16 and fp32: teacher alone vs ours vs HF
+#                assisted generation, distilled vs undistilled draft); either alone as two calls if one is
+#                too long: the models stay in ~/.cache/workbench and /tmp/gpu_runs while the machine stays up
 # Packages the machine lacks come from .whl/ when present (launch_scripts/gpu_wheels.sh fetches them on a
 # machine with PyPI); with none there, the machine's own are used. Logs and results (nf4_bench.md/json,
 # qlora_memory.md) go to $OUT (default gpu_out/); fold the .md sections into BENCHMARKS.md afterwards.
@@ -38,6 +40,22 @@ step() {  # step NAME COMMAND...: runs it, logs to $OUT/NAME.log, reports its ex
     local rc=${PIPESTATUS[0]}
     echo "== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$OUT/steps.txt"
     [ "$rc" = 0 ] || status=1
+    return "$rc"
+}
+RUNS=/tmp/gpu_runs  # spec_train's models; spec_bench reads them (a later call on the same, still warm machine)
+run_step() {
+    case $1 in
+        spec_train) step spec_train bash -c "python3 -m workbench.train recipe=kd_gpu_draft \
+                        output.dir=$RUNS/kd_gpu_draft && python3 -m workbench.train recipe=sft_gpu_draft \
+                        output.dir=$RUNS/sft_gpu_draft" ;;
+        spec_bench)
+            for dtype in bfloat16 float32; do
+                step "spec_$dtype" python3 -m workbench.bench.speculative --teacher recipe:pretrain_gpu_teacher \
+                    --drafts "$RUNS/kd_gpu_draft/model,$RUNS/sft_gpu_draft/model" \
+                    --baseline "$RUNS/sft_gpu_draft/model" --dtype $dtype --no-record
+            done ;;
+        *) echo "unknown step '$1' (tests, nf4, quick, qlora, spec = spec_train + spec_bench)" >&2; exit 2 ;;
+    esac
 }
 for s in "${@:-tests nf4 qlora}"; do
     for name in $s; do
@@ -46,16 +64,8 @@ for s in "${@:-tests nf4 qlora}"; do
             nf4) step nf4 python3 -m workbench.kernels.bench.bench_nf4 --out "$OUT" ;;
             quick) step quick python3 -m workbench.kernels.bench.bench_nf4 --quick --out "$OUT" ;;
             qlora) step qlora python3 -m workbench.bench.qlora_memory --gpu --no-record --out "$OUT" ;;
-            spec)
-                runs=/tmp/gpu_runs
-                step spec_train bash -c "python3 -m workbench.train recipe=kd_gpu_draft output.dir=$runs/kd_gpu_draft \
-                    && python3 -m workbench.train recipe=sft_gpu_draft output.dir=$runs/sft_gpu_draft"
-                for dtype in bfloat16 float32; do
-                    step "spec_$dtype" python3 -m workbench.bench.speculative --teacher recipe:pretrain_gpu_teacher \
-                        --drafts "$runs/kd_gpu_draft/model,$runs/sft_gpu_draft/model" \
-                        --baseline "$runs/sft_gpu_draft/model" --dtype $dtype --no-record
-                done ;;
-            *) echo "unknown step '$name' (tests, nf4, quick, qlora, spec)" >&2; exit 2 ;;
+            spec) run_step spec_train && run_step spec_bench ;;
+            *) run_step "$name" ;;
         esac
     done
 done
