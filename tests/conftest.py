@@ -14,7 +14,9 @@ if not torch.cuda.is_available():  # the Triton kernels run in Triton's CPU inte
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
+try:  # an install (editable or not) maps kernels/ to workbench.kernels; the bare checkout only has the rest
+    import workbench  # noqa: F401
+except ImportError:
     sys.path.insert(0, str(REPO))
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
