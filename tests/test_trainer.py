@@ -94,6 +94,11 @@ def test_teacher_recipe_is_trained_once_then_cached(tmp_path, accelerator, monke
     assert T.ensure_trained(str(teacher_yaml), Bf16Accelerator()) == cached[0].parent
     assert "my_teacher" not in calls
 
+    # another interpreter's standard library is another corpus: its teacher is trained anew, apart
+    monkeypatch.setattr(sys, "version", sys.version + " (another Python)")
+    other = T.ensure_trained(str(teacher_yaml), accelerator)
+    assert "my_teacher" in calls and other != cached[0].parent and (other / "config.json").is_file()
+
 
 def test_rerun_needs_resume_or_overwrite(tmp_path, accelerator):
     recipe = fast_recipe("sft_tiny", tmp_path, "train.max_steps=2")

@@ -235,14 +235,19 @@ def _model_id(spec) -> str:
 
 def ensure_trained(name: str, accelerator) -> Path:
     """The final model of recipe `name`, trained now (resuming an interrupted run) unless cached under
-    $WORKBENCH_CACHE/runs/<name>-<fingerprint>/model."""
-    from workbench.data import cache_root
+    $WORKBENCH_CACHE/runs/<name>-<fingerprint>[-<corpus>]/model."""
+    from workbench.data import cache_root, load_corpus
+
+    # the embedded corpus is the running interpreter's standard library: a cache shared by two Pythons
+    # must not hand one's teacher (and its tokenizer) to the other
+    base = load_recipe(name)
+    corpus = "-" + load_corpus(base.data).fingerprint[:8] if base.data.dataset == "stdlib" else ""
 
     def cached(dep):
-        out = cache_root() / "runs" / f"{dep.name}-{dep.fingerprint()}"
+        out = cache_root() / "runs" / f"{dep.name}-{dep.fingerprint()}{corpus}"
         return dataclasses.replace(dep, output=dataclasses.replace(dep.output, dir=str(out)), resume=True)
 
-    own = cached(load_recipe(name))  # trained earlier at the recipe's own precision (a dependent recipe's run)
+    own = cached(base)  # trained earlier at the recipe's own precision (a dependent recipe's run)
     if _finished_metrics(own) is not None:
         return own.output_dir / "model"
     # trained here, with this accelerator: its precision is the one the run really has
