@@ -4,6 +4,8 @@ compiled."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -108,3 +110,23 @@ def test_triton_layer_forward_and_input_gradient_match_bitsandbytes(rows):
     assert _rel(x2.grad, x.grad) < 1e-5
     assert _rel(ours.bias.grad, ref.bias.grad) < 1e-6
     assert ours.weight.grad is None  # the 4-bit base stays frozen
+
+
+def test_qlora_benchmark_step_trains_alike_on_both_kernels(tmp_path):
+    """workbench/bench/qlora_memory.py's timed step (run on GPUs by launch_scripts/gpu_bench.sh), on a tiny
+    Llama: it runs with bitsandbytes' kernels and with ours, and both train to the same loss."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from workbench.bench.qlora_memory import gpu_step
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
+                      num_hidden_layers=1, vocab_size=128)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path)
+    results = {}
+    for kernel in ("bnb", "triton"):
+        torch.manual_seed(1)  # the same LoRA initialisation and token ids for both
+        results[kernel] = gpu_step(kernel, str(tmp_path), device=DEVICE, tokens=16)
+    assert all(math.isfinite(r["loss"]) and r["step_s"] > 0 for r in results.values())
+    assert results["triton"]["loss"] == pytest.approx(results["bnb"]["loss"], rel=2e-2)
+    assert (results["bnb"]["peak_gib"] is None) == (DEVICE == "cpu")

@@ -64,14 +64,17 @@ def cpu_bytes(path: str) -> list[tuple[str, int, float | None]]:
     return rows
 
 
-def gpu_step(layers: int, kernel: str, workdir: str) -> dict:
+def gpu_step(kernel: str, workdir: str, device: str = "cuda", tokens: int = 2048) -> dict:
+    """One timed QLoRA step (after two warm-up steps) of the model saved in `workdir`, with bitsandbytes'
+    kernels or ours: peak and resident memory (CUDA only), seconds, loss."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from workbench.models import _keep_bnb_layout
 
+    cuda = torch.device(device).type == "cuda"
     model = AutoModelForCausalLM.from_pretrained(
-        workdir, dtype=torch.bfloat16, device_map={"": 0},
+        workdir, dtype=torch.bfloat16, device_map={"": device},
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16))
     _keep_bnb_layout(model)
@@ -82,21 +85,25 @@ def gpu_step(layers: int, kernel: str, workdir: str) -> dict:
         replace_linear4bit(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(0, 32000, (1, 2048), device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
     for i in range(3):  # the first steps compile kernels and allocate optimizer state
         if i == 2:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    out = dict(kernel=kernel, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
-               step_s=time.perf_counter() - t0, weights_gib=torch.cuda.memory_allocated() / 2**30, loss=loss.item())
+    if cuda:
+        torch.cuda.synchronize()
+    out = dict(kernel=kernel, step_s=time.perf_counter() - t0, loss=loss.item(),
+               peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+               weights_gib=torch.cuda.memory_allocated() / 2**30 if cuda else None)
     del model, opt
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return out
 
 
@@ -142,7 +149,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as d:
             _llama7b_shaped(d, args.layers, "cuda")
             torch.cuda.empty_cache()
-            results = [gpu_step(args.layers, k, d) for k in ("bnb", "triton")]
+            results = [gpu_step(k, d) for k in ("bnb", "triton")]
         name = torch.cuda.get_device_name(0)
         lines += [f"One QLoRA step on {name}: Llama-2-7B widths, {args.layers} blocks, random weights, NF4 + double "
                   "quantisation, LoRA r=16 on all linear layers, gradient checkpointing, 1 x 2048 tokens, bf16.", "",
