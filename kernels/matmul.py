@@ -24,14 +24,22 @@ from .nf4_weight import NF4Weight, dequantize_reference, finish_split
 # Triton's CPU interpreter multiplies bfloat16 tl.dot operands as raw 16-bit integers; under
 # TRITON_INTERPRET=1 the products run in float32 instead (the tile dequantisation is the same code).
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# float32 activations: three TF32 tensor-core products (hi*hi + hi*lo + lo*hi), about float32's accuracy.
+# Triton's "ieee" float32 dot compiles (sm_90, Triton 3.9) to FMA loops with a 3.3-10.7 KB per-thread stack
+# at every tile tried here (kernels/bench/compile_check.py); tf32x3 has none at M >= 64.
+FP32_PRECISION = "tf32x3"
 
 @triton.jit
 def _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk, mask, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr):
     """float32 absmax of quantisation blocks `blk` (any shape)."""
+    # one return: Triton's compiler (unlike its interpreter) also builds statements after a constexpr
+    # branch's return, which gave two return types (float32 and uint8) for a nested absmax
     if NESTED:
         q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-        return tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=mask, other=0.0) + offset
-    return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+        s = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=mask, other=0.0) + offset
+    else:
+        s = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    return s
 
 
 @triton.jit
@@ -141,10 +149,13 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, 
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    cfg = {**default_config(M, cols, red), **config}
+    cfg = {**default_config(M, cols, red), "INPUT_PRECISION": FP32_PRECISION if x.dtype == torch.float32 else "tf32",
+           **config}
     if cfg["BLOCK_RED"] % w.blocksize and K % w.blocksize == 0 and not transpose:
         raise ValueError("BLOCK_RED must be a multiple of the quantisation block size")
     aligned = K % w.blocksize == 0 and (cfg["BLOCK_COLS" if transpose else "BLOCK_RED"] % w.blocksize == 0)
+    if not aligned and "num_stages" not in config:
+        cfg["num_stages"] = 1  # the gathering tile: 3 stages need up to 229 KB of shared memory on sm_90
     split = cfg.pop("SPLIT")
     out = torch.empty(M, cols, dtype=x.dtype, device=x.device)
     dst = out if split == 1 else torch.empty(split, M, cols, dtype=torch.float32, device=x.device)
@@ -153,7 +164,7 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, 
         x2, *w.kernel_args(), dst, bias if bias is not None else w.code, M, N, K, x2.stride(0), out.stride(0),
         TRANS=transpose, SPLIT=split, BLOCKSIZE=w.blocksize, BLOCKSIZE2=w.blocksize2, NESTED=w.nested,
         ALIGNED=aligned, HAS_BIAS=bias is not None and split == 1,
-        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", DOT_F32=_INTERPRETED, **cfg,
+        DOT_F32=_INTERPRETED, **cfg,
     )
     if split > 1:
         finish_split(dst, out, bias)
