@@ -32,6 +32,7 @@ def _nf4_gemv_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rn < N
     j = tl.arange(0, BLOCK_K // 2)
+    kk = tl.arange(0, BLOCK_K)
     b = tl.arange(0, BLOCK_K // BLOCKSIZE)
     per_split = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
     k_start = split * per_split
@@ -40,7 +41,7 @@ def _nf4_gemv_kernel(
     acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(k_start, tl.minimum(k_start + per_split, K), BLOCK_K):
-        col_ok = (k0 + 2 * j) < K
+        col_ok = (k0 // 2 + j) < K // 2  # in bytes: contiguous, so the packed loads vectorise
         byte = tl.load(packed_ptr + rn[:, None].to(tl.int64) * (K // 2) + k0 // 2 + j[None, :],
                        mask=row_ok[:, None] & col_ok[None, :], other=0)
         hi = tl.load(code_ptr + (byte >> 4).to(tl.int32))  # [BLOCK_N, BLOCK_K / 2] weights of columns 2j
@@ -49,8 +50,8 @@ def _nf4_gemv_kernel(
         s = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk,
                     row_ok[:, None] & ((k0 + b * BLOCKSIZE) < K)[None, :], BLOCKSIZE2, NESTED)  # [BLOCK_N, BK/64]
         for m in tl.static_range(M):
-            xe = tl.load(x_ptr + m * stride_xm + k0 + 2 * j, mask=col_ok, other=0.0).to(tl.float32)
-            xo = tl.load(x_ptr + m * stride_xm + k0 + 2 * j + 1, mask=col_ok, other=0.0).to(tl.float32)
+            xk = tl.load(x_ptr + m * stride_xm + k0 + kk, mask=(k0 + kk) < K, other=0.0).to(tl.float32)
+            xe, xo = tl.split(xk.reshape(BLOCK_K // 2, 2))  # columns 2j and 2j + 1
             part = hi * xe[None, :] + lo * xo[None, :]  # [BLOCK_N, BLOCK_K / 2]
             per_block = tl.sum(part.reshape(BLOCK_N, BLOCK_K // BLOCKSIZE, BLOCKSIZE // 2), axis=2)
             contrib = tl.sum(per_block * s, axis=1)

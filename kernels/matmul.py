@@ -51,7 +51,7 @@ def _w_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset, code_ptr,
     if ALIGNED:  # K % BLOCKSIZE == 0 and k0 % BLOCKSIZE == 0: bytes of a row are contiguous
         j = tl.arange(0, COLS // 2)
         row_ok = rows[:, None] < N
-        col_ok = (k0 + 2 * j)[None, :] < K
+        col_ok = (k0 // 2 + j)[None, :] < K // 2  # in bytes: contiguous, so the loads vectorise
         byte = tl.load(packed_ptr + rows[:, None].to(tl.int64) * (K // 2) + k0 // 2 + j[None, :],
                        mask=row_ok & col_ok, other=0)
         hi = tl.load(code_ptr + (byte >> 4).to(tl.int32))

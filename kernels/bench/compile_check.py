@@ -94,7 +94,7 @@ def compile_only(arch: int = 90):
 
 
 def resources(kernel) -> dict:
-    """Registers, spill bytes, shared memory and tensor-core instruction count of a compiled kernel."""
+    """Registers, local and shared memory, tensor-core and global-load instruction counts of a compiled kernel."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
@@ -104,12 +104,17 @@ def resources(kernel) -> dict:
         sass = subprocess.run([_tool("cuobjdump"), "--dump-sass", path], capture_output=True, text=True,
                               check=True).stdout
     field = lambda name: int(re.search(rf"\b{name}:(\d+)", usage).group(1))  # noqa: E731
-    ops = Counter(re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9]*)", sass))
+    ops = Counter(re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)", sass))  # with modifiers
+    base = Counter()
+    for op, n in ops.items():
+        base[op.split(".")[0]] += n
     meta = kernel.metadata
+    loads = {op: n for op, n in ops.items() if op.split(".")[0] in ("LDG", "LDGSTS")}  # LDG.E.64, LDGSTS.E.128..
     return dict(regs=field("REG"), spill_bytes=field("LOCAL"), stack=field("STACK"),
-                shared=max(field("SHARED"), meta.shared), tensor_core=ops["HGMMA"] + ops["HMMA"],
-                hgmma=ops["HGMMA"], sass_instructions=sum(ops.values()), num_warps=meta.num_warps,
-                num_stages=meta.num_stages)
+                shared=max(field("SHARED"), meta.shared), tensor_core=base["HGMMA"] + base["HMMA"],
+                hgmma=base["HGMMA"], global_loads=sum(loads.values()),
+                byte_loads=sum(n for op, n in loads.items() if op.endswith(".U8")),
+                sass_instructions=sum(ops.values()), num_warps=meta.num_warps, num_stages=meta.num_stages)
 
 
 def _fake_weight(N: int, K: int, dtype: torch.dtype, nested: bool):
@@ -214,15 +219,17 @@ def markdown(rows, arch: int) -> str:
              f"from {len({r['case'] for r in rows})} launches: {len(bad)} failed to compile, {len(big)} need more shared "
              f"memory than a block may have ({max_shared(arch)} bytes; they would fail at launch), "
              f"{len(local)} use local memory. regs: per thread; stack / spill: local-memory bytes per thread; "
-             "shared: bytes per block; TC: tensor-core instructions in the SASS (HGMMA = Hopper wgmma).", "",
-             "| launch | kernel | warps | stages | regs | stack | spill | shared | TC (HGMMA) | compile s |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "shared: bytes per block; TC: tensor-core instructions in the SASS (HGMMA = Hopper wgmma); loads: global "
+             "load instructions in the SASS (of them single bytes).", "",
+             "| launch | kernel | warps | stages | regs | stack | spill | shared | TC (HGMMA) | loads (bytes) | compile s |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         if not r["ok"]:
-            lines.append(f"| {r['case']} | FAILED: {' '.join(r['error'].split())[:200]} | | | | | | | | |")
+            lines.append(f"| {r['case']} | FAILED: {' '.join(r['error'].split())[:200]} | | | | | | | | | |")
             continue
         lines.append(f"| {r['case']} | {r['kernel']} | {r['num_warps']} | {r['num_stages']} | {r['regs']} | "
-                     f"{r['stack']} | {r['spill_bytes']} | {r['shared']} | {r['tensor_core']} ({r['hgmma']}) | {r['compile_s']} |")
+                     f"{r['stack']} | {r['spill_bytes']} | {r['shared']} | {r['tensor_core']} ({r['hgmma']}) | "
+                     f"{r['global_loads']} ({r['byte_loads']}) | {r['compile_s']} |")
     return "\n".join(lines) + "\n"
 
 
