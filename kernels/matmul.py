@@ -26,8 +26,9 @@ from .nf4_weight import NF4Weight, dequantize_reference, finish_split
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # float32 activations: three TF32 tensor-core products (hi*hi + hi*lo + lo*hi), about float32's accuracy.
 # Triton's "ieee" float32 dot compiles (sm_90, Triton 3.9) to FMA loops with a 3.3-10.7 KB per-thread stack
-# at every tile tried here (kernels/bench/compile_check.py); tf32x3 has none at M >= 64.
-FP32_PRECISION = "tf32x3"
+# at every tile tried here (kernels/bench/compile_check.py); tf32x3 has none at M >= 64. Triton 3.1 and 3.2
+# abort in LLVM on tf32x3 at these tiles, so they keep "ieee".
+FP32_PRECISION = "tf32x3" if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 3) else "ieee"
 
 @triton.jit
 def _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk, mask, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr):

@@ -83,14 +83,14 @@ def compile_only(arch: int = 90):
         launched.append((self.__name__, kernel))
         return kernel
 
-    old_active = driver._active
+    saved = dict(vars(driver))  # restored as it was (Triton 3.9 creates the default driver lazily, 3.3 a proxy)
     driver.set_active(_AOTDriver(arch))
     JITFunction.run = compile_instead
     try:
         yield launched
     finally:
         JITFunction.run = run
-        driver._active = old_active
+        vars(driver).update(saved)
 
 
 def resources(kernel) -> dict:
