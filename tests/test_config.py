@@ -213,3 +213,25 @@ def test_installed_package_carries_the_recipes(tmp_path):
     assert done.returncode == 0, done.stderr
     where, names = done.stdout.split()
     assert where.startswith(str(site)) and set(names.split(",")) == set(list_recipes())
+
+
+@pytest.mark.parametrize("world", [None, "2"])
+def test_exit_skips_finalisation_only_in_multi_process_runs(monkeypatch, world):
+    from workbench import train
+
+    if world is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    exits = []
+
+    def fake_os_exit(code):
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(train.os, "_exit", fake_os_exit)
+    with pytest.raises(SystemExit) as e:
+        train._exit(3)
+    assert e.value.code == 3
+    assert exits == ([] if world is None else [3])  # os._exit only with other processes
+
