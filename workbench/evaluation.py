@@ -22,6 +22,7 @@ import logging
 import os
 import random
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -345,9 +346,8 @@ def _load_teacher(run: Run, path: str, device):
 
 def _held_as(model) -> str:
     """How the evaluation holds a model: 'nf4 (bfloat16 compute) + lora', 'float32', ..."""
-    import bitsandbytes as bnb
-
-    q = next((m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)), None)
+    bnb = sys.modules.get("bitsandbytes")  # not imported: no 4-bit layer (and it is an optional extra)
+    q = None if bnb is None else next((m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)), None)
     kind = f"nf4 ({str(q.compute_dtype).replace('torch.', '')} compute)" if q is not None else \
         str(next(model.parameters()).dtype).replace("torch.", "")
     adapter = getattr(model, "peft_config", {}).get("default")

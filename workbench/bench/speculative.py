@@ -56,17 +56,17 @@ def _hf(teacher, tok, prompts, max_new, assistant=None, batch=1, num_assistant_t
         assistant.generation_config.num_assistant_tokens = num_assistant_tokens
         assistant.generation_config.num_assistant_tokens_schedule = "constant"
         assistant.generation_config.assistant_confidence_threshold = 0.0
-    counter = _CallCounter(teacher)
+    from workbench.speculative import _Clock
+
+    counter, clock = _CallCounter(teacher), _Clock(teacher.device)
     seqs, tokens, seconds = [], 0, 0.0
     try:
         for i in range(0, len(prompts), batch):
             enc = tok(prompts[i : i + batch], return_tensors="pt", padding=True).to(teacher.device)
-            _sync(teacher.device)
-            t = time.perf_counter()
+            t = clock()
             out = teacher.generate(**enc, max_new_tokens=max_new, do_sample=False, assistant_model=assistant,
                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            _sync(teacher.device)
-            seconds += time.perf_counter() - t
+            seconds += clock() - t
             for row in out[:, enc.input_ids.shape[1]:].tolist():
                 seqs.append(_until_eos(row, tok.eos_token_id))
                 tokens += len(seqs[-1])
@@ -103,11 +103,6 @@ def _draft_path(name: str) -> str:
         return name
     local = Path("outputs") / name / "model"
     return str(local) if (local / "config.json").is_file() else f"recipe:{name}"
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def run(args) -> str:
@@ -194,7 +189,9 @@ def run(args) -> str:
 
 
 def _millions(model) -> str:
-    return f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M"
+    from workbench.models import count_parameters
+
+    return f"{count_parameters(model) / 1e6:.1f}M"
 
 
 def main(argv=None) -> int:
