@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,8 +176,14 @@ var frame = document.getElementById('r');
 frame.onload = function () {  // an iframe's load event waits for its images
   var d = frame.contentDocument;
   document.getElementById('result').textContent = JSON.stringify({
-    title: d.title, h2: Array.from(d.querySelectorAll('h2')).map(function (h) { return h.textContent; }),
+    title: d.title, h1: Array.from(d.querySelectorAll('h1')).map(function (h) { return h.textContent; }),
+    h2: Array.from(d.querySelectorAll('h2')).map(function (h) { return h.textContent; }),
     tables: d.querySelectorAll('table').length,
+    cells: Array.from(d.querySelectorAll('td')).map(function (c) { return c.textContent; }),
+    pre: Array.from(d.querySelectorAll('pre')).map(function (p) { return p.textContent; }),
+    scripts: d.querySelectorAll('script').length,
+    handlers: d.querySelectorAll('[onerror],[onload],[onclick]').length,
+    pwned: window.pwned || frame.contentWindow.pwned || null,
     images: Array.from(d.images).map(function (i) {
       return {alt: i.alt, w: i.naturalWidth, h: i.naturalHeight, complete: i.complete,
               inline: i.src.indexOf('data:image/png;base64,') === 0}; })});
@@ -185,14 +192,15 @@ frame.src = 'report.html';
 </script></body></html>"""
 
 
-@pytest.mark.skipif(_chromium() is None, reason="needs Chromium (launch_scripts/test.sh installs it)")
-def test_report_html_renders_in_headless_chromium_with_its_plots(kd_run, tmp_path):
-    """Served over 127.0.0.1, the report opens in headless Chromium: its sections and tables are there and
-    every plot decodes to a real image, inlined (the HTML is self-contained: no report_plots/ beside it)."""
-    src, _ = kd_run
+def _open_in_chromium(report_html: Path, tmp_path: Path) -> dict:
+    """Serve `report_html` alone over 127.0.0.1, open it in headless Chromium inside PROBE's iframe and
+    return what PROBE read off the rendered page."""
+    import html
+    import re
+
     site = tmp_path / "site"
     site.mkdir()
-    shutil.copy(src / "report.html", site / "report.html")  # alone: the plots must be inside the file
+    shutil.copy(report_html, site / "report.html")  # alone: the plots must be inside the file
     (site / "probe.html").write_text(PROBE)
     handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(site), **k)  # noqa: E731
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -205,15 +213,70 @@ def test_report_html_renders_in_headless_chromium_with_its_plots(kd_run, tmp_pat
         dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
     finally:
         server.shutdown()
-    import html
-    import re
-
     found = re.search(r'<pre id="result">(.*?)</pre>', dom, flags=re.S)
     assert found and found.group(1) != "pending", dom[-2000:]
-    page = json.loads(html.unescape(found.group(1)))
+    return json.loads(html.unescape(found.group(1)))
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs Chromium (launch_scripts/test.sh installs it)")
+def test_report_html_renders_in_headless_chromium_with_its_plots(kd_run, tmp_path):
+    """Served over 127.0.0.1, the report opens in headless Chromium: its sections and tables are there and
+    every plot decodes to a real image, inlined (the HTML is self-contained: no report_plots/ beside it)."""
+    src, _ = kd_run
+    page = _open_in_chromium(src / "report.html", tmp_path)
     assert page["title"] == "workbench report: kd_tiny"
     assert {"Models", "Training", "Task metrics", "Speculative decoding", "Plots", "Generation samples"} <= set(page["h2"])
     assert page["tables"] >= 4
     assert sorted(i["alt"] for i in page["images"]) == ["Accepted drafts per verification", "Training loss per term",
                                                        "Validation perplexity"]
     assert all(i["complete"] and i["inline"] and i["w"] > 300 and i["h"] > 200 for i in page["images"]), page["images"]
+
+
+HOSTILE = ["```\n<script>window.pwned = 'fence'; parent.pwned = 'fence'</script>\n```",
+           "<img src=x onerror=\"parent.pwned='img'\">", "</pre></code><script>parent.pwned='pre'</script>",
+           "[link](javascript:parent.pwned='link') & <b>bold</b> | pipe"]
+
+
+def _hostile_report(kd_run, tmp_path) -> tuple[Path, dict]:
+    """The kd run's report rebuilt with hostile text everywhere text from data, models or recipes goes."""
+    src, _ = kd_run
+    res = json.loads((src / "report.json").read_text())
+    bad = "demo<script>parent.pwned='name'</script>"
+    res["main"] = bad
+    res["machine"] = HOSTILE[1]
+    res["models"][0]["name"] = HOSTILE[3]
+    res["training"][0]["name"] = bad
+    res["tasks"] = {bad: {"rougeL": 0.5, "accuracy": 0.25}}
+    res["samples"] = [{"prompt": HOSTILE[0], "reference": HOSTILE[2], bad: HOSTILE[1]}]
+    out = tmp_path / "hostile"
+    evaluation.write_report(res, out)
+    return out, res
+
+
+def test_report_escapes_hostile_text_in_markdown_and_html(kd_run, tmp_path):
+    """Generated or held-out text with a line of three backticks cannot close its fence, and run or model
+    names cannot become tags: rendering report.md with a Markdown renderer or reading report.html finds
+    no element that was not written by the report itself."""
+    import markdown
+
+    out, _ = _hostile_report(kd_run, tmp_path)
+    md = (out / "report.md").read_text()
+    rendered = markdown.markdown(md, extensions=["tables", "fenced_code"])
+    page = (out / "report.html").read_text()
+    for doc in (rendered, page):
+        low = doc.lower()
+        assert "<script" not in low and "<img src=x" not in low and "<b>" not in low and "javascript:" not in low.replace(
+            "javascript:parent", "")  # the literal text stays, escaped
+    assert "&lt;script&gt;parent.pwned=&#x27;name&#x27;&lt;/script&gt;" in page  # in <title> and <h1>, as text
+    assert page.count("<pre>") == 3  # one per code block: none closed early
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs Chromium (launch_scripts/test.sh installs it)")
+def test_report_with_hostile_text_runs_no_script_in_chromium(kd_run, tmp_path):
+    out, res = _hostile_report(kd_run, tmp_path)
+    page = _open_in_chromium(out / "report.html", tmp_path)
+    assert page["pwned"] is None and page["scripts"] == 0 and page["handlers"] == 0, page
+    assert page["title"] == f"workbench report: {res['main']}"  # shown as text, exactly
+    assert page["h1"] == [f"Evaluation report: {res['main']}"]
+    assert page["pre"] == [HOSTILE[0], HOSTILE[2], HOSTILE[1]]
+    assert HOSTILE[3] in page["cells"]

@@ -382,23 +382,18 @@ def machine() -> str:
 
 
 def write_report(res: dict, out_dir: str | Path) -> tuple[Path, Path]:
-    """report.md (plots as PNG files in report_plots/) and report.html (plots inlined) in `out_dir`."""
-    import markdown
-
+    """report.md (plots as PNG files in report_plots/) and report.html (plots inlined) in `out_dir`.
+    Both are rendered from one list of blocks; every piece of text (run names, model names, generated and
+    held-out text) is escaped for its format, so text can never become markup or script."""
     out = Path(out_dir)
     plots_dir = out / "report_plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
     plots = _plots(res)
     for name, png in plots.items():
         (plots_dir / f"{name}.png").write_bytes(png)
-    md = _markdown(res, plots)
-    (out / "report.md").write_text(md)
-    body = markdown.markdown(md, extensions=["tables", "fenced_code"])
-    for name, png in plots.items():
-        body = body.replace(f'src="report_plots/{name}.png"', f'src="data:image/png;base64,{base64.b64encode(png).decode()}"')
-    html = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>workbench report: {res['main']}"
-            f"</title><style>{_CSS}</style></head><body>\n{body}\n</body></html>\n")
-    (out / "report.html").write_text(html)
+    blocks = _blocks(res, plots)
+    (out / "report.md").write_text(to_markdown(blocks))
+    (out / "report.html").write_text(to_html(blocks, f"workbench report: {res['main']}", plots))
     return out / "report.md", out / "report.html"
 
 
@@ -421,52 +416,125 @@ def _fmt_bytes(n) -> str:
     return "-" if not n else f"{n / 2**20:.1f} MiB"
 
 
-def _markdown(res: dict, plots: dict) -> str:
-    L = [f"# Evaluation report: {res['main']}", "",
-         f"{res['date']} on {res['machine']}. Validation data: {res['val_tokens']:,} held-out tokens"
-         + ("" if res["same_val_data"] else " (WARNING: the runs used different validation data)") + ".", "",
-         "## Models", "", "| role | model | parameters | size on disk | evaluated in | validation perplexity |",
-         "| --- | --- | ---: | ---: | --- | ---: |"]
+# A report block: ("h1" | "h2" | "h3" | "p" | "code", text), ("table", header, right_aligned, rows) or
+# ("img", alt, plot name). Text is plain text: the renderers escape it.
+
+
+def _blocks(res: dict, plots: dict) -> list[tuple]:
+    B: list[tuple] = [("h1", f"Evaluation report: {res['main']}"),
+                      ("p", f"{res['date']} on {res['machine']}. Validation data: {res['val_tokens']:,} held-out "
+                            "tokens" + ("" if res["same_val_data"] else
+                                        " (WARNING: the runs used different validation data)") + "."),
+                      ("h2", "Models")]
+    rows = []
     for m in res["models"]:
         size = _fmt_bytes(m["disk_bytes"]) + (f" (adapter {_fmt_bytes(m['adapter_bytes'])})" if m.get("adapter_bytes") else "")
         ppl = "-" if m["val_ppl"] is None else f"{m['val_ppl']:.2f}"
-        L.append(f"| {m['role']} | {m['name']} | {m['params'] / 1e6:.2f}M | {size} | {m['held_as']} | {ppl} |")
-    L += ["", "## Training", "", "| student | objective | steps | tokens | wall-clock s | tokens/s | peak memory |",
-          "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        rows.append([m["role"], m["name"], f"{m['params'] / 1e6:.2f}M", size, m["held_as"], ppl])
+    B.append(("table", ["role", "model", "parameters", "size on disk", "evaluated in", "validation perplexity"],
+              [2, 3, 5], rows))
+    B.append(("h2", "Training"))
+    rows = []
     for t in res["training"]:
         mem = "-" if t["peak_memory_mib"] is None else f"{t['peak_memory_mib']:.0f} MiB ({t['peak_memory_kind']})"
-        L.append(f"| {t['name']} | {' + '.join(t['losses'])} | {t['steps']} | {t['tokens']:,} | {t['seconds']:.0f} | "
-                 f"{t['tokens_per_s']:,.0f} | {mem} |")
+        rows.append([t["name"], " + ".join(t["losses"]), str(t["steps"]), f"{t['tokens']:,}", f"{t['seconds']:.0f}",
+                     f"{t['tokens_per_s']:,.0f}", mem])
+    B.append(("table", ["student", "objective", "steps", "tokens", "wall-clock s", "tokens/s", "peak memory"],
+              [2, 3, 4, 5, 6], rows))
     if res["tasks"]:
         info = res.get("tasks_info", {})
-        L += ["", "## Task metrics", "",
-              f"ROUGE-L: greedy continuations of {info.get('rouge_prompts', 0)} held-out prompts against the true "
-              f"continuations ({res['eval']['max_new_tokens']} tokens). Accuracy: {info.get('choice_task', '-')}, "
-              f"{info.get('choice_items', 0)} items, by mean log-likelihood per token.", "",
-              "| model | ROUGE-L | accuracy |", "| --- | ---: | ---: |"]
-        for name, t in res["tasks"].items():
-            L.append(f"| {name} | {fmt_metric(t.get('rougeL'))} | {fmt_metric(t.get('accuracy'))} |")
+        B += [("h2", "Task metrics"),
+              ("p", f"ROUGE-L: greedy continuations of {info.get('rouge_prompts', 0)} held-out prompts against the "
+                    f"true continuations ({res['eval']['max_new_tokens']} tokens). Accuracy: "
+                    f"{info.get('choice_task', '-')}, {info.get('choice_items', 0)} items, by mean log-likelihood "
+                    "per token."),
+              ("table", ["model", "ROUGE-L", "accuracy"], [1, 2],
+               [[name, fmt_metric(t.get("rougeL")), fmt_metric(t.get("accuracy"))] for name, t in res["tasks"].items()])]
     if res["speculative"]:
-        L += ["", "## Speculative decoding", "",
-              "Teacher as target, each student as draft, greedy, batch 1, over the same prompts; speed-up against the "
-              "teacher decoding alone (same code, no draft) on this machine.", "",
-              "| draft | k | acceptance rate | tokens per target call | tokens/s | teacher alone tokens/s | speed-up | "
-              "identical tokens |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-        for name, s in res["speculative"].items():
-            L.append(f"| {name} | {s['draft_len']} | {s['acceptance_rate']:.3f} | {s['tokens_per_target_call']:.2f} | "
-                     f"{s['tokens_per_s']:.1f} | {s['teacher_tokens_per_s']:.1f} | {s['speedup']:.2f}x | {s['identical']} |")
-    L += ["", "## Plots", ""]
+        rows = [[name, str(s["draft_len"]), f"{s['acceptance_rate']:.3f}", f"{s['tokens_per_target_call']:.2f}",
+                 f"{s['tokens_per_s']:.1f}", f"{s['teacher_tokens_per_s']:.1f}", f"{s['speedup']:.2f}x",
+                 str(s["identical"])] for name, s in res["speculative"].items()]
+        B += [("h2", "Speculative decoding"),
+              ("p", "Teacher as target, each student as draft, greedy, batch 1, over the same prompts; speed-up "
+                    "against the teacher decoding alone (same code, no draft) on this machine."),
+              ("table", ["draft", "k", "acceptance rate", "tokens per target call", "tokens/s",
+                         "teacher alone tokens/s", "speed-up", "identical tokens"], [1, 2, 3, 4, 5, 6], rows)]
+    B.append(("h2", "Plots"))
     titles = {"losses": "Training loss per term", "perplexity": "Validation perplexity",
               "acceptance": "Accepted drafts per verification"}
-    for name in plots:
-        L += [f"![{titles[name]}](report_plots/{name}.png)", ""]
+    B += [("img", titles[name], name) for name in plots]
     if res["samples"]:
-        L += ["## Generation samples", ""]
+        B.append(("h2", "Generation samples"))
         for i, s in enumerate(res["samples"], 1):
-            L += [f"### Sample {i}", "", "Prompt:", "", "```", s["prompt"], "```", ""]
+            B += [("h3", f"Sample {i}"), ("p", "Prompt:"), ("code", s["prompt"])]
             for name in ["reference", *[k for k in s if k not in ("prompt", "reference")]]:
-                L += [f"{'True continuation' if name == 'reference' else name}:", "", "```", s[name], "```", ""]
+                B += [("p", f"{'True continuation' if name == 'reference' else name}:"), ("code", s[name])]
+    return B
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|#!~])")
+
+
+def _md_text(text: str) -> str:
+    """Plain text as inline Markdown: markup characters backslash-escaped, & as an entity, one line."""
+    return _MD_SPECIAL.sub(r"\\\1", str(text).replace("&", "&amp;")).replace("\r", " ").replace("\n", " ")
+
+
+def _md_fence(text: str) -> str:
+    """A fence longer than any run of backticks in `text`, so the text cannot close it."""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    return "`" * max(3, longest + 1)
+
+
+def to_markdown(blocks: list[tuple]) -> str:
+    L: list[str] = []
+    for b in blocks:
+        kind = b[0]
+        if kind in ("h1", "h2", "h3"):
+            L += ["#" * int(kind[1]) + " " + _md_text(b[1]), ""]
+        elif kind == "p":
+            L += [_md_text(b[1]), ""]
+        elif kind == "code":
+            fence = _md_fence(b[1])
+            L += [fence, b[1].rstrip("\n"), fence, ""]
+        elif kind == "table":
+            _, header, right, rows = b
+            L.append("| " + " | ".join(_md_text(h) for h in header) + " |")
+            L.append("| " + " | ".join("---:" if i in right else "---" for i in range(len(header))) + " |")
+            L += ["| " + " | ".join(_md_text(c) for c in row) + " |" for row in rows]
+            L.append("")
+        elif kind == "img":
+            L += [f"![{_md_text(b[1])}](report_plots/{b[2]}.png)", ""]
     return "\n".join(L).rstrip() + "\n"
+
+
+def to_html(blocks: list[tuple], title: str, plots: dict[str, bytes]) -> str:
+    from html import escape
+
+    H: list[str] = []
+    for b in blocks:
+        kind = b[0]
+        if kind in ("h1", "h2", "h3"):
+            H.append(f"<{kind}>{escape(b[1])}</{kind}>")
+        elif kind == "p":
+            H.append(f"<p>{escape(b[1])}</p>")
+        elif kind == "code":
+            H.append(f"<pre><code>{escape(b[1])}</code></pre>")
+        elif kind == "table":
+            _, header, right, rows = b
+            align = lambda i: ' style="text-align:right"' if i in right else ""  # noqa: E731
+            H.append("<table><thead><tr>" + "".join(f"<th{align(i)}>{escape(h)}</th>" for i, h in enumerate(header))
+                     + "</tr></thead><tbody>")
+            H += ["<tr>" + "".join(f"<td{align(i)}>{escape(c)}</td>" for i, c in enumerate(row)) + "</tr>" for row in rows]
+            H.append("</tbody></table>")
+        elif kind == "img":
+            data = base64.b64encode(plots[b[2]]).decode()
+            H.append(f'<p><img alt="{escape(b[1])}" src="data:image/png;base64,{data}"></p>')
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            # no script, no remote content: the report is data, whatever the text in it says
+            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
+            f"style-src 'unsafe-inline'\"><title>{escape(title)}</title><style>{_CSS}</style></head><body>\n"
+            + "\n".join(H) + "\n</body></html>\n")
 
 
 def fmt_metric(v) -> str:
