@@ -10,13 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import REPO, fast_recipe
 from workbench import trainer
-from workbench.config import AdapterConfig, RecipeError
+from workbench.config import AdapterConfig, RecipeError, TrainingDiverged
 from workbench.train import run
 
 
@@ -249,9 +250,60 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path, accelerator, monkeyp
 
     real = losses.CrossEntropy.forward
     monkeypatch.setattr(losses.CrossEntropy, "forward", lambda self, s, t, y: real(self, s, t, y) * float("nan"))
-    with pytest.raises(FloatingPointError, match="non-finite loss at or before step 1"):
+    with pytest.raises(FloatingPointError, match="non-finite loss or gradient norm at or before step 1"):
         run(fast_recipe("sft_tiny", tmp_path), accelerator)
     assert trainer.checkpoints(tmp_path) == []  # nothing poisoned was saved
+
+
+def _poison_gradients_from(monkeypatch, first_step: int, value: float = float("nan")):
+    """From backward pass `first_step` (1-based) on, the student's embedding gradient is `value`: the
+    loss stays finite, only the gradients (and after the step the weights) are not."""
+    from workbench import models
+
+    real, calls = models.load_model, {"n": 0}
+
+    def hook(g):
+        calls["n"] += 1
+        return torch.full_like(g, value) if calls["n"] >= first_step else g
+
+    def load(spec, tok, role, **kw):
+        m = real(spec, tok, role, **kw)
+        if role == "student":
+            m.get_input_embeddings().weight.register_hook(hook)
+        return m
+
+    monkeypatch.setattr(models, "load_model", load)
+
+
+def _all_finite(directory: Path) -> bool:
+    from safetensors.torch import load_file
+
+    files = list(directory.rglob("*.safetensors")) + list(directory.rglob("*.bin"))
+    assert files, directory
+    for f in files:
+        tensors = load_file(f) if f.suffix == ".safetensors" else torch.load(f, weights_only=True)
+        for v in (tensors.values() if isinstance(tensors, dict) else []):
+            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
+                return False
+    return True
+
+
+def test_non_finite_gradients_with_a_finite_loss_save_nothing(tmp_path, accelerator, monkeypatch):
+    _poison_gradients_from(monkeypatch, 2)
+    with pytest.raises(TrainingDiverged, match="non-finite loss or gradient norm at or before step 2.*no checkpoint"):
+        run(fast_recipe("sft_tiny", tmp_path, "train.max_steps=2"), accelerator)
+    assert not (tmp_path / "model").exists() and not (tmp_path / "final_metrics.json").exists()
+
+
+def test_non_finite_weights_are_never_saved_and_the_last_finite_checkpoint_is_named(tmp_path, accelerator,
+                                                                                     monkeypatch):
+    # no clipping, so no gradient norm is computed: only the check of the weights before a save sees it
+    _poison_gradients_from(monkeypatch, 6, float("inf"))
+    with pytest.raises(TrainingDiverged, match=r"non-finite weights at or before step 6.*step-0000003, is finite"):
+        run(fast_recipe("sft_tiny", tmp_path, "train.grad_clip=0", "train.log_every=10"), accelerator)
+    assert [c.name for c in trainer.checkpoints(tmp_path)] == ["step-0000003"]
+    assert _all_finite(trainer.checkpoints(tmp_path)[0])
+    assert not (tmp_path / "model").exists() and not (tmp_path / "final_metrics.json").exists()
 
 
 def _cli(*args, **kw):

@@ -43,8 +43,17 @@ FEATURE_LOSSES = frozenset({"hidden_mse", "hidden_cosine", "attention_kl", "atte
 TEACHER_LOSSES = LOGIT_DIVERGENCES | FEATURE_LOSSES
 
 
-class RecipeError(ValueError):
+class WorkbenchError(Exception):
+    """A mistake or condition the user can act on: the command-line tools print its message as one line
+    (no traceback) and exit with status 2."""
+
+
+class RecipeError(WorkbenchError, ValueError):
     """A recipe or override is invalid; the message names the offending key."""
+
+
+class TrainingDiverged(WorkbenchError, FloatingPointError):
+    """The loss, the gradients or the weights became non-finite; nothing non-finite was saved."""
 
 
 # --------------------------------------------------------------------------------------------- schema

@@ -19,7 +19,7 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:  # run as a file: import the package, not our siblings
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from workbench.config import Recipe, RecipeError, describe_fields, list_recipes, load_recipe
+from workbench.config import Recipe, RecipeError, WorkbenchError, describe_fields, list_recipes, load_recipe
 
 log = logging.getLogger("workbench")
 
@@ -70,14 +70,20 @@ def main(argv: list[str] | None = None) -> int:
     from workbench.distributed import make_accelerator
 
     accelerator = make_accelerator(recipe)
-    metrics = run(recipe, accelerator)
+    code = 0
+    try:
+        metrics = run(recipe, accelerator)
+    except WorkbenchError as e:  # everyday mistakes and divergence: one line, no traceback
+        if accelerator.is_main_process:
+            print(f"error: {e}", file=sys.stderr)
+        metrics, code = None, 2
     if metrics and accelerator.is_main_process:
         print(format_summary(metrics))
     # every process leaves the process group before the interpreter shuts down: exiting with gloo's worker
     # threads still alive aborts the process (SIGABRT, "terminate called without an active exception")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return 0
+    return code
 
 
 # --------------------------------------------------------------------------------------------- validation

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from workbench import distributed as dist
 from workbench import onpolicy
-from workbench.config import LossTerm, Recipe, RecipeError
+from workbench.config import LossTerm, Recipe, RecipeError, TrainingDiverged
 from workbench.data import PackedData, make_batch, stream_indices
 from workbench.losses import LogitObjective, Objective, logit_loss_on, shift_labels
 from workbench.models import forward_for_losses, use_recording_attention
@@ -251,6 +251,8 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
             grad_norm = None
             if cfg.grad_clip > 0:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                if grad_norm is not None:  # an inf/NaN gradient poisons the weights even if the loss was finite
+                    bad |= ~torch.isfinite(torch.as_tensor(grad_norm, device=bad.device)).all()
             optimizer.step()
             scheduler.step()  # ours (not one of DeepSpeed's), so never handed to a DeepSpeed engine
             optimizer.zero_grad(set_to_none=True)
@@ -260,7 +262,7 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
 
             last = step == cfg.max_steps
             if step % cfg.log_every == 0 or last:
-                _check_finite(bad, accelerator, step)
+                _check_finite(bad, accelerator, step, out)
                 rec = {"step": step, **_normalised(run_sums, run_tokens, accelerator)}
                 now = time.perf_counter()
                 rec.update({"lr": scheduler.get_last_lr()[0], "tokens": state["tokens"],
@@ -284,7 +286,7 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
             stop = stopper.agreed(accelerator, step, cfg.log_every)
             state["elapsed"] = time.perf_counter() - t_start
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (stop and not last):
-                _check_finite(bad, accelerator, step)
+                _check_finite(bad, accelerator, step, out, student_inner)  # never save a poisoned model
                 extra = {f"rollouts_{accelerator.process_index}.pt": rollouts.state_dict()} if rollout else {}
                 ckpt_dir = save_checkpoint(accelerator, out, state, cfg.keep_checkpoints, extra,
                                            student_files=(student_inner, tokenizer))
@@ -298,7 +300,10 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
         metrics.close()
         return TrainResult(state["step"], True, {})
 
+    _check_finite(bad, accelerator, state["step"], out, student_inner)
     student_ppl = evaluate_perplexity(student_inner, data.val, cfg.micro_batch_size, 0, accelerator, dcfg.fused)
+    if not math.isfinite(student_ppl):
+        _diverged(f"the validation perplexity after step {state['step']} is {student_ppl}", out)
     final = {
         "recipe": recipe.name,
         "step": state["step"],
@@ -359,12 +364,33 @@ def _normalised(run_sums, run_tokens, accelerator) -> dict[str, float]:
     return {"train/loss": total, **rec}
 
 
-def _check_finite(bad: torch.Tensor, accelerator, step: int) -> None:
-    if accelerator.reduce(bad.int(), "sum").item() > 0:
-        raise FloatingPointError(
-            f"non-finite loss at or before step {step}: lower train.lr, raise train.warmup_steps, "
-            "use train.mixed_precision=no, or check the data; the last checkpoint is still good"
-        )
+def _check_finite(bad: torch.Tensor, accelerator, step: int, out: Path, model=None) -> None:
+    """Stop (on every process alike) when a loss or gradient norm since the last check was non-finite, or,
+    with `model`, when one of its trainable weights is: checked before anything is saved."""
+    flags = torch.stack([bad, _nonfinite_weights(model, bad.device)]).int()
+    loss_bad, weights_bad = accelerator.reduce(flags, "sum").tolist()
+    if loss_bad or weights_bad:
+        what = "loss or gradient norm" if loss_bad else "weights"
+        _diverged(f"non-finite {what} at or before step {step}", out)
+
+
+def _nonfinite_weights(model, device) -> torch.Tensor:
+    """Whether any trainable weight of this process (its partition under ZeRO-3) is inf or NaN."""
+    found = torch.zeros((), dtype=torch.bool, device=device)
+    if model is not None:
+        for p in model.parameters():
+            if p.requires_grad:
+                local = getattr(p, "ds_tensor", p)  # ZeRO-3: the partition this process holds
+                if local.numel():
+                    found |= ~torch.isfinite(local.detach()).all().to(device)
+    return found
+
+
+def _diverged(what: str, out: Path) -> None:
+    good = latest_checkpoint(out)
+    where = f"the last checkpoint, {good}, is finite" if good else "no checkpoint was saved"
+    raise TrainingDiverged(f"{what}: lower train.lr, raise train.warmup_steps, use train.mixed_precision=no, "
+                           f"or check the data; nothing non-finite was saved, {where}")
 
 
 def _peak_memory(device) -> dict:
