@@ -478,8 +478,14 @@ class Recipe:
     """Outputs."""
     resume: bool = False
     """Continue from the newest checkpoint in the run directory."""
+    allow_recipe_changes: bool = False
+    """With resume: continue although the recipe differs from the one the run was trained with so far
+    (each change is logged and recorded in recipe_changes.jsonl; recipe.yaml then holds the new recipe)."""
 
     def __post_init__(self) -> None:
+        if not self.name or self.name in (".", "..") or re.search(r"[/\\\x00-\x1f]", self.name):
+            raise RecipeError(f"name: {self.name!r} must be a plain name (no path separators or control "
+                              "characters): it names the run directory outputs/<name>")
         if self.distill.needs_teacher and self.teacher is None:
             names = sorted({t.name for t in self.distill.losses if t.name in TEACHER_LOSSES})
             what = f"distill.losses: {names} need" if names else f"distill.onpolicy.method={self.distill.onpolicy.method} needs"
@@ -501,7 +507,7 @@ class Recipe:
 
     @property
     def output_dir(self) -> Path:
-        return Path(self.output.dir or f"outputs/{self.name}")
+        return Path(self.output.dir).expanduser() if self.output.dir else Path("outputs") / self.name
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -509,7 +515,8 @@ class Recipe:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def fingerprint(self, exclude: tuple[str, ...] = ("output", "resume", "description", "eval")) -> str:
+    def fingerprint(self, exclude: tuple[str, ...] = ("output", "resume", "allow_recipe_changes", "description",
+                                                     "eval")) -> str:
         """Stable hash of everything that changes the trained model (not where it is written). Only
         values that differ from the schema's defaults count, so a new optional field does not invalidate
         cached runs; bump _FINGERPRINT_VERSION when a default that changes training changes."""

@@ -149,16 +149,51 @@ def next_line_items(texts: list[str], n: int, context_chars: int, choices: int =
 
 
 def read_task_file(path: str | Path) -> list[dict]:
-    """{"prompt", "choices", "label"} items of a .jsonl task file, checked."""
+    """{"prompt", "choices", "label"} items of a .jsonl task file, checked (a RecipeError names the line)."""
+    from workbench.config import RecipeError
+
     items = []
-    for i, line in enumerate(Path(path).read_text().splitlines()):
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"eval.task_file: cannot read {path} as UTF-8 text ({e})") from None
+    for i, line in enumerate(text.splitlines()):
         if not line.strip():
             continue
-        item = json.loads(line)
-        if not ({"prompt", "choices", "label"} <= set(item)) or not 0 <= item["label"] < len(item["choices"]):
-            raise ValueError(f"{path}:{i + 1}: need prompt, choices (a list) and label (an index into choices)")
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RecipeError(f"eval.task_file: {path}:{i + 1}: not JSON ({e.msg})") from None
+        ok = isinstance(item, dict) and {"prompt", "choices", "label"} <= set(item) and isinstance(item["prompt"], str)
+        ok = ok and isinstance(item["choices"], list) and len(item["choices"]) >= 2 and all(
+            isinstance(c, str) for c in item["choices"])
+        ok = ok and isinstance(item["label"], int) and not isinstance(item["label"], bool)
+        if not ok or not 0 <= item["label"] < len(item["choices"]):
+            raise RecipeError(f"eval.task_file: {path}:{i + 1}: need prompt (a string), choices (a list of at least "
+                              "2 strings) and label (an index into choices)")
         items.append(item)
+    if not items:
+        raise RecipeError(f"eval.task_file: {path} holds no items")
     return items
+
+
+def check_report_inputs(cfg: EvalConfig, val_texts: list[str]) -> None:
+    """Raise a RecipeError now (before training) for a report that could not be made afterwards: a bad
+    task file, more prompts or multiple-choice items than the held-out documents hold."""
+    from workbench.config import RecipeError
+
+    if not cfg.report:
+        return
+    if cfg.task_file:
+        read_task_file(cfg.task_file)
+    try:
+        if cfg.prompts:
+            held_out_prompts(val_texts, cfg.prompts, cfg.context_chars, cfg.prompt_regex)
+        if cfg.choice_items and not cfg.task_file:
+            next_line_items(val_texts, cfg.choice_items, cfg.context_chars)
+    except ValueError as e:
+        key = "eval.prompts" if "prompts" in str(e) else "eval.choice_items"
+        raise RecipeError(f"{key}: {e}; lower it, raise data.val_fraction, or set eval.report=false") from None
 
 
 @torch.no_grad()

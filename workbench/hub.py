@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 UPLOAD_DIR = "hub_upload"
 # files of model/ and adapter/ that are for training only, not for loading
 _SKIP = {"distill_heads.safetensors"}
+_STAGED = ".workbench-staged"  # marks a hub_upload folder as ours
 
 
 def stage(run_dir: str | Path, hub: HubConfig) -> Path:
@@ -37,16 +38,19 @@ def stage(run_dir: str | Path, hub: HubConfig) -> Path:
     from workbench.evaluation import load_run
 
     run = load_run(run_dir)
-    src = _source(run.path, hub.content)
+    src = _source(run, hub.content)
     folder = run.path / UPLOAD_DIR
     tmp = folder.with_name(folder.name + ".tmp")
+    for d in (folder, tmp):  # replaced only when an earlier stage wrote it
+        if d.exists() and not (d / _STAGED).is_file():
+            raise FileExistsError(f"{d} exists and was not written by workbench; move it away to stage the upload")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    (tmp / _STAGED).write_text("")  # not uploaded (see push)
     for f in sorted(src.iterdir()):
         if f.is_file() and f.name not in _SKIP:
             shutil.copy2(f, tmp / f.name)
-    if (run.path / "recipe.yaml").is_file():
-        shutil.copy2(run.path / "recipe.yaml", tmp / "recipe.yaml")
+    (tmp / "recipe.yaml").write_text(public_recipe(run.recipe).to_yaml())
     report = json.loads((run.path / "report.json").read_text()) if (run.path / "report.json").is_file() else None
     (tmp / "README.md").write_text(model_card(run, src.name == "adapter", hub.repo_id or f"<user>/{run.name}", report))
     shutil.rmtree(folder, ignore_errors=True)
@@ -54,15 +58,49 @@ def stage(run_dir: str | Path, hub: HubConfig) -> Path:
     return folder
 
 
-def _source(run_dir: Path, content: str) -> Path:
-    adapter, model = run_dir / "adapter", run_dir / "model"
-    if content == "adapter" or (content == "auto" and (adapter / "adapter_config.json").is_file()):
-        if not (adapter / "adapter_config.json").is_file():
+def _source(run, content: str) -> Path:
+    """What to push of this run: its adapter when it trained one (content auto), else its model."""
+    adapter, model = run.path / "adapter", run.path / "model"
+    trained_adapter = run.recipe.student.adapter.method != "none"
+    if content == "adapter" or (content == "auto" and trained_adapter):
+        if not trained_adapter or not (adapter / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{adapter}: this run trained no adapter; push content 'merged'")
         return adapter
     if not (model / "config.json").is_file():
         raise FileNotFoundError(f"{model}: no final model; has the run finished?")
     return model
+
+
+def public_name(value: str | None) -> str | None:
+    """A Hub id as it is; a local path (existing or not) as its last component only: what is published
+    names things, it does not show the user's file system."""
+    if value is None or is_hub_id(value) or value in ("stdlib", "auto", "bpe"):
+        return value
+    return Path(value.rstrip("/")).name or value
+
+
+def _is_hub_dataset(name: str) -> bool:
+    from workbench.data import _local_files
+
+    try:
+        return _local_files(name) is None
+    except RecipeError:  # a local path whose files are gone
+        return False
+
+
+def public_recipe(recipe):
+    """The recipe as published: local paths reduced to their names, no output directory."""
+    import dataclasses
+
+    def spec(s):
+        return None if s is None else dataclasses.replace(s, name_or_path=public_name(s.name_or_path))
+
+    return dataclasses.replace(
+        recipe, student=spec(recipe.student), teacher=spec(recipe.teacher),
+        data=dataclasses.replace(recipe.data, dataset=public_name(recipe.data.dataset),
+                                 tokenizer=public_name(recipe.data.tokenizer)),
+        eval=dataclasses.replace(recipe.eval, task_file=public_name(recipe.eval.task_file)),
+        output=dataclasses.replace(recipe.output, dir=None))
 
 
 def push(run_dir: str | Path, hub: HubConfig, token: str | None = None, endpoint: str | None = None) -> str | None:
@@ -81,7 +119,7 @@ def push(run_dir: str | Path, hub: HubConfig, token: str | None = None, endpoint
     if hub.revision and hub.revision != "main":
         api.create_branch(hub.repo_id, branch=hub.revision, exist_ok=True)
     info = api.upload_folder(folder_path=str(folder), repo_id=hub.repo_id, revision=hub.revision,
-                             commit_message=hub.commit_message)
+                             commit_message=hub.commit_message, ignore_patterns=[_STAGED])
     log.info("pushed %s to %s (%s)", folder, url, info.commit_url)
     return info.commit_url
 
@@ -93,20 +131,21 @@ def model_card(run, is_adapter: bool, repo_id: str, report: dict | None) -> str:
     teacher = _hub_id(r.teacher.name_or_path) if r.teacher is not None else None
     teacher_desc = (teacher or (f"the `{r.teacher.recipe}` recipe's model" if r.teacher and r.teacher.recipe else
                                 "a local teacher")) if r.teacher is not None else None
-    data = r.data.dataset if r.data.dataset != "stdlib" else None
+    data = public_name(r.data.dataset) if r.data.dataset != "stdlib" else None
+    hub_data = data if data and _is_hub_dataset(r.data.dataset) else None  # metadata names Hub datasets only
     tags = ["workbench", "text-generation"] + (["knowledge-distillation"] if teacher_desc else [])
     if is_adapter:
         tags += [r.student.adapter.method] + (["qlora", "4-bit"] if r.student.quantize_base else [])
     meta = ["---", f"library_name: {'peft' if is_adapter else 'transformers'}", "pipeline_tag: text-generation"]
     if student_base:
         meta.append(f"base_model: {student_base}")
-    if data:
-        meta += ["datasets:", f"- {data}"]
+    if hub_data:
+        meta += ["datasets:", f"- {hub_data}"]
     meta += ["tags:"] + [f"- {t}" for t in tags] + ["---", ""]
 
     terms = ", ".join(f"{t.weight:g} x {t.name}" + (f" (T={t.temperature:g})" if t.name in LOGIT_DIVERGENCES else "")
                       for t in r.distill.losses)
-    student_desc = r.student.name_or_path or (f"a randomly initialised `{r.student.tiny}` model" if r.student.tiny
+    student_desc = public_name(r.student.name_or_path) or (f"a randomly initialised `{r.student.tiny}` model" if r.student.tiny
                                               else f"the `{r.student.recipe}` recipe's model")
     L = [f"# {repo_id.split('/')[-1]}", "",
          (f"A {'peft ' + r.student.adapter.method + ' adapter' if is_adapter else 'language model'} distilled from "
@@ -186,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                    "private": False if args.public else None, "dry_run": True if args.dry_run else None}
         hub = build(HubConfig, {**dataclasses.asdict(hub), **{k: v for k, v in changes.items() if v is not None}})
         url = push(args.run, hub)
-    except (FileNotFoundError, RecipeError) as e:
+    except (FileNotFoundError, FileExistsError, RecipeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"staged {Path(args.run) / UPLOAD_DIR}" + (f"; pushed: {url}" if url else " (dry run: nothing pushed)"))

@@ -19,6 +19,7 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:  # run as a file: import the package, not our siblings
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+from workbench import rundir
 from workbench.config import Recipe, RecipeError, WorkbenchError, describe_fields, list_recipes, load_recipe
 
 log = logging.getLogger("workbench")
@@ -117,8 +118,10 @@ def validate(recipe: Recipe, _chain: tuple[str, ...] = ()) -> None:
     if recipe.data.tokenizer not in ("auto", "bpe") and models._looks_local(recipe.data.tokenizer):
         if not Path(recipe.data.tokenizer).expanduser().exists():
             raise RecipeError(f"data.tokenizer: no such path '{recipe.data.tokenizer}'")
-    if recipe.eval.task_file and not Path(recipe.eval.task_file).expanduser().is_file():
-        raise RecipeError(f"eval.task_file: no such file '{recipe.eval.task_file}'")
+    if recipe.eval.task_file and recipe.eval.report:
+        from workbench.evaluation import read_task_file
+
+        read_task_file(recipe.eval.task_file)  # its lines checked now, not after training
     if recipe.student.tiny and recipe.train.mixed_precision == "fp16" and recipe.student.dtype != "float32":
         raise RecipeError("student.dtype: fp16 mixed precision needs float32 master weights")
 
@@ -128,21 +131,40 @@ def validate(recipe: Recipe, _chain: tuple[str, ...] = ()) -> None:
 
 def run(recipe: Recipe, accelerator=None) -> dict:
     """Train `recipe` to completion (or to a signal); returns its final metrics ({} if interrupted)."""
+    from workbench.distributed import make_accelerator
+
+    accelerator = accelerator or make_accelerator(recipe)
+    out = recipe.output_dir
+    locked = accelerator.is_main_process and rundir.lock(out)  # one run per directory (the others stop)
+    try:
+        return _run(recipe, accelerator)
+    finally:
+        if locked:
+            rundir.unlock(out)
+
+
+def _run(recipe: Recipe, accelerator) -> dict:
     from accelerate.utils import set_seed
 
     from workbench import data as D
     from workbench import models as M
     from workbench import trainer as T
 
-    from workbench.distributed import make_accelerator, unpartitioned_loading
+    from workbench.distributed import unpartitioned_loading
 
-    accelerator = accelerator or make_accelerator(recipe)
     out = recipe.output_dir
     done = _finished_metrics(recipe)
     if done is not None:
         log.info("%s: already trained to step %d in %s; reusing it", recipe.name, done["step"], out)
+        if recipe.eval.report and not (out / "report.html").is_file() and accelerator.is_main_process:
+            _report(recipe, accelerator)  # an earlier attempt trained but did not get to its report
         return done
-    _check_run_dir(recipe, accelerator)
+    mode = rundir.check(recipe)
+    ckpt = T.latest_checkpoint(out) if mode == "resume" else None
+    if ckpt is not None:
+        step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+        rundir.check_resume(recipe, step, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
 
     teacher_spec, student_spec = recipe.teacher, recipe.student
     if teacher_spec is not None and teacher_spec.recipe is not None:
@@ -159,6 +181,9 @@ def run(recipe: Recipe, accelerator=None) -> dict:
         tokenizer = D.load_tokenizer(recipe.data, corpus, pretrained=pretrained)
         packed = D.load_packed(recipe.data, tokenizer, corpus)
     log.info("data: %d train / %d validation blocks of %d tokens", len(packed.train), len(packed.val), packed.seq_len)
+    from workbench.evaluation import check_report_inputs
+
+    check_report_inputs(recipe.eval, corpus.val_texts)  # found now, not after training
 
     # a randomly initialised (tiny) student is built whole, so its weights do not depend on the launch;
     # pretrained ones load partitioned under ZeRO-3 (transformers' zero.Init) to spare host memory
@@ -175,6 +200,11 @@ def run(recipe: Recipe, accelerator=None) -> dict:
         log.info("teacher: %.2fM parameters", M.count_parameters(teacher) / 1e6)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters() if p.requires_grad)
     log.info("student: %.2fM parameters, %.3fM trainable", M.count_parameters(student) / 1e6, trainable / 1e6)
+    if accelerator.is_main_process:  # data and models are loaded: only now may an old run be replaced
+        if mode == "overwrite":
+            rundir.clear_for_overwrite(recipe)
+        rundir.claim(recipe)
+    accelerator.wait_for_everyone()
 
     cache, cached_teacher_ppl = None, None
     if recipe.distill.teacher_cache.top_k:
@@ -192,19 +222,24 @@ def run(recipe: Recipe, accelerator=None) -> dict:
     if accelerator.is_main_process:
         (out / "final_metrics.json").write_text(json.dumps(result.metrics, indent=2))
         if recipe.eval.report:  # the trained model is saved already; the report reads it back
-            from workbench.evaluation import report
-
             del student, teacher  # the report loads what it evaluates itself: free the training copies
             accelerator.free_memory()
-            log.info("evaluating %s: report.md / report.html", out)
-            with unpartitioned_loading():  # this process alone: no ZeRO-3 partitioning (a collective)
-                _, html = report([out], device=accelerator.device)
-            log.info("report: %s", html)
+            _report(recipe, accelerator)
         if recipe.output.push_to_hub:  # after the report, so the model card carries its metrics
             from workbench.hub import push
 
             push(out, recipe.output.hub)
     return result.metrics
+
+
+def _report(recipe: Recipe, accelerator) -> None:
+    from workbench.distributed import unpartitioned_loading
+    from workbench.evaluation import report
+
+    log.info("evaluating %s: report.md / report.html", recipe.output_dir)
+    with unpartitioned_loading():  # this process alone: no ZeRO-3 partitioning (a collective)
+        _, html = report([recipe.output_dir], device=accelerator.device)
+    log.info("report: %s", html)
 
 
 def _teacher_cache(recipe, spec, teacher, packed, vocab, accelerator):
@@ -259,9 +294,16 @@ def ensure_trained(name: str, accelerator) -> Path:
     # trained here, with this accelerator: its precision is the one the run really has
     dep = cached(load_recipe(name, [f"train.mixed_precision={accelerator.mixed_precision}"]))
     out = dep.output_dir
-    if _finished_metrics(dep) is None:
-        log.info("teacher recipe '%s' is not cached: training it into %s", name, out)
-        run(dep, accelerator)
+    # a second process that needs the same cached model waits for the first to train it, then reuses it
+    locked = accelerator.is_main_process and rundir.lock(out, wait=True)
+    try:
+        accelerator.wait_for_everyone()
+        if _finished_metrics(dep) is None:
+            log.info("teacher recipe '%s' is not cached: training it into %s", name, out)
+            run(dep, accelerator)
+    finally:
+        if locked:
+            rundir.unlock(out)
     return out / "model"
 
 
@@ -275,31 +317,6 @@ def _finished_metrics(recipe: Recipe) -> dict | None:
     metrics = json.loads(path.read_text())
     same = metrics.get("fingerprint") == recipe.fingerprint()
     return metrics if same and metrics.get("step", -1) >= recipe.train.max_steps else None
-
-
-def _check_run_dir(recipe: Recipe, accelerator) -> None:
-    from workbench.trainer import latest_checkpoint
-
-    out = recipe.output_dir
-    prior = latest_checkpoint(out) or ((out / "model").exists() and out / "model")
-    if prior and not recipe.resume:
-        if not recipe.output.overwrite:
-            raise RecipeError(
-                f"{out} already holds a run ({prior}); pass resume=true to continue it "
-                "or output.overwrite=true to start over"
-            )
-        if accelerator.is_main_process:
-            import shutil
-
-            for sub in ("checkpoints", "model", "tensorboard", "final_metrics.json", "metrics.jsonl"):
-                p = out / sub
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    if recipe.resume and latest_checkpoint(out) is None and (out / "model").exists():
-        raise RecipeError(f"{out} holds a final model from a different recipe or step budget and no "
-                          "checkpoint to resume from; pass output.overwrite=true or another output.dir")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
 
 
 def format_summary(m: dict) -> str:
