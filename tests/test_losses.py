@@ -40,6 +40,7 @@ def _naive(kind, s, t, labels, temp, beta=0.5, alpha=0.1):
         d = kl(p_s, alpha * p_s + (1 - alpha) * p_t)
     elif kind == "tvd":
         d = 0.5 * (p_t - p_s).abs().sum(-1)
+        return (d * (labels != -100)).sum() * temp  # TVD's gradient scales as 1/T, not 1/T^2
     return (d * (labels != -100)).sum() * temp**2
 
 
@@ -418,16 +419,13 @@ def test_jsd_equals_trls_generalized_jsd(beta):
 @pytest.mark.parametrize("kind", KINDS)
 def test_teacher_masking_tokens_with_minus_inf(kind):
     """A teacher that masks tokens with -inf logits (probability 0): finite values and gradients equal to
-    the naive formula with 0 * log 0 = 0. Reverse KL is infinite there (the student gives mass where the
-    teacher gives none): a huge finite stand-in, never NaN."""
+    the naive formula with 0 * log 0 = 0. Reverse KL, infinite there by its definition, is taken on the
+    teacher's support with the student renormalised, plus -log of the student's mass on it."""
     s, t, labels = _data(N=9, V=23, ignore=(2,))
     t[:, [0, 5, 7]] = float("-inf")
     s1 = s.clone().requires_grad_()
     got = losses.LogitDivergence(kind, temperature=2.0, beta=0.3, alpha=0.2)(s1, t, labels)
     got.backward()
-    if kind == "reverse_kl":
-        assert torch.isfinite(got) and got > 1e29 and torch.isfinite(s1.grad).all()
-        return
     s64 = s.double().requires_grad_()
     p_s = torch.softmax(s64 / 2.0, -1)
     p_t = torch.softmax(t.double() / 2.0, -1)  # exact zeros at the masked tokens
@@ -437,11 +435,80 @@ def test_teacher_masking_tokens_with_minus_inf(kind):
 
     m = {"jsd": 0.3 * p_t + 0.7 * p_s, "skew_forward_kl": 0.2 * p_t + 0.8 * p_s,
          "skew_reverse_kl": 0.2 * p_s + 0.8 * p_t}.get(kind)
-    d = {"forward_kl": lambda: kl(p_t, p_s), "reverse_kl": lambda: kl(p_s, p_t),
+    on = (p_t > 0).all(0)  # the teacher's support: the same columns in every row
+    mass = p_s[:, on].sum(-1, keepdim=True)  # the student's mass on it
+    d = {"forward_kl": lambda: kl(p_t, p_s),
+         "reverse_kl": lambda: kl(p_s[:, on] / mass, p_t[:, on]) - mass.squeeze(-1).log(),
          "jsd": lambda: 0.3 * kl(p_t, m) + 0.7 * kl(p_s, m), "skew_forward_kl": lambda: kl(p_t, m),
          "skew_reverse_kl": lambda: kl(p_s, m), "tvd": lambda: 0.5 * (p_t - p_s).abs().sum(-1)}[kind]()
-    ref = (d * (labels != -100)).sum() * 4.0
+    ref = (d * (labels != -100)).sum() * (2.0 if kind == "tvd" else 4.0)
     ref.backward()
     assert torch.isfinite(got) and torch.isfinite(s1.grad).all()
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s1.grad.double(), s64.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_reverse_kl_outside_the_support_is_finite_and_pushes_mass_back():
+    """A student with most of its mass on tokens the teacher rules out: a loss of about -log(its mass on
+    the support), never the 1e30 of a clamped log(0), and gradient descent moves mass onto the support."""
+    V = 6
+    t = torch.tensor([[0.0, 1.0, 2.0, float("-inf"), float("-inf"), float("-inf")]])
+    s = torch.tensor([[0.0, 0.0, 0.0, 3.0, 3.0, 3.0]], requires_grad=True)
+    labels = torch.zeros(1, dtype=torch.long)
+    loss = losses.LogitDivergence("reverse_kl")(s, t, labels)
+    loss.backward()
+    p_s = torch.softmax(s.detach(), -1)
+    assert torch.isfinite(loss) and 0 < loss < 10 and s.grad.abs().max() < 1
+    assert loss >= -p_s[0, :3].sum().log() - 1e-6
+    assert (s.grad[0, 3:] > 0).all()  # descent lowers the ruled-out logits
+    s0 = torch.zeros(1, V)  # a student already on the support gets plain KL
+    s0[0, 3:] = -1e4
+    torch.testing.assert_close(losses.LogitDivergence("reverse_kl")(s0, t, labels),
+                               _naive("reverse_kl", s0[:, :3], t[:, :3], labels, 1.0).float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("poison", [float("inf"), float("-inf"), float("nan")])
+def test_masked_rows_cannot_poison_the_loss(kind, poison):
+    """NaN or inf in the teacher's rows that do not count (ignore_index) changes neither value nor
+    gradient: the loss equals the one over the valid rows alone."""
+    s, t, labels = _data(N=8, V=19, ignore=(2, 5))
+    bad = t.clone()
+    bad[2] = poison
+    bad[5, 3] = poison
+    s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+    fn = losses.LogitDivergence(kind, temperature=1.5)
+    a = fn(s1, bad, labels)
+    a.backward()
+    keep = labels != -100
+    b = fn(s2[keep], t[keep], labels[keep])
+    b.backward()
+    torch.testing.assert_close(a, b)
+    assert torch.isfinite(s1.grad).all() and (s1.grad[~keep] == 0).all()
+    torch.testing.assert_close(s1.grad[keep], s2.grad[keep])
+
+
+def test_tvd_scales_by_t_so_its_gradient_keeps_its_size():
+    """TVD's gradient with respect to the logits shrinks as 1/T (T^2 would blow it up as T grows)."""
+    s, t, labels = _data()
+    a = losses.LogitDivergence("tvd", temperature=4.0)(s, t, labels)
+    b = losses.LogitDivergence("tvd", temperature=1.0)(s / 4, t / 4, labels)
+    torch.testing.assert_close(a, 4 * b)
+
+
+def test_chunked_loss_allocates_no_gradient_buffers_under_no_grad(monkeypatch):
+    """Evaluation (torch.no_grad) with an output layer that requires grad: no [V, H] fp32 gradient buffer
+    and no per-chunk gradient pass."""
+    h, W = torch.randn(8, 4, requires_grad=True), torch.randn(10, 4, requires_grad=True)
+    calls = []
+    real_zeros = torch.zeros_like
+    monkeypatch.setattr(torch, "zeros_like", lambda x, **kw: calls.append(tuple(x.shape)) or real_zeros(x, **kw))
+    real_grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **kw: calls.append("grad") or real_grad(*a, **kw))
+    with torch.no_grad():
+        total, _ = losses.chunked_logit_loss(_objective("cross_entropy"), h, {"labels": torch.zeros(8, dtype=torch.long)},
+                                             weight=W, chunk=3)
+    assert calls == [] and total.item() > 0
+    total, _ = losses.chunked_logit_loss(_objective("cross_entropy"), h, {"labels": torch.zeros(8, dtype=torch.long)},
+                                         weight=W, chunk=3)
+    assert (10, 4) in calls and "grad" in calls  # with grad, both are there

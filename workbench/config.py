@@ -232,7 +232,7 @@ class LossTerm:
     weight: float = 1.0
     """Multiplier of this term in the total loss."""
     temperature: float = 1.0
-    """Softmax temperature for logit divergences (both sides softened, the term scaled by T^2)."""
+    """Softmax temperature for logit divergences (both sides softened, the term scaled by T^2; tvd by T)."""
     beta: float = 0.5
     """jsd: mixture weight of the teacher; 0 is forward KL, 1 reverse KL (GKD's convention)."""
     alpha: float = 0.1

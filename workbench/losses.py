@@ -6,7 +6,9 @@ Shapes: N = tokens (batch * time, aligned so that row i predicts labels[i]), V =
 Softmaxes run in fp32 whatever the logits' dtype.
 
 Logit divergences share one temperature convention: both distributions are softened, p^T = softmax(z / T),
-and the divergence is multiplied by T^2 (so gradients keep their scale as T changes, as in Hinton et al.).
+and the divergence is multiplied by T^2 (so gradients keep their scale as T changes, as in Hinton et al.;
+TVD, whose gradient shrinks as 1/T only, by T). Rows whose label is ignore_index are selected away, so
+whatever the teacher holds there (NaN, inf) cannot reach the value or the gradient.
 A teacher is either dense logits [N, V] or a `TopKTeacher` (its k most likely tokens plus one bucket for
 the remaining mass, e.g. from a precomputed cache); with a top-k teacher every divergence is computed
 between the two (k + 1)-bucket distributions.
@@ -57,8 +59,15 @@ def forward_kl(s, t, **_):
 
 
 def reverse_kl(s, t, **_):
-    """KL(student || teacher): mode-seeking (MiniLLM)."""
-    return _kl(s, t)
+    """KL(student || teacher): mode-seeking (MiniLLM). Where the teacher rules tokens out (probability 0,
+    t = _NEG) the exact KL is infinite whenever the student gives them mass; instead the student is
+    compared on the teacher's support, renormalised there (s'), plus -log of the mass it gives that support:
+    KL(s' || t) - log sum_support p_s. Finite, >= 0, equal to KL(s || t) when the student stays on the
+    support, and its gradient moves the student's mass back onto it."""
+    outside = t <= _NEG / 2  # [N, K] bool
+    s_in = s.masked_fill(outside, _NEG)
+    log_mass = s_in.logsumexp(-1, keepdim=True)  # [N, 1] log of the student's mass on the support (0 if all)
+    return _kl((s_in - log_mass).masked_fill(outside, _NEG), t) - log_mass.squeeze(-1)
 
 
 def jsd(s, t, beta: float = 0.5, **_):
@@ -152,7 +161,9 @@ class CrossEntropy(nn.Module):
 
 
 class LogitDivergence(nn.Module):
-    """T^2 * D(p_teacher^T, p_student^T) summed over valid tokens, D one of DIVERGENCES."""
+    """T^2 * D(p_teacher^T, p_student^T) summed over valid tokens, D one of DIVERGENCES (T * D for tvd).
+    The scale keeps the gradient's size independent of T (Hinton's T^2): a KL's gradient with respect to
+    the logits shrinks as 1/T^2, TVD's (a sum of signs times dp/dz) as 1/T."""
 
     needs_teacher = True
 
@@ -172,13 +183,18 @@ class LogitDivergence(nn.Module):
         labels: torch.Tensor,  # [N] int64; rows with ignore_index do not count
     ) -> torch.Tensor:  # [] fp32
         T = self.temperature
+        valid = labels != self.ignore_index  # [N]
         s = F.log_softmax(student_logits.float() / T, dim=-1)  # finite: the student's logits are
         if isinstance(teacher, TopKTeacher):  # an empty bucket is -inf
             s, t = _bucketise(s, teacher.indices).clamp(min=_NEG), teacher.logp.float().clamp(min=_NEG)
         else:  # a teacher may mask tokens with -inf logits; in place: t needs no gradient
             t = F.log_softmax(teacher.float() / T, dim=-1).clamp_(min=_NEG)
+        # rows that do not count are selected away, not multiplied by 0: whatever the teacher holds there
+        # (NaN, +inf) must not reach the value or, through 0 * NaN, the gradient
+        t = t.masked_fill(~valid[:, None], 0.0)
         rows = self.fn(s, t, beta=self.beta, alpha=self.alpha)  # [N]
-        return (rows * (labels != self.ignore_index)).sum() * (T * T)
+        scale = T if self.kind == "tvd" else T * T
+        return torch.where(valid, rows, 0.0).sum() * scale
 
 
 def build_logit_loss(term: LossTerm, ignore_index: int = -100) -> nn.Module:
@@ -227,15 +243,18 @@ class _ChunkedLogitLoss(torch.autograd.Function):
     chunk of [rows, V] exists at a time. backward() just scales the stored gradients."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, teacher_chunk, fn, rows, chunk):
+    def forward(ctx, x, weight, bias, teacher_chunk, fn, rows, chunk, grad_mode):
         # x: [N, H] student hidden states (weight given) or [N, V] student logits (weight None)
         # weight: [V, H] student output layer; bias: [V] or None
         # teacher_chunk(a, b) -> teacher rows a:b (logits, TopKTeacher, dict of them, or None)
         # rows: dict of per-row tensors [N, ...] (labels, ...), sliced along with x
         # fn(logits [c, V], teacher rows, rows) -> (total [], parts [fn.n_parts])
+        # grad_mode: torch.is_grad_enabled() of the caller (inside forward it is always off). needs_input_grad
+        # says whether the inputs require grad, not whether a graph is recorded: under torch.no_grad()
+        # (evaluation) no backward will come, so no gradient is formed or stored
         n_parts = fn.n_parts
-        need = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
-                bias is not None and ctx.needs_input_grad[2]]
+        need = [grad_mode and ctx.needs_input_grad[0], grad_mode and weight is not None and ctx.needs_input_grad[1],
+                grad_mode and bias is not None and ctx.needs_input_grad[2]]
         grad_x = torch.zeros_like(x) if need[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need[1] else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need[2] else None
@@ -273,7 +292,7 @@ class _ChunkedLogitLoss(torch.autograd.Function):
     def backward(ctx, g_total, g_parts):
         saved = ctx.saved_tensors
         grads = [s * g_total.to(s.dtype) if n else None for s, n in zip(saved, ctx.need)]
-        return grads[0], grads[1], grads[2], None, None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None, None
 
 
 def chunked_logit_loss(
@@ -287,7 +306,7 @@ def chunked_logit_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # total [], per-term sums [n_parts]
     vocab = weight.shape[0] if weight is not None else x.shape[-1]
     chunk = chunk or auto_chunk(vocab)
-    return _ChunkedLogitLoss.apply(x, weight, bias, teacher_chunk, fn, rows, chunk)
+    return _ChunkedLogitLoss.apply(x, weight, bias, teacher_chunk, fn, rows, chunk, torch.is_grad_enabled())
 
 
 # --------------------------------------------------------------------------------------------- features
