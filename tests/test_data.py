@@ -152,3 +152,35 @@ def test_missing_text_field_lists_the_columns(tmp_path):
 def test_missing_local_files(tmp_path):
     with pytest.raises(RecipeError, match="no .jsonl/.json/.txt/.parquet files"):
         data.load_corpus(DataConfig(dataset=str(tmp_path / "absent.jsonl")))
+
+
+def test_long_documents_are_tokenised_in_bounded_pieces_with_the_same_tokens(monkeypatch):
+    """A huge single line goes to the tokenizer in pieces (at most _BATCH_CHARS characters a call), cut
+    where the byte-level pre-tokenizer splits anyway: the ids equal those of the whole text at once."""
+    cfg = DataConfig(**SMALL)
+    corpus = data.load_corpus(cfg)
+    tok = data.load_tokenizer(cfg, corpus)
+    monkeypatch.setattr(data, "_PIECE_CHARS", 500)
+    monkeypatch.setattr(data, "_BATCH_CHARS", 2000)
+    rng = np.random.default_rng(0)
+    words = ["def", "x", "  ", "return", "(", ")", "ünï", "\t", "\n", "\n\n", "    ", "é", "12", "#", " "]
+    long_line = "".join(rng.choice(words, 8000).tolist()).replace("\n", " ")  # one line, no newline
+    code = "\n".join(corpus.train_texts[:3]) * 2
+    texts = ["short one", long_line, code, "", "x" * 3000]  # and a stretch with no space at all
+    seen = []
+    real = tok.__class__.__call__
+
+    def spy(self, batch, **kw):
+        seen.append(sum(len(t) for t in batch))
+        return real(self, batch, **kw)
+
+    monkeypatch.setattr(tok.__class__, "__call__", spy)
+    got = list(data._encode(tok, texts))
+    monkeypatch.setattr(tok.__class__, "__call__", real)
+    assert max(seen) <= 2000 and len(seen) > 10
+    assert len(got) == len(texts)
+    for text, ids in zip(texts[:4], got):
+        assert ids == tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(got[4]) == texts[4]  # cut inside a word: same text, tokens may differ at the cut
+    for text in texts:
+        assert "".join(data.pieces(text, 500)) == text and all(len(p) <= 500 for p in data.pieces(text, 500))

@@ -354,7 +354,7 @@ def test_head_map_needs_divisible_counts():
 
 
 def test_layer_map_out_of_range_is_reported():
-    with pytest.raises(ValueError, match=r"layer_map pair \[3, 1\] out of range"):
+    with pytest.raises(ValueError, match=r"layer_map: pair \[3, 1\] out of range"):
         losses.Objective([LossTerm("hidden_mse", layer_map=[[3, 1]])], _Cfg(2, 4, 2), _Cfg(4, 4, 2))
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -251,6 +252,7 @@ class LossTerm:
         _check(self.temperature > 0, "temperature", "must be > 0")
         _check(0.0 <= self.beta <= 1.0, "beta", "must be in [0, 1]")
         _check(0.0 <= self.alpha < 1.0, "alpha", "must be in [0, 1)")
+        _check(self.layer_map != [], "layer_map", "is empty; null maps every student block uniformly")
         _check(
             self.layer_map is None or all(len(p) == 2 and min(p) >= 0 for p in self.layer_map),
             "layer_map", "must be a list of [student_layer, teacher_layer] pairs of layer numbers >= 0",
@@ -528,7 +530,18 @@ class Recipe:
 
 class _Loader(yaml.SafeLoader):
     """YAML with 1.2's scalars: only true/false are booleans ('no', 'off' stay strings, so
-    `mixed_precision=no` means "no"), and 1e-3 is a float."""
+    `mixed_precision=no` means "no"), and 1e-3 is a float. A key given twice in one mapping is an error
+    (PyYAML would keep the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (first on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -608,7 +621,14 @@ def list_recipes() -> list[str]:
 def load_recipe(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Load recipes/<name>.yaml (or a YAML path), apply `key=value` overrides, validate."""
     path = recipe_path(name)
-    raw = yaml_load(path.read_text()) or {}
+    try:
+        raw = yaml_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}); a recipe is a YAML file") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: {_yaml_message(e)}") from None
+    if raw is None:
+        raise RecipeError(f"{path}: the recipe is empty; a recipe is a YAML mapping (see recipes/kd_tiny.yaml)")
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping")
     raw.setdefault("name", path.stem)
@@ -616,6 +636,14 @@ def load_recipe(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Recip
         key, value = parse_override(item)
         _set_path(raw, key, value)
     return build(Recipe, raw)
+
+
+def _yaml_message(e: "yaml.YAMLError") -> str:
+    """One line: what is wrong and where (line:column, 1-based)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+    return f"invalid YAML at {where}{what}".replace("\n", " ")
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -699,14 +727,19 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return int(value)
         raise RecipeError(f"{path}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise RecipeError(f"{path}: expected a number, got {value!r}")
+        if number is None:
+            raise RecipeError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise RecipeError(f"{path}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -130,8 +130,19 @@ def _load_with_datasets(cfg: DataConfig) -> tuple[list[str], list[str], list]:
         if len(kinds) != 1 or None in kinds:
             raise RecipeError(f"data.dataset: mixed or unknown file types in {files[:5]}")
         builder = kinds.pop()
+        empty = [f for f in files if os.path.getsize(f) == 0]
+        if empty:
+            raise RecipeError(f"data.dataset: {empty[0]} is empty")
         extra = {"sample_by": "document"} if builder == "text" else {}
-        ds = datasets.load_dataset(builder, data_files=files, split="train", **extra)
+        quiet = logging.getLogger("datasets")  # it logs a parse error with its traceback before raising
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
+        try:
+            ds = datasets.load_dataset(builder, data_files=files, split="train", **extra)
+        except Exception as e:  # name the file and line, not the library's "row 1" or StopIteration
+            raise RecipeError(f"data.dataset: {_diagnose(files, builder, e)}") from None
+        finally:
+            quiet.setLevel(level)
         meta = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]
     else:
         try:
@@ -143,9 +154,48 @@ def _load_with_datasets(cfg: DataConfig) -> tuple[list[str], list[str], list]:
         raise RecipeError(f"data.text_field: '{cfg.text_field}' not in columns {ds.column_names}")
     if cfg.max_documents is not None:
         ds = ds.select(range(min(cfg.max_documents, len(ds))))
-    texts = [t for t in ds[cfg.text_field] if t]
+    column = ds[cfg.text_field]
+    for i, t in enumerate(column):
+        if t is not None and not isinstance(t, str):
+            where = f"{files[0]}:{_jsonl_line(files[0], i)}" if files and len(files) == 1 and builder == "json" else \
+                f"row {i + 1}"
+            raise RecipeError(f"data.text_field: {where}: '{cfg.text_field}' is of type {type(t).__name__}, not a string")
+    texts = [t for t in column if t]
     meta.append(cfg.max_documents)
     return [f"{k}" for k in range(len(texts))], texts, meta
+
+
+def _diagnose(files: list[str], builder: str, error: Exception) -> str:
+    """Why `datasets` could not read local files, as one line naming the file and line where it can."""
+    for f in files:
+        with open(f, "rb") as fh:
+            for n, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return f"{f}:{n}: not UTF-8 text (byte {e.start} of the line); is it a binary file?"
+                if builder == "json" and f.endswith(".jsonl") and line.strip():
+                    try:
+                        json.loads(line)
+                    except json.JSONDecodeError as e:
+                        return f"{f}:{n}: not a JSON object ({e.msg}, column {e.colno})"
+    root = error
+    while root.__cause__ is not None or root.__context__ is not None:
+        root = root.__cause__ or root.__context__
+    what = f"{type(root).__name__}: {root}".strip().splitlines()[0] if str(root) else type(root).__name__
+    return f"could not read {files[0] if len(files) == 1 else f'{len(files)} {builder} files'} ({what})"
+
+
+def _jsonl_line(path: str, row: int) -> int:
+    """Line number (1-based) of the row-th (0-based) non-blank line of a .jsonl file."""
+    seen = -1
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            if raw.strip():
+                seen += 1
+                if seen == row:
+                    return n
+    return row + 1
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
@@ -197,7 +247,8 @@ def _train_bpe(texts: list[str], vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte stays encodable
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    # long documents in bounded pieces (cut where the pre-tokenizer splits anyway): the same word counts
+    tok.train_from_iterator((p for t in texts for p in pieces(t)), trainer=trainer, length=len(texts))
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN
     )
@@ -246,9 +297,65 @@ def load_packed(cfg: DataConfig, tokenizer, corpus: Corpus | None = None) -> Pac
     return PackedData(np.load(path / "train.npy"), np.load(path / "val.npy"), meta["val_ids"], key)
 
 
+_PIECE_CHARS = 1 << 16  # longest text handed to the tokenizer in one piece
+_BATCH_CHARS = 1 << 20  # most characters handed to the tokenizer in one call (its memory grows with them)
+
+
+def pieces(text: str, n: int | None = None) -> list[str]:
+    """`text` cut into pieces of at most `n` characters, each cut right after a newline (or before a space)
+    that is followed by a non-space: where a byte-level BPE's pre-tokenizer splits anyway, so the pieces'
+    tokens joined are the whole text's tokens. A stretch with neither is cut at `n` (_PIECE_CHARS)."""
+    n = n or _PIECE_CHARS
+    out, a = [], 0
+    while len(text) - a > n:
+        window = text[a : a + n]
+        cut = next((i + 1 for i in _rfind_all(window, "\n") if i + 1 < len(window) and not window[i + 1].isspace()), 0)
+        if not cut:
+            cut = next((i for i in _rfind_all(window, " ") if i > 0 and i + 1 < len(window)
+                        and not window[i + 1].isspace() and not window[i - 1].isspace()), 0) or n
+        out.append(window[:cut])
+        a += cut
+    out.append(text[a:])
+    return out
+
+
+def _rfind_all(s: str, ch: str) -> Iterator[int]:
+    i = s.rfind(ch)
+    while i > 0:
+        yield i
+        i = s.rfind(ch, 0, i)
+
+
 def _encode(tokenizer, texts: list[str], batch: int = 256) -> Iterator[list[int]]:
-    for i in range(0, len(texts), batch):
-        yield from tokenizer(texts[i : i + batch], add_special_tokens=False)["input_ids"]
+    """Token ids of each text, in order. The tokenizer sees at most `batch` texts and _BATCH_CHARS
+    characters per call: long documents are tokenised piece by piece (a single 30 MB line would otherwise
+    take gigabytes at once), short ones batched."""
+    group: list[tuple[int, str]] = []  # (document, piece)
+
+    def flush():
+        ids = tokenizer([p for _, p in group], add_special_tokens=False)["input_ids"] if group else []
+        done: dict[int, list[int]] = {}
+        for (doc, _), toks in zip(group, ids):
+            done.setdefault(doc, []).extend(toks)
+        group.clear()
+        return done
+
+    partial: dict[int, list[int]] = {}
+    size = 0
+    for d, text in enumerate(texts):
+        for piece in pieces(text):
+            if group and (len(group) >= batch or size + len(piece) > _BATCH_CHARS):
+                for doc, toks in flush().items():
+                    partial.setdefault(doc, []).extend(toks)
+                size = 0
+                for doc in sorted(k for k in partial if k < d):
+                    yield partial.pop(doc)
+            group.append((d, piece))
+            size += len(piece)
+    for doc, toks in flush().items():
+        partial.setdefault(doc, []).extend(toks)
+    for doc in sorted(partial):
+        yield partial.pop(doc)
 
 
 def pack(docs, tokenizer, seq_len: int) -> np.ndarray:

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 UPLOAD_DIR = "hub_upload"
 # files of model/ and adapter/ that are for training only, not for loading
 _SKIP = {"distill_heads.safetensors"}
-_STAGED = ".workbench-staged"  # marks a hub_upload folder as ours
+_STAGED = ".hub_upload.json"  # beside hub_upload/: the names of the files workbench staged there
 
 
 def stage(run_dir: str | Path, hub: HubConfig) -> Path:
@@ -41,20 +41,23 @@ def stage(run_dir: str | Path, hub: HubConfig) -> Path:
     src = _source(run, hub.content)
     folder = run.path / UPLOAD_DIR
     tmp = folder.with_name(folder.name + ".tmp")
-    for d in (folder, tmp):  # replaced only when an earlier stage wrote it
-        if d.exists() and not (d / _STAGED).is_file():
+    manifest = run.path / _STAGED
+    ours = set(json.loads(manifest.read_text())) if manifest.is_file() else set()
+    for d in (folder, tmp):  # replaced only when it holds nothing but what an earlier stage wrote
+        if d.exists() and (not d.is_dir() or {p.name for p in d.iterdir()} - ours):
             raise FileExistsError(f"{d} exists and was not written by workbench; move it away to stage the upload")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    (tmp / _STAGED).write_text("")  # not uploaded (see push)
     for f in sorted(src.iterdir()):
         if f.is_file() and f.name not in _SKIP:
             shutil.copy2(f, tmp / f.name)
     (tmp / "recipe.yaml").write_text(public_recipe(run.recipe).to_yaml())
     report = json.loads((run.path / "report.json").read_text()) if (run.path / "report.json").is_file() else None
     (tmp / "README.md").write_text(model_card(run, src.name == "adapter", hub.repo_id or f"<user>/{run.name}", report))
+    manifest.write_text(json.dumps(sorted(ours | {p.name for p in tmp.iterdir()})))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
+    manifest.write_text(json.dumps(sorted(p.name for p in folder.iterdir())))
     return folder
 
 
@@ -119,7 +122,7 @@ def push(run_dir: str | Path, hub: HubConfig, token: str | None = None, endpoint
     if hub.revision and hub.revision != "main":
         api.create_branch(hub.repo_id, branch=hub.revision, exist_ok=True)
     info = api.upload_folder(folder_path=str(folder), repo_id=hub.repo_id, revision=hub.revision,
-                             commit_message=hub.commit_message, ignore_patterns=[_STAGED])
+                             commit_message=hub.commit_message)
     log.info("pushed %s to %s (%s)", folder, url, info.commit_url)
     return info.commit_url
 

@@ -320,7 +320,7 @@ def uniform_layer_map(n_student: int, n_teacher: int) -> list[list[int]]:
 def _check_layer_map(layer_map, n_student: int, n_teacher: int, first: int) -> None:
     for s, t in layer_map:
         if not (first <= s <= n_student and first <= t <= n_teacher):
-            raise ValueError(f"layer_map pair [{s}, {t}] out of range: student layers {first}..{n_student}, "
+            raise ValueError(f"layer_map: pair [{s}, {t}] out of range: student layers {first}..{n_student}, "
                              f"teacher layers {first}..{n_teacher}")
 
 
@@ -504,10 +504,10 @@ def _build_feature(term: LossTerm, sc, tc) -> nn.Module:
     if sc is None or tc is None:
         raise ValueError(f"{term.name} needs the student's and teacher's model configs")
     if term.name in ("hidden_mse", "hidden_cosine"):
-        lm = term.layer_map or uniform_layer_map(sc.num_hidden_layers, tc.num_hidden_layers)
+        lm = term.layer_map if term.layer_map is not None else uniform_layer_map(sc.num_hidden_layers, tc.num_hidden_layers)
         _check_layer_map(lm, sc.num_hidden_layers, tc.num_hidden_layers, first=0)
         return HiddenStateLoss(term.name, lm, sc.hidden_size, tc.hidden_size, normalize=term.normalize)
-    lm = term.layer_map or uniform_layer_map(sc.num_hidden_layers, tc.num_hidden_layers)
+    lm = term.layer_map if term.layer_map is not None else uniform_layer_map(sc.num_hidden_layers, tc.num_hidden_layers)
     _check_layer_map(lm, sc.num_hidden_layers, tc.num_hidden_layers, first=1)
     return AttentionLoss(term.name, lm, term.head_map, sc.num_attention_heads, tc.num_attention_heads)
 

@@ -7,6 +7,7 @@ recipe if its output is not cached).
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 
 import torch
@@ -52,6 +53,16 @@ def validate_spec(spec: ModelSpec, role: str) -> None:
             raise RecipeError(f"{role}.tiny: unknown tiny config '{spec.tiny}'{hint} (known: {list(TINY_CONFIGS)})")
         from transformers import LlamaConfig
 
+        fixed = sorted(_FROM_TOKENIZER & set(spec.config))
+        if fixed:
+            raise RecipeError(f"{role}.config.{fixed[0]}: set from the tokenizer, not the recipe (data.vocab_size "
+                              "sizes a trained BPE)")
+        known = set(LlamaConfig().to_dict())
+        for key in spec.config:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise RecipeError(f"{role}.config.{key}: not a LlamaConfig field{hint}")
         try:
             LlamaConfig(**{**_TINY_COMMON, **TINY_CONFIGS[spec.tiny], **spec.config})
         except Exception as e:  # transformers raises its own validation error types
@@ -59,6 +70,33 @@ def validate_spec(spec: ModelSpec, role: str) -> None:
     if spec.name_or_path is not None and _looks_local(spec.name_or_path):
         if not (Path(spec.name_or_path).expanduser() / "config.json").is_file():
             raise RecipeError(f"{role}.name_or_path: no config.json in local directory '{spec.name_or_path}'")
+
+
+_FROM_TOKENIZER = {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"}
+
+
+def num_layers(spec: ModelSpec) -> int | None:
+    """Transformer blocks of the model `spec` names, found without loading weights (None when only the
+    network could tell: a Hub id not in the local cache)."""
+    if spec.tiny is not None:
+        return int({**TINY_CONFIGS[spec.tiny], **spec.config}["num_hidden_layers"])
+    if spec.recipe is not None:
+        from workbench.config import load_recipe
+
+        return num_layers(load_recipe(spec.recipe).student)
+    path = Path(spec.name_or_path).expanduser()
+    try:
+        if (path / "config.json").is_file():
+            cfg = json.loads((path / "config.json").read_text())
+        else:
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(spec.name_or_path, revision=spec.revision, local_files_only=True).to_dict()
+    except Exception:  # not cached here, unreadable: the check happens when the model loads
+        return None
+    cfg = cfg.get("text_config", cfg)
+    n = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+    return int(n) if n is not None else None
 
 
 def _looks_local(name: str) -> bool:

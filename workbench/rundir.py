@@ -30,7 +30,7 @@ LOCK = ".workbench.lock"
 CHANGES = "recipe_changes.jsonl"
 # everything a run writes into its directory (what overwrite replaces, and what a new run refuses to clobber)
 OUTPUTS = ("checkpoints", "model", "adapter", "tensorboard", "final_metrics.json", "metrics.jsonl", "recipe.yaml",
-           CHANGES, "report.md", "report.html", "report.json", "report_plots", "hub_upload", "deepspeed_config.json")
+           CHANGES, "report.md", "report.html", "report.json", "report_plots", "hub_upload", ".hub_upload.json", "deepspeed_config.json")
 # keys that may differ on resume without allow_recipe_changes: where results go, what the report shows, when
 # to log and checkpoint, and (recorded) a longer or shorter step budget
 _FREE = ("name", "description", "resume", "allow_recipe_changes", "output.", "eval.", "train.log_every",

@@ -64,13 +64,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if "--dry-run" in flags:
+        try:
+            check_data(recipe)
+        except RecipeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(recipe.to_yaml())
         print(f"# recipe '{recipe.name}' is valid", file=sys.stderr)
         return 0
     _setup_logging()
     from workbench.distributed import make_accelerator
 
-    accelerator = make_accelerator(recipe)
+    try:
+        accelerator = make_accelerator(recipe)
+    except WorkbenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     code = 0
     try:
         metrics = run(recipe, accelerator)
@@ -122,8 +131,42 @@ def validate(recipe: Recipe, _chain: tuple[str, ...] = ()) -> None:
         from workbench.evaluation import read_task_file
 
         read_task_file(recipe.eval.task_file)  # its lines checked now, not after training
+    _validate_layer_maps(recipe)
     if recipe.student.tiny and recipe.train.mixed_precision == "fp16" and recipe.student.dtype != "float32":
         raise RecipeError("student.dtype: fp16 mixed precision needs float32 master weights")
+
+
+def _validate_layer_maps(recipe: Recipe) -> None:
+    """A layer_map's pairs against the models' depths (read from configs; skipped where only the network
+    could tell)."""
+    from workbench.config import FEATURE_LOSSES
+    from workbench.losses import _check_layer_map
+    from workbench.models import num_layers
+
+    terms = [(i, t) for i, t in enumerate(recipe.distill.losses) if t.name in FEATURE_LOSSES and t.layer_map]
+    if not terms or recipe.teacher is None:
+        return
+    n_s, n_t = num_layers(recipe.student), num_layers(recipe.teacher)
+    if n_s is None or n_t is None:
+        return
+    for i, t in terms:
+        try:
+            _check_layer_map(t.layer_map, n_s, n_t, first=0 if t.name.startswith("hidden") else 1)
+        except ValueError as e:
+            raise RecipeError(f"distill.losses.{i}.{e}") from None
+
+
+def check_data(recipe: Recipe) -> None:
+    """--dry-run's look at local data (the embedded corpus or local files; a Hub dataset would need the
+    network): documents readable, a text field of strings, enough documents to split, and the report's
+    prompts and items found in the held-out documents."""
+    from workbench import data as D
+    from workbench.evaluation import check_report_inputs
+
+    if recipe.data.dataset != "stdlib" and D._local_files(recipe.data.dataset) is None:
+        return
+    corpus = D.load_corpus(recipe.data)
+    check_report_inputs(recipe.eval, corpus.val_texts)
 
 
 # --------------------------------------------------------------------------------------------- running

@@ -1,0 +1,97 @@
+"""Everyday mistakes end in one clear line and exit status 2, no traceback; --dry-run finds everything that
+can be found without training."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FAST, REPO
+from workbench.train import main
+
+
+def _one_line_error(capsys, argv) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:") or "Traceback" in ln]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), (code, err[-3000:])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad_data")
+    doc = json.dumps({"text": "def f(x):\n    return x\n" * 30})
+    (d / "empty.jsonl").write_text("")
+    (d / "malformed.jsonl").write_text(f"{doc}\n{doc}\n\n{{oops\n{doc}\n")
+    (d / "number.jsonl").write_text(f"{doc}\n{doc}\n" + json.dumps({"text": 12}) + "\n")
+    (d / "binary.txt").write_bytes(bytes(range(256)) * 64)
+    (d / "body.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    (d / "dup.yaml").write_text("name: dup\ntrain:\n  lr: 1.0e-3\n  lr: 2.0e-3\n")
+    (d / "syntax.yaml").write_text("name: syntax\ntrain:\n  lr: [1,\n")
+    (d / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    (d / "blank.yaml").write_text("# nothing here\n")
+    (d / "task.jsonl").write_text(json.dumps({"prompt": "a", "choices": ["b", "c"], "label": 5}) + "\n")
+    return d
+
+
+@pytest.mark.parametrize("args, says", [
+    (["data.dataset={d}/empty.jsonl"], "empty.jsonl is empty"),
+    (["data.dataset={d}/malformed.jsonl"], "malformed.jsonl:4: not a JSON object"),
+    (["data.dataset={d}/number.jsonl"], "number.jsonl:3: 'text' is of type int, not a string"),
+    (["data.dataset={d}/binary.txt"], "binary.txt:2: not UTF-8 text"),
+    (["data.dataset={d}/body.jsonl"], "data.text_field: 'text' not in columns ['body']"),
+    (["eval.task_file={d}/task.jsonl", "eval.report=true"], "task.jsonl:1: need prompt"),
+    (["eval.prompts=100000", "eval.report=true"], "eval.prompts: only"),
+    (["student.config.vocab_size=100"], "student.config.vocab_size: set from the tokenizer"),
+    (["distill.losses=[{name: hidden_mse, layer_map: [[1, 7]]}]", "teacher.tiny=llama-2layer-64",
+      "teacher.recipe=null"], "distill.losses.0.layer_map: pair [1, 7] out of range"),
+    (["train.lr=.inf"], "train.lr: must be a finite number"),
+    (["distill.losses.0.weight=.inf"], "distill.losses.0.weight: must be a finite number"),
+])
+def test_dry_run_finds_it(capsys, files, args, says):
+    recipe = "kd_tiny" if any("losses" in a or "teacher" in a for a in args) else "sft_tiny"
+    line = _one_line_error(capsys, [f"recipe={recipe}", *FAST, *[a.replace("{d}", str(files)) for a in args], "--dry-run"])
+    assert says in line, line
+
+
+@pytest.mark.parametrize("name, says", [("dup.yaml", "line 4, column 3: duplicate key 'lr' (first on line 3)"),
+                                        ("syntax.yaml", "invalid YAML at line 4"),
+                                        ("latin1.yaml", "not UTF-8 text"),
+                                        ("blank.yaml", "the recipe is empty")])
+def test_bad_recipe_files(capsys, files, name, says):
+    assert says in _one_line_error(capsys, [f"recipe={files / name}", "--dry-run"])
+
+
+@pytest.mark.parametrize("args, says", [
+    (["data.seq_len=100000"], "fewer than seq_len=100000 tokens"),
+    (["data.max_documents=2", "data.val_fraction=0.5", "data.seq_len=4096"], "fewer than seq_len"),
+])
+def test_mistakes_found_while_loading(capsys, tmp_path, args, says):
+    assert says in _one_line_error(capsys, ["recipe=sft_tiny", *FAST, f"output.dir={tmp_path}", *args])
+
+
+def test_a_run_directory_that_holds_a_run_and_another_tokenizer(capsys, tmp_path, tiny_teacher):
+    assert main(["recipe=sft_tiny", *FAST, f"output.dir={tmp_path}", "train.max_steps=2"]) == 0
+    capsys.readouterr()
+    assert "already holds a run" in _one_line_error(capsys, ["recipe=sft_tiny", *FAST, f"output.dir={tmp_path}",
+                                                             "train.max_steps=2"])
+    # a teacher with another tokenizer than the student's trained BPE
+    line = _one_line_error(capsys, ["recipe=kd_tiny", *FAST, f"output.dir={tmp_path / 'kd'}", "teacher.recipe=null",
+                                    f"teacher.name_or_path={tmp_path / 'model'}", "data.tokenizer=bpe", "data.vocab_size=300"])
+    assert "vocabular" in line or "tokenizer" in line, line
+
+
+def test_divergence_is_one_line_on_the_command_line(tmp_path):
+    """Run as a user runs it: the huge learning rate's divergence prints one error line, no traceback,
+    exit status 2, and no model."""
+    cmd = [sys.executable, "workbench/train.py", "recipe=sft_tiny", *FAST, f"output.dir={tmp_path}",
+           "train.lr=1e6", "train.warmup_steps=0", "train.max_steps=30", "train.checkpoint_every=0",
+           "train.grad_clip=0"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and done.stderr.count("error:") == 1, done.stderr[-3000:]
+    assert "non-finite" in done.stderr and not (tmp_path / "model").exists()
