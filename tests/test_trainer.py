@@ -348,3 +348,30 @@ def test_accelerate_launch_runs_the_entry_point(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "validation perplexity" in done.stdout
     assert (tmp_path / "model" / "model.safetensors").exists()
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_complete_one(tmp_path, accelerator, caplog):
+    import logging
+    import shutil
+
+    full = run(fast_recipe("sft_tiny", tmp_path / "full"), accelerator)
+    out = tmp_path / "cut"
+    run(fast_recipe("sft_tiny", out), accelerator)
+    shutil.rmtree(out / "model")
+    (out / "final_metrics.json").unlink()  # as if killed after the last checkpoint
+    newest = trainer.checkpoints(out)[-1]
+    assert newest.name == "step-0000006"
+    weights = next(newest.rglob("model.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    with caplog.at_level(logging.WARNING, logger="workbench.trainer"):
+        resumed = run(fast_recipe("sft_tiny", out, "resume=true"), accelerator)
+    assert f"checkpoint {newest} does not load" in caplog.text and "falling back to" in caplog.text
+    assert "resumed from" in caplog.text and "step-0000003" in caplog.text
+    assert _losses(out) == _losses(tmp_path / "full") and resumed["student_val_ppl"] == full["student_val_ppl"]
+    # every checkpoint damaged: one clear error
+    for c in trainer.checkpoints(out):
+        (c / "trainer_state.json").write_text("{")
+    shutil.rmtree(out / "model")
+    (out / "final_metrics.json").unlink()
+    with pytest.raises(RecipeError, match="no checkpoint in .* loads"):
+        run(fast_recipe("sft_tiny", out, "resume=true"), accelerator)

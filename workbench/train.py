@@ -205,7 +205,7 @@ def _run(recipe: Recipe, accelerator) -> dict:
     mode = rundir.check(recipe)
     ckpt = T.latest_checkpoint(out) if mode == "resume" else None
     if ckpt is not None:
-        step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+        step = int(ckpt.name.split("-")[1])  # from the name: its trainer_state.json may be damaged
         rundir.check_resume(recipe, step, accelerator.is_main_process)
     accelerator.wait_for_everyone()
 

@@ -159,16 +159,8 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
     rollouts = _Rollouts()  # per process; saved beside each checkpoint
 
     state = {"step": 0, "tokens": 0, "elapsed": 0.0}
-    ckpt = latest_checkpoint(out) if recipe.resume else None
-    if recipe.resume and ckpt is None:
-        log.info("no checkpoint in %s: starting from scratch", out / "checkpoints")
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        mine = ckpt / f"rollouts_{accelerator.process_index}.pt"
-        if rollout is not None and mine.exists():
-            rollouts.load_state_dict(torch.load(mine, weights_only=True))
-        log.info("resumed from %s (step %d)", ckpt, state["step"])
+    if recipe.resume:
+        state = _resume(accelerator, out, rollouts if rollout is not None else None) or state
     metrics = MetricsLog(out, enabled=accelerator.is_main_process, truncate_after=state["step"],
                          tensorboard=recipe.output.tensorboard)
     if state["step"] == 0 and accelerator.is_main_process:
@@ -348,6 +340,33 @@ def _micro_batch_jobs(blocks, data, onp, seed, step, k, accelerator, student, te
             rows = onpolicy.minillm_rows(student, teacher, s, onp)
         rollouts.jobs.append(_Job(s.ids, rows, "rollout"))
     return [data_job, rollouts.jobs[k]]
+
+
+def _resume(accelerator, out: Path, rollouts: "_Rollouts | None") -> dict | None:
+    """Load the newest checkpoint that loads; a damaged one (a truncated file, say) is reported and the
+    next older one is tried. Returns its trainer state, or None when there is no checkpoint."""
+    found = checkpoints(out)
+    if not found:
+        log.info("no checkpoint in %s: starting from scratch", out / "checkpoints")
+        return None
+    for ckpt in reversed(found):
+        try:
+            state = json.loads((ckpt / "trainer_state.json").read_text())
+            accelerator.load_state(str(ckpt))
+            mine = ckpt / f"rollouts_{accelerator.process_index}.pt"
+            if rollouts is not None and mine.exists():
+                rollouts.load_state_dict(torch.load(mine, weights_only=True))
+        except Exception as e:  # whatever the damage, the loaders raise their own error types
+            older = [c for c in found if c < ckpt]
+            log.warning("checkpoint %s does not load (%s: %s); %s", ckpt, type(e).__name__, str(e).splitlines()[0]
+                        if str(e) else "", f"falling back to {older[-1]}" if older else "no older checkpoint")
+            continue
+        if ckpt != found[-1]:
+            log.warning("resumed from %s, the newest checkpoint that loads", ckpt)
+        log.info("resumed from %s (step %d)", ckpt, state["step"])
+        return state
+    raise RecipeError(f"no checkpoint in {out / 'checkpoints'} loads (each is damaged; see the warnings); pass "
+                      "output.overwrite=true to start over")
 
 
 def _normalised(run_sums, run_tokens, accelerator) -> dict[str, float]:
