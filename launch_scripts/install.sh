@@ -5,10 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP="python -m pip"
 TORCH=${WORKBENCH_TORCH:-torch==2.13.0}
-if ! python -c "import torch" 2>/dev/null; then
+# torch is looked up by its metadata, not imported: imported before numpy is installed (the next step), it
+# prints "Failed to initialize NumPy"
+version='import importlib.metadata as m; print("torch==" + m.version("torch").split("+")[0])'
+if ! python -c "$version" >/dev/null 2>&1; then
     $PIP install -q "$TORCH"
 fi
 constraints=$(mktemp)
-python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraints"
+python -c "$version" > "$constraints"
 $PIP install -q -c "$constraints" -c launch_scripts/constraints.txt -e ".[dev,quant,deepspeed,eval,trl]"
 rm -f "$constraints"
