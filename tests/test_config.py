@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -235,3 +236,29 @@ def test_exit_skips_finalisation_only_in_multi_process_runs(monkeypatch, world):
     assert e.value.code == 3
     assert exits == ([] if world is None else [3])  # os._exit only with other processes
 
+
+
+def test_third_party_warnings_show_once_per_run_and_ours_always(tmp_path, monkeypatch):
+    """A library that wraps each call in warnings.catch_warnings() (as DeepSpeed's collectives do) resets
+    Python's once-per-location memory; the command-line tools still show its deprecation once."""
+    import importlib.util
+    import warnings
+
+    import workbench
+
+    lib = tmp_path / "somelib.py"
+    lib.write_text("import warnings\n\ndef call():\n    with warnings.catch_warnings():\n        pass\n"
+                   "    warnings.warn('old API', FutureWarning)\n")
+    spec = importlib.util.spec_from_file_location("somelib", lib)
+    somelib = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(somelib)
+    shown = []
+    monkeypatch.setattr(warnings, "showwarning", lambda m, c, f, ln, file=None, line=None: shown.append((str(m), f)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        workbench.third_party_warnings_once()
+        for _ in range(50):
+            somelib.call()
+        for _ in range(3):  # ours: every time
+            warnings.warn_explicit("ours", UserWarning, str(Path(workbench.__file__).parent / "trainer.py"), 1)
+    assert [m for m, _ in shown] == ["old API", "ours", "ours", "ours"]

@@ -31,3 +31,36 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # Tied input/output embeddings are stored once in checkpoints, as they should be; accelerate warns
 # about it at every save.
 logging.getLogger("accelerate.utils.other").addFilter(lambda r: "Removed shared tensor" not in r.getMessage())
+
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def third_party_warnings_once() -> None:
+    """For the command-line tools: show a warning raised outside workbench (a library's deprecation, say)
+    once per run, on the first process only; workbench's own warnings always show. Python's own "once per
+    location" does not hold: every `warnings.catch_warnings()` block a library runs (DeepSpeed's
+    collectives do, thousands of times a run) resets what was shown, so one deprecation floods the console."""
+    import os
+    import warnings
+
+    show = warnings.showwarning
+    if getattr(show, "_workbench_once", False):
+        return
+    seen: set[tuple] = set()
+    first_process = int(os.environ.get("RANK", "0")) == 0
+
+    def once(message, category, filename, lineno, file=None, line=None):
+        try:
+            ours = Path(filename).resolve().is_relative_to(_PACKAGE)
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            key = (category, str(message))
+            if key in seen or not first_process:
+                return
+            seen.add(key)
+        show(message, category, filename, lineno, file, line)
+
+    once._workbench_once = True
+    warnings.showwarning = once

@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--table-only", action="store_true", help="print the perplexity table, write no report")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from workbench import third_party_warnings_once
+
+    third_party_warnings_once()
 
     from workbench.config import RecipeError, build
     from workbench.evaluation import load_run, perplexity_table, report

@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the statistics to this file")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from workbench import third_party_warnings_once
+
+    third_party_warnings_once()
 
     from workbench.models import is_hub_id
 

@@ -372,6 +372,9 @@ def format_summary(m: dict) -> str:
 
 
 def _setup_logging() -> None:
+    from workbench import third_party_warnings_once
+
+    third_party_warnings_once()
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
