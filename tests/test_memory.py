@@ -78,3 +78,25 @@ def test_headline_recipes_estimate_offline():
     assert sum(q["gpu"].values()) / memory.GIB < 24  # the recipe's "one 24 GB GPU"
     assert memory.main(["recipe=kd_13b_to_7b", "launch=zero3_offload", "gpus=8"]) == 0
     assert memory.main(["recipe=kd_13b_to_7b", "launch=bogus"]) == 2
+
+
+@pytest.mark.parametrize("launch", ["zero3", "zero3_offload"])
+@pytest.mark.parametrize("gpus, nodes", [(8, 1), (8, 2)])
+def test_zero3_model_states_as_deepspeed_estimates_them(launch, gpus, nodes):
+    """The student's model states under ZeRO-3, with and without CPU offload of parameters and optimizer,
+    equal DeepSpeed's own estimate_zero3_model_states_mem_needs (zero.Init loading) for the same parameter
+    count and largest layer: GPU per process, CPU per node."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    recipe = load_recipe("kd_13b_to_7b")
+    shape = memory.model_shape(recipe.student, recipe.data.vocab_size)
+    assert shape.largest_layer == 32000 * 4096 and 6.7e9 < shape.params < 6.8e9
+    cpu_ds, gpu_ds, _ = estimate_zero3_model_states_mem_needs(
+        shape.params, shape.largest_layer, num_gpus_per_node=gpus, num_nodes=nodes,
+        cpu_offload=launch == "zero3_offload", cpu_offload_params=True, zero_init=True)
+    est = memory.estimate(recipe, launch, gpus=gpus, nodes=nodes)
+    states = ("student weights", "gradients", "optimizer states", "gathered largest layer")
+    assert sum(est["gpu"][k] for k in states) == pytest.approx(gpu_ds, rel=1e-6)
+    if launch == "zero3_offload":
+        offloaded = sum(v for k, v in est["cpu"].items() if "offload" in k and "teacher" not in k)
+        assert offloaded == pytest.approx(cpu_ds, rel=1e-6)

@@ -8,7 +8,9 @@ launch_scripts/accelerate/). Parameter counts come from the models' configs (ins
 device); Hub configs must be cached or reachable, and Llama-2 7B/13B/70B are known offline.
 
 Model states follow the ZeRO paper's accounting (mixed precision Adam: 2 + 2 + 12 bytes per trainable
-parameter, partitioned by stage). Activations are counted like Korthikanti et al., with the constant for
+parameter, partitioned by stage); under ZeRO-3 as DeepSpeed's estimate_zero3_model_states_mem_needs counts
+them: fp32 gradient partitions (18 bytes per parameter), the largest layer gathered whole, and with CPU
+offload DeepSpeed's 1.5x buffer factor on the host (tests compare the two). Activations are counted like Korthikanti et al., with the constant for
 our Llama blocks (SwiGLU MLP, RMSNorm, SDPA attention, which keeps no s x s scores): 11 + 4 i/h values
 per token and hidden unit per layer (measured: the bytes autograd saves in our tiny Llamas), plus
 2.5 a s^2 b values per layer with eager attention (attention losses); gradient checkpointing keeps only
@@ -51,6 +53,7 @@ class ModelShape:
     layers: int
     heads: int
     vocab: int
+    largest_layer: int = 0  # parameters of the largest module (what ZeRO-3 gathers at once)
 
 
 def model_shape(spec: ModelSpec, vocab: int) -> ModelShape:
@@ -77,7 +80,9 @@ def model_shape(spec: ModelSpec, vocab: int) -> ModelShape:
     out_layer = model.get_output_embeddings()
     linear = sum(m.weight.numel() for m in model.modules()
                  if isinstance(m, torch.nn.Linear) and m is not out_layer)
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     return ModelShape(params=sum(p.numel() for p in model.parameters()), linear=linear, hidden=config.hidden_size,
+                      largest_layer=largest,
                       intermediate=getattr(config, "intermediate_size", 4 * config.hidden_size),
                       layers=config.num_hidden_layers, heads=config.num_attention_heads, vocab=config.vocab_size)
 
@@ -116,16 +121,31 @@ def estimate(recipe: Recipe, launch: str = "single", gpus: int = 1, nodes: int =
         weights += trainable * 4
     grads = trainable * (2 if ds16 else 4)
     optimizer = trainable * (8 + (4 if ds16 else 0))  # Adam m, v (+ fp32 master)
+    if zero == 3 and ds16:
+        # as DeepSpeed accounts ZeRO-3 (estimate_zero3_model_states_mem_needs): per parameter 2 bytes of 16-bit
+        # weights, 4 of fp32 gradients (the optimizer's partition) and 12 of Adam (fp32 master, m, v) = 18,
+        # plus the largest layer gathered whole (4 bytes per parameter: 16-bit weights and gradients)
+        grads = trainable * 4
     gpu = {"student weights": weights / (shard if zero >= 3 else 1),
            "gradients": grads / (shard if zero >= 2 else 1),
            "optimizer states": optimizer / shard if zero else optimizer}
+    if zero == 3:
+        gpu["gathered largest layer"] = 4.0 * s.largest_layer
     cpu = {}
     if launch in ("zero3_offload", "zero3_nvme"):
-        where = "optimizer states (offloaded)" if launch == "zero3_offload" else "optimizer buffers (NVMe-backed)"
-        cpu[where] = optimizer * gpus / world * (1 if launch == "zero3_offload" else 0.1)
-        cpu["student weights (offloaded)"] = weights * gpus / world
+        per_node = gpus / world  # a node holds the partitions of its own processes
+        if launch == "zero3_offload":
+            cpu["student weights (offloaded)"] = weights * per_node
+            cpu["gradients (offloaded, fp32)"] = trainable * 4 * per_node
+            cpu["optimizer states (offloaded)"] = optimizer * per_node
+            # DeepSpeed's additional_buffer_factor (1.5): pinned transfer buffers and fragmentation
+            cpu["offload buffers (DeepSpeed's x1.5)"] = 0.5 * sum(cpu.values())
+        else:
+            cpu["optimizer buffers (NVMe-backed)"] = optimizer * per_node * 0.1
+            cpu["student weights (offloaded)"] = weights * per_node
         gpu["optimizer states"] = 0.0
         gpu["student weights"] = 0.0
+        gpu["gradients"] = 0.0
     # activations: batch x sequence through every layer
     b, seq, h, L, a = t.micro_batch_size, recipe.data.seq_len, s.hidden, s.layers, s.heads
     act_bytes = 2 if bits16 else 4
