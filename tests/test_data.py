@@ -184,3 +184,30 @@ def test_long_documents_are_tokenised_in_bounded_pieces_with_the_same_tokens(mon
     assert tok.decode(got[4]) == texts[4]  # cut inside a word: same text, tokens may differ at the cut
     for text in texts:
         assert "".join(data.pieces(text, 500)) == text and all(len(p) <= 500 for p in data.pieces(text, 500))
+
+
+def test_no_training_block_holds_text_of_a_validation_document():
+    """Decoded, the training blocks contain no passage that only a held-out document has (and the
+    validation blocks none that only a training document has)."""
+    cfg = DataConfig(**SMALL)
+    corpus = data.load_corpus(cfg)
+    tok = data.load_tokenizer(cfg, corpus)
+    packed = data.load_packed(cfg, tok, corpus)
+    train_text, val_text = (tok.decode(b.ravel().tolist()) for b in (packed.train, packed.val))
+
+    def unique_passages(docs, others):
+        found = []
+        for doc in docs:
+            for start in range(0, max(1, len(doc) - 80), 997):
+                passage = doc[start : start + 80]
+                if len(passage) == 80 and passage.strip() and not any(passage in o for o in others):
+                    found.append(passage)
+                    break
+        return found
+
+    held_out = unique_passages(corpus.val_texts, corpus.train_texts)
+    assert len(held_out) >= len(corpus.val_texts) // 2
+    assert not [p for p in held_out if p in train_text]
+    assert sum(p in val_text for p in held_out) >= len(held_out) // 2  # they are in the validation blocks
+    trained = unique_passages(corpus.train_texts, corpus.val_texts)
+    assert not [p for p in trained if p in val_text]

@@ -512,3 +512,29 @@ def test_chunked_loss_allocates_no_gradient_buffers_under_no_grad(monkeypatch):
     total, _ = losses.chunked_logit_loss(_objective("cross_entropy"), h, {"labels": torch.zeros(8, dtype=torch.long)},
                                          weight=W, chunk=3)
     assert (10, 4) in calls and "grad" in calls  # with grad, both are there
+
+
+def test_attention_kl_is_teacher_to_student_on_peaked_maps():
+    """On peaked attention (scaled random scores; tiny models attend almost uniformly, so both KL
+    directions agree there), attention_kl is KL(A_teacher || A_student) row by row, not the reverse."""
+    g = torch.Generator().manual_seed(0)
+    B, H, T = 2, 2, 7
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+
+    def att(scale):
+        z = (torch.randn(B, H, T, T, generator=g) * scale).masked_fill(~causal, float("-inf"))
+        return z.masked_fill(~causal, 0.0), torch.softmax(z, -1)
+
+    student, teacher = att(1.0), att(6.0)  # a flat student, a peaked teacher
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 3] = False
+    fn = losses.AttentionLoss("attention_kl", [(1, 1)], "map", H, H)
+    got = fn({1: student}, {1: teacher}, mask)
+    p_s, p_t = student[1].double(), teacher[1].double()
+
+    def kl(p, q):  # written out, over the keys each query sees
+        return torch.where(causal, p * (p.clamp(min=1e-300) / q.clamp(min=1e-300)).log(), 0.0).sum(-1).mean(1)
+
+    want, swapped = (kl(p_t, p_s) * mask).sum(), (kl(p_s, p_t) * mask).sum()
+    assert abs(want - swapped) / want > 0.1  # the two directions really differ here
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)

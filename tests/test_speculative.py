@@ -268,3 +268,44 @@ def test_nf4_draft_on_our_triton_kernels(target, tmp_path):
     for out in outs.values():
         assert torch.equal(out.sequences, ref)
     assert outs["triton"].stats.accepted_hist == outs["bnb"].stats.accepted_hist
+
+
+def test_the_drafts_cache_holds_exactly_the_accepted_tokens_after_every_rejection():
+    """Every logit the draft produces during speculative decoding equals a fresh forward of the draft over
+    the accepted tokens so far plus the round's own proposals: rejected drafts are rolled out of its cache
+    (a cache that kept them still decodes the target's tokens, only with fewer acceptances)."""
+    target = _llama(64, 64, 2, seed=12, init=0.15)  # varied text, not one repeated token
+    draft = _perturbed(target, 0.3, seed=3)
+    seen = []
+    real = draft.forward
+
+    def recording(*args, **kw):
+        out = real(*args, **kw)
+        seen.append(out.logits[0, -1].detach().clone())
+        return out
+
+    draft.forward = recording
+    g = torch.Generator().manual_seed(4)
+    prompt = torch.randint(3, 64, (1, 6), generator=g)
+    k, new = 4, 40
+    res = speculative_generate(target, draft, prompt, new, draft_len=k)
+    del draft.forward
+    S, P = res.sequences[0].tolist(), prompt.shape[1]
+    assert 0 < res.stats.acceptance_rate < 1  # rejections happened, and acceptances
+    # replay the rounds (greedy acceptance is deterministic): position p holds `last`, the newest token
+    p, calls, rejected_rounds = P - 1, iter(seen), 0
+    while p - (P - 1) < new and p + 1 < len(S):
+        k_r = max(0, min(k, new - (p - P + 1) - 1))
+        proposals = []
+        for i in range(k_r):
+            got = next(calls)
+            with torch.no_grad():
+                ref = draft(input_ids=torch.tensor([S[: p + 1] + proposals])).logits[0, -1]
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+            proposals.append(int(got.argmax()))
+        n = 0
+        while n < k_r and p + 1 + n < len(S) and proposals[n] == S[p + 1 + n]:
+            n += 1
+        rejected_rounds += n < k_r
+        p += n + 1
+    assert next(calls, None) is None and rejected_rounds >= 2

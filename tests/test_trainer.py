@@ -162,24 +162,51 @@ def test_gkd_with_lambda_one_trains_only_on_generated_tokens(tmp_path, tiny_teac
     assert all(r["train/cross_entropy"] == 0.0 and r["train/jsd"] > 0 for r in rec)
 
 
-def test_valid_token_normalisation_with_uneven_masks():
-    """Micro-batches with different numbers of valid tokens: dividing each micro-batch by its own
-    count (the common bug) differs from one big batch; dividing the window's sum once does not."""
-    torch.manual_seed(0)
-    w = torch.randn(5, 7, requires_grad=True)
-    x = torch.randn(2, 6, 5)
-    labels = torch.randint(0, 7, (2, 6))
-    labels[0, :5] = -100  # micro-batch 0 has 1 valid token, micro-batch 1 has 6
-    ce = torch.nn.functional.cross_entropy
-    big = ce((x @ w).reshape(-1, 7), labels.reshape(-1), ignore_index=-100)
-    g_big, = torch.autograd.grad(big, w)
-    n = (labels != -100).sum()
-    ours = sum(ce(x[i] @ w, labels[i], ignore_index=-100, reduction="sum") / n for i in range(2))
-    g_ours, = torch.autograd.grad(ours, w)
-    naive = sum(ce(x[i] @ w, labels[i], ignore_index=-100) / 2 for i in range(2))
-    g_naive, = torch.autograd.grad(naive, w)
-    torch.testing.assert_close(g_ours, g_big)
-    assert not torch.allclose(g_naive, g_big, atol=1e-3)
+def _uneven_labels(monkeypatch):
+    """Targets divisible by 3 do not count: micro-batches then hold different numbers of valid tokens."""
+    real = trainer.shift_labels
+
+    def uneven(ids, ignore_index=-100):
+        labels = real(ids, ignore_index)
+        return labels.masked_fill(labels % 3 == 0, ignore_index)
+
+    monkeypatch.setattr(trainer, "shift_labels", uneven)
+    return uneven
+
+
+def test_trainer_normalises_by_the_valid_tokens_of_the_whole_window(tmp_path, accelerator, monkeypatch):
+    """With uneven masks, micro-batch 1 x accumulation 4 trains exactly as one batch of 4 (dividing each
+    micro-batch by its own count would not), and the first step's logged loss is the written-out mean
+    cross-entropy of the initial student over the step's valid targets."""
+    import torch.nn.functional as F
+
+    from workbench import data as D
+    from workbench import models as M
+
+    uneven = _uneven_labels(monkeypatch)
+    one = run(fast_recipe("sft_tiny", tmp_path / "one"), accelerator)
+    acc = run(fast_recipe("sft_tiny", tmp_path / "acc", "train.micro_batch_size=1", "train.grad_accum_steps=4"),
+              accelerator)
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "acc")
+    assert a.keys() == b.keys()
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    assert acc["student_val_ppl"] == pytest.approx(one["student_val_ppl"], rel=1e-4)
+
+    recipe = fast_recipe("sft_tiny", tmp_path / "ref")
+    corpus = D.load_corpus(recipe.data)
+    tok = D.load_tokenizer(recipe.data, corpus)
+    packed = D.load_packed(recipe.data, tok, corpus)
+    counts = [int((uneven(torch.from_numpy(packed.train[i:i + 1].astype("int64"))) != -100).sum())
+              for i in D.stream_indices(len(packed.train), 0, 0, 4)]
+    assert len(set(counts)) > 1, counts  # the micro-batches really differ
+    student = M.load_model(recipe.student, tok, "student", seed=recipe.train.seed)
+    ids = D.make_batch(packed.train, D.stream_indices(len(packed.train), recipe.train.seed, 0, 4))["input_ids"]
+    with torch.no_grad():
+        logits = student(input_ids=ids).logits
+    labels = uneven(ids)
+    want = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), labels.reshape(-1), ignore_index=-100)
+    assert a[1] == pytest.approx(float(want), rel=1e-5)
 
 
 def _qlora(tmp_path, teacher, *overrides):

@@ -79,10 +79,11 @@ def gpu_step(kernel: str, workdir: str, device: str = "cuda", tokens: int = 2048
                                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16))
     _keep_bnb_layout(model)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    ours = 0  # 4-bit layers computed by workbench.kernels
     if kernel == "triton":
         from workbench.kernels.linear import replace_linear4bit
 
-        replace_linear4bit(model)
+        ours = replace_linear4bit(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
@@ -98,7 +99,7 @@ def gpu_step(kernel: str, workdir: str, device: str = "cuda", tokens: int = 2048
         opt.zero_grad(set_to_none=True)
     if cuda:
         torch.cuda.synchronize()
-    out = dict(kernel=kernel, step_s=time.perf_counter() - t0, loss=loss.item(),
+    out = dict(kernel=kernel, step_s=time.perf_counter() - t0, loss=loss.item(), our_layers=ours,
                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                weights_gib=torch.cuda.memory_allocated() / 2**30 if cuda else None)
     del model, opt
