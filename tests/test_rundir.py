@@ -145,11 +145,18 @@ def test_the_push_publishes_names_not_local_paths(tmp_path, tiny_teacher, accele
     run(fast_recipe("kd_tiny", out, "teacher.recipe=null", f"teacher.name_or_path={tiny_teacher}",
                     f"data.dataset={data}", "train.max_steps=2"), accelerator)
     folder = hub.stage(out, HubConfig(repo_id="me/x"))
-    for name in ("README.md", "recipe.yaml"):
-        text = (folder / name).read_text()
-        assert str(tmp_path) not in text and "/private/" not in text, name
+    for f in folder.iterdir():  # every file that is text: card, recipe, configs, tokenizer
+        if f.suffix in (".md", ".yaml", ".json", ".txt"):
+            text = f.read_text()
+            assert str(tmp_path) not in text and "/private/" not in text, f.name
     card = (folder / "README.md").read_text()
     assert "datasets:" not in card and "corpus.jsonl" in card
     published = yaml.safe_load((folder / "recipe.yaml").read_text())
     assert published["data"]["dataset"] == "corpus.jsonl" and published["teacher"]["name_or_path"] == "model"
     assert published["output"]["dir"] is None
+    # an adapter's config names its base: published as a name too
+    lora = tmp_path / "lora"
+    run(_lora(lora, tiny_teacher), accelerator)
+    folder = hub.stage(lora, HubConfig(repo_id="me/y"))
+    base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == "model" and str(tmp_path) not in (folder / "README.md").read_text()

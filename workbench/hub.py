@@ -51,6 +51,11 @@ def stage(run_dir: str | Path, hub: HubConfig) -> Path:
     for f in sorted(src.iterdir()):
         if f.is_file() and f.name not in _SKIP:
             shutil.copy2(f, tmp / f.name)
+    adapter_cfg = tmp / "adapter_config.json"
+    if adapter_cfg.is_file():  # peft records its base as given: a local base is published by name only
+        cfg = json.loads(adapter_cfg.read_text())
+        cfg["base_model_name_or_path"] = public_name(cfg.get("base_model_name_or_path"))
+        adapter_cfg.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     (tmp / "recipe.yaml").write_text(public_recipe(run.recipe).to_yaml())
     report = json.loads((run.path / "report.json").read_text()) if (run.path / "report.json").is_file() else None
     (tmp / "README.md").write_text(model_card(run, src.name == "adapter", hub.repo_id or f"<user>/{run.name}", report))
