@@ -178,7 +178,18 @@ def run(recipe: Recipe, accelerator=None) -> dict:
 
     accelerator = accelerator or make_accelerator(recipe)
     out = recipe.output_dir
-    locked = accelerator.is_main_process and rundir.lock(out)  # one run per directory (the others stop)
+    locked, refused = False, None
+    if accelerator.is_main_process:  # one run per directory: a second one stops
+        try:
+            locked = rundir.lock(out)
+        except RecipeError as e:
+            refused = str(e)
+    if accelerator.num_processes > 1:  # every process stops alike, none waits in a collective for rank 0
+        from accelerate.utils import broadcast_object_list
+
+        refused = broadcast_object_list([refused])[0]
+    if refused:
+        raise RecipeError(refused)
     try:
         return _run(recipe, accelerator)
     finally:
