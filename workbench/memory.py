@@ -71,8 +71,10 @@ def model_shape(spec: ModelSpec, vocab: int) -> ModelShape:
         dep = load_recipe(spec.recipe)
         return model_shape(dep.student, vocab if dep.data.tokenizer == "auto" else dep.data.vocab_size)
     else:
+        from workbench.models import resolve_source
+
         try:
-            config = AutoConfig.from_pretrained(spec.name_or_path, revision=spec.revision)
+            config = AutoConfig.from_pretrained(resolve_source(spec.name_or_path), revision=spec.revision)
         except Exception as e:
             raise RecipeError(f"cannot read the config of '{spec.name_or_path}' ({e}); give a local path") from e
     with torch.device("meta"):

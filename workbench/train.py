@@ -228,6 +228,12 @@ def _run(recipe: Recipe, accelerator) -> dict:
         path = ensure_trained(student_spec.recipe, accelerator)
         student_spec = dataclasses.replace(student_spec, name_or_path=str(path), recipe=None)
 
+    # a GGUF model is converted once into a plain checkpoint, which everything downstream loads
+    if teacher_spec is not None and M.is_gguf(teacher_spec.name_or_path):
+        teacher_spec = dataclasses.replace(teacher_spec, name_or_path=M.resolve_source(teacher_spec.name_or_path))
+    if M.is_gguf(student_spec.name_or_path):
+        student_spec = dataclasses.replace(student_spec, name_or_path=M.resolve_source(student_spec.name_or_path))
+
     set_seed(recipe.train.seed)
     pretrained = student_spec.name_or_path or (teacher_spec.name_or_path if teacher_spec else None)
     with accelerator.main_process_first():  # the main process fills the caches, the others read them
