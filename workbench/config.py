@@ -96,6 +96,33 @@ class AdapterConfig:
 
 
 @dataclass
+class PruneConfig:
+    """A student made from the teacher by pruning (Minitron-style), then trained by the recipe. Depth: the
+    blocks whose removal changes the hidden states least on calibration batches (1 - cosine of a block's
+    input and output) are dropped. Width: MLP channels and attention KV groups (each with its query heads,
+    so GQA stays whole) ranked by activation magnitude on the same batches. The result is a plain
+    checkpoint with the teacher's tokenizer, cached; its size and perplexity before training are logged."""
+
+    layers: Optional[int] = None
+    """Blocks to keep (null: all, or as many as target_params allows)."""
+    intermediate_size: Optional[int] = None
+    """MLP channels to keep per block (null: all)."""
+    kv_heads: Optional[int] = None
+    """Key/value heads to keep per block, each with its group of query heads (null: all)."""
+    target_params: Optional[float] = None
+    """Parameter budget (e.g. 6.0e7): with layers null, the most blocks that fit after width pruning."""
+    calibration_batches: int = 8
+    """Training micro-batches the importance scores are measured on."""
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "intermediate_size", "kv_heads"):
+            _check(getattr(self, name) is None or getattr(self, name) >= 1, name, "must be >= 1")
+        _check(self.target_params is None or self.target_params > 0, "target_params", "must be > 0")
+        _check(self.target_params is None or self.layers is None, "target_params", "or layers: give one")
+        _check(self.calibration_batches >= 1, "calibration_batches", "must be >= 1")
+
+
+@dataclass
 class ModelSpec:
     """Where a teacher or student comes from, and how it is loaded."""
 
@@ -122,12 +149,14 @@ class ModelSpec:
     """NF4 settings (with quantize_base)."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     """peft adapter (student only): train it instead of the full weights."""
+    prune: Optional[PruneConfig] = None
+    """Student only: start from the teacher, pruned in depth and width (see PruneConfig)."""
 
     def __post_init__(self) -> None:
-        sources = [k for k in ("name_or_path", "tiny", "recipe") if getattr(self, k)]
+        sources = [k for k in ("name_or_path", "tiny", "recipe", "prune") if getattr(self, k)]
         if len(sources) != 1:
             raise RecipeError(
-                f"name_or_path/tiny/recipe: give exactly one (got {sources or 'none'})"
+                f"name_or_path/tiny/recipe/prune: give exactly one (got {sources or 'none'})"
             )
         if self.config and not self.tiny:
             raise RecipeError("config: overrides apply to a tiny model only; set tiny")
@@ -506,6 +535,11 @@ class Recipe:
             raise RecipeError("parallel.teacher: the top-k cache is built with a replicated teacher")
         if self.teacher is not None and self.teacher.adapter.method != "none":
             raise RecipeError("teacher.adapter: the teacher is frozen; adapters belong to the student")
+        if self.student.prune is not None and (self.teacher is None or self.teacher.tiny):
+            raise RecipeError("student.prune: a pruned student is cut from a pretrained teacher; set "
+                              "teacher.name_or_path or teacher.recipe")
+        if self.teacher is not None and self.teacher.prune is not None:
+            raise RecipeError("teacher.prune: only a student is made by pruning")
 
     @property
     def output_dir(self) -> Path:

@@ -153,8 +153,10 @@ def model_card(run, is_adapter: bool, repo_id: str, report: dict | None) -> str:
 
     terms = ", ".join(f"{t.weight:g} x {t.name}" + (f" (T={t.temperature:g})" if t.name in LOGIT_DIVERGENCES else "")
                       for t in r.distill.losses)
-    student_desc = public_name(r.student.name_or_path) or (f"a randomly initialised `{r.student.tiny}` model" if r.student.tiny
-                                              else f"the `{r.student.recipe}` recipe's model")
+    student_desc = public_name(r.student.name_or_path) or (
+        f"a randomly initialised `{r.student.tiny}` model" if r.student.tiny else
+        "a student pruned from the teacher (depth and width, by measured importance)" if r.student.prune else
+        f"the `{r.student.recipe}` recipe's model")
     L = [f"# {repo_id.split('/')[-1]}", "",
          (f"A {'peft ' + r.student.adapter.method + ' adapter' if is_adapter else 'language model'} distilled from "
           f"{teacher_desc} into {student_desc}" if teacher_desc else

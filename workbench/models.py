@@ -163,6 +163,8 @@ def num_layers(spec: ModelSpec) -> int | None:
     network could tell: a Hub id not in the local cache)."""
     if spec.tiny is not None:
         return int({**TINY_CONFIGS[spec.tiny], **spec.config}["num_hidden_layers"])
+    if spec.prune is not None:
+        return spec.prune.layers  # None: known once pruned
     if spec.recipe is not None:
         from workbench.config import load_recipe
 
@@ -213,8 +215,8 @@ def load_model(spec: ModelSpec, tokenizer, role: str, seed: int = 0, device=None
 
     validate_spec(spec, role)
     dtype = _DTYPES[spec.dtype]
-    if spec.recipe is not None:
-        raise ValueError(f"{role}: resolve recipe '{spec.recipe}' to a path before loading")
+    if spec.recipe is not None or spec.prune is not None:
+        raise ValueError(f"{role}: resolve recipe/prune to a path before loading")
     if spec.tiny is not None:
         config = tiny_config(spec, tokenizer)
         config._attn_implementation = spec.attn_implementation

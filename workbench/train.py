@@ -245,6 +245,15 @@ def _run(recipe: Recipe, accelerator) -> dict:
 
     check_report_inputs(recipe.eval, corpus.val_texts)  # found now, not after training
 
+    pruned = None
+    if student_spec.prune is not None:  # cut from the teacher (on the main process first; cached)
+        from workbench import prune as P
+
+        with accelerator.main_process_first():
+            pruned = P.ensure_pruned(teacher_spec.name_or_path, student_spec.prune, packed.train,
+                                     recipe.train.micro_batch_size, recipe.train.seed, accelerator.device, packed.key)
+        student_spec = dataclasses.replace(student_spec, name_or_path=str(pruned), prune=None)
+
     # a randomly initialised (tiny) student is built whole, so its weights do not depend on the launch;
     # pretrained ones load partitioned under ZeRO-3 (transformers' zero.Init) to spare host memory
     with unpartitioned_loading() if student_spec.tiny else contextlib.nullcontext():
@@ -260,6 +269,17 @@ def _run(recipe: Recipe, accelerator) -> dict:
         log.info("teacher: %.2fM parameters", M.count_parameters(teacher) / 1e6)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters() if p.requires_grad)
     log.info("student: %.2fM parameters, %.3fM trainable", M.count_parameters(student) / 1e6, trainable / 1e6)
+    init_ppl = None
+    if pruned is not None:  # what pruning alone leaves, before any training
+        from workbench.trainer import evaluate_perplexity
+
+        student.to(accelerator.device)
+        init_ppl = evaluate_perplexity(student, packed.val, recipe.train.micro_batch_size, recipe.train.eval_batches,
+                                       accelerator, recipe.distill.fused)
+        info = P.describe(pruned)
+        log.info("pruned student: %.2fM of the teacher's %.2fM parameters, blocks %s; validation perplexity "
+                 "before training %.2f", info["student_params"] / 1e6, info["teacher_params"] / 1e6,
+                 info["kept_layers"], init_ppl)
     if accelerator.is_main_process:  # data and models are loaded: only now may an old run be replaced
         if mode == "overwrite":
             rundir.clear_for_overwrite(recipe)
@@ -276,6 +296,9 @@ def _run(recipe: Recipe, accelerator) -> dict:
         raise SystemExit(130)
     if teacher_spec is not None:
         result.metrics["teacher"] = teacher_spec.name_or_path
+    if pruned is not None:
+        result.metrics.update(student_init=str(pruned), student_init_val_ppl=init_ppl,
+                              student_init_kept_layers=P.describe(pruned)["kept_layers"])
     if cache is not None:
         result.metrics["teacher_val_ppl"] = cached_teacher_ppl
     result.metrics["fingerprint"] = recipe.fingerprint()
