@@ -113,7 +113,7 @@ def test_distillation_loss_without_teacher_is_an_error():
 
 
 def test_model_source_must_be_unique():
-    with pytest.raises(RecipeError, match="student.name_or_path/tiny/recipe: give exactly one"):
+    with pytest.raises(RecipeError, match="student.name_or_path/tiny/recipe/prune: give exactly one"):
         load_recipe("sft_tiny", ["student.name_or_path=gpt2"])
 
 
