@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from workbench import data
 from workbench.config import DataConfig, RecipeError
@@ -211,3 +212,112 @@ def test_no_training_block_holds_text_of_a_validation_document():
     assert sum(p in val_text for p in held_out) >= len(held_out) // 2  # they are in the validation blocks
     trained = unique_passages(corpus.train_texts, corpus.val_texts)
     assert not [p for p in trained if p in val_text]
+
+
+# ----------------------------------------------------------------------------------------- chat / instructions
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _chat_tokenizer():
+    from transformers import PreTrainedTokenizerFast
+
+    cfg = DataConfig(**SMALL)
+    tok = data.load_tokenizer(cfg, data.load_corpus(cfg))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer.__class__.from_str(tok.backend_tokenizer.to_str()),
+                                  eos_token=data.EOS_TOKEN, pad_token=data.EOS_TOKEN)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    return tok
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+CHATS = [{"messages": [{"role": "user", "content": f"question {i}?"}, {"role": "assistant", "content": f"answer {i}."},
+                       {"role": "user", "content": "and more?"}, {"role": "assistant", "content": "more " * (i % 4)}]}
+         for i in range(30)]
+
+
+def test_chat_rows_train_on_the_assistant_tokens_only_and_pack_whole(tmp_path):
+    tok = _chat_tokenizer()
+    cfg = DataConfig(dataset=str(_write_jsonl(tmp_path / "chat.jsonl", CHATS)), seq_len=96, val_fraction=0.1)
+    corpus = data.load_corpus(cfg)
+    assert corpus.format == "chat" and len(corpus.train_rows) + len(corpus.val_rows) == 30
+    packed = data.load_packed(cfg, tok, corpus)
+    b = packed.train
+    assert b.targets is not None and b.positions is not None and b.shape[1] == 96
+    for row in range(len(b)):
+        ids, tg, pos = b.ids[row].tolist(), b.targets[row], b.positions[row]
+        starts = [t for t in range(96) if pos[t] == 0]
+        text = tok.decode(ids)
+        # every conversation starts at position 0 and is whole (the block holds complete conversations)
+        assert text.count("<|im_start|>user") == text.count("<|im_start|>assistant") == 2 * text.count("answer")
+        assert all(ids[s] == tok.convert_tokens_to_ids("<|im_start|>") or ids[s] == tok.eos_token_id for s in starts)
+        targets = tok.decode([i for i, t in zip(ids, tg) if t])
+        assert "question" not in targets and "user" not in targets and "<|im_start|>" not in targets
+        assert targets.count("answer") == text.count("answer") and targets.count("<|im_end|>") == text.count("answer") * 2
+    # the labels the trainer uses: next-token targets only where the next token is an assistant token
+    from workbench.losses import shift_labels
+
+    batch = data.make_batch(b, np.arange(2))
+    labels = data.mask_labels(shift_labels(batch["input_ids"]), batch)  # labels[t] predicts token t + 1
+    want = torch.full_like(labels, -100)
+    want[:, :-1] = torch.where(batch["target_mask"][:, 1:], batch["input_ids"][:, 1:], -100)
+    assert torch.equal(labels, want) and batch["position_ids"].shape == (2, 96)
+
+
+def test_prompt_completion_rows_without_a_chat_template(tmp_path):
+    cfg = DataConfig(**SMALL)
+    tok = data.load_tokenizer(cfg, data.load_corpus(cfg))  # a trained BPE: no chat template
+    rows = [{"prompt": f"def f{i}(x):\n", "completion": f"    return x + {i}\n"} for i in range(20)]
+    cfg = DataConfig(dataset=str(_write_jsonl(tmp_path / "pc.jsonl", rows)), seq_len=64, val_fraction=0.1)
+    packed = data.load_packed(cfg, tok, data.load_corpus(cfg))
+    b = packed.train
+    row = b.ids[0].tolist()
+    got = tok.decode([i for i, t in zip(row, b.targets[0]) if t])
+    assert got.count("return x + ") == tok.decode(row).count("return x + ") and "def f" not in got
+    assert got.count(data.EOS_TOKEN) == got.count("return")  # each completion ends with EOS, a target too
+
+
+def test_bad_chat_rows_are_named_by_line(tmp_path):
+    bad = CHATS[:3] + [{"messages": [{"role": "user", "content": "no answer"}]}]
+    cfg = DataConfig(dataset=str(_write_jsonl(tmp_path / "bad.jsonl", bad)))
+    with pytest.raises(RecipeError, match=r"bad.jsonl:4: 'messages' must be a list of \{role, content\}"):
+        data.load_corpus(cfg)
+    cfg = DataConfig(dataset=str(_write_jsonl(tmp_path / "chat.jsonl", CHATS)), seq_len=64)
+    base = data.load_tokenizer(DataConfig(**SMALL), data.load_corpus(DataConfig(**SMALL)))
+    with pytest.raises(RecipeError, match="the tokenizer has no chat template"):
+        data.load_packed(cfg, base, data.load_corpus(cfg))
+
+
+def test_separate_documents_restart_positions_and_attend_only_within_a_document():
+    """A block of several documents with restarting positions computes, for every document, exactly what
+    the model computes for that document alone: transformers masks attention between them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class Tok:
+        eos_token_id, bos_token_id = 1, 2
+
+        def __len__(self):
+            return 50
+
+    docs = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18, 19]]
+    blocks, pos = data.pack(docs, Tok(), 8, positions=True)
+    assert pos.tolist()[0] == [0, 1, 2, 3, 4, 0, 1, 2]  # [2, 5, 6, 7, 1] then [2, 8, 9, ...
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=64)).eval()
+    ids = torch.from_numpy(blocks.astype(np.int64))
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=torch.from_numpy(pos.astype(np.int64)), use_cache=False).logits
+        for r in range(len(ids)):
+            starts = [t for t in range(8) if pos[r, t] == 0] + [8]
+            for a, b in zip(starts, starts[1:]):
+                alone = model(input_ids=ids[r : r + 1, a:b]).logits[0]
+                torch.testing.assert_close(packed[r, a:b], alone, rtol=1e-4, atol=1e-5)
+        crossing = model(input_ids=ids, use_cache=False).logits  # without the positions, attention crosses documents
+        assert not torch.allclose(crossing[0, 5:8], packed[0, 5:8], atol=1e-4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -402,3 +403,35 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_complete_one(tmp_p
     (out / "final_metrics.json").unlink()
     with pytest.raises(RecipeError, match="no checkpoint in .* loads"):
         run(fast_recipe("sft_tiny", out, "resume=true"), accelerator)
+
+
+def test_chat_data_trains_on_assistant_tokens_with_documents_apart(tmp_path, accelerator):
+    """SFT on chat rows: the first step's logged loss is the written-out cross-entropy of the initial
+    student over the assistant tokens alone, each conversation attending only to itself."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from test_data import CHATS, _chat_tokenizer, _write_jsonl
+    from workbench import data as D
+    from workbench import models as M
+
+    tok_dir = tmp_path / "tok"
+    _chat_tokenizer().save_pretrained(tok_dir)
+    chat = _write_jsonl(tmp_path / "chat.jsonl", CHATS)
+    recipe = fast_recipe("sft_tiny", tmp_path / "run", f"data.dataset={chat}", f"data.tokenizer={tok_dir}",
+                         "data.seq_len=96", "train.max_steps=2", "data.max_documents=null")
+    m = run(recipe, accelerator)
+    assert math.isfinite(m["student_val_ppl"])
+    first = _losses(tmp_path / "run")[1]
+    corpus = D.load_corpus(recipe.data)
+    tok = D.load_tokenizer(recipe.data, corpus)
+    packed = D.load_packed(recipe.data, tok, corpus)
+    batch = D.make_batch(packed.train, D.stream_indices(len(packed.train), recipe.train.seed, 0, 4))
+    student = M.load_model(recipe.student, tok, "student", seed=recipe.train.seed)
+    with torch.no_grad():
+        logits = student(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    ids, tg = batch["input_ids"], batch["target_mask"]
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(), ids[:, 1:].reshape(-1),
+                           reduction="none")[tg[:, 1:].reshape(-1)].mean()
+    assert first == pytest.approx(float(want), rel=1e-5)
+    assert m["val_tokens"] == int(np.asarray(packed.val.targets).sum())

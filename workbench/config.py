@@ -190,6 +190,21 @@ class DataConfig:
     """Share of documents held out for validation (whole documents, chosen by a hash of their id)."""
     max_documents: Optional[int] = None
     """Read at most this many documents (quick runs and tests)."""
+    format: Literal["auto", "text", "chat", "prompt_completion"] = "auto"
+    """Rows of local/Hub data: 'chat' (a list of {role, content} messages, rendered with the tokenizer's chat
+    template), 'prompt_completion', or 'text'; auto: chat when rows have messages_field, prompt_completion
+    when they have prompt_field and completion_field, else text. Chat and prompt/completion rows train on
+    the completion (assistant) tokens only, and are packed whole, never across a block boundary."""
+    messages_field: str = "messages"
+    """Column of chat rows."""
+    prompt_field: str = "prompt"
+    """Column of a prompt/completion row's prompt."""
+    completion_field: str = "completion"
+    """Column of a prompt/completion row's completion."""
+    separate_documents: Optional[bool] = None
+    """Keep packed documents apart: positions restart at each one and none attends to another (transformers
+    builds the block-diagonal mask from the restarting positions). null: on for chat and prompt/completion
+    rows, off for text (documents joined by EOS, as pre-training does)."""
 
     def __post_init__(self) -> None:
         _check(self.vocab_size >= 259, "vocab_size", "must be >= 259 (256 bytes + specials)")

@@ -54,6 +54,9 @@ class Corpus:
     val_ids: list[str]
     val_texts: list[str]
     fingerprint: str  # changes whenever the source text may have changed
+    format: str = "text"  # text | chat | prompt_completion
+    train_rows: list | None = None  # chat: [{role, content}, ...]; prompt_completion: (prompt, completion)
+    val_rows: list | None = None
 
 
 def stdlib_root() -> Path:
@@ -84,12 +87,15 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         ids = [str(p.relative_to(root)) for p in files]
         texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
         meta = [sys.version, cfg.max_documents] + [(i, len(t)) for i, t in zip(ids, texts)]
+        fmt, rows = "text", None
     else:
-        ids, texts, meta = _load_with_datasets(cfg)
-    fingerprint = _hash(["corpus", cfg.dataset, cfg.subset, cfg.split, cfg.text_field, meta])
+        ids, texts, meta, fmt, rows = _load_with_datasets(cfg)
+    extra = [] if fmt == "text" else [fmt, cfg.messages_field, cfg.prompt_field, cfg.completion_field]
+    fingerprint = _hash(["corpus", cfg.dataset, cfg.subset, cfg.split, cfg.text_field, meta] + extra)
     is_val = _split_mask(ids, cfg.val_fraction)
-    pick = lambda xs, want: [x for x, v in zip(xs, is_val) if v == want]  # noqa: E731
-    return Corpus(pick(ids, False), pick(texts, False), pick(ids, True), pick(texts, True), fingerprint)
+    pick = lambda xs, want: None if xs is None else [x for x, v in zip(xs, is_val) if v == want]  # noqa: E731
+    return Corpus(pick(ids, False), pick(texts, False), pick(ids, True), pick(texts, True), fingerprint, fmt,
+                  pick(rows, False), pick(rows, True))
 
 
 def _split_mask(ids: list[str], val_fraction: float) -> list[bool]:
@@ -150,19 +156,54 @@ def _load_with_datasets(cfg: DataConfig) -> tuple[list[str], list[str], list]:
         except Exception as e:  # network, auth, or a typo: say which key to fix
             raise RecipeError(f"data.dataset: could not load Hub dataset '{cfg.dataset}': {e}") from e
         meta = [getattr(ds, "_fingerprint", None)]
-    if cfg.text_field not in ds.column_names:
-        raise RecipeError(f"data.text_field: '{cfg.text_field}' not in columns {ds.column_names}")
     if cfg.max_documents is not None:
         ds = ds.select(range(min(cfg.max_documents, len(ds))))
-    column = ds[cfg.text_field]
-    for i, t in enumerate(column):
-        if t is not None and not isinstance(t, str):
-            where = f"{files[0]}:{_jsonl_line(files[0], i)}" if files and len(files) == 1 and builder == "json" else \
-                f"row {i + 1}"
-            raise RecipeError(f"data.text_field: {where}: '{cfg.text_field}' is of type {type(t).__name__}, not a string")
-    texts = [t for t in column if t]
     meta.append(cfg.max_documents)
-    return [f"{k}" for k in range(len(texts))], texts, meta
+    fmt = _format(cfg, ds.column_names)
+    where = lambda i: f"{files[0]}:{_jsonl_line(files[0], i)}" if files and len(files) == 1 and builder == "json" \
+        else f"row {i + 1}"  # noqa: E731
+    if fmt == "text":
+        column = ds[cfg.text_field]
+        for i, t in enumerate(column):
+            if t is not None and not isinstance(t, str):
+                raise RecipeError(f"data.text_field: {where(i)}: '{cfg.text_field}' is of type {type(t).__name__}, "
+                                  "not a string")
+        texts = [t for t in column if t]
+        return [f"{k}" for k in range(len(texts))], texts, meta, fmt, None
+    rows = []
+    if fmt == "chat":
+        for i, msgs in enumerate(ds[cfg.messages_field]):
+            ok = isinstance(msgs, list) and msgs and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs)
+            if not ok or not any(m["role"] == "assistant" for m in msgs):
+                raise RecipeError(f"data.messages_field: {where(i)}: '{cfg.messages_field}' must be a list of "
+                                  "{role, content} strings with at least one assistant message")
+            rows.append([{"role": m["role"], "content": m["content"]} for m in msgs])
+        texts = ["\n".join(f"{m['role']}: {m['content']}" for m in r) for r in rows]
+    else:
+        for i, (p, c) in enumerate(zip(ds[cfg.prompt_field], ds[cfg.completion_field])):
+            if not isinstance(p, str) or not isinstance(c, str) or not c:
+                raise RecipeError(f"data.prompt_field: {where(i)}: '{cfg.prompt_field}' and '{cfg.completion_field}' "
+                                  "must be strings, the completion not empty")
+            rows.append((p, c))
+        texts = [p + c for p, c in rows]
+    return [f"{k}" for k in range(len(rows))], texts, meta, fmt, rows
+
+
+def _format(cfg: DataConfig, columns: list[str]) -> str:
+    """The row format `cfg.format` names, or the one the columns show (auto)."""
+    fmt = cfg.format
+    if fmt == "auto":
+        fmt = "chat" if cfg.messages_field in columns else \
+            "prompt_completion" if {cfg.prompt_field, cfg.completion_field} <= set(columns) else "text"
+    need = {"text": [cfg.text_field], "chat": [cfg.messages_field],
+            "prompt_completion": [cfg.prompt_field, cfg.completion_field]}[fmt]
+    missing = [c for c in need if c not in columns]
+    if missing:
+        key = {"text": "text_field", "chat": "messages_field", "prompt_completion": "prompt_field"}[fmt]
+        raise RecipeError(f"data.{key}: '{missing[0]}' not in columns {columns}")
+    return fmt
 
 
 def _diagnose(files: list[str], builder: str, error: Exception) -> str:
@@ -264,12 +305,35 @@ def tokenizer_fingerprint(tok) -> str:
 # --------------------------------------------------------------------------------------------- packing
 
 
+class Blocks:
+    """Packed token blocks [N, T] of one split; behaves as that id array (indexing, shape, len, numpy), and
+    carries what packing kept apart: `targets` [N, T] bool (tokens that are prediction targets; None: all)
+    and `positions` [N, T] (restarting at each document; None: 0..T-1 in every block)."""
+
+    def __init__(self, ids: np.ndarray, targets: np.ndarray | None = None, positions: np.ndarray | None = None):
+        self.ids, self.targets, self.positions = ids, targets, positions
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, idx):
+        return self.ids[idx]
+
+    def __array__(self, dtype=None, copy=None):
+        return self.ids if dtype is None else self.ids.astype(dtype)
+
+    def __getattr__(self, name):  # shape, size, dtype, ravel, astype, ...
+        if name in ("ids", "targets", "positions"):
+            raise AttributeError(name)
+        return getattr(self.ids, name)
+
+
 @dataclass
 class PackedData:
     """Fixed-length token blocks for training and validation."""
 
-    train: np.ndarray  # [N_train, T] token ids
-    val: np.ndarray  # [N_val, T] token ids
+    train: Blocks  # [N_train, T] token ids (+ targets and positions where packing kept documents apart)
+    val: Blocks  # [N_val, T]
     val_ids: list[str]  # held-out document ids (prompts for generation come from these)
     key: str  # cache key: equal keys mean identical blocks
 
@@ -279,24 +343,108 @@ class PackedData:
 
 
 def load_packed(cfg: DataConfig, tokenizer, corpus: Corpus | None = None) -> PackedData:
-    """Tokenise, pack and cache the corpus (documents joined by EOS, cut into seq_len blocks)."""
+    """Tokenise, pack and cache the corpus. Text: documents joined by EOS, cut into seq_len blocks (with
+    separate_documents, positions restart at each document). Chat and prompt/completion rows: each row
+    whole in one block (longer ones cut at seq_len), targets on the completion tokens only."""
     if corpus is None:
         corpus = load_corpus(cfg)
-    key = _hash(["pack", _PACK_VERSION, corpus.fingerprint, tokenizer_fingerprint(tokenizer), cfg.seq_len])
+    separate = cfg.separate_documents if cfg.separate_documents is not None else corpus.format != "text"
+    extra = [] if corpus.format == "text" and not separate else [corpus.format, separate]
+    key = _hash(["pack", _PACK_VERSION, corpus.fingerprint, tokenizer_fingerprint(tokenizer), cfg.seq_len] + extra)
     path = cache_root() / "packed" / key
     if not (path / "meta.json").exists():
         with _atomic_dir(path) as tmp:
-            for split, texts in (("train", corpus.train_texts), ("val", corpus.val_texts)):
-                blocks = pack(_encode(tokenizer, texts), tokenizer, cfg.seq_len)
-                if len(blocks) == 0:
+            for split, texts, rows in (("train", corpus.train_texts, corpus.train_rows),
+                                       ("val", corpus.val_texts, corpus.val_rows)):
+                if rows is not None:
+                    ids, targets, positions, cut = pack_examples(_encode_examples(tokenizer, rows, corpus.format),
+                                                                 tokenizer, cfg.seq_len)
+                    if cut:
+                        log.warning("data: %d of %d %s rows are longer than seq_len=%d and were cut", cut,
+                                    len(rows), split, cfg.seq_len)
+                else:
+                    out = pack(_encode(tokenizer, texts), tokenizer, cfg.seq_len, positions=separate)
+                    (ids, positions), targets = (out if separate else (out, None)), None
+                if len(ids) == 0:
                     raise RecipeError(
                         f"data: the {split} split holds fewer than seq_len={cfg.seq_len} tokens; "
                         "lower data.seq_len, raise data.val_fraction or add documents"
                     )
-                np.save(tmp / f"{split}.npy", blocks)
+                np.save(tmp / f"{split}.npy", ids)
+                if targets is not None:
+                    np.save(tmp / f"{split}_targets.npy", targets)
+                if positions is not None:
+                    np.save(tmp / f"{split}_positions.npy", positions)
             (tmp / "meta.json").write_text(json.dumps({"val_ids": corpus.val_ids, "seq_len": cfg.seq_len}))
     meta = json.loads((path / "meta.json").read_text())
-    return PackedData(np.load(path / "train.npy"), np.load(path / "val.npy"), meta["val_ids"], key)
+    load = lambda name: np.load(path / name) if (path / name).exists() else None  # noqa: E731
+    blocks = {s: Blocks(np.load(path / f"{s}.npy"), load(f"{s}_targets.npy"), load(f"{s}_positions.npy"))
+              for s in ("train", "val")}
+    return PackedData(blocks["train"], blocks["val"], meta["val_ids"], key)
+
+
+def _encode_examples(tokenizer, rows: list, fmt: str) -> Iterator[tuple[list[int], list[bool]]]:
+    """(token ids, target flags) of each chat or prompt/completion row. Chat: the tokenizer's chat template;
+    the tokens each assistant message adds are targets (found by rendering the conversation up to it with
+    and without the message: the template must render a conversation's prefix as a prefix of it).
+    Prompt/completion: as a user and an assistant message when the tokenizer has a chat template, else the
+    prompt's tokens, then the completion's and EOS as targets."""
+    template = getattr(tokenizer, "chat_template", None)
+    if fmt == "chat" and not template:
+        raise RecipeError("data.format=chat: the tokenizer has no chat template; use a model's tokenizer "
+                          "(data.tokenizer) or prompt/completion rows")
+    render = lambda msgs, gen=False: list(tokenizer.apply_chat_template(  # noqa: E731
+        msgs, tokenize=True, add_generation_prompt=gen, return_dict=True)["input_ids"])
+    for n, row in enumerate(rows):
+        if fmt == "prompt_completion" and not template:
+            p = tokenizer(row[0], add_special_tokens=False)["input_ids"]
+            c = tokenizer(row[1], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            yield p + c, [False] * len(p) + [True] * len(c)
+            continue
+        msgs = row if fmt == "chat" else [{"role": "user", "content": row[0]}, {"role": "assistant", "content": row[1]}]
+        ids = render(msgs)
+        targets = [False] * len(ids)
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            before, through = render(msgs[:i], gen=True), render(msgs[: i + 1])
+            if ids[: len(through)] != through or through[: len(before)] != before:
+                raise RecipeError(f"data: row {n + 1}: the tokenizer's chat template does not render a "
+                                  "conversation's beginning as the beginning of the whole; cannot find the "
+                                  "assistant tokens")
+            for t in range(len(before), len(through)):
+                targets[t] = True
+        yield ids, targets
+
+
+def pack_examples(examples, tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Whole examples into [N, seq_len] blocks, in order, a new block when the next does not fit (longer
+    ones are cut at seq_len); the rest of a block is EOS padding without targets. -> (ids, targets,
+    positions restarting at each example, number of examples cut)."""
+    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
+    pad = tokenizer.eos_token_id
+    blocks, cur_ids, cur_tg, cur_pos, cut = [], [], [], [], 0
+
+    def close():
+        n = seq_len - len(cur_ids)
+        blocks.append((cur_ids + [pad] * n, cur_tg + [False] * n, cur_pos + list(range(n))))
+
+    for ids, tg in examples:
+        if len(ids) > seq_len:
+            ids, tg, cut = ids[:seq_len], tg[:seq_len], cut + 1
+        if not any(tg):
+            continue  # nothing to learn from (the completion was cut away)
+        if len(cur_ids) + len(ids) > seq_len:
+            close()
+            cur_ids, cur_tg, cur_pos = [], [], []
+        cur_ids, cur_tg, cur_pos = cur_ids + ids, cur_tg + tg, cur_pos + list(range(len(ids)))
+    if cur_ids:
+        close()
+    if not blocks:
+        z = np.zeros((0, seq_len))
+        return z.astype(dtype), z.astype(bool), z.astype(np.int32), cut
+    ids, tg, pos = (np.array([b[j] for b in blocks]) for j in range(3))
+    return ids.astype(dtype), tg.astype(bool), pos.astype(np.int32 if seq_len > 65535 else np.uint16), cut
 
 
 _PIECE_CHARS = 1 << 16  # longest text handed to the tokenizer in one piece
@@ -360,21 +508,31 @@ def _encode(tokenizer, texts: list[str], batch: int = 256) -> Iterator[list[int]
         yield partial.pop(doc)
 
 
-def pack(docs, tokenizer, seq_len: int) -> np.ndarray:
+def pack(docs, tokenizer, seq_len: int, positions: bool = False):
     """Concatenate documents, each followed by EOS (and preceded by BOS when the tokenizer has a
-    distinct one), and cut the stream into [N, seq_len] blocks; the ragged tail is dropped."""
+    distinct one), and cut the stream into [N, seq_len] blocks; the ragged tail is dropped. With
+    `positions`, -> (blocks, position ids restarting at each document; within a block the first
+    document continues the count of the block before), else the blocks alone."""
     eos = tokenizer.eos_token_id
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id not in (None, eos) else None
-    parts = []
+    parts, lengths = [], []
     for ids in docs:
-        if bos is not None:
-            parts.append([bos])
-        parts.append(ids)
-        parts.append([eos])
+        doc = ([bos] if bos is not None else []) + list(ids) + [eos]
+        parts.append(doc)
+        lengths.append(len(doc))
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
     stream = np.fromiter((t for p in parts for t in p), dtype=np.int64)
     n = len(stream) // seq_len
-    return stream[: n * seq_len].reshape(n, seq_len).astype(dtype)
+    blocks = stream[: n * seq_len].reshape(n, seq_len).astype(dtype)
+    if not positions:
+        return blocks
+    starts = np.zeros(len(stream), dtype=bool)
+    starts[np.cumsum([0] + lengths[:-1]).astype(np.int64)] = True
+    starts = starts[: n * seq_len].reshape(n, seq_len)
+    starts[:, 0] = True  # a document continued from the block before restarts here too (a fresh context)
+    t = np.broadcast_to(np.arange(seq_len), (n, seq_len))
+    pos = t - np.maximum.accumulate(np.where(starts, t, 0), axis=1)
+    return blocks, pos.astype(np.int32 if seq_len > 65535 else np.uint16)
 
 
 # --------------------------------------------------------------------------------------------- batches
@@ -397,10 +555,25 @@ def stream_indices(n: int, seed: int, start: int, count: int) -> np.ndarray:
     return out
 
 
-def make_batch(blocks: np.ndarray, indices: np.ndarray) -> dict[str, torch.Tensor]:
-    """input_ids and labels [B, T]; labels are the inputs (the loss shifts them by one)."""
+def make_batch(blocks, indices: np.ndarray) -> dict[str, torch.Tensor]:
+    """input_ids and labels [B, T]; labels are the inputs (the loss shifts them by one). From Blocks that
+    carry them: target_mask [B, T] (bool) and position_ids [B, T]."""
     ids = torch.from_numpy(blocks[indices].astype(np.int64))
-    return {"input_ids": ids, "labels": ids.clone()}
+    out = {"input_ids": ids, "labels": ids.clone()}
+    if getattr(blocks, "targets", None) is not None:
+        out["target_mask"] = torch.from_numpy(blocks.targets[indices].astype(bool))
+    if getattr(blocks, "positions", None) is not None:
+        out["position_ids"] = torch.from_numpy(blocks.positions[indices].astype(np.int64))
+    return out
+
+
+def mask_labels(labels: torch.Tensor, batch: dict, ignore_index: int = -100) -> torch.Tensor:
+    """Next-token labels [B, T] (labels[:, t] = input t + 1) with the tokens that are no target ignored."""
+    if "target_mask" not in batch:
+        return labels
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = batch["target_mask"][:, 1:].to(labels.device)
+    return labels.masked_fill(~keep, ignore_index)
 
 
 # --------------------------------------------------------------------------------------------- helpers

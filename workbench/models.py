@@ -501,13 +501,15 @@ class _AttentionRecorder:
             _recording, _recording_layers = self._saved
 
 
-def forward_for_losses(model, input_ids, fused: bool, hidden_layers=(), attention_layers=()):
-    """One forward pass returning what the objective needs (`losses.ModelOutputs`)."""
+def forward_for_losses(model, input_ids, fused: bool, hidden_layers=(), attention_layers=(), position_ids=None):
+    """One forward pass returning what the objective needs (`losses.ModelOutputs`). `position_ids` [B, T]
+    restarting at each packed document keep documents apart (transformers masks attention between them)."""
     from workbench.losses import ModelOutputs
 
     fuse = fused and can_fuse(model)
+    extra = {} if position_ids is None else {"position_ids": position_ids}
     with _OutputInputCapture(model, fuse) as cap, _AttentionRecorder(set(attention_layers)) as att:
-        out = model(input_ids=input_ids, use_cache=False, output_hidden_states=bool(hidden_layers))
+        out = model(input_ids=input_ids, use_cache=False, output_hidden_states=bool(hidden_layers), **extra)
     if attention_layers and set(attention_layers) - set(att.records):
         raise RuntimeError("attention maps were not recorded; call use_recording_attention(model) first")
     layer = output_layer(model)

@@ -55,8 +55,11 @@ def build(teacher, blocks: np.ndarray, path: Path, k: int, temperatures: list[fl
     for a in tqdm(mine, desc="teacher top-k cache", disable=not accelerator.is_main_process):
         b = min(a + micro_batch_size, N)
         ids = torch.from_numpy(blocks[a:b].astype(np.int64)).to(accelerator.device)
+        positions = getattr(blocks, "positions", None)  # packed documents kept apart
+        extra = {} if positions is None else {
+            "position_ids": torch.from_numpy(positions[a:b].astype(np.int64)).to(accelerator.device)}
         with accelerator.autocast():
-            logits = teacher(input_ids=ids, use_cache=False).logits[..., :vocab]  # [B, T, V]
+            logits = teacher(input_ids=ids, use_cache=False, **extra).logits[..., :vocab]  # [B, T, V]
         flat = logits.reshape(-1, vocab)
         for j, t in enumerate(temperatures):
             top = topk_from_logits(flat, k, t)

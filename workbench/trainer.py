@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from workbench import distributed as dist
 from workbench import onpolicy
 from workbench.config import LossTerm, Recipe, RecipeError, TrainingDiverged
-from workbench.data import PackedData, make_batch, stream_indices
+from workbench.data import PackedData, make_batch, mask_labels, stream_indices
 from workbench.losses import LogitObjective, Objective, logit_loss_on, shift_labels
 from workbench.models import forward_for_losses, use_recording_attention
 
@@ -76,14 +76,14 @@ class DistillationModel(nn.Module):
                                f"unexpected {result.unexpected_keys[:5]}")
         return result._replace(missing_keys=missing)  # frozen weights are not missing
 
-    def forward(self, input_ids, rows, teacher=None, rollout: bool = False):
+    def forward(self, input_ids, rows, teacher=None, rollout: bool = False, position_ids=None):
         # input_ids [B, T]; rows: per-position tensors [B, T] (labels, ...); teacher: ModelOutputs, a dict
-        # temperature -> TopKTeacher, or None
+        # temperature -> TopKTeacher, or None; position_ids [B, T] or None (packed documents kept apart)
         if rollout:
             out = forward_for_losses(self.student, input_ids, self.fused)
             return self.rollout(out, teacher, rows)
         out = forward_for_losses(self.student, input_ids, self.fused, self.objective.hidden_layers[0],
-                                 self.objective.attention_layers[0])
+                                 self.objective.attention_layers[0], position_ids=position_ids)
         return self.objective(out, teacher, rows)
 
 
@@ -96,6 +96,7 @@ class _Job:
     rows: dict  # [B, L] tensors
     kind: str  # "data" | "generated" | "rollout"
     blocks: np.ndarray | None = None  # training-block indices (for the teacher cache)
+    pos: torch.Tensor | None = None  # [B, L] position ids of packed documents kept apart
 
     @property
     def stream(self) -> str:
@@ -187,7 +188,7 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
             if job.kind == "rollout":
                 return forward_for_losses(teacher, job.ids, dcfg.fused)
             return forward_for_losses(teacher, job.ids, dcfg.fused, objective.hidden_layers[1],
-                                      objective.attention_layers[1])
+                                      objective.attention_layers[1], position_ids=job.pos)
 
     stopper = _Stopper()
     bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not accelerator.is_main_process,
@@ -226,7 +227,8 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
                     t_out = teacher_for(job)
                     # accumulate(): gradients are synchronised (and DeepSpeed steps) on the last pass only
                     with accelerator.accumulate(model):
-                        total, parts = model(job.ids, job.rows, t_out, rollout=job.kind == "rollout")
+                        total, parts = model(job.ids, job.rows, t_out, rollout=job.kind == "rollout",
+                                             position_ids=job.pos)
                         # sum / (valid tokens of the step, all processes); x world: DDP/ZeRO average over
                         # processes; x passes: accelerate (and DeepSpeed) divide by the accumulation count
                         scale = world * passes / n_valid[job.stream].clamp(min=1)
@@ -302,7 +304,7 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
         "student_val_ppl": student_ppl,
         "teacher_val_ppl": teacher_ppl,
         "train_tokens": state["tokens"],
-        "val_tokens": int(data.val.size),
+        "val_tokens": int(data.val.targets.sum()) if getattr(data.val, "targets", None) is not None else int(data.val.size),
         "data_key": data.key,
         "train_seconds": round(state["elapsed"], 1),
         **_peak_memory(accelerator.device),
@@ -318,7 +320,8 @@ def _micro_batch_jobs(blocks, data, onp, seed, step, k, accelerator, student, te
     probability lmbda under GKD, or followed by MiniLLM rollouts."""
     batch = make_batch(data.train, blocks)
     ids = batch["input_ids"].to(accelerator.device)
-    data_job = _Job(ids, {"labels": shift_labels(ids)}, "data", blocks)
+    pos = batch["position_ids"].to(accelerator.device) if "position_ids" in batch else None
+    data_job = _Job(ids, {"labels": mask_labels(shift_labels(ids), batch)}, "data", blocks, pos)
     if onp.method == "off":
         return [data_job]
     P = min(onp.prompt_tokens, ids.shape[1] - 1)
@@ -467,10 +470,12 @@ def evaluate_perplexity(model, blocks, micro_batch_size: int, max_batches: int, 
         real = b < n_batches
         b = b if real else 0  # a stand-in batch whose result is not counted
         idx = np.arange(b * micro_batch_size, min((b + 1) * micro_batch_size, len(blocks)))
-        ids = make_batch(blocks, idx)["input_ids"].to(accelerator.device)
-        rows = {"labels": shift_labels(ids)}
+        batch = make_batch(blocks, idx)
+        ids = batch["input_ids"].to(accelerator.device)
+        pos = batch["position_ids"].to(accelerator.device) if "position_ids" in batch else None
+        rows = {"labels": mask_labels(shift_labels(ids), batch)}
         with accelerator.autocast():
-            out = forward_for_losses(model, ids, fused)
+            out = forward_for_losses(model, ids, fused, position_ids=pos)
             total, _ = logit_loss_on(_CE, out, None, rows)
         if real:
             nll += total.double()
