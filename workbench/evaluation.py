@@ -507,12 +507,14 @@ def _blocks(res: dict, plots: dict) -> list[tuple]:
     return B
 
 
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|#!~])")
+_MD_SPECIAL = re.compile(r"([\\`\[\]|])")  # what could open code, links or table cells
 
 
 def _md_text(text: str) -> str:
-    """Plain text as inline Markdown: markup characters backslash-escaped, & as an entity, one line."""
-    return _MD_SPECIAL.sub(r"\\\1", str(text).replace("&", "&amp;")).replace("\r", " ").replace("\n", " ")
+    """Plain text as inline Markdown on one line: &, <, > as entities (no tag can form), the characters that
+    open code, links or table cells backslash-escaped."""
+    text = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MD_SPECIAL.sub(r"\\\1", text).replace("\r", " ").replace("\n", " ")
 
 
 def _md_fence(text: str) -> str:
