@@ -321,3 +321,25 @@ def test_separate_documents_restart_positions_and_attend_only_within_a_document(
                 torch.testing.assert_close(packed[r, a:b], alone, rtol=1e-4, atol=1e-5)
         crossing = model(input_ids=ids, use_cache=False).logits  # without the positions, attention crosses documents
         assert not torch.allclose(crossing[0, 5:8], packed[0, 5:8], atol=1e-4)
+
+
+def test_the_embedded_function_task_holds_out_whole_files_and_trains_on_bodies():
+    import ast
+
+    cfg = DataConfig(dataset="stdlib_functions", max_documents=40, seq_len=256, val_fraction=0.1)
+    corpus = data.load_corpus(cfg)
+    assert corpus.format == "prompt_completion" and len(corpus.train_rows) > 100 and corpus.val_rows
+    file_of = lambda i: i.split("::")[0]  # noqa: E731
+    assert not {file_of(i) for i in corpus.train_ids} & {file_of(i) for i in corpus.val_ids}
+    for prompt, completion in corpus.train_rows[:50]:
+        assert prompt.startswith(data.FUNCTION_PROMPT)
+        code = prompt[len(data.FUNCTION_PROMPT):]
+        fn = ast.parse(code + completion).body[0]  # signature, docstring, body: the function again
+        assert isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(fn) is not None
+        assert fn.body[0].end_lineno == code.count("\n") < fn.body[1].lineno  # the prompt ends with the docstring
+        assert completion.strip() and len(completion) <= data._MAX_BODY_CHARS
+    tok = data.load_tokenizer(DataConfig(**SMALL), data.load_corpus(DataConfig(**SMALL)))
+    packed = data.load_packed(cfg, tok, corpus)
+    row = packed.train.ids[0].tolist()
+    targets = tok.decode([t for t, m in zip(row, packed.train.targets[0]) if m])
+    assert "Complete this Python function" not in targets and "def " in tok.decode(row)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import math
 import shutil
 import subprocess
 import threading
@@ -280,3 +281,19 @@ def test_report_with_hostile_text_runs_no_script_in_chromium(kd_run, tmp_path):
     assert page["h1"] == [f"Evaluation report: {res['main']}"]
     assert page["pre"] == [HOSTILE[0], HOSTILE[2], HOSTILE[1]]
     assert HOSTILE[3] in page["cells"]
+
+
+def test_the_function_task_reports_rouge_of_completions_and_their_perplexity(tiny_teacher, tmp_path, accelerator):
+    """On the embedded instruction task the report's prompts are held-out functions' signatures and
+    docstrings, its references their bodies, and the validation perplexity is over completion tokens."""
+    from workbench import data as D
+
+    out = tmp_path / "fn"
+    metrics = run(fast_recipe("kd_tiny", out, "teacher.recipe=null", f"teacher.name_or_path={tiny_teacher}",
+                              "data.dataset=stdlib_functions", "data.seq_len=128", *REPORT), accelerator)
+    res = json.loads((out / "report.json").read_text())
+    assert res["samples"] and all(s["prompt"].startswith(D.FUNCTION_PROMPT) for s in res["samples"])
+    corpus = D.load_corpus(fast_recipe("kd_tiny", out, "data.dataset=stdlib_functions").data)
+    bodies = {c for _, c in corpus.val_rows}
+    assert all(any(b.startswith(s["reference"][:20]) for b in bodies) for s in res["samples"])
+    assert 0 <= res["tasks"]["kd_tiny"]["rougeL"] <= 1 and math.isfinite(metrics["student_val_ppl"])

@@ -171,8 +171,9 @@ class DataConfig:
 
     dataset: str = "stdlib"
     """'stdlib' (the embedded default corpus: the running Python's standard library source, tests
-    excluded), a Hub dataset name, or local files: a file, a directory or a glob of
-    .jsonl/.json/.txt/.parquet."""
+    excluded), 'stdlib_functions' (the embedded instruction task made from it: a function's signature and
+    docstring as the prompt, the rest of its source as the completion, held out by file), a Hub dataset
+    name, or local files: a file, a directory or a glob of .jsonl/.json/.txt/.parquet."""
     subset: Optional[str] = None
     """Hub dataset configuration name."""
     split: str = "train"

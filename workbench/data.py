@@ -87,21 +87,67 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         ids = [str(p.relative_to(root)) for p in files]
         texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
         meta = [sys.version, cfg.max_documents] + [(i, len(t)) for i, t in zip(ids, texts)]
-        fmt, rows = "text", None
+        fmt, rows, split_ids = "text", None, ids
+    elif cfg.dataset == FUNCTIONS:
+        ids, rows, split_ids, meta = function_task(cfg.max_documents)
+        texts, fmt = [p + c for p, c in rows], "prompt_completion"
     else:
         ids, texts, meta, fmt, rows = _load_with_datasets(cfg)
+        split_ids = ids
     extra = [] if fmt == "text" else [fmt, cfg.messages_field, cfg.prompt_field, cfg.completion_field]
     fingerprint = _hash(["corpus", cfg.dataset, cfg.subset, cfg.split, cfg.text_field, meta] + extra)
-    is_val = _split_mask(ids, cfg.val_fraction)
+    is_val = _split_mask(split_ids, cfg.val_fraction)  # (the function task: whole files held out)
     pick = lambda xs, want: None if xs is None else [x for x, v in zip(xs, is_val) if v == want]  # noqa: E731
     return Corpus(pick(ids, False), pick(texts, False), pick(ids, True), pick(texts, True), fingerprint, fmt,
                   pick(rows, False), pick(rows, True))
 
 
+FUNCTIONS = "stdlib_functions"
+FUNCTION_PROMPT = "Complete this Python function from the standard library:\n\n"
+_MAX_BODY_CHARS = 1500
+
+
+def function_task(max_files: int | None = None) -> tuple[list[str], list[tuple[str, str]], list[str], list]:
+    """The embedded instruction task: for every function (and method) of the standard library's sources
+    that has a docstring and a body of at most _MAX_BODY_CHARS characters, prompt = FUNCTION_PROMPT + its
+    signature and docstring, completion = the rest of its source (dedented). -> (row ids, (prompt,
+    completion) rows, the file of each row (rows are held out by file), fingerprint metadata)."""
+    import ast
+    import textwrap
+
+    root = stdlib_root()
+    files = stdlib_files()[:max_files]
+    ids, rows, split_ids = [], [], []
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        try:
+            tree = ast.parse(text)
+        except (SyntaxError, ValueError):
+            continue
+        lines = text.splitlines(keepends=True)
+        rel = str(path.relative_to(root))
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or len(node.body) < 2:
+                continue
+            doc = node.body[0]
+            if not (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
+                continue
+            start = (node.decorator_list[0].lineno if node.decorator_list else node.lineno) - 1
+            source = textwrap.dedent("".join(lines[start : node.end_lineno])).splitlines(keepends=True)
+            head, body = "".join(source[: doc.end_lineno - start]), "".join(source[doc.end_lineno - start :])
+            if not body.strip() or len(body) > _MAX_BODY_CHARS:
+                continue
+            ids.append(f"{rel}::{node.name}:{node.lineno}")
+            rows.append((FUNCTION_PROMPT + head, body))
+            split_ids.append(rel)
+    return ids, rows, split_ids, [sys.version, max_files, FUNCTION_PROMPT, _MAX_BODY_CHARS, len(rows)]
+
+
 def _split_mask(ids: list[str], val_fraction: float) -> list[bool]:
-    """Validation membership by a hash of each id: stable when documents are added or removed."""
-    if len(ids) < 2:
-        raise RecipeError(f"data: need at least 2 documents to split, found {len(ids)}")
+    """Validation membership by a hash of each id (rows with the same id go together): stable when
+    documents are added or removed."""
+    if len(set(ids)) < 2:
+        raise RecipeError(f"data: need at least 2 documents to split, found {len(set(ids))}")
     u = [int(hashlib.sha1(i.encode()).hexdigest()[:12], 16) / 16**12 for i in ids]
     mask = [x < val_fraction for x in u]
     if not any(mask):  # tiny corpora: hold out the single lowest-hash document

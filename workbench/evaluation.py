@@ -114,6 +114,28 @@ def held_out_prompts(texts: list[str], n: int, context_chars: int, regex: str | 
     return [found[int(i * step)] for i in range(n)]
 
 
+def held_out_completions(corpus, tok, n: int) -> list[tuple[str, str]]:
+    """`n` (prompt, reference) pairs spread evenly over the held-out rows of a chat or prompt/completion
+    corpus: the prompt as the model sees it (the tokenizer's chat template with the assistant turn opened,
+    when it has one), the reference the completion (or the last assistant message)."""
+    rows = corpus.val_rows or []
+    if len(rows) < n:
+        raise ValueError(f"only {len(rows)} prompts in the held-out documents, asked for {n}")
+    template = getattr(tok, "chat_template", None)
+    out = []
+    for i in range(n):
+        row = rows[int(i * len(rows) / n)]
+        if corpus.format == "chat":
+            last = max(j for j, m in enumerate(row) if m["role"] == "assistant")
+            msgs, ref = row[:last], row[last]["content"]
+        else:
+            msgs, ref = [{"role": "user", "content": row[0]}], row[1]
+        prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) if template else \
+            "".join(m["content"] for m in msgs)
+        out.append((prompt, ref))
+    return out
+
+
 def _tail(text: str, n: int) -> str:
     """The last `n` characters of `text` at most, starting at a line start when one falls in them."""
     if len(text) <= n:
@@ -177,7 +199,7 @@ def read_task_file(path: str | Path) -> list[dict]:
     return items
 
 
-def check_report_inputs(cfg: EvalConfig, val_texts: list[str]) -> None:
+def check_report_inputs(cfg: EvalConfig, val_texts: list[str], val_rows: list | None = None) -> None:
     """Raise a RecipeError now (before training) for a report that could not be made afterwards: a bad
     task file, more prompts or multiple-choice items than the held-out documents hold."""
     from workbench.config import RecipeError
@@ -187,7 +209,10 @@ def check_report_inputs(cfg: EvalConfig, val_texts: list[str]) -> None:
     if cfg.task_file:
         read_task_file(cfg.task_file)
     try:
-        if cfg.prompts:
+        if cfg.prompts and val_rows is not None:
+            if len(val_rows) < cfg.prompts:
+                raise ValueError(f"only {len(val_rows)} prompts in the held-out documents, asked for {cfg.prompts}")
+        elif cfg.prompts:
             held_out_prompts(val_texts, cfg.prompts, cfg.context_chars, cfg.prompt_regex)
         if cfg.choice_items and not cfg.task_file:
             next_line_items(val_texts, cfg.choice_items, cfg.context_chars)
@@ -328,7 +353,8 @@ def evaluate_runs(run_dirs: list[str | Path], cfg: EvalConfig | None = None, dev
     scored = {**({"teacher": teacher} if teacher is not None else {}), **{n: m for n, (_, m) in models.items()}}
     corpus = load_corpus(main.recipe.data) if (cfg.prompts or (cfg.choice_items and not cfg.task_file)) else None
     if cfg.prompts:
-        pairs = held_out_prompts(corpus.val_texts, cfg.prompts, cfg.context_chars, cfg.prompt_regex)
+        pairs = held_out_prompts(corpus.val_texts, cfg.prompts, cfg.context_chars, cfg.prompt_regex) \
+            if corpus.format == "text" else held_out_completions(corpus, tok, cfg.prompts)
         prompts = [p for p, _ in pairs]
         refs = [tok.decode(tok(ref, add_special_tokens=False).input_ids[: cfg.max_new_tokens]) for _, ref in pairs]
         rouge = _metric("rouge_l")

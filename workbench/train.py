@@ -122,7 +122,7 @@ def validate(recipe: Recipe, _chain: tuple[str, ...] = ()) -> None:
             import workbench.kernels.linear  # noqa: F401
         except ImportError as e:
             raise RecipeError(f"quant.kernel=triton: the kernels do not import ({e}); pip install -e .[quant]") from e
-    if recipe.data.dataset != "stdlib":
+    if recipe.data.dataset not in ("stdlib", data.FUNCTIONS):
         data._local_files(recipe.data.dataset)  # raises for a local path with no files
     if recipe.data.tokenizer not in ("auto", "bpe") and models._looks_local(recipe.data.tokenizer):
         if not Path(recipe.data.tokenizer).expanduser().exists():
@@ -163,10 +163,10 @@ def check_data(recipe: Recipe) -> None:
     from workbench import data as D
     from workbench.evaluation import check_report_inputs
 
-    if recipe.data.dataset != "stdlib" and D._local_files(recipe.data.dataset) is None:
+    if recipe.data.dataset not in ("stdlib", D.FUNCTIONS) and D._local_files(recipe.data.dataset) is None:
         return
     corpus = D.load_corpus(recipe.data)
-    check_report_inputs(recipe.eval, corpus.val_texts)
+    check_report_inputs(recipe.eval, corpus.val_texts, corpus.val_rows)
 
 
 # --------------------------------------------------------------------------------------------- running
@@ -243,7 +243,7 @@ def _run(recipe: Recipe, accelerator) -> dict:
     log.info("data: %d train / %d validation blocks of %d tokens", len(packed.train), len(packed.val), packed.seq_len)
     from workbench.evaluation import check_report_inputs
 
-    check_report_inputs(recipe.eval, corpus.val_texts)  # found now, not after training
+    check_report_inputs(recipe.eval, corpus.val_texts, corpus.val_rows)  # found now, not after training
 
     pruned = None
     if student_spec.prune is not None:  # cut from the teacher (on the main process first; cached)
@@ -365,7 +365,7 @@ def ensure_trained(name: str, accelerator) -> Path:
     # the embedded corpus is the running interpreter's standard library: a cache shared by two Pythons
     # must not hand one's teacher (and its tokenizer) to the other
     base = load_recipe(name)
-    corpus = "-" + load_corpus(base.data).fingerprint[:8] if base.data.dataset == "stdlib" else ""
+    corpus = "-" + load_corpus(base.data).fingerprint[:8] if base.data.dataset in ("stdlib", "stdlib_functions") else ""
 
     def cached(dep):
         out = cache_root() / "runs" / f"{dep.name}-{dep.fingerprint()}{corpus}"
