@@ -435,3 +435,40 @@ def test_chat_data_trains_on_assistant_tokens_with_documents_apart(tmp_path, acc
                            reduction="none")[tg[:, 1:].reshape(-1)].mean()
     assert first == pytest.approx(float(want), rel=1e-5)
     assert m["val_tokens"] == int(np.asarray(packed.val.targets).sum())
+
+
+def test_sequence_level_kd_trains_on_the_teachers_own_completions_generated_once(tmp_path, tiny_teacher,
+                                                                                accelerator, monkeypatch):
+    """distill.sequence_kd=greedy: every training completion is the teacher's greedy continuation of the
+    prompt (checked against the teacher's own generate), cached and reused by a second run; validation keeps
+    the data's completions."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workbench import data as D
+
+    args = ["teacher.recipe=null", f"teacher.name_or_path={tiny_teacher}", "data.dataset=stdlib_functions",
+            "data.seq_len=256", "data.max_documents=10", "train.max_steps=2",
+            "distill.sequence_kd={mode: greedy, max_new_tokens: 12}",
+            "distill.losses=[{name: cross_entropy, weight: 1.0}]"]
+    run(fast_recipe("kd_tiny", tmp_path / "a", *args), accelerator)
+    (cached,) = (D.cache_root() / "seqkd").glob("*.jsonl")
+    completions = [json.loads(line) for line in cached.read_text().splitlines()]
+    recipe = fast_recipe("kd_tiny", tmp_path / "a", *args)
+    corpus = D.load_corpus(recipe.data)
+    assert len(completions) == len(corpus.train_rows) > 3
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
+    for (prompt, _), got in list(zip(corpus.train_rows, completions))[:3]:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        want = teacher.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id,
+                                pad_token_id=tok.eos_token_id)
+        assert got == tok.decode(want[0, ids.shape[1]:], skip_special_tokens=True)
+    def boom():
+        raise AssertionError("the completions should come from the cache")
+
+    real = D.with_teacher_completions
+    monkeypatch.setattr(D, "with_teacher_completions", lambda corpus, load, *a, **k: real(corpus, boom, *a, **k))
+    run(fast_recipe("kd_tiny", tmp_path / "b", *args), accelerator)  # no teacher generation: all cached
+    again = real(corpus, boom, tok, recipe.distill.sequence_kd, cached.stem)
+    assert [c for _, c in again.train_rows] == [c for c in completions if c]
+    assert again.val_rows == corpus.val_rows  # validation keeps the true bodies

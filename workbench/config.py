@@ -359,6 +359,26 @@ class TeacherCacheConfig:
 
 
 @dataclass
+class SequenceKDConfig:
+    """Sequence-level KD (Kim and Rush, 2016): the teacher's own completions of the training prompts replace
+    the data's completions as targets; generated once, cached, reused (validation keeps the true ones)."""
+
+    mode: Literal["off", "greedy", "sample"] = "off"
+    """'greedy' or 'sample' the teacher's completion of each training prompt (chat or prompt/completion
+    rows); off: train on the data's own completions."""
+    max_new_tokens: int = 128
+    """Longest teacher completion (fewer when it ends with EOS)."""
+    temperature: float = 1.0
+    """Sampling temperature (mode sample)."""
+    batch_size: int = 8
+    """Prompts generated together."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 1 and self.batch_size >= 1, "max_new_tokens", "and batch_size must be >= 1")
+        _check(self.temperature > 0, "temperature", "must be > 0")
+
+
+@dataclass
 class DistillConfig:
     """The objective: a weighted sum of loss terms."""
 
@@ -373,6 +393,8 @@ class DistillConfig:
     """Student-generated data: GKD mixing or MiniLLM."""
     teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
     """Precomputed top-k teacher log-probabilities."""
+    sequence_kd: SequenceKDConfig = field(default_factory=SequenceKDConfig)
+    """The teacher's completions of the training prompts as targets."""
 
     def __post_init__(self) -> None:
         _check(len(self.losses) >= 1, "losses", "needs at least one term")
@@ -551,6 +573,8 @@ class Recipe:
             raise RecipeError("parallel.teacher: the top-k cache is built with a replicated teacher")
         if self.teacher is not None and self.teacher.adapter.method != "none":
             raise RecipeError("teacher.adapter: the teacher is frozen; adapters belong to the student")
+        if self.distill.sequence_kd.mode != "off" and self.teacher is None:
+            raise RecipeError("distill.sequence_kd: the teacher writes the targets; set teacher.*")
         if self.student.prune is not None and (self.teacher is None or self.teacher.tiny):
             raise RecipeError("student.prune: a pruned student is cut from a pretrained teacher; set "
                               "teacher.name_or_path or teacher.recipe")

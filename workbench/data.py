@@ -143,6 +143,66 @@ def function_task(max_files: int | None = None) -> tuple[list[str], list[tuple[s
     return ids, rows, split_ids, [sys.version, max_files, FUNCTION_PROMPT, _MAX_BODY_CHARS, len(rows)]
 
 
+def with_teacher_completions(corpus: Corpus, load_teacher, tok, cfg, key: str, seed: int = 0) -> Corpus:
+    """The corpus with each training row's completion (or last assistant message) replaced by the teacher's
+    own completion of its prompt (`cfg`: distill.sequence_kd; `load_teacher()` gives the model, called only
+    when the completions are not cached yet), generated once and cached under
+    cache_root()/seqkd/<key> as JSON lines; validation rows keep the data's completions."""
+    import copy
+    import dataclasses
+
+    from tqdm.auto import tqdm
+
+    from workbench.speculative import left_padding, target_generate
+
+    if corpus.format == "text":
+        raise RecipeError("distill.sequence_kd: needs chat or prompt/completion rows (the teacher completes "
+                          "their prompts); data.dataset=stdlib_functions is the embedded one")
+    path = cache_root() / "seqkd" / f"{key}.jsonl"
+    if not path.is_file():
+        template = getattr(tok, "chat_template", None)
+        tok = left_padding(copy.deepcopy(tok))  # the run's tokenizer keeps its own padding side
+        prompts = []
+        for row in corpus.train_rows:
+            msgs = row[: max(j for j, m in enumerate(row) if m["role"] == "assistant")] if corpus.format == "chat" \
+                else [{"role": "user", "content": row[0]}]
+            prompts.append(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) if template
+                           else "".join(m["content"] for m in msgs))
+        teacher = load_teacher()
+        device = next(teacher.parameters()).device
+        gen = torch.Generator(device=device).manual_seed(seed)
+        completions = []
+        teacher.eval()
+        for i in tqdm(range(0, len(prompts), cfg.batch_size), desc="teacher completions (sequence KD)"):
+            enc = tok(prompts[i : i + cfg.batch_size], return_tensors="pt", padding=True,
+                      add_special_tokens=not template).to(device)
+            with torch.no_grad():
+                out = target_generate(teacher, enc.input_ids, cfg.max_new_tokens, attention_mask=enc.attention_mask,
+                                      temperature=0.0 if cfg.mode == "greedy" else cfg.temperature,
+                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, generator=gen)
+            completions += tok.batch_decode(out.sequences[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text("".join(json.dumps(c) + "\n" for c in completions))
+        os.replace(tmp, path)
+    completions = [json.loads(line) for line in path.read_text().splitlines()]
+    if len(completions) != len(corpus.train_rows):
+        raise RecipeError(f"{path}: holds {len(completions)} completions for {len(corpus.train_rows)} rows; delete it")
+    if corpus.format == "chat":
+        rows = []
+        for row, c in zip(corpus.train_rows, completions):
+            last = max(j for j, m in enumerate(row) if m["role"] == "assistant")
+            rows.append(row[:last] + [{"role": "assistant", "content": c}])
+    else:
+        rows = [(p, c) for (p, _), c in zip(corpus.train_rows, completions)]
+    keep = [j for j, r in enumerate(rows) if (r[-1]["content"] if corpus.format == "chat" else r[1])]  # not empty
+    texts = ["\n".join(f"{m['role']}: {m['content']}" for m in r) if corpus.format == "chat" else r[0] + r[1]
+             for r in rows]
+    return dataclasses.replace(corpus, train_ids=[corpus.train_ids[j] for j in keep],
+                               train_texts=[texts[j] for j in keep], train_rows=[rows[j] for j in keep],
+                               fingerprint=_hash([corpus.fingerprint, "seqkd", key]))
+
+
 def _split_mask(ids: list[str], val_fraction: float) -> list[bool]:
     """Validation membership by a hash of each id (rows with the same id go together): stable when
     documents are added or removed."""
@@ -408,6 +468,9 @@ def load_packed(cfg: DataConfig, tokenizer, corpus: Corpus | None = None) -> Pac
                     if cut:
                         log.warning("data: %d of %d %s rows are longer than seq_len=%d and were cut", cut,
                                     len(rows), split, cfg.seq_len)
+                    if len(ids) == 0:
+                        raise RecipeError(f"data: no {split} row keeps a completion token within seq_len="
+                                          f"{cfg.seq_len} ({len(rows)} rows); raise data.seq_len or add rows")
                 else:
                     out = pack(_encode(tokenizer, texts), tokenizer, cfg.seq_len, positions=separate)
                     (ids, positions), targets = (out if separate else (out, None)), None

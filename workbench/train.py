@@ -239,6 +239,12 @@ def _run(recipe: Recipe, accelerator) -> dict:
     with accelerator.main_process_first():  # the main process fills the caches, the others read them
         corpus = D.load_corpus(recipe.data)
         tokenizer = D.load_tokenizer(recipe.data, corpus, pretrained=pretrained)
+        skd = recipe.distill.sequence_kd
+        if skd.mode != "off":  # the teacher's completions as the training targets (generated once, cached)
+            key = D._hash([_model_id(teacher_spec), corpus.fingerprint, dataclasses.asdict(skd), recipe.train.seed])
+            load = lambda: M.load_model(teacher_spec, tokenizer, "teacher", device=accelerator.device).to(  # noqa: E731
+                accelerator.device)
+            corpus = D.with_teacher_completions(corpus, load, tokenizer, skd, key, recipe.train.seed)
         packed = D.load_packed(recipe.data, tokenizer, corpus)
     log.info("data: %d train / %d validation blocks of %d tokens", len(packed.train), len(packed.val), packed.seq_len)
     from workbench.evaluation import check_report_inputs
