@@ -276,3 +276,16 @@ def test_distil_from_the_gguf_teacher_into_a_tiny_student_with_its_tokenizer(smo
     assert metrics["teacher_val_ppl"] < metrics["student_val_ppl"] and math.isfinite(metrics["student_val_ppl"])
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     assert student.config.vocab_size == 49152 and len(AutoTokenizer.from_pretrained(tmp_path / "model")) == 49152
+
+
+@needs_smollm2
+def test_smollm2_chat_template_targets_are_the_completion_even_where_tokens_merge_at_its_edge(smollm2):
+    """SmolLM2's byte-level BPE merges the template's newline with a completion's indentation: the
+    assistant span is found in characters, so the targets are the completion's own tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    rows = [("def f(x):\n    '''Double it.'''\n", "    return 2 * x\n")]
+    ((ids, targets),) = list(data._encode_examples(tok, rows, "prompt_completion"))
+    got = tok.decode([i for i, t in zip(ids, targets) if t])
+    assert got.rstrip("\n").endswith("<|im_end|>") and "return 2 * x" in got and "Double" not in got and "user" not in got

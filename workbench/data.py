@@ -502,8 +502,8 @@ def _encode_examples(tokenizer, rows: list, fmt: str) -> Iterator[tuple[list[int
     if fmt == "chat" and not template:
         raise RecipeError("data.format=chat: the tokenizer has no chat template; use a model's tokenizer "
                           "(data.tokenizer) or prompt/completion rows")
-    render = lambda msgs, gen=False: list(tokenizer.apply_chat_template(  # noqa: E731
-        msgs, tokenize=True, add_generation_prompt=gen, return_dict=True)["input_ids"])
+    render = lambda msgs, gen=False: tokenizer.apply_chat_template(  # noqa: E731
+        msgs, tokenize=False, add_generation_prompt=gen)
     for n, row in enumerate(rows):
         if fmt == "prompt_completion" and not template:
             p = tokenizer(row[0], add_special_tokens=False)["input_ids"]
@@ -511,19 +511,22 @@ def _encode_examples(tokenizer, rows: list, fmt: str) -> Iterator[tuple[list[int
             yield p + c, [False] * len(p) + [True] * len(c)
             continue
         msgs = row if fmt == "chat" else [{"role": "user", "content": row[0]}, {"role": "assistant", "content": row[1]}]
-        ids = render(msgs)
-        targets = [False] * len(ids)
+        # in characters (a token may merge across the edge of a message, e.g. the template's newline with the
+        # completion's indentation): the assistant spans of the rendered text, then the tokens inside them
+        text = render(msgs)
+        spans = []
         for i, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
             before, through = render(msgs[:i], gen=True), render(msgs[: i + 1])
-            if ids[: len(through)] != through or through[: len(before)] != before:
+            if not (text.startswith(through) and through.startswith(before)):
                 raise RecipeError(f"data: row {n + 1}: the tokenizer's chat template does not render a "
                                   "conversation's beginning as the beginning of the whole; cannot find the "
                                   "assistant tokens")
-            for t in range(len(before), len(through)):
-                targets[t] = True
-        yield ids, targets
+            spans.append((len(before), len(through)))
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        targets = [any(a <= s0 and e0 <= b for a, b in spans) and e0 > s0 for s0, e0 in enc["offset_mapping"]]
+        yield list(enc["input_ids"]), targets
 
 
 def pack_examples(examples, tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
