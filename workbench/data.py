@@ -90,7 +90,8 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         fmt, rows, split_ids = "text", None, ids
     elif cfg.dataset == FUNCTIONS:
         ids, rows, split_ids, meta = function_task(cfg.max_documents)
-        texts, fmt = [p + c for p, c in rows], "prompt_completion"
+        fmt = "prompt_completion"
+        texts = [row_text(r, fmt) for r in rows]
     else:
         ids, texts, meta, fmt, rows = _load_with_datasets(cfg)
         split_ids = ids
@@ -103,6 +104,26 @@ def load_corpus(cfg: DataConfig) -> Corpus:
 
 
 FUNCTIONS = "stdlib_functions"
+EMBEDDED = ("stdlib", FUNCTIONS)  # corpora made from the running interpreter's standard library
+
+
+def row_prompt(tok, row, fmt: str) -> tuple[str, str]:
+    """(prompt as the model sees it, reference) of a chat or prompt/completion row: the messages before the
+    last assistant message (or the prompt as a user message), rendered with the tokenizer's chat template
+    and the assistant turn opened when it has one; the reference is that message (or the completion)."""
+    if fmt == "chat":
+        last = max(j for j, m in enumerate(row) if m["role"] == "assistant")
+        msgs, ref = row[:last], row[last]["content"]
+    else:
+        msgs, ref = [{"role": "user", "content": row[0]}], row[1]
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False), ref
+    return "".join(m["content"] for m in msgs), ref
+
+
+def row_text(row, fmt: str) -> str:
+    """A chat or prompt/completion row as plain text (for training a BPE and for held-out text)."""
+    return "\n".join(f"{m['role']}: {m['content']}" for m in row) if fmt == "chat" else row[0] + row[1]
 FUNCTION_PROMPT = "Complete this Python function from the standard library:\n\n"
 _MAX_BODY_CHARS = 1500
 
@@ -162,12 +183,7 @@ def with_teacher_completions(corpus: Corpus, load_teacher, tok, cfg, key: str, s
     if not path.is_file():
         template = getattr(tok, "chat_template", None)
         tok = left_padding(copy.deepcopy(tok))  # the run's tokenizer keeps its own padding side
-        prompts = []
-        for row in corpus.train_rows:
-            msgs = row[: max(j for j, m in enumerate(row) if m["role"] == "assistant")] if corpus.format == "chat" \
-                else [{"role": "user", "content": row[0]}]
-            prompts.append(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) if template
-                           else "".join(m["content"] for m in msgs))
+        prompts = [row_prompt(tok, row, corpus.format)[0] for row in corpus.train_rows]
         teacher = load_teacher()
         device = next(teacher.parameters()).device
         gen = torch.Generator(device=device).manual_seed(seed)
@@ -196,8 +212,7 @@ def with_teacher_completions(corpus: Corpus, load_teacher, tok, cfg, key: str, s
     else:
         rows = [(p, c) for (p, _), c in zip(corpus.train_rows, completions)]
     keep = [j for j, r in enumerate(rows) if (r[-1]["content"] if corpus.format == "chat" else r[1])]  # not empty
-    texts = ["\n".join(f"{m['role']}: {m['content']}" for m in r) if corpus.format == "chat" else r[0] + r[1]
-             for r in rows]
+    texts = [row_text(r, corpus.format) for r in rows]
     return dataclasses.replace(corpus, train_ids=[corpus.train_ids[j] for j in keep],
                                train_texts=[texts[j] for j in keep], train_rows=[rows[j] for j in keep],
                                fingerprint=_hash([corpus.fingerprint, "seqkd", key]))
@@ -286,14 +301,14 @@ def _load_with_datasets(cfg: DataConfig) -> tuple[list[str], list[str], list]:
                 raise RecipeError(f"data.messages_field: {where(i)}: '{cfg.messages_field}' must be a list of "
                                   "{role, content} strings with at least one assistant message")
             rows.append([{"role": m["role"], "content": m["content"]} for m in msgs])
-        texts = ["\n".join(f"{m['role']}: {m['content']}" for m in r) for r in rows]
+        texts = [row_text(r, "chat") for r in rows]
     else:
         for i, (p, c) in enumerate(zip(ds[cfg.prompt_field], ds[cfg.completion_field])):
             if not isinstance(p, str) or not isinstance(c, str) or not c:
                 raise RecipeError(f"data.prompt_field: {where(i)}: '{cfg.prompt_field}' and '{cfg.completion_field}' "
                                   "must be strings, the completion not empty")
             rows.append((p, c))
-        texts = [p + c for p, c in rows]
+        texts = [row_text(r, fmt) for r in rows]
     return [f"{k}" for k in range(len(rows))], texts, meta, fmt, rows
 
 

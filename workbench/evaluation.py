@@ -121,19 +121,9 @@ def held_out_completions(corpus, tok, n: int) -> list[tuple[str, str]]:
     rows = corpus.val_rows or []
     if len(rows) < n:
         raise ValueError(f"only {len(rows)} prompts in the held-out documents, asked for {n}")
-    template = getattr(tok, "chat_template", None)
-    out = []
-    for i in range(n):
-        row = rows[int(i * len(rows) / n)]
-        if corpus.format == "chat":
-            last = max(j for j, m in enumerate(row) if m["role"] == "assistant")
-            msgs, ref = row[:last], row[last]["content"]
-        else:
-            msgs, ref = [{"role": "user", "content": row[0]}], row[1]
-        prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) if template else \
-            "".join(m["content"] for m in msgs)
-        out.append((prompt, ref))
-    return out
+    from workbench.data import row_prompt
+
+    return [row_prompt(tok, rows[int(i * len(rows) / n)], corpus.format) for i in range(n)]
 
 
 def _tail(text: str, n: int) -> str:

@@ -82,7 +82,9 @@ def _source(run, content: str) -> Path:
 def public_name(value: str | None) -> str | None:
     """A Hub id as it is; a local path (existing or not) as its last component only: what is published
     names things, it does not show the user's file system."""
-    if value is None or is_hub_id(value) or value in ("stdlib", "stdlib_functions", "auto", "bpe"):
+    from workbench.data import EMBEDDED
+
+    if value is None or is_hub_id(value) or value in (*EMBEDDED, "auto", "bpe"):
         return value
     return Path(value.rstrip("/")).name or value
 
@@ -139,7 +141,9 @@ def model_card(run, is_adapter: bool, repo_id: str, report: dict | None) -> str:
     teacher = _hub_id(r.teacher.name_or_path) if r.teacher is not None else None
     teacher_desc = (teacher or (f"the `{r.teacher.recipe}` recipe's model" if r.teacher and r.teacher.recipe else
                                 "a local teacher")) if r.teacher is not None else None
-    data = public_name(r.data.dataset) if r.data.dataset not in ("stdlib", "stdlib_functions") else None
+    from workbench.data import EMBEDDED
+
+    data = public_name(r.data.dataset) if r.data.dataset not in EMBEDDED else None
     hub_data = data if data and _is_hub_dataset(r.data.dataset) else None  # metadata names Hub datasets only
     tags = ["workbench", "text-generation"] + (["knowledge-distillation"] if teacher_desc else [])
     if is_adapter:

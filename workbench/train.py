@@ -122,7 +122,7 @@ def validate(recipe: Recipe, _chain: tuple[str, ...] = ()) -> None:
             import workbench.kernels.linear  # noqa: F401
         except ImportError as e:
             raise RecipeError(f"quant.kernel=triton: the kernels do not import ({e}); pip install -e .[quant]") from e
-    if recipe.data.dataset not in ("stdlib", data.FUNCTIONS):
+    if recipe.data.dataset not in data.EMBEDDED:
         data._local_files(recipe.data.dataset)  # raises for a local path with no files
     if recipe.data.tokenizer not in ("auto", "bpe") and models._looks_local(recipe.data.tokenizer):
         if not Path(recipe.data.tokenizer).expanduser().exists():
@@ -163,7 +163,7 @@ def check_data(recipe: Recipe) -> None:
     from workbench import data as D
     from workbench.evaluation import check_report_inputs
 
-    if recipe.data.dataset not in ("stdlib", D.FUNCTIONS) and D._local_files(recipe.data.dataset) is None:
+    if recipe.data.dataset not in D.EMBEDDED and D._local_files(recipe.data.dataset) is None:
         return
     corpus = D.load_corpus(recipe.data)
     check_report_inputs(recipe.eval, corpus.val_texts, corpus.val_rows)
@@ -366,12 +366,12 @@ def _model_id(spec) -> str:
 def ensure_trained(name: str, accelerator) -> Path:
     """The final model of recipe `name`, trained now (resuming an interrupted run) unless cached under
     $WORKBENCH_CACHE/runs/<name>-<fingerprint>[-<corpus>]/model."""
-    from workbench.data import cache_root, load_corpus
+    from workbench.data import EMBEDDED, cache_root, load_corpus
 
     # the embedded corpus is the running interpreter's standard library: a cache shared by two Pythons
     # must not hand one's teacher (and its tokenizer) to the other
     base = load_recipe(name)
-    corpus = "-" + load_corpus(base.data).fingerprint[:8] if base.data.dataset in ("stdlib", "stdlib_functions") else ""
+    corpus = "-" + load_corpus(base.data).fingerprint[:8] if base.data.dataset in EMBEDDED else ""
 
     def cached(dep):
         out = cache_root() / "runs" / f"{dep.name}-{dep.fingerprint()}{corpus}"
