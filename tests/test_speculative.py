@@ -309,3 +309,73 @@ def test_the_drafts_cache_holds_exactly_the_accepted_tokens_after_every_rejectio
         rejected_rounds += n < k_r
         p += n + 1
     assert next(calls, None) is None and rejected_rounds >= 2
+
+
+# ------------------------------------------------------------- drafts restricted to frequent tokens
+
+
+def _restricted(model, ids):
+    from workbench.speculative import restrict_draft_vocab
+
+    draft = _llama(model.config.vocab_size, model.config.hidden_size, model.config.num_hidden_layers, 0)
+    draft.load_state_dict(model.state_dict())
+    return restrict_draft_vocab(draft, ids)
+
+
+def test_a_draft_over_frequent_tokens_keeps_the_targets_greedy_output(target):
+    """The target itself, proposing only a subset of tokens: every draft is accepted while the target's
+    choices lie in the subset; with the target's most used token left out, drafts of it are impossible
+    (acceptance drops) and the output is still the target's own."""
+    ids, mask = _ragged_prompts()
+    ref = _greedy(target, ids, mask, 24)
+    emitted = ref[:, ids.shape[1]:]
+    subset = torch.unique(torch.cat([emitted.flatten(), torch.tensor([EOS, PAD])]))
+    out = speculative_generate(target, _restricted(target, subset), ids, 24, attention_mask=mask, draft_len=4,
+                               eos_token_id=EOS, pad_token_id=PAD)
+    assert torch.equal(out.sequences, ref) and out.stats.acceptance_rate == 1.0
+    common = int(torch.mode(emitted.flatten()).values)
+    out = speculative_generate(target, _restricted(target, subset[subset != common]), ids, 24, attention_mask=mask,
+                               draft_len=4, eos_token_id=EOS, pad_token_id=PAD)
+    assert torch.equal(out.sequences, ref) and out.stats.acceptance_rate < 0.9
+
+
+def test_sampling_with_a_restricted_draft_follows_the_targets_distribution():
+    """A draft that can only propose 4 of the 6 tokens: speculative sampling still matches the target's
+    exact joint distribution (the residual supplies the 2 tokens the draft never proposes); the draft's own
+    samples never contain them."""
+    V, N, rows = 6, 3, 4000
+    target = _llama(V, 32, 2, seed=10, init=0.15)
+    draft = _restricted(_llama(V, 32, 1, seed=11, init=0.15), torch.tensor([0, 1, 2, 3]))
+    prompt = torch.tensor([[2, 3, 4]])
+    exact = _exact_joint(target, prompt, N, V, temperature=1.0)
+    g = torch.Generator().manual_seed(0)
+
+    def spec(ids):
+        return speculative_generate(target, draft, ids, N, draft_len=2, generator=g, temperature=1.0).sequences
+
+    counts = _sample_counts(spec, rows, prompt, N, V)
+    assert _chi2_pvalue(counts, exact) > 1e-3
+    own = target_generate(draft, prompt.expand(500, -1).contiguous(), N, generator=g, temperature=1.0).sequences
+    assert int(own[:, prompt.shape[1]:].max()) <= 3
+
+
+def test_subset_head_and_frequent_tokens():
+    from workbench.speculative import SubsetHead, frequent_tokens, restrict_draft_vocab
+
+    full = torch.nn.Linear(8, 10, bias=True)
+    head = SubsetHead(full, torch.tensor([7, 2, 2, 5]))
+    h = torch.randn(3, 4, 8)
+    out, ref = head(h), full(h)
+    assert out.shape == (3, 4, 10) and head.ids.tolist() == [2, 5, 7]
+    torch.testing.assert_close(out[..., [2, 5, 7]], ref[..., [2, 5, 7]])
+    assert torch.isinf(out[..., [0, 1, 3, 4, 6, 8, 9]]).all()
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        SubsetHead(full, torch.tensor([3, 10]))
+    # counts 5 x3, 1 x2, 9 x2, 0 x1: the top 2 are 5 and 1 (tie with 9 goes to the smaller id); EOS always
+    assert frequent_tokens([[5, 5, 1, 9], [5, 1, 9, 0, 42]], 2, 10, always=[3, None]).tolist() == [1, 3, 5]
+    with pytest.raises(ValueError, match="at least 1"):
+        frequent_tokens([[1]], 0, 10)
+    model = _llama(16, 32, 1, seed=0)
+    restrict_draft_vocab(model, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="already restricted"):
+        restrict_draft_vocab(model, torch.tensor([1]))

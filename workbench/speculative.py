@@ -363,3 +363,57 @@ def expected_tokens_per_call(acceptance: float, k: int) -> float:
 
 __all__ = ["SpecOutput", "SpecStats", "expected_tokens_per_call", "left_padding", "speculative_generate",
            "target_generate"]
+
+
+# ------------------------------------------------------------------- a draft over frequent tokens only
+
+
+class SubsetHead(torch.nn.Module):
+    """A draft's output layer restricted to `token_ids` (as FR-Spec, Zhao et al. 2025, does): logits are
+    computed for those rows of the full layer only and placed into a [..., vocab] tensor that is -inf
+    elsewhere. The draft then proposes only frequent tokens while the target still verifies against its
+    full vocabulary, so greedy output stays the target's own and sampling stays exactly target-distributed
+    (the acceptance rule is exact for any draft distribution)."""
+
+    def __init__(self, full: torch.nn.Linear, token_ids: torch.Tensor):
+        super().__init__()
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=full.weight.device).unique(sorted=True)
+        if ids.numel() == 0 or int(ids[0]) < 0 or int(ids[-1]) >= full.weight.shape[0]:
+            raise ValueError(f"draft vocabulary: token ids must lie in [0, {full.weight.shape[0]})")
+        self.vocab = full.weight.shape[0]
+        self.register_buffer("ids", ids, persistent=False)
+        self.weight = torch.nn.Parameter(full.weight.detach()[ids].clone(), requires_grad=False)
+        self.bias = None if full.bias is None else torch.nn.Parameter(full.bias.detach()[ids].clone(),
+                                                                       requires_grad=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        sub = torch.nn.functional.linear(h, self.weight, self.bias)
+        out = sub.new_full((*sub.shape[:-1], self.vocab), float("-inf"))
+        return out.index_copy_(-1, self.ids, sub)
+
+
+def restrict_draft_vocab(draft, token_ids) -> torch.nn.Module:
+    """Replace `draft`'s output layer (in place) by a SubsetHead over `token_ids`; returns the draft. The
+    input embeddings stay whole (the draft reads every token the target emits)."""
+    head = draft.get_output_embeddings()
+    if isinstance(head, SubsetHead):
+        raise ValueError("the draft's vocabulary is already restricted")
+    draft.config.tie_word_embeddings = False  # the head is no longer the embedding matrix
+    draft.set_output_embeddings(SubsetHead(head, token_ids))
+    return draft
+
+
+def frequent_tokens(token_ids, n: int, vocab: int, always=()) -> torch.Tensor:
+    """The `n` most frequent ids of `token_ids` (an iterable of id arrays), plus the ids in `always` (EOS
+    and other special tokens a draft must be able to propose), sorted. Ties go to the smaller id."""
+    import numpy as np
+
+    if n < 1:
+        raise ValueError(f"draft vocabulary size must be at least 1, got {n}")
+    counts = np.zeros(vocab, dtype=np.int64)
+    for ids in token_ids:
+        a = np.asarray(ids, dtype=np.int64).ravel()
+        counts += np.bincount(a[(a >= 0) & (a < vocab)], minlength=vocab)
+    order = np.lexsort((np.arange(vocab), -counts))  # by count, descending, then id
+    keep = set(order[: min(n, vocab)].tolist()) | {int(t) for t in always if t is not None and 0 <= int(t) < vocab}
+    return torch.tensor(sorted(keep), dtype=torch.long)

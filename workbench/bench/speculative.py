@@ -26,16 +26,35 @@ import torch
 from workbench.bench import _report
 
 
-def held_out_prompts(n: int, context_chars: int) -> list[str]:
-    """`n` prompts from the corpus's held-out files, each ending in 'def name(' at a line start."""
+def held_out_prompts(n: int, context_chars: int, data=None, tok=None) -> list[str]:
+    """`n` prompts from held-out data (`data`: a DataConfig, default the embedded corpus): for text, held-out
+    files cut after 'def name(' at a line start; for chat or prompt/completion rows (the function task),
+    held-out rows' prompts in `tok`'s chat template."""
     from workbench.config import DataConfig
     from workbench.data import load_corpus
-    from workbench.evaluation import held_out_prompts as prompts
+    from workbench.evaluation import held_out_completions, held_out_prompts as prompts
 
-    return [p for p, _ in prompts(load_corpus(DataConfig()).val_texts, n, context_chars, DEF_LINE)]
+    corpus = load_corpus(data or DataConfig())
+    if corpus.format != "text":
+        return [p for p, _ in held_out_completions(corpus, tok, n)]
+    return [p for p, _ in prompts(corpus.val_texts, n, context_chars, DEF_LINE)]
+
+
+def training_token_ids(data, tok):
+    """Token id arrays of a recipe's training documents (rows as the model sees them), for counting which
+    tokens a domain uses most."""
+    from workbench.data import load_corpus, row_prompt
+
+    corpus = load_corpus(data)
+    if corpus.format == "text":
+        texts = corpus.train_texts
+    else:
+        texts = ["".join(row_prompt(tok, row, corpus.format)) for row in corpus.train_rows]
+    return [tok(t[:200_000], add_special_tokens=False).input_ids for t in texts]
 
 
 DEF_LINE = r"^[ \t]*def \w+\("
+TINY_TEACHER = "recipe:pretrain_tiny_teacher"
 
 
 class _CallCounter:
@@ -62,7 +81,7 @@ def _hf(teacher, tok, prompts, max_new, assistant=None, batch=1, num_assistant_t
     seqs, tokens, seconds = [], 0, 0.0
     try:
         for i in range(0, len(prompts), batch):
-            enc = tok(prompts[i : i + batch], return_tensors="pt", padding=True).to(teacher.device)
+            enc = _encode(tok, prompts[i : i + batch], teacher.device)
             t = clock()
             out = teacher.generate(**enc, max_new_tokens=max_new, do_sample=False, assistant_model=assistant,
                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
@@ -82,13 +101,20 @@ def _ours(teacher, draft, tok, prompts, max_new, batch=1, **kw):
 
     total, seqs = SpecStats(), []
     for i in range(0, len(prompts), batch):
-        enc = tok(prompts[i : i + batch], return_tensors="pt", padding=True).to(teacher.device)
+        enc = _encode(tok, prompts[i : i + batch], teacher.device)
         out = speculative_generate(teacher, draft, enc.input_ids, max_new, attention_mask=enc.attention_mask,
                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                    generator=torch.Generator(teacher.device).manual_seed(i), **kw)
         total.add(out.stats)
         seqs += [_until_eos(row, tok.eos_token_id) for row in out.sequences[:, enc.input_ids.shape[1]:].tolist()]
     return seqs, total
+
+
+def _encode(tok, prompts, device):
+    """Prompts as ids; a tokenizer with a chat template gets no extra special tokens (the template's are in
+    the prompt text already)."""
+    return tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not getattr(tok, "chat_template", None)
+               ).to(device)
 
 
 def _until_eos(row: list[int], eos: int) -> list[int]:
@@ -119,7 +145,23 @@ def run(args) -> str:
     teacher = load_decoder(args.teacher, "teacher", device=dev, dtype=args.dtype)
     drafts = {n: load_decoder(p, "draft", device=dev, dtype=args.dtype) for n, p in paths.items()}
     tok = left_padding(AutoTokenizer.from_pretrained(teacher.config._name_or_path))
-    prompts = held_out_prompts(args.prompts, args.context)
+    data = None
+    if args.prompts_from:
+        from workbench.config import load_recipe
+
+        data = load_recipe(args.prompts_from).data
+    prompts = held_out_prompts(args.prompts, args.context, data, tok)
+    if args.draft_vocab:  # FR-Spec: each draft again, proposing only the domain's most frequent tokens
+        from workbench.config import DataConfig
+        from workbench.speculative import frequent_tokens, restrict_draft_vocab
+
+        V = teacher.get_output_embeddings().weight.shape[0]
+        keep = frequent_tokens(training_token_ids(data or DataConfig(), tok), args.draft_vocab, V,
+                               always=[tok.eos_token_id, tok.bos_token_id, tok.pad_token_id])
+        for n in list(drafts):
+            short = f"{n}, top {len(keep)} tokens"
+            drafts[short], paths[short] = restrict_draft_vocab(copy.deepcopy(drafts[n]), keep), paths[n]
+            names.append(short)
     N, k = args.max_new_tokens, args.draft_len
 
     _ours(teacher, drafts[names[0]], tok, prompts[:2], 8, draft_len=k)  # warm-up
@@ -153,11 +195,13 @@ def run(args) -> str:
     def described(name):
         return f"`{name}` (`{paths[name]}`)"
 
-    lines = [f"### Speculative decoding on the embedded default ({time.strftime('%Y-%m-%d')})", "",
+    where = "the embedded default" if args.teacher == TINY_TEACHER else f"`{args.teacher}` as the target"
+    task = (f"held-out rows of `{args.prompts_from}`'s data (chat template)" if args.prompts_from
+            else f"held-out prompts ending in `def name(` (at most {args.context} characters)")
+    lines = [f"### Speculative decoding on {where} ({time.strftime('%Y-%m-%d')})", "",
              f"Machine: {_report.machine()}. Teacher `{args.teacher}` ({_millions(teacher)} parameters); drafts "
              f"{', '.join(described(n) for n in names)} ({_millions(drafts[names[0]])} each, same size and steps; "
-             f"`{args.baseline}` without distillation). {len(prompts)} held-out prompts ending in `def name(` (at "
-             f"most {args.context} characters), greedy, up to {N} new tokens each; {args.dtype} on {dev.type}. Speed-up is "
+             f"`{args.baseline}` without distillation). {len(prompts)} {task}, greedy, up to {N} new tokens each; {args.dtype} on {dev.type}. Speed-up is "
              "tokens/s over the first row's (HF generate, teacher alone, batch 1); 'same tokens' checks the "
              "teacher's own greedy output.", "",
              "| method | draft | batch | tokens/s | speed-up | acceptance rate | tokens per target call | same tokens |",
@@ -169,22 +213,28 @@ def run(args) -> str:
     lines += ["", f"Sampling at temperature 1 (ours, k={k}): " + "; ".join(
         f"`{n}` acceptance rate {sampled[n].acceptance_rate:.3f}, tokens per target call "
         f"{sampled[n].tokens_per_target_call:.2f}" for n in names) + "."]
+    if args.draft_vocab:
+        lines.append(f"'top N tokens': the draft's output layer cut to the N most frequent tokens of the training "
+                     f"data (FR-Spec); the target still verifies over all {V:,}.")
     for n in names:
-        if n != args.baseline:
+        if n != args.baseline and "top" not in n.split(", ")[-1]:
             lines.append(f"Distilled `{n}` vs undistilled `{args.baseline}`, tokens per target call at k={k}: greedy "
                          f"{greedy[n] / greedy[args.baseline]:.2f}x, sampled "
                          f"{sampled[n].tokens_per_target_call / sampled[args.baseline].tokens_per_target_call:.2f}x.")
     lines.append(f"Accepted drafts per verification, greedy, k={k}: " + "; ".join(
         f"`{n}` {fixed[n].accepted_hist}" for n in names) + ".")
-    s, alone = fixed[names[0]], rows[1][3]  # first draft at fixed k; tokens/s of our teacher-alone loop
-    draft_ms = 1e3 * s.draft_seconds / max(sum(s.draft_lens), 1)
-    verify_ms = 1e3 * s.target_seconds / max(s.target_calls, 1)
-    round_ms = k * draft_ms + verify_ms
-    lines.append(f"Cost split (`{names[0]}`, k={k}): a draft forward takes {draft_ms:.2f} ms, a verification of "
-                 f"{k + 1} tokens {verify_ms:.2f} ms, the teacher alone {1e3 / alone:.2f} ms per token. A round takes "
-                 f"{round_ms:.2f} ms for {s.tokens_per_target_call:.2f} tokens ({round_ms / s.tokens_per_target_call:.2f} "
-                 f"ms per token); the draft costs {draft_ms * alone / 1e3:.2f} of a teacher step. Speculative decoding "
-                 "pays off when the draft is far cheaper than its target.")
+    alone = rows[1][3]  # tokens/s of our teacher-alone loop
+    for n in [names[0]] + [x for x in names if x.startswith(names[0] + ", top")]:
+        s = fixed[n]  # at fixed k
+        draft_ms = 1e3 * s.draft_seconds / max(sum(s.draft_lens), 1)
+        verify_ms = 1e3 * s.target_seconds / max(s.target_calls, 1)
+        round_ms = k * draft_ms + verify_ms
+        lines.append(f"Cost split (`{n}`, k={k}): a draft forward takes {draft_ms:.2f} ms, a verification of "
+                     f"{k + 1} tokens {verify_ms:.2f} ms, the teacher alone {1e3 / alone:.2f} ms per token. A round "
+                     f"takes {round_ms:.2f} ms for {s.tokens_per_target_call:.2f} tokens "
+                     f"({round_ms / s.tokens_per_target_call:.2f} ms per token); the draft costs "
+                     f"{draft_ms * alone / 1e3:.2f} of a teacher step.")
+    lines.append("Speculative decoding pays off when the draft is far cheaper than its target.")
     return "\n".join(lines) + "\n"
 
 
@@ -196,7 +246,7 @@ def _millions(model) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--teacher", default="recipe:pretrain_tiny_teacher")
+    ap.add_argument("--teacher", default=TINY_TEACHER)
     ap.add_argument("--drafts", default="kd_tiny,kd_tiny_draft,sft_tiny",
                     help="comma-separated drafts: recipe names (outputs/NAME/model if there, else recipe:NAME), "
                          "model directories or Hub ids")
@@ -209,6 +259,10 @@ def main(argv=None) -> int:
     ap.add_argument("--draft-len", type=int, default=4)
     ap.add_argument("--max-draft-len", type=int, default=12)
     ap.add_argument("--batch", type=int, default=8, help="batch size of the batched rows")
+    ap.add_argument("--prompts-from", metavar="RECIPE",
+                    help="held-out prompts (and token counts for --draft-vocab) from this recipe's data")
+    ap.add_argument("--draft-vocab", type=int, metavar="N",
+                    help="also run each draft restricted to the N most frequent training tokens (FR-Spec)")
     ap.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     args = ap.parse_args(argv)
     text = run(args)
