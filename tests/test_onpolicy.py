@@ -178,3 +178,20 @@ def test_minillm_lowers_the_reverse_kl_of_a_tiny_pair(tmp_path, tiny_teacher, ac
     logged = [r for r in read_metrics(tmp_path) if "train/minillm_pg" in r]
     assert logged and all("train/minillm_reverse_kl" in r for r in logged)
     assert metrics["step"] == 25
+
+
+def test_prompts_of_completion_blocks_end_where_the_first_answer_begins():
+    from workbench.onpolicy import prompts_of
+
+    ids = torch.arange(40).reshape(4, 10)
+    assert torch.equal(prompts_of(ids, None, 4), ids[:, :4])
+    assert prompts_of(ids, None, 64).shape == (4, 9)
+    mask = torch.zeros(4, 10, dtype=torch.bool)
+    mask[0, 6:9] = True  # prompt 0..5, answer 6..8
+    mask[1, 3:5] = True  # the shortest prompt: 3 tokens
+    mask[1, 8:] = True  # a second row in the block (its own prompt 5..7) does not matter
+    mask[2, 7:] = True
+    mask[3, :4] = True  # cut inside a completion: no prompt of its own, not counted
+    p = prompts_of(ids, mask, 8)
+    assert p.tolist() == [[3, 4, 5], [10, 11, 12], [24, 25, 26], [30, 31, 32]]
+    assert prompts_of(ids, mask, 2).tolist() == [[4, 5], [11, 12], [25, 26], [30, 31]]

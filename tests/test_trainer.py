@@ -472,3 +472,29 @@ def test_sequence_level_kd_trains_on_the_teachers_own_completions_generated_once
     again = real(corpus, boom, tok, recipe.distill.sequence_kd, cached.stem)
     assert [c for _, c in again.train_rows] == [c for c in completions if c]
     assert again.val_rows == corpus.val_rows  # validation keeps the true bodies
+
+
+def test_on_policy_samples_on_chat_data_continue_from_the_assistant_turn(tmp_path, accelerator, monkeypatch):
+    """GKD on chat rows: the student is sampled from where each block's first answer begins (the prompt's
+    last tokens, ending in the opened assistant turn), not from the block's first tokens."""
+    from test_data import CHATS, _chat_tokenizer, _write_jsonl
+    from workbench import onpolicy
+
+    tok_dir = tmp_path / "tok"
+    tok = _chat_tokenizer()
+    tok.save_pretrained(tok_dir)
+    chat = _write_jsonl(tmp_path / "chat.jsonl", CHATS)
+    seen = []
+    draw = onpolicy.draw
+    monkeypatch.setattr(onpolicy, "draw", lambda model, prompts, *a, **k: seen.append(prompts) or draw(model, prompts, *a, **k))
+    recipe = fast_recipe("sft_tiny", tmp_path / "run", f"data.dataset={chat}", f"data.tokenizer={tok_dir}",
+                         "data.seq_len=96", "train.max_steps=2", "data.max_documents=null",
+                         "teacher={tiny: llama-student-1m}",
+                         "distill.losses=[{name: forward_kl, weight: 1.0}]",
+                         "distill.onpolicy={method: gkd, lmbda: 1.0, prompt_tokens: 64, max_new_tokens: 4}")
+    run(recipe, accelerator)
+    assert seen
+    for prompts in seen:
+        for row in prompts.tolist():
+            text = tok.decode(row)
+            assert text.endswith("assistant\n") and "answer" not in text, text

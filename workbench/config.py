@@ -318,7 +318,8 @@ class OnPolicyConfig:
     lmbda: float = 0.5
     """gkd: probability that a micro-batch is student-generated."""
     prompt_tokens: int = 64
-    """Prompts are the first prompt_tokens tokens of training blocks."""
+    """Prompts are the first prompt_tokens tokens of training blocks; for chat and prompt/completion data,
+    the last prompt_tokens tokens before each block's first completion (where the answer begins)."""
     max_new_tokens: int = 64
     """Tokens generated per prompt (fewer when EOS comes first)."""
     temperature: float = 1.0

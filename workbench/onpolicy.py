@@ -41,6 +41,22 @@ def generator_for(seed: int, step: int, micro: int, rank: int | None, device) ->
     return g
 
 
+def prompts_of(ids: torch.Tensor, target_mask: torch.Tensor | None, n: int) -> torch.Tensor:
+    """Equal-length prompts [B, P] for sampling from a micro-batch ids [B, T]: plain text, its first n
+    tokens; chat or prompt/completion blocks (target_mask [B, T] marks completion tokens), the last
+    P = min(n, shortest prompt) tokens before each row's first completion token, so every row is
+    continued where its first completion (the assistant's answer) begins."""
+    if target_mask is None:
+        return ids[:, : min(n, ids.shape[1] - 1)]
+    mask = target_mask.to(ids.device)
+    has = mask.any(dim=1)
+    start = torch.where(has, mask.float().argmax(dim=1), torch.full_like(has, ids.shape[1] - 1, dtype=torch.long))
+    starts = start[start > 0]  # a block cut inside a completion has no prompt of its own: it is not counted
+    P = max(1, min(n, int(starts.min()) if len(starts) else 1))
+    cols = (start - P).clamp(min=0)[:, None] + torch.arange(P, device=ids.device)[None, :]
+    return ids.gather(1, cols)
+
+
 def generated_targets(s: Samples) -> torch.Tensor:
     """[B, P + G] position-aligned targets: position t predicts ids[t + 1] where that is a valid generated
     token; prompt positions and tokens after EOS are ignored."""

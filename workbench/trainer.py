@@ -324,14 +324,14 @@ def _micro_batch_jobs(blocks, data, onp, seed, step, k, accelerator, student, te
     data_job = _Job(ids, {"labels": mask_labels(shift_labels(ids), batch)}, "data", blocks, pos)
     if onp.method == "off":
         return [data_job]
-    P = min(onp.prompt_tokens, ids.shape[1] - 1)
+    prompts = onpolicy.prompts_of(ids, batch.get("target_mask"), onp.prompt_tokens)
     gen = onpolicy.generator_for(seed, step, k, accelerator.process_index, accelerator.device)
     if onp.method == "gkd":  # the same choice on every process: ZeRO-3 needs them to run the same passes
         choice = onpolicy.generator_for(seed, step, k, None, accelerator.device)
         if torch.rand((), generator=choice, device=accelerator.device).item() >= onp.lmbda:
             return [data_job]
         with accelerator.autocast():
-            s = onpolicy.draw(student, ids[:, :P], onp, gen, eos_id)
+            s = onpolicy.draw(student, prompts, onp, gen, eos_id)
         return [_Job(s.ids, onpolicy.gkd_rows(s), "generated")]
     # minillm: new samples every ppo_epochs steps, from the policy of that step
     first = step - step % onp.ppo_epochs
@@ -339,7 +339,7 @@ def _micro_batch_jobs(blocks, data, onp, seed, step, k, accelerator, student, te
         rollouts.step, rollouts.jobs = first, []
     if len(rollouts.jobs) <= k:
         with accelerator.autocast():
-            s = onpolicy.draw(student, ids[:, :P], onp, gen, eos_id, teacher=teacher)
+            s = onpolicy.draw(student, prompts, onp, gen, eos_id, teacher=teacher)
             rows = onpolicy.minillm_rows(student, teacher, s, onp)
         rollouts.jobs.append(_Job(s.ids, rows, "rollout"))
     return [data_job, rollouts.jobs[k]]
