@@ -242,6 +242,34 @@ def test_cli_decodes_compares_and_reports(tiny_teacher, tmp_path, capsys):
     assert 0 < stats["speculative"]["acceptance_rate"] <= 1 and stats["speculative"]["tokens_per_target_call"] > 1
 
 
+def test_cli_draft_over_frequent_tokens(tiny_teacher, tmp_path, capsys, caplog):
+    """--draft-vocab: the draft proposes only the most frequent tokens of a recipe's training data; the
+    output is still the teacher's own."""
+    import json
+    import logging
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workbench import speculate
+
+    draft_dir = tmp_path / "draft"
+    _perturbed(AutoModelForCausalLM.from_pretrained(tiny_teacher), 0.2, seed=6).save_pretrained(draft_dir)
+    AutoTokenizer.from_pretrained(tiny_teacher).save_pretrained(draft_dir)
+    out = tmp_path / "stats.json"
+    with caplog.at_level(logging.INFO, logger="workbench"):
+        rc = speculate.main(["--teacher", str(tiny_teacher), "--draft", str(draft_dir), "--prompt", "def quick_sort(",
+                             "--max-new-tokens", "12", "--draft-vocab", "300", "--draft-vocab-from", "sft_tiny",
+                             "--compare", "--json", str(out)])
+    assert rc == 0
+    assert "draft proposes 30" in caplog.text and "sft_tiny's training data" in caplog.text
+    stats = json.loads(out.read_text())
+    assert stats["identical_to_teacher"] is True and stats["speculative"]["acceptance_rate"] > 0
+    assert speculate.main(["--draft-vocab", "0"]) == 2
+    assert "--draft-vocab must be at least 1" in capsys.readouterr().err
+    assert speculate.main(["--draft-vocab", "5", "--draft-vocab-from", "no_such_recipe"]) == 2
+    assert "--draft-vocab-from" in capsys.readouterr().err
+
+
 def test_cli_errors(tmp_path, capsys):
     from workbench import speculate
 

@@ -124,6 +124,18 @@ def row_prompt(tok, row, fmt: str) -> tuple[str, str]:
 def row_text(row, fmt: str) -> str:
     """A chat or prompt/completion row as plain text (for training a BPE and for held-out text)."""
     return "\n".join(f"{m['role']}: {m['content']}" for m in row) if fmt == "chat" else row[0] + row[1]
+def training_token_ids(cfg: DataConfig, tok, max_chars: int = 200_000) -> list[list[int]]:
+    """Token ids of the training documents of `cfg` as the model sees them (chat and prompt/completion
+    rows in `tok`'s chat template; at most `max_chars` of each document), e.g. to find the tokens a domain
+    uses most."""
+    corpus = load_corpus(cfg)
+    if corpus.format == "text":
+        texts = corpus.train_texts
+    else:
+        texts = ["".join(row_prompt(tok, row, corpus.format)) for row in corpus.train_rows]
+    return [tok(t[:max_chars], add_special_tokens=False).input_ids for t in texts]
+
+
 FUNCTION_PROMPT = "Complete this Python function from the standard library:\n\n"
 _MAX_BODY_CHARS = 1500
 

@@ -69,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher-4bit", action="store_true", help="hold the teacher in NF4")
     ap.add_argument("--kernel", choices=["bnb", "triton"], default="bnb", help="NF4 matmul kernels")
     ap.add_argument("--merge", action="store_true", help="merge an adapter draft into its base")
+    ap.add_argument("--draft-vocab", type=int, metavar="N",
+                    help="the draft proposes only the N most frequent tokens of --draft-vocab-from's training data "
+                         "(FR-Spec: a cheaper output layer; the target still verifies over its whole vocabulary)")
+    ap.add_argument("--draft-vocab-from", metavar="RECIPE", default="kd_tiny",
+                    help="recipe whose training data is counted for --draft-vocab (default: %(default)s)")
     ap.add_argument("--compare", action="store_true", help="also decode with the teacher alone")
     ap.add_argument("--json", help="write the statistics to this file")
     args = ap.parse_args(argv)
@@ -84,6 +89,16 @@ def main(argv: list[str] | None = None) -> int:
         draft_len = 4 if adaptive else int(args.draft_len)
         if draft_len < 0 or args.max_new_tokens < 1 or args.batch_size < 1:
             raise ValueError("--draft-len, --max-new-tokens and --batch-size must be positive")
+        if args.draft_vocab is not None and args.draft_vocab < 1:
+            raise ValueError("--draft-vocab must be at least 1")
+        vocab_data = None
+        if args.draft_vocab:
+            from workbench.config import RecipeError, load_recipe
+
+            try:
+                vocab_data = load_recipe(args.draft_vocab_from).data
+            except RecipeError as e:
+                raise ValueError(f"--draft-vocab-from: {e}") from None
         prompts = list(args.prompt or [])
         if args.prompts_file:
             prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
@@ -109,6 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     tok = AutoTokenizer.from_pretrained(teacher.config._name_or_path)
     draft_tok_dir = draft_dir if (draft_dir / "tokenizer_config.json").is_file() else teacher.config._name_or_path
     check_same_vocabulary(tok, AutoTokenizer.from_pretrained(draft_tok_dir), teacher, draft)
+    if vocab_data is not None:
+        from workbench.data import training_token_ids
+        from workbench.speculative import frequent_tokens, restrict_draft_vocab
+
+        keep = frequent_tokens(training_token_ids(vocab_data, tok), args.draft_vocab,
+                               teacher.get_output_embeddings().weight.shape[0],
+                               always=[tok.eos_token_id, tok.bos_token_id, tok.pad_token_id])
+        restrict_draft_vocab(draft, keep)
+        log.info("draft proposes %d of %d tokens (the most frequent in %s's training data)", len(keep),
+                 teacher.get_output_embeddings().weight.shape[0], args.draft_vocab_from)
 
     result = decode_prompts(teacher, draft, tok, prompts, args, draft_len, adaptive, device)
     if args.json:

@@ -40,19 +40,6 @@ def held_out_prompts(n: int, context_chars: int, data=None, tok=None) -> list[st
     return [p for p, _ in prompts(corpus.val_texts, n, context_chars, DEF_LINE)]
 
 
-def training_token_ids(data, tok):
-    """Token id arrays of a recipe's training documents (rows as the model sees them), for counting which
-    tokens a domain uses most."""
-    from workbench.data import load_corpus, row_prompt
-
-    corpus = load_corpus(data)
-    if corpus.format == "text":
-        texts = corpus.train_texts
-    else:
-        texts = ["".join(row_prompt(tok, row, corpus.format)) for row in corpus.train_rows]
-    return [tok(t[:200_000], add_special_tokens=False).input_ids for t in texts]
-
-
 DEF_LINE = r"^[ \t]*def \w+\("
 TINY_TEACHER = "recipe:pretrain_tiny_teacher"
 
@@ -153,6 +140,7 @@ def run(args) -> str:
     prompts = held_out_prompts(args.prompts, args.context, data, tok)
     if args.draft_vocab:  # FR-Spec: each draft again, proposing only the domain's most frequent tokens
         from workbench.config import DataConfig
+        from workbench.data import training_token_ids
         from workbench.speculative import frequent_tokens, restrict_draft_vocab
 
         V = teacher.get_output_embeddings().weight.shape[0]
