@@ -289,3 +289,35 @@ def test_smollm2_chat_template_targets_are_the_completion_even_where_tokens_merg
     ((ids, targets),) = list(data._encode_examples(tok, rows, "prompt_completion"))
     got = tok.decode([i for i, t in zip(ids, targets) if t])
     assert got.rstrip("\n").endswith("<|im_end|>") and "return 2 * x" in got and "Double" not in got and "user" not in got
+
+
+@needs_smollm2
+def test_smollm2_as_speculative_target_with_a_draft_over_frequent_tokens(smollm2):
+    """SmolLM2 drafted by itself with its output layer cut to the 4,096 tokens most frequent in a little
+    Python (FR-Spec): greedy output identical to SmolLM2's own; every draft the cut layer can express is
+    accepted, so the tokens per target call stay near k + 1."""
+    import inspect
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workbench.speculative import frequent_tokens, restrict_draft_vocab, speculative_generate
+
+    target = AutoModelForCausalLM.from_pretrained(smollm2).eval()
+    draft = AutoModelForCausalLM.from_pretrained(smollm2).eval()
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    counts = [tok(inspect.getsource(inspect)[:100_000], add_special_tokens=False).input_ids]
+    keep = frequent_tokens(counts, 4096, target.config.vocab_size, always=[tok.eos_token_id])
+    restrict_draft_vocab(draft, keep)
+    assert draft.get_output_embeddings().weight.shape == (len(keep), 576)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Write a Python function that reverses a string."}],
+                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = prompt["input_ids"]
+    ref = target.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.eos_token_id)
+    out = speculative_generate(target, draft, ids, 24, draft_len=3, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.eos_token_id)
+    assert torch.equal(out.sequences, ref)
+    emitted = ref[0, ids.shape[1]:]
+    outside = int((~torch.isin(emitted, keep)).sum())
+    assert out.stats.tokens_per_target_call > 2.0, out.stats.as_dict()
+    assert outside > 0 or out.stats.acceptance_rate == 1.0, (out.stats.as_dict(), outside)
