@@ -138,7 +138,7 @@ def run(args) -> str:
 
         data = load_recipe(args.prompts_from).data
     prompts = held_out_prompts(args.prompts, args.context, data, tok)
-    if args.draft_vocab:  # FR-Spec: each draft again, proposing only the domain's most frequent tokens
+    if args.draft_vocab:  # FR-Spec: the first draft again, proposing only the domain's most frequent tokens
         from workbench.config import DataConfig
         from workbench.data import training_token_ids
         from workbench.speculative import frequent_tokens, restrict_draft_vocab
@@ -146,10 +146,10 @@ def run(args) -> str:
         V = teacher.get_output_embeddings().weight.shape[0]
         keep = frequent_tokens(training_token_ids(data or DataConfig(), tok), args.draft_vocab, V,
                                always=[tok.eos_token_id, tok.bos_token_id, tok.pad_token_id])
-        for n in list(drafts):
-            short = f"{n}, top {len(keep)} tokens"
-            drafts[short], paths[short] = restrict_draft_vocab(copy.deepcopy(drafts[n]), keep), paths[n]
-            names.append(short)
+        n = names[0]
+        short = f"{n}, top {len(keep)} tokens"
+        drafts[short], paths[short] = restrict_draft_vocab(copy.deepcopy(drafts[n]), keep), paths[n]
+        names.append(short)
     N, k = args.max_new_tokens, args.draft_len
 
     _ours(teacher, drafts[names[0]], tok, prompts[:2], 8, draft_len=k)  # warm-up
@@ -250,7 +250,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts-from", metavar="RECIPE",
                     help="held-out prompts (and token counts for --draft-vocab) from this recipe's data")
     ap.add_argument("--draft-vocab", type=int, metavar="N",
-                    help="also run each draft restricted to the N most frequent training tokens (FR-Spec)")
+                    help="also run the first draft restricted to the N most frequent training tokens (FR-Spec)")
     ap.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     args = ap.parse_args(argv)
     text = run(args)
