@@ -131,12 +131,16 @@ def test_cli_compares_with_a_baseline_and_refuses_another_tokenizer(kd_run, tmp_
     base = tmp_path / "sft"
     run(fast_recipe("sft_tiny", base), accelerator)
     out = tmp_path / "report"
-    assert evaluate.main([str(kd), str(base), "--out", str(out), "--no-speculative"]) == 0
+    again = tmp_path / "sft_again"  # the same recipe once more: both runs stay in the report
+    run(fast_recipe("sft_tiny", again, "train.lr=1e-3"), accelerator)
+    assert evaluate.main([str(kd), str(base), str(again), "--out", str(out), "--no-speculative"]) == 0
     printed = capsys.readouterr().out
     assert "kd_tiny" in printed and "sft_tiny" in printed and "report.html" in printed
     res = json.loads((out / "report.json").read_text())
-    assert [m["name"] for m in res["models"] if m["role"] == "student"] == ["kd_tiny", "sft_tiny"]
-    assert res["speculative"] == {} and set(res["tasks"]) == {"teacher", "kd_tiny", "sft_tiny"}
+    names = ["kd_tiny", "sft_tiny", "sft_tiny (sft_again)"]
+    students = [m for m in res["models"] if m["role"] == "student"]
+    assert [m["name"] for m in students] == names and students[1]["val_ppl"] != students[2]["val_ppl"]
+    assert res["speculative"] == {} and set(res["tasks"]) == {"teacher", *names}
     assert evaluate.main([str(tmp_path / "nothing")]) == 2
     other = tmp_path / "other"
     run(fast_recipe("sft_tiny", other, "data.vocab_size=300"), accelerator)
@@ -297,3 +301,11 @@ def test_the_function_task_reports_rouge_of_completions_and_their_perplexity(tin
     bodies = {c for _, c in corpus.val_rows}
     assert all(any(b.startswith(s["reference"][:20]) for b in bodies) for s in res["samples"])
     assert 0 <= res["tasks"]["kd_tiny"]["rougeL"] <= 1 and math.isfinite(metrics["student_val_ppl"])
+
+
+def test_run_labels_are_distinct():
+    from workbench.evaluation import Run, run_labels
+
+    runs = [Run(Path(p), {"recipe": n}, None, []) for n, p in
+            (("kd", "/a/kd"), ("sft", "/a/sft"), ("sft", "/a/seqkd"), ("sft", "/b/seqkd"), ("sft", "/b/seqkd"))]
+    assert run_labels(runs) == ["kd", "sft", "sft (seqkd)", "sft (/b/seqkd)", "sft (/b/seqkd) #5"]

@@ -86,6 +86,20 @@ def perplexity_table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+def run_labels(runs: list[Run]) -> list[str]:
+    """One distinct label per run: its recipe name; a name taken already gets the run directory's name,
+    then its whole path, then a number (the same directory given twice)."""
+    labels: list[str] = []
+    for r in runs:
+        for label in (r.name, f"{r.name} ({r.path.name})", f"{r.name} ({r.path})"):
+            if label not in labels:
+                break
+        else:
+            label = f"{r.name} ({r.path}) #{len(labels) + 1}"
+        labels.append(label)
+    return labels
+
+
 def _short(path: str) -> str:
     parts = Path(path).parts
     return str(Path(*parts[-3:])) if len(parts) > 3 else path
@@ -313,8 +327,7 @@ def evaluate_runs(run_dirs: list[str | Path], cfg: EvalConfig | None = None, dev
         if tokenizer_fingerprint(AutoTokenizer.from_pretrained(r.path / "model")) != tokenizer_fingerprint(tok):
             raise ValueError(f"{r.path} uses another tokenizer than {main.path}: the runs cannot be compared")
 
-    models = {r.name if i == 0 or r.name != main.name else f"{r.name} ({r.path})": (r, _load_student(r, device))
-              for i, r in enumerate(runs)}
+    models = {label: (r, _load_student(r, device)) for label, r in zip(run_labels(runs), runs)}
     teacher_path = main.final.get("teacher")
     teacher = _load_teacher(main, teacher_path, device) if teacher_path and Path(teacher_path).is_dir() else None
 
