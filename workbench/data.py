@@ -112,7 +112,7 @@ def row_prompt(tok, row, fmt: str) -> tuple[str, str]:
     last assistant message (or the prompt as a user message), rendered with the tokenizer's chat template
     and the assistant turn opened when it has one; the reference is that message (or the completion)."""
     if fmt == "chat":
-        last = max(j for j, m in enumerate(row) if m["role"] == "assistant")
+        last = _last_assistant(row)
         msgs, ref = row[:last], row[last]["content"]
     else:
         msgs, ref = [{"role": "user", "content": row[0]}], row[1]
@@ -121,9 +121,22 @@ def row_prompt(tok, row, fmt: str) -> tuple[str, str]:
     return "".join(m["content"] for m in msgs), ref
 
 
+def _last_assistant(row) -> int:
+    return max(j for j, m in enumerate(row) if m["role"] == "assistant")
+
+
+def encode_prompts(tok, prompts: list[str], device=None) -> dict:
+    """Prompts as a padded batch of ids; with a chat template the prompts are rendered by it and carry its
+    special tokens already, so none are added."""
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not getattr(tok, "chat_template", None))
+    return enc if device is None else enc.to(device)
+
+
 def row_text(row, fmt: str) -> str:
     """A chat or prompt/completion row as plain text (for training a BPE and for held-out text)."""
     return "\n".join(f"{m['role']}: {m['content']}" for m in row) if fmt == "chat" else row[0] + row[1]
+
+
 def training_token_ids(cfg: DataConfig, tok, max_chars: int = 200_000) -> list[list[int]]:
     """Token ids of the training documents of `cfg` as the model sees them (chat and prompt/completion
     rows in `tok`'s chat template; at most `max_chars` of each document), e.g. to find the tokens a domain
@@ -193,7 +206,6 @@ def with_teacher_completions(corpus: Corpus, load_teacher, tok, cfg, key: str, s
                           "their prompts); data.dataset=stdlib_functions is the embedded one")
     path = cache_root() / "seqkd" / f"{key}.jsonl"
     if not path.is_file():
-        template = getattr(tok, "chat_template", None)
         tok = left_padding(copy.deepcopy(tok))  # the run's tokenizer keeps its own padding side
         prompts = [row_prompt(tok, row, corpus.format)[0] for row in corpus.train_rows]
         teacher = load_teacher()
@@ -202,8 +214,7 @@ def with_teacher_completions(corpus: Corpus, load_teacher, tok, cfg, key: str, s
         completions = []
         teacher.eval()
         for i in tqdm(range(0, len(prompts), cfg.batch_size), desc="teacher completions (sequence KD)"):
-            enc = tok(prompts[i : i + cfg.batch_size], return_tensors="pt", padding=True,
-                      add_special_tokens=not template).to(device)
+            enc = encode_prompts(tok, prompts[i : i + cfg.batch_size], device)
             with torch.no_grad():
                 out = target_generate(teacher, enc.input_ids, cfg.max_new_tokens, attention_mask=enc.attention_mask,
                                       temperature=0.0 if cfg.mode == "greedy" else cfg.temperature,
@@ -219,7 +230,7 @@ def with_teacher_completions(corpus: Corpus, load_teacher, tok, cfg, key: str, s
     if corpus.format == "chat":
         rows = []
         for row, c in zip(corpus.train_rows, completions):
-            last = max(j for j, m in enumerate(row) if m["role"] == "assistant")
+            last = _last_assistant(row)
             rows.append(row[:last] + [{"role": "assistant", "content": c}])
     else:
         rows = [(p, c) for (p, _), c in zip(corpus.train_rows, completions)]

@@ -48,6 +48,16 @@ def load_decoder(name: str, role: str, *, device, dtype: str = "float32", four_b
     return load_for_inference(name, role, device=device, dtype=dtype, four_bit=four_bit, kernel=kernel, merge=merge)
 
 
+def domain_vocab(data, tok, n: int, vocab: int) -> torch.Tensor:
+    """The ids a frequent-token draft keeps: the `n` most frequent in `data`'s (a DataConfig) training
+    documents, plus EOS, BOS and padding."""
+    from workbench.data import training_token_ids
+    from workbench.speculative import frequent_tokens
+
+    return frequent_tokens(training_token_ids(data, tok), n, vocab,
+                           always=[tok.eos_token_id, tok.bos_token_id, tok.pad_token_id])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
@@ -125,12 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     draft_tok_dir = draft_dir if (draft_dir / "tokenizer_config.json").is_file() else teacher.config._name_or_path
     check_same_vocabulary(tok, AutoTokenizer.from_pretrained(draft_tok_dir), teacher, draft)
     if vocab_data is not None:
-        from workbench.data import training_token_ids
-        from workbench.speculative import frequent_tokens, restrict_draft_vocab
+        from workbench.speculative import restrict_draft_vocab
 
-        keep = frequent_tokens(training_token_ids(vocab_data, tok), args.draft_vocab,
-                               teacher.get_output_embeddings().weight.shape[0],
-                               always=[tok.eos_token_id, tok.bos_token_id, tok.pad_token_id])
+        keep = domain_vocab(vocab_data, tok, args.draft_vocab, teacher.get_output_embeddings().weight.shape[0])
         restrict_draft_vocab(draft, keep)
         log.info("draft proposes %d of %d tokens (the most frequent in %s's training data)", len(keep),
                  teacher.get_output_embeddings().weight.shape[0], args.draft_vocab_from)

@@ -361,8 +361,6 @@ def expected_tokens_per_call(acceptance: float, k: int) -> float:
     return k + 1.0 if acceptance >= 1 else (1 - acceptance ** (k + 1)) / (1 - acceptance)
 
 
-__all__ = ["SpecOutput", "SpecStats", "expected_tokens_per_call", "left_padding", "speculative_generate",
-           "target_generate"]
 
 
 # ------------------------------------------------------------------- a draft over frequent tokens only
@@ -417,3 +415,7 @@ def frequent_tokens(token_ids, n: int, vocab: int, always=()) -> torch.Tensor:
     order = np.lexsort((np.arange(vocab), -counts))  # by count, descending, then id
     keep = set(order[: min(n, vocab)].tolist()) | {int(t) for t in always if t is not None and 0 <= int(t) < vocab}
     return torch.tensor(sorted(keep), dtype=torch.long)
+
+
+__all__ = ["SpecOutput", "SpecStats", "SubsetHead", "expected_tokens_per_call", "frequent_tokens", "left_padding",
+           "restrict_draft_vocab", "speculative_generate", "target_generate"]

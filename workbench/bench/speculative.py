@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from workbench.bench import _report
+from workbench.data import encode_prompts
 
 
 def held_out_prompts(n: int, context_chars: int, data=None, tok=None) -> list[str]:
@@ -68,7 +69,7 @@ def _hf(teacher, tok, prompts, max_new, assistant=None, batch=1, num_assistant_t
     seqs, tokens, seconds = [], 0, 0.0
     try:
         for i in range(0, len(prompts), batch):
-            enc = _encode(tok, prompts[i : i + batch], teacher.device)
+            enc = encode_prompts(tok, prompts[i : i + batch], teacher.device)
             t = clock()
             out = teacher.generate(**enc, max_new_tokens=max_new, do_sample=False, assistant_model=assistant,
                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
@@ -88,20 +89,13 @@ def _ours(teacher, draft, tok, prompts, max_new, batch=1, **kw):
 
     total, seqs = SpecStats(), []
     for i in range(0, len(prompts), batch):
-        enc = _encode(tok, prompts[i : i + batch], teacher.device)
+        enc = encode_prompts(tok, prompts[i : i + batch], teacher.device)
         out = speculative_generate(teacher, draft, enc.input_ids, max_new, attention_mask=enc.attention_mask,
                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                    generator=torch.Generator(teacher.device).manual_seed(i), **kw)
         total.add(out.stats)
         seqs += [_until_eos(row, tok.eos_token_id) for row in out.sequences[:, enc.input_ids.shape[1]:].tolist()]
     return seqs, total
-
-
-def _encode(tok, prompts, device):
-    """Prompts as ids; a tokenizer with a chat template gets no extra special tokens (the template's are in
-    the prompt text already)."""
-    return tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not getattr(tok, "chat_template", None)
-               ).to(device)
 
 
 def _until_eos(row: list[int], eos: int) -> list[int]:
@@ -138,18 +132,18 @@ def run(args) -> str:
 
         data = load_recipe(args.prompts_from).data
     prompts = held_out_prompts(args.prompts, args.context, data, tok)
+    restricted = None  # the name of the frequent-token variant of the first draft
     if args.draft_vocab:  # FR-Spec: the first draft again, proposing only the domain's most frequent tokens
         from workbench.config import DataConfig
-        from workbench.data import training_token_ids
-        from workbench.speculative import frequent_tokens, restrict_draft_vocab
+        from workbench.speculate import domain_vocab
+        from workbench.speculative import restrict_draft_vocab
 
         V = teacher.get_output_embeddings().weight.shape[0]
-        keep = frequent_tokens(training_token_ids(data or DataConfig(), tok), args.draft_vocab, V,
-                               always=[tok.eos_token_id, tok.bos_token_id, tok.pad_token_id])
-        n = names[0]
-        short = f"{n}, top {len(keep)} tokens"
-        drafts[short], paths[short] = restrict_draft_vocab(copy.deepcopy(drafts[n]), keep), paths[n]
-        names.append(short)
+        keep = domain_vocab(data or DataConfig(), tok, args.draft_vocab, V)
+        restricted = f"{names[0]}, top {len(keep)} tokens"
+        drafts[restricted] = restrict_draft_vocab(copy.deepcopy(drafts[names[0]]), keep)
+        paths[restricted] = paths[names[0]]
+        names.append(restricted)
     N, k = args.max_new_tokens, args.draft_len
 
     _ours(teacher, drafts[names[0]], tok, prompts[:2], 8, draft_len=k)  # warm-up
@@ -205,14 +199,14 @@ def run(args) -> str:
         lines.append(f"'top N tokens': the draft's output layer cut to the N most frequent tokens of the training "
                      f"data (FR-Spec); the target still verifies over all {V:,}.")
     for n in names:
-        if n != args.baseline and "top" not in n.split(", ")[-1]:
+        if n not in (args.baseline, restricted):
             lines.append(f"Distilled `{n}` vs undistilled `{args.baseline}`, tokens per target call at k={k}: greedy "
                          f"{greedy[n] / greedy[args.baseline]:.2f}x, sampled "
                          f"{sampled[n].tokens_per_target_call / sampled[args.baseline].tokens_per_target_call:.2f}x.")
     lines.append(f"Accepted drafts per verification, greedy, k={k}: " + "; ".join(
         f"`{n}` {fixed[n].accepted_hist}" for n in names) + ".")
     alone = rows[1][3]  # tokens/s of our teacher-alone loop
-    for n in [names[0]] + [x for x in names if x.startswith(names[0] + ", top")]:
+    for n in [names[0]] + ([restricted] if restricted else []):
         s = fixed[n]  # at fixed k
         draft_ms = 1e3 * s.draft_seconds / max(sum(s.draft_lens), 1)
         verify_ms = 1e3 * s.target_seconds / max(s.target_calls, 1)
