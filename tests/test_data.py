@@ -283,6 +283,39 @@ def test_prompt_completion_rows_without_a_chat_template(tmp_path):
     assert got.count(data.EOS_TOKEN) == got.count("return")  # each completion ends with EOS, a target too
 
 
+def bos_chat_tokenizer():
+    """A chat tokenizer whose plain encoding adds BOS and whose template writes BOS too (as Llama 3's)."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = _chat_tokenizer()
+    tok.add_special_tokens({"bos_token": "<s>"})
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    tok.chat_template = "{{ bos_token }}" + CHATML
+    tok.padding_side = "left"
+    assert tok("x").input_ids[0] == tok.bos_token_id  # the tokenizer adds BOS by default
+    return tok
+
+
+def test_prompts_are_encoded_as_training_encodes_what_they_start(tmp_path):
+    """A rendered row's prompt gets no added special tokens (the template wrote BOS: one BOS, and the ids
+    are the start of the row's training encoding); a text prompt starts with BOS as pack starts a document."""
+    tok = bos_chat_tokenizer()
+    bos = tok.bos_token_id
+    row = [{"role": "user", "content": "question 3?"}, {"role": "assistant", "content": "answer 3."}]
+    prompt, _ = data.row_prompt(tok, row, "chat")
+    trained, targets = next(data._encode_examples(tok, [row], "chat"))
+    enc = data.encode_prompts(tok, [prompt, prompt + "more"], rendered=True)
+    ids = enc.input_ids[0][enc.attention_mask[0].bool()].tolist()
+    assert ids == trained[: targets.index(True)] and ids.count(bos) == 1
+    assert enc.attention_mask[1].all() and not enc.attention_mask[0].all()  # left padding of the shorter one
+    text = "def quick_sort(xs):\n"
+    enc = data.encode_prompts(tok, [text], rendered=False)
+    doc = tok(text, add_special_tokens=False).input_ids
+    block = data.pack([doc], tok, len(doc) + 2)  # the document whole: BOS, its ids, EOS
+    assert enc.input_ids[0].tolist() == block[0][:-1].tolist()
+    assert enc.input_ids[0].tolist()[:2].count(bos) == 1
+
+
 def test_bad_chat_rows_are_named_by_line(tmp_path):
     bad = CHATS[:3] + [{"messages": [{"role": "user", "content": "no answer"}]}]
     cfg = DataConfig(dataset=str(_write_jsonl(tmp_path / "bad.jsonl", bad)))

@@ -309,3 +309,29 @@ def test_run_labels_are_distinct():
     runs = [Run(Path(p), {"recipe": n}, None, []) for n, p in
             (("kd", "/a/kd"), ("sft", "/a/sft"), ("sft", "/a/seqkd"), ("sft", "/b/seqkd"), ("sft", "/b/seqkd"))]
     assert run_labels(runs) == ["kd", "sft", "sft (seqkd)", "sft (/b/seqkd)", "sft (/b/seqkd) #5"]
+
+
+def test_report_generation_encodes_prompts_as_training_did():
+    """Greedy completions and speculative decoding in the report start from the ids training saw: a chat
+    prompt with its template's one BOS (not a second one added by the tokenizer), a text prompt with BOS."""
+    from test_data import bos_chat_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from workbench.data import row_prompt
+
+    tok = bos_chat_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, eos_token_id=tok.eos_token_id))
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"][0].tolist()), with_kwargs=True)
+    chat = row_prompt(tok, [{"role": "user", "content": "question?"}, {"role": "assistant", "content": "x"}], "chat")[0]
+    for prompts, rendered in (([chat], True), (["def f(x):\n"], False)):
+        want = tok(prompts[0], add_special_tokens=False).input_ids
+        want = want if rendered else [tok.bos_token_id] + want
+        seen.clear()
+        evaluation._greedy(model, tok, prompts, rendered, 2)
+        assert seen[0] == want
+        seen.clear()
+        evaluation._speculation(model, {"self": model}, tok, prompts, rendered, 2, 2)
+        assert seen[0] == want and seen[0].count(tok.bos_token_id) == 1

@@ -270,6 +270,30 @@ def test_cli_draft_over_frequent_tokens(tiny_teacher, tmp_path, capsys, caplog):
     assert "--draft-vocab-from" in capsys.readouterr().err
 
 
+def test_cli_chat_prompts_are_rendered_by_the_template(tiny_teacher, tmp_path, capsys):
+    """--chat: each prompt goes in as a user message of the teacher's chat template, encoded without added
+    special tokens; a teacher whose tokenizer has no template is refused in one line."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from workbench import speculate
+
+    assert speculate.main(["--teacher", str(tiny_teacher), "--draft", str(tiny_teacher), "--chat"]) == 2
+    assert "--chat: the teacher's tokenizer" in capsys.readouterr().err
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, teacher)
+    tok = AutoTokenizer.from_pretrained(teacher)
+    tok.chat_template = "{% for m in messages %}### {{ m['role'] }}\n{{ m['content'] }}\n{% endfor %}### assistant\n"
+    tok.save_pretrained(teacher)
+    out = tmp_path / "stats.json"
+    assert speculate.main(["--teacher", str(teacher), "--draft", str(teacher), "--chat", "--prompt", "def f(",
+                           "--max-new-tokens", "6", "--compare", "--json", str(out)]) == 0
+    assert "--- '### user\\ndef f(\\n### assistant'" in capsys.readouterr().out
+    assert json.loads(out.read_text())["identical_to_teacher"] is True
+
+
 def test_cli_errors(tmp_path, capsys):
     from workbench import speculate
 

@@ -125,11 +125,23 @@ def _last_assistant(row) -> int:
     return max(j for j, m in enumerate(row) if m["role"] == "assistant")
 
 
-def encode_prompts(tok, prompts: list[str], device=None) -> dict:
-    """Prompts as a padded batch of ids; with a chat template the prompts are rendered by it and carry its
-    special tokens already, so none are added."""
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not getattr(tok, "chat_template", None))
+def encode_prompts(tok, prompts: list[str], device=None, *, rendered: bool) -> dict:
+    """Prompts as a padded batch of ids (`tok`'s padding side), encoded as training encodes what they
+    start: `rendered` prompts (of chat or prompt/completion rows, from row_prompt) without added special
+    tokens (a chat template writes its own); plain text as a document starts in pack (BOS first when the
+    tokenizer has one distinct from EOS)."""
+    ids = tok(list(prompts), add_special_tokens=False)["input_ids"]
+    bos = None if rendered else document_bos(tok)
+    if bos is not None:
+        ids = [[bos] + x for x in ids]
+    enc = tok.pad({"input_ids": ids}, return_tensors="pt")
     return enc if device is None else enc.to(device)
+
+
+def document_bos(tokenizer) -> int | None:
+    """The token that starts each text document: the tokenizer's BOS when it has one distinct from EOS."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return bos if bos not in (None, eos) else None
 
 
 def row_text(row, fmt: str) -> str:
@@ -214,7 +226,7 @@ def with_teacher_completions(corpus: Corpus, load_teacher, tok, cfg, key: str, s
         completions = []
         teacher.eval()
         for i in tqdm(range(0, len(prompts), cfg.batch_size), desc="teacher completions (sequence KD)"):
-            enc = encode_prompts(tok, prompts[i : i + cfg.batch_size], device)
+            enc = encode_prompts(tok, prompts[i : i + cfg.batch_size], device, rendered=True)
             with torch.no_grad():
                 out = target_generate(teacher, enc.input_ids, cfg.max_new_tokens, attention_mask=enc.attention_mask,
                                       temperature=0.0 if cfg.mode == "greedy" else cfg.temperature,
@@ -663,8 +675,7 @@ def pack(docs, tokenizer, seq_len: int, positions: bool = False):
     distinct one), and cut the stream into [N, seq_len] blocks; the ragged tail is dropped. With
     `positions`, -> (blocks, position ids restarting at each document; within a block the first
     document continues the count of the block before), else the blocks alone."""
-    eos = tokenizer.eos_token_id
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id not in (None, eos) else None
+    eos, bos = tokenizer.eos_token_id, document_bos(tokenizer)
     parts, lengths = [], []
     for ids in docs:
         doc = ([bos] if bos is not None else []) + list(ids) + [eos]

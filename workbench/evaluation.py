@@ -140,6 +140,14 @@ def held_out_completions(corpus, tok, n: int) -> list[tuple[str, str]]:
     return [row_prompt(tok, rows[int(i * len(rows) / n)], corpus.format) for i in range(n)]
 
 
+def task_prompts(corpus, tok, n: int, context_chars: int, regex: str | None = None) -> tuple[list[tuple[str, str]], bool]:
+    """`n` (prompt, reference) pairs of `corpus`'s held-out data and whether the prompts are rendered rows
+    (data.encode_prompts): held_out_prompts for text, held_out_completions for chat and prompt/completion."""
+    if corpus.format == "text":
+        return held_out_prompts(corpus.val_texts, n, context_chars, regex), False
+    return held_out_completions(corpus, tok, n), True
+
+
 def _tail(text: str, n: int) -> str:
     """The last `n` characters of `text` at most, starting at a line start when one falls in them."""
     if len(text) <= n:
@@ -263,27 +271,29 @@ def choose(model, tok, items: list[dict], batch: int = 16) -> list[int]:
     return out
 
 
-def _greedy(model, tok, prompts: list[str], max_new: int, batch: int = 8) -> list[str]:
+def _greedy(model, tok, prompts: list[str], rendered: bool, max_new: int, batch: int = 8) -> list[str]:
+    from workbench.data import encode_prompts
     from workbench.speculative import target_generate
 
     device = next(model.parameters()).device
     texts = []
     for i in range(0, len(prompts), batch):
-        enc = tok(prompts[i : i + batch], return_tensors="pt", padding=True).to(device)
+        enc = encode_prompts(tok, prompts[i : i + batch], device, rendered=rendered)
         out = target_generate(model, enc.input_ids, max_new, attention_mask=enc.attention_mask,
                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         texts += tok.batch_decode(out.sequences[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
     return texts
 
 
-def _speculation(teacher, drafts: dict, tok, prompts: list[str], max_new: int, k: int) -> dict:
+def _speculation(teacher, drafts: dict, tok, prompts: list[str], rendered: bool, max_new: int, k: int) -> dict:
     """Speculative decoding (batch 1 per prompt) with each draft against the teacher alone, decoded once:
     {draft name: rates, speed-up, identical tokens}."""
+    from workbench.data import encode_prompts
     from workbench.speculative import SpecStats, speculative_generate, target_generate
 
     device = next(teacher.parameters()).device
     common = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    ids = [tok(p, return_tensors="pt").input_ids.to(device) for p in prompts]
+    ids = [encode_prompts(tok, [p], device, rendered=rendered).input_ids for p in prompts]
     alone, ref = SpecStats(), []
     for x in ids:
         a = target_generate(teacher, x, max_new, **common)
@@ -356,20 +366,19 @@ def evaluate_runs(run_dirs: list[str | Path], cfg: EvalConfig | None = None, dev
     scored = {**({"teacher": teacher} if teacher is not None else {}), **{n: m for n, (_, m) in models.items()}}
     corpus = load_corpus(main.recipe.data) if (cfg.prompts or (cfg.choice_items and not cfg.task_file)) else None
     if cfg.prompts:
-        pairs = held_out_prompts(corpus.val_texts, cfg.prompts, cfg.context_chars, cfg.prompt_regex) \
-            if corpus.format == "text" else held_out_completions(corpus, tok, cfg.prompts)
+        pairs, rendered = task_prompts(corpus, tok, cfg.prompts, cfg.context_chars, cfg.prompt_regex)
         prompts = [p for p, _ in pairs]
         refs = [tok.decode(tok(ref, add_special_tokens=False).input_ids[: cfg.max_new_tokens]) for _, ref in pairs]
         rouge = _metric("rouge_l")
         gens = {}
         for name, m in scored.items():
-            gens[name] = _greedy(m, tok, prompts, cfg.max_new_tokens)
+            gens[name] = _greedy(m, tok, prompts, rendered, cfg.max_new_tokens)
             res["tasks"].setdefault(name, {})["rougeL"] = rouge.compute(predictions=gens[name], references=refs)["rougeL"]
         res["tasks_info"] = {"rouge_prompts": len(prompts)}
         res["samples"] = [{"prompt": prompts[i], "reference": refs[i], **{n: g[i] for n, g in gens.items()}}
                           for i in range(min(cfg.samples, len(prompts)))]
         if teacher is not None and cfg.speculative:
-            res["speculative"] = _speculation(teacher, {n: m for n, (_, m) in models.items()}, tok, prompts,
+            res["speculative"] = _speculation(teacher, {n: m for n, (_, m) in models.items()}, tok, prompts, rendered,
                                               cfg.max_new_tokens, cfg.draft_len)
     if cfg.choice_items or cfg.task_file:
         items = read_task_file(cfg.task_file) if cfg.task_file else \

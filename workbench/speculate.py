@@ -8,7 +8,8 @@
 --teacher is a model directory or Hub id, or recipe:NAME for the final model of a recipe (trained and
 cached first if needed; the default is recipe:pretrain_tiny_teacher). --draft is a model directory, or a
 peft adapter directory (loaded unmerged over its base; --merge merges it). --compare also decodes with the
-teacher alone and prints the speed-up (and, at temperature 0, checks the tokens are identical).
+teacher alone and prints the speed-up (and, at temperature 0, checks the tokens are identical). --chat
+sends each prompt as a user message in the teacher's chat template.
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draft", default="outputs/kd_tiny/model", help="draft model or adapter (default: %(default)s)")
     ap.add_argument("--prompt", action="append", help="a prompt (repeatable; default 'def quick_sort(')")
     ap.add_argument("--prompts-file", help="one prompt per line")
+    ap.add_argument("--chat", action="store_true",
+                    help="send each prompt as a user message in the teacher tokenizer's chat template (assistant "
+                         "turn opened); without it a prompt is plain text, encoded as training encodes a document")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     ap.add_argument("--top-k", type=int, default=0)
@@ -134,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     tok = AutoTokenizer.from_pretrained(teacher.config._name_or_path)
     draft_tok_dir = draft_dir if (draft_dir / "tokenizer_config.json").is_file() else teacher.config._name_or_path
     check_same_vocabulary(tok, AutoTokenizer.from_pretrained(draft_tok_dir), teacher, draft)
+    if args.chat:
+        if not getattr(tok, "chat_template", None):
+            print(f"error: --chat: the teacher's tokenizer ({args.teacher}) has no chat template", file=sys.stderr)
+            return 2
+        prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+                   for p in prompts]
     if vocab_data is not None:
         from workbench.speculative import restrict_draft_vocab
 
@@ -151,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 def decode_prompts(teacher, draft, tok, prompts, args, draft_len, adaptive, device) -> dict:
     """Decode `prompts` in batches with speculative decoding (and the teacher alone with --compare);
     print the texts and the statistics, return them."""
+    from workbench.data import encode_prompts
     from workbench.speculative import SpecStats, left_padding, speculative_generate, target_generate
 
     left_padding(tok)
@@ -159,7 +170,7 @@ def decode_prompts(teacher, draft, tok, prompts, args, draft_len, adaptive, devi
     runs = {"speculative": SpecStats(), **({"teacher_alone": SpecStats()} if args.compare else {})}
     texts, same = [], True
     for i in range(0, len(prompts), args.batch_size):
-        batch = tok(prompts[i : i + args.batch_size], return_tensors="pt", padding=True).to(device)
+        batch = encode_prompts(tok, prompts[i : i + args.batch_size], device, rendered=args.chat)
         g = torch.Generator(device=device).manual_seed(args.seed + i)
         out = speculative_generate(teacher, draft, batch.input_ids, args.max_new_tokens,
                                    attention_mask=batch.attention_mask, draft_len=draft_len, adaptive=adaptive,

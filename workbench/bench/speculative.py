@@ -27,18 +27,17 @@ from workbench.bench import _report
 from workbench.data import encode_prompts
 
 
-def held_out_prompts(n: int, context_chars: int, data=None, tok=None) -> list[str]:
-    """`n` prompts from held-out data (`data`: a DataConfig, default the embedded corpus): for text, held-out
-    files cut after 'def name(' at a line start; for chat or prompt/completion rows (the function task),
-    held-out rows' prompts in `tok`'s chat template."""
+def held_out_prompts(n: int, context_chars: int, data=None, tok=None) -> tuple[list[str], bool]:
+    """`n` prompts from held-out data (`data`: a DataConfig, default the embedded corpus) and whether they
+    are rendered rows (evaluation.task_prompts): for text, held-out files cut after 'def name(' at a line
+    start; for chat or prompt/completion rows (the function task), held-out rows' prompts in `tok`'s chat
+    template."""
     from workbench.config import DataConfig
     from workbench.data import load_corpus
-    from workbench.evaluation import held_out_completions, held_out_prompts as prompts
+    from workbench.evaluation import task_prompts
 
-    corpus = load_corpus(data or DataConfig())
-    if corpus.format != "text":
-        return [p for p, _ in held_out_completions(corpus, tok, n)]
-    return [p for p, _ in prompts(corpus.val_texts, n, context_chars, DEF_LINE)]
+    pairs, rendered = task_prompts(load_corpus(data or DataConfig()), tok, n, context_chars, DEF_LINE)
+    return [p for p, _ in pairs], rendered
 
 
 DEF_LINE = r"^[ \t]*def \w+\("
@@ -56,7 +55,7 @@ class _CallCounter:
         self.n += 1
 
 
-def _hf(teacher, tok, prompts, max_new, assistant=None, batch=1, num_assistant_tokens=None):
+def _hf(teacher, tok, prompts, rendered, max_new, assistant=None, batch=1, num_assistant_tokens=None):
     """HF generate, greedy: -> (sequences per prompt, tokens, seconds, target forward passes)."""
     saved = None if assistant is None else copy.deepcopy(assistant.generation_config)
     if assistant is not None and num_assistant_tokens is not None:  # a fixed k, as ours
@@ -69,7 +68,7 @@ def _hf(teacher, tok, prompts, max_new, assistant=None, batch=1, num_assistant_t
     seqs, tokens, seconds = [], 0, 0.0
     try:
         for i in range(0, len(prompts), batch):
-            enc = encode_prompts(tok, prompts[i : i + batch], teacher.device)
+            enc = encode_prompts(tok, prompts[i : i + batch], teacher.device, rendered=rendered)
             t = clock()
             out = teacher.generate(**enc, max_new_tokens=max_new, do_sample=False, assistant_model=assistant,
                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
@@ -84,12 +83,12 @@ def _hf(teacher, tok, prompts, max_new, assistant=None, batch=1, num_assistant_t
     return seqs, tokens, seconds, counter.n
 
 
-def _ours(teacher, draft, tok, prompts, max_new, batch=1, **kw):
+def _ours(teacher, draft, tok, prompts, rendered, max_new, batch=1, **kw):
     from workbench.speculative import SpecStats, speculative_generate
 
     total, seqs = SpecStats(), []
     for i in range(0, len(prompts), batch):
-        enc = encode_prompts(tok, prompts[i : i + batch], teacher.device)
+        enc = encode_prompts(tok, prompts[i : i + batch], teacher.device, rendered=rendered)
         out = speculative_generate(teacher, draft, enc.input_ids, max_new, attention_mask=enc.attention_mask,
                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                    generator=torch.Generator(teacher.device).manual_seed(i), **kw)
@@ -131,7 +130,7 @@ def run(args) -> str:
         from workbench.config import load_recipe
 
         data = load_recipe(args.prompts_from).data
-    prompts = held_out_prompts(args.prompts, args.context, data, tok)
+    prompts, rendered = held_out_prompts(args.prompts, args.context, data, tok)
     restricted = None  # the name of the frequent-token variant of the first draft
     if args.draft_vocab:  # FR-Spec: the first draft again, proposing only the domain's most frequent tokens
         from workbench.config import DataConfig
@@ -146,32 +145,32 @@ def run(args) -> str:
         names.append(restricted)
     N, k = args.max_new_tokens, args.draft_len
 
-    _ours(teacher, drafts[names[0]], tok, prompts[:2], 8, draft_len=k)  # warm-up
-    _hf(teacher, tok, prompts[:2], 8)
+    _ours(teacher, drafts[names[0]], tok, prompts[:2], rendered, 8, draft_len=k)  # warm-up
+    _hf(teacher, tok, prompts[:2], rendered, 8)
     rows = []  # (method, draft, batch, tokens/s, acceptance, tokens per target call, identical)
-    ref, tokens, sec, calls = _hf(teacher, tok, prompts, N)
+    ref, tokens, sec, calls = _hf(teacher, tok, prompts, rendered, N)
     base = tokens / sec
     rows.append(("teacher alone, HF generate", "-", 1, base, None, tokens / max(calls, 1), True))
-    seqs, s = _ours(teacher, None, tok, prompts, N, draft_len=0)
+    seqs, s = _ours(teacher, None, tok, prompts, rendered, N, draft_len=0)
     rows.append(("teacher alone, ours", "-", 1, s.tokens_per_second, None, s.tokens_per_target_call, seqs == ref))
     fixed = {}  # draft name -> stats of the fixed-k run
     for name, draft in drafts.items():
         for label, kw in ((f"ours, k={k}", dict(draft_len=k)),
                           ("ours, adaptive k", dict(draft_len=k, adaptive=True, max_draft_len=args.max_draft_len))):
-            seqs, s = _ours(teacher, draft, tok, prompts, N, **kw)
+            seqs, s = _ours(teacher, draft, tok, prompts, rendered, N, **kw)
             fixed.setdefault(name, s)
             rows.append((label, name, 1, s.tokens_per_second, s.acceptance_rate, s.tokens_per_target_call, seqs == ref))
         for label, nat in ((f"HF assisted, k={k}", k), ("HF assisted, its defaults", None)):
-            seqs, tokens, sec, calls = _hf(teacher, tok, prompts, N, assistant=draft, num_assistant_tokens=nat)
+            seqs, tokens, sec, calls = _hf(teacher, tok, prompts, rendered, N, assistant=draft, num_assistant_tokens=nat)
             rows.append((label, name, 1, tokens / sec, None, tokens / max(calls, 1), seqs == ref))
     B = args.batch
-    ref_b, tokens, sec, calls = _hf(teacher, tok, prompts, N, batch=B)
+    ref_b, tokens, sec, calls = _hf(teacher, tok, prompts, rendered, N, batch=B)
     rows.append(("teacher alone, HF generate", "-", B, tokens / sec, None, None, ref_b == ref))
     for name, draft in drafts.items():
-        seqs, s = _ours(teacher, draft, tok, prompts, N, batch=B, draft_len=k)
+        seqs, s = _ours(teacher, draft, tok, prompts, rendered, N, batch=B, draft_len=k)
         rows.append((f"ours, k={k}", name, B, s.tokens_per_second, s.acceptance_rate, s.tokens_per_target_call,
                      seqs == ref_b))
-    sampled = {name: _ours(teacher, draft, tok, prompts, N, draft_len=k, temperature=1.0)[1]
+    sampled = {name: _ours(teacher, draft, tok, prompts, rendered, N, draft_len=k, temperature=1.0)[1]
                for name, draft in drafts.items()}
 
     def described(name):
