@@ -376,3 +376,17 @@ def test_the_embedded_function_task_holds_out_whole_files_and_trains_on_bodies()
     row = packed.train.ids[0].tolist()
     targets = tok.decode([t for t, m in zip(row, packed.train.targets[0]) if m])
     assert "Complete this Python function" not in targets and "def " in tok.decode(row)
+
+
+def test_built_once_builds_a_cache_directory_once_and_nothing_on_failure(tmp_path):
+    out = tmp_path / "cache" / "entry"
+    with pytest.raises(ValueError):
+        with data.built_once(out, "done") as tmp:
+            (tmp / "part").write_text("half")
+            raise ValueError("build failed")
+    assert not out.exists() and [p.name for p in out.parent.iterdir() if not p.name.startswith(".entry")] == []
+    with data.built_once(out, "done") as tmp:
+        (tmp / "done").write_text("1")
+    assert (out / "done").read_text() == "1"
+    with data.built_once(out, "done") as tmp:
+        assert tmp is None  # built already: nothing to do

@@ -279,16 +279,23 @@ def test_distil_from_the_gguf_teacher_into_a_tiny_student_with_its_tokenizer(smo
 
 
 @needs_smollm2
-def test_smollm2_chat_template_targets_are_the_completion_even_where_tokens_merge_at_its_edge(smollm2):
-    """SmolLM2's byte-level BPE merges the template's newline with a completion's indentation: the
-    assistant span is found in characters, so the targets are the completion's own tokens."""
+def test_smollm2_chat_rows_train_on_the_ids_generation_starts_from(smollm2):
+    """SmolLM2's byte-level BPE merges the template's newline with a completion's indentation when the
+    whole text is tokenised ("\\n    " is one token): training then never sees the prompt's own last token
+    ("\\n") before a completion, and greedy completions of the prompt go astray. The prompt and the
+    completion are tokenised apart: the ids before the targets are those of the prompt alone, and the
+    targets are the completion's own tokens and the template's end of turn."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2)
-    rows = [("def f(x):\n    '''Double it.'''\n", "    return 2 * x\n")]
-    ((ids, targets),) = list(data._encode_examples(tok, rows, "prompt_completion"))
-    got = tok.decode([i for i, t in zip(ids, targets) if t])
-    assert got.rstrip("\n").endswith("<|im_end|>") and "return 2 * x" in got and "Double" not in got and "user" not in got
+    row = ("def f(x):\n    \"\"\"Double it.\"\"\"\n", "    return 2 * x\n")
+    ((ids, targets),) = list(data._encode_examples(tok, [row], "prompt_completion"))
+    first = targets.index(True)
+    prompt = data.row_prompt(tok, row, "prompt_completion")[0]
+    assert ids[:first] == data.encode_prompts(tok, [prompt], rendered=True).input_ids[0].tolist()
+    assert all(targets[first:]) and tok.decode(ids[first:]).startswith("    return 2 * x\n<|im_end|>")
+    merged = tok(prompt + row[1], add_special_tokens=False).input_ids
+    assert merged[: first] != ids[: first]  # whole-text tokenisation would not start the same way
 
 
 @needs_smollm2

@@ -8,6 +8,7 @@ hash of what produced it and written atomically (temporary directory, then renam
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import hashlib
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
 _BPE_VERSION = 1  # bump when the BPE recipe changes, so caches are rebuilt
-_PACK_VERSION = 1
+_PACK_VERSION = 2
 _LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
 # Parts of the standard library that are not hand-written source or that are test code.
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "encodings", "pydoc_data"}
@@ -544,8 +545,12 @@ def load_packed(cfg: DataConfig, tokenizer, corpus: Corpus | None = None) -> Pac
 
 def _encode_examples(tokenizer, rows: list, fmt: str) -> Iterator[tuple[list[int], list[bool]]]:
     """(token ids, target flags) of each chat or prompt/completion row. Chat: the tokenizer's chat template;
-    the tokens each assistant message adds are targets (found by rendering the conversation up to it with
-    and without the message: the template must render a conversation's prefix as a prefix of it).
+    the conversation is cut, in characters, where each assistant message begins and ends (found by
+    rendering it up to that message with and without it: the template must render a conversation's
+    prefix as a prefix of it) and each piece is tokenised on its own, the assistant pieces being the
+    targets. So the ids before an assistant turn are exactly those of its prompt tokenised alone, as at
+    generation (tokenising the whole text instead lets a byte-level BPE merge the template's newline
+    with a completion's indentation, a token the model then never sees at the end of a prompt).
     Prompt/completion: as a user and an assistant message when the tokenizer has a chat template, else the
     prompt's tokens, then the completion's and EOS as targets."""
     template = getattr(tokenizer, "chat_template", None)
@@ -554,29 +559,30 @@ def _encode_examples(tokenizer, rows: list, fmt: str) -> Iterator[tuple[list[int
                           "(data.tokenizer) or prompt/completion rows")
     render = lambda msgs, gen=False: tokenizer.apply_chat_template(  # noqa: E731
         msgs, tokenize=False, add_generation_prompt=gen)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"] if text else []  # noqa: E731
     for n, row in enumerate(rows):
         if fmt == "prompt_completion" and not template:
-            p = tokenizer(row[0], add_special_tokens=False)["input_ids"]
-            c = tokenizer(row[1], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            p, c = encode(row[0]), encode(row[1]) + [tokenizer.eos_token_id]
             yield p + c, [False] * len(p) + [True] * len(c)
             continue
         msgs = row if fmt == "chat" else [{"role": "user", "content": row[0]}, {"role": "assistant", "content": row[1]}]
-        # in characters (a token may merge across the edge of a message, e.g. the template's newline with the
-        # completion's indentation): the assistant spans of the rendered text, then the tokens inside them
         text = render(msgs)
-        spans = []
+        ids, targets, at = [], [], 0
         for i, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
             before, through = render(msgs[:i], gen=True), render(msgs[: i + 1])
-            if not (text.startswith(through) and through.startswith(before)):
+            if not (text.startswith(through) and through.startswith(before) and len(before) >= at):
                 raise RecipeError(f"data: row {n + 1}: the tokenizer's chat template does not render a "
                                   "conversation's beginning as the beginning of the whole; cannot find the "
                                   "assistant tokens")
-            spans.append((len(before), len(through)))
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        targets = [any(a <= s0 and e0 <= b for a, b in spans) and e0 > s0 for s0, e0 in enc["offset_mapping"]]
-        yield list(enc["input_ids"]), targets
+            for piece, target in ((text[at : len(before)], False), (text[len(before) : len(through)], True)):
+                piece_ids = encode(piece)
+                ids += piece_ids
+                targets += [target] * len(piece_ids)
+            at = len(through)
+        rest = encode(text[at:])
+        yield ids + rest, targets + [False] * len(rest)
 
 
 def pack_examples(examples, tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -742,6 +748,28 @@ def mask_labels(labels: torch.Tensor, batch: dict, ignore_index: int = -100) -> 
 
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def built_once(path: Path, marker: str):
+    """Build the cache directory `path` once, even with several processes: yields a temporary directory
+    to write into (renamed to `path` when the block ends without error), or None when `path/marker`
+    exists already; a second process waits (a lock beside `path`) and then gets None."""
+    if (Path(path) / marker).is_file():
+        yield None
+        return
+    from workbench import rundir
+
+    lock = Path(path).parent / f".{Path(path).name}"
+    rundir.lock(lock, wait=True)
+    try:
+        if (Path(path) / marker).is_file():
+            yield None
+        else:
+            with _atomic_dir(path) as tmp:
+                yield tmp
+    finally:
+        rundir.unlock(lock)
 
 
 class _atomic_dir:

@@ -120,41 +120,34 @@ def resolve_source(name: str | None) -> str | None:
     first use, under cache_root()/gguf, atomically and once per file even with several processes)."""
     if not is_gguf(name):
         return name
-    from workbench.data import _atomic_dir, _hash, cache_root
+    from workbench.data import _hash, built_once, cache_root
 
     path = gguf_file(name)
     st = path.stat()
     out = cache_root() / "gguf" / f"{path.stem}-{_hash([_GGUF_VERSION, str(path.resolve()), st.st_size, st.st_mtime_ns])}"
-    if (out / "config.json").is_file():
-        return str(out)
-    from workbench import rundir
+    with built_once(out, "config.json") as tmp:
+        if tmp is None:
+            return str(out)
+        import logging
 
-    rundir.lock(out.parent / f".{out.name}", wait=True)  # a second process waits for the first conversion
-    try:
-        if not (out / "config.json").is_file():
-            import logging
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            logging.getLogger(__name__).info("converting %s to a transformers checkpoint in %s (once)", path, out)
-            with _atomic_dir(out) as tmp:
-                loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-                # transformers will not save a model it loaded from GGUF (it counts as quantised), although the
-                # weights are dequantised fp32: the same weights in a plain model of the same config save
-                config = loaded.config
-                del config.quantization_config
-                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-                missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-                tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-                if set(missing) - tied or unexpected:
-                    raise RecipeError(f"'{name}': the GGUF weights do not fit its config (missing {missing[:3]}, "
-                                      f"unexpected {unexpected[:3]})")
-                del loaded
-                model.save_pretrained(tmp, safe_serialization=True)
-                AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
-                (tmp / "gguf_source.json").write_text(json.dumps({"source": name, "file": path.name}))
-    finally:
-        rundir.unlock(out.parent / f".{out.name}")
+        logging.getLogger(__name__).info("converting %s to a transformers checkpoint in %s (once)", path, out)
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        # transformers will not save a model it loaded from GGUF (it counts as quantised), although the
+        # weights are dequantised fp32: the same weights in a plain model of the same config save
+        config = loaded.config
+        del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+        tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        if set(missing) - tied or unexpected:
+            raise RecipeError(f"'{name}': the GGUF weights do not fit its config (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+        del loaded
+        model.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
+        (tmp / "gguf_source.json").write_text(json.dumps({"source": name, "file": path.name}))
     return str(out)
 
 

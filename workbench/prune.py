@@ -194,20 +194,15 @@ def ensure_pruned(teacher_path: str, prune: PruneConfig, blocks: np.ndarray, bat
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workbench import rundir
-    from workbench.data import _atomic_dir, _hash, cache_root
     from workbench.config import ModelSpec
+    from workbench.data import _hash, built_once, cache_root
     from workbench.train import _model_id
 
     key = _hash([_PRUNE_VERSION, _model_id(ModelSpec(name_or_path=teacher_path)), dataclasses.asdict(prune),
                  data_key, batch, seed])
     out = cache_root() / "pruned" / key
-    if (out / "prune.json").is_file():
-        return out
-    lock = out.parent / f".{out.name}"
-    rundir.lock(lock, wait=True)
-    try:
-        if (out / "prune.json").is_file():
+    with built_once(out, "prune.json") as tmp:
+        if tmp is None:
             return out
         teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).to(device)
         imp = measure(teacher, calibration_batches(blocks, prune.calibration_batches, batch, seed))
@@ -219,15 +214,12 @@ def ensure_pruned(teacher_path: str, prune: PruneConfig, blocks: np.ndarray, bat
         log.info("pruned %s: %.1fM -> %.1fM parameters; kept blocks %s (dropped %s), %d MLP channels, %d KV heads",
                  teacher_path, n_t / 1e6, n_s / 1e6, keep["layers"], dropped, len(keep["channels"][0]),
                  len(keep["kv_groups"][0]))
-        with _atomic_dir(out) as tmp:
-            student.save_pretrained(tmp, safe_serialization=True)
-            AutoTokenizer.from_pretrained(teacher_path).save_pretrained(tmp)
-            (tmp / "prune.json").write_text(json.dumps({
-                "teacher": teacher_path, "settings": dataclasses.asdict(prune), "teacher_params": n_t,
-                "student_params": n_s, "kept_layers": keep["layers"], "block_importance": imp.blocks.tolist(),
-                "intermediate_size": len(keep["channels"][0]), "kv_heads": len(keep["kv_groups"][0])}, indent=1))
-    finally:
-        rundir.unlock(lock)
+        student.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(teacher_path).save_pretrained(tmp)
+        (tmp / "prune.json").write_text(json.dumps({
+            "teacher": teacher_path, "settings": dataclasses.asdict(prune), "teacher_params": n_t,
+            "student_params": n_s, "kept_layers": keep["layers"], "block_importance": imp.blocks.tolist(),
+            "intermediate_size": len(keep["channels"][0]), "kv_heads": len(keep["kv_groups"][0])}, indent=1))
     return out
 
 
