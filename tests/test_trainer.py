@@ -102,6 +102,27 @@ def test_teacher_recipe_is_trained_once_then_cached(tmp_path, accelerator, monke
     assert "my_teacher" in calls and other != cached[0].parent and (other / "config.json").is_file()
 
 
+def test_a_teacher_corrected_with_lora_is_used_merged(tmp_path, tiny_teacher, accelerator):
+    """A teacher recipe that fine-tunes a pretrained model with LoRA first (teacher correction, as
+    teacher_smollm2 does): the dependent run's teacher is the merged model, with the perplexity the
+    correction run measured, not the model it started from."""
+    teacher_yaml = tmp_path / "corrected.yaml"
+    teacher_yaml.write_text(
+        f"student: {{name_or_path: {tiny_teacher}, adapter: {{method: lora, r: 4, alpha: 8}}}}\n"
+        "data: {max_documents: 40, vocab_size: 320, seq_len: 32, val_fraction: 0.1}\n"
+        "train: {max_steps: 6, micro_batch_size: 4, warmup_steps: 1, lr: 5.0e-2, eval_every: 0, checkpoint_every: 0}\n"
+        "output: {tensorboard: false}\neval: {report: false}\n"
+    )
+    m = run(fast_recipe("kd_tiny", tmp_path / "kd", f"teacher.recipe={teacher_yaml}", "train.max_steps=2"), accelerator)
+    teacher = Path(m["teacher"])
+    assert (teacher / "config.json").is_file() and not (teacher / "adapter_config.json").exists()
+    corrected = json.loads((teacher.parent / "final_metrics.json").read_text())
+    assert m["teacher_val_ppl"] == pytest.approx(corrected["student_val_ppl"], rel=1e-5)
+    start = run(fast_recipe("kd_tiny", tmp_path / "kd0", "teacher.recipe=null", f"teacher.name_or_path={tiny_teacher}",
+                            "train.max_steps=1"), accelerator)
+    assert abs(start["teacher_val_ppl"] - m["teacher_val_ppl"]) > 1e-3 * m["teacher_val_ppl"]
+
+
 def test_rerun_needs_resume_or_overwrite(tmp_path, accelerator):
     recipe = fast_recipe("sft_tiny", tmp_path, "train.max_steps=2")
     first = run(recipe, accelerator)
