@@ -390,3 +390,15 @@ def test_built_once_builds_a_cache_directory_once_and_nothing_on_failure(tmp_pat
     assert (out / "done").read_text() == "1"
     with data.built_once(out, "done") as tmp:
         assert tmp is None  # built already: nothing to do
+
+
+def test_training_token_ids_of_rows_are_the_ids_training_packs(tmp_path):
+    """The token counts behind a frequent-token draft come from the rows exactly as training packs them
+    (every turn, the template's end-of-turn tokens), not from a prompt and reference re-joined."""
+    tok = _chat_tokenizer()
+    cfg = DataConfig(dataset=str(_write_jsonl(tmp_path / "chat.jsonl", CHATS)), seq_len=96, val_fraction=0.1)
+    corpus = data.load_corpus(cfg)
+    first = data.training_token_ids(cfg, tok)[0]
+    b = data.load_packed(cfg, tok, corpus).train
+    starts = [t for t in range(1, 96) if b.positions[0][t] == 0] + [96]
+    assert b.ids[0][: starts[0]].tolist() == first and len(data.training_token_ids(cfg, tok)) == len(corpus.train_rows)

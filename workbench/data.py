@@ -152,14 +152,12 @@ def row_text(row, fmt: str) -> str:
 
 def training_token_ids(cfg: DataConfig, tok, max_chars: int = 200_000) -> list[list[int]]:
     """Token ids of the training documents of `cfg` as the model sees them (chat and prompt/completion
-    rows in `tok`'s chat template; at most `max_chars` of each document), e.g. to find the tokens a domain
-    uses most."""
+    rows as training encodes them, _encode_examples; at most `max_chars` of each text document), e.g. to
+    find the tokens a domain uses most."""
     corpus = load_corpus(cfg)
     if corpus.format == "text":
-        texts = corpus.train_texts
-    else:
-        texts = ["".join(row_prompt(tok, row, corpus.format)) for row in corpus.train_rows]
-    return [tok(t[:max_chars], add_special_tokens=False).input_ids for t in texts]
+        return [tok(t[:max_chars], add_special_tokens=False).input_ids for t in corpus.train_texts]
+    return [ids for ids, _ in _encode_examples(tok, corpus.train_rows, corpus.format)]
 
 
 FUNCTION_PROMPT = "Complete this Python function from the standard library:\n\n"

@@ -361,8 +361,6 @@ def expected_tokens_per_call(acceptance: float, k: int) -> float:
     return k + 1.0 if acceptance >= 1 else (1 - acceptance ** (k + 1)) / (1 - acceptance)
 
 
-
-
 # ------------------------------------------------------------------- a draft over frequent tokens only
 
 
