@@ -493,6 +493,12 @@ def test_sequence_level_kd_trains_on_the_teachers_own_completions_generated_once
     again = real(corpus, boom, tok, recipe.distill.sequence_kd, cached.stem)
     assert [c for _, c in again.train_rows] == [c for c in completions if c]
     assert again.val_rows == corpus.val_rows  # validation keeps the true bodies
+    # keep_data: the same cached completions (no generation) plus every true row, each prompt with both answers
+    both = [*args[:-2], "distill.sequence_kd={mode: greedy, max_new_tokens: 12, keep_data: true}", args[-1]]
+    run(fast_recipe("kd_tiny", tmp_path / "c", *both), accelerator)
+    mixed = real(corpus, boom, tok, fast_recipe("kd_tiny", tmp_path / "c", *both).distill.sequence_kd, cached.stem)
+    assert mixed.train_rows == corpus.train_rows + again.train_rows
+    assert mixed.fingerprint != again.fingerprint  # packed apart from the teacher-only rows
 
 
 def test_on_policy_samples_on_chat_data_continue_from_the_assistant_turn(tmp_path, accelerator, monkeypatch):

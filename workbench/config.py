@@ -373,6 +373,13 @@ class SequenceKDConfig:
     """Sampling temperature (mode sample)."""
     batch_size: int = 8
     """Prompts generated together."""
+    keep_data: bool = False
+    """Train on both: every training prompt twice, once with the data's completion and once with the
+    teacher's (the word-level losses then see the reference too); false: the teacher's completions only."""
+
+    def generation_key(self) -> dict:
+        """What the cached completions depend on (keep_data only chooses which rows train)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "keep_data"}
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 1 and self.batch_size >= 1, "max_new_tokens", "and batch_size must be >= 1")

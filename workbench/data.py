@@ -247,9 +247,11 @@ def with_teacher_completions(corpus: Corpus, load_teacher, tok, cfg, key: str, s
         rows = [(p, c) for (p, _), c in zip(corpus.train_rows, completions)]
     keep = [j for j, r in enumerate(rows) if (r[-1]["content"] if corpus.format == "chat" else r[1])]  # not empty
     texts = [row_text(r, corpus.format) for r in rows]
-    return dataclasses.replace(corpus, train_ids=[corpus.train_ids[j] for j in keep],
-                               train_texts=[texts[j] for j in keep], train_rows=[rows[j] for j in keep],
-                               fingerprint=_hash([corpus.fingerprint, "seqkd", key]))
+    ids, texts, rows = [corpus.train_ids[j] for j in keep], [texts[j] for j in keep], [rows[j] for j in keep]
+    if cfg.keep_data:  # the data's rows too: each prompt with its reference and with the teacher's answer
+        ids, texts, rows = corpus.train_ids + ids, corpus.train_texts + texts, corpus.train_rows + rows
+    return dataclasses.replace(corpus, train_ids=ids, train_texts=texts, train_rows=rows,
+                               fingerprint=_hash([corpus.fingerprint, "seqkd", key] + ["keep_data"] * cfg.keep_data))
 
 
 def _split_mask(ids: list[str], val_fraction: float) -> list[bool]:

@@ -241,7 +241,7 @@ def _run(recipe: Recipe, accelerator) -> dict:
         tokenizer = D.load_tokenizer(recipe.data, corpus, pretrained=pretrained)
         skd = recipe.distill.sequence_kd
         if skd.mode != "off":  # the teacher's completions as the training targets (generated once, cached)
-            key = D._hash([_model_id(teacher_spec), corpus.fingerprint, dataclasses.asdict(skd), recipe.train.seed])
+            key = D._hash([_model_id(teacher_spec), corpus.fingerprint, skd.generation_key(), recipe.train.seed])
             load = lambda: M.load_model(teacher_spec, tokenizer, "teacher", device=accelerator.device).to(  # noqa: E731
                 accelerator.device)
             corpus = D.with_teacher_completions(corpus, load, tokenizer, skd, key, recipe.train.seed)
