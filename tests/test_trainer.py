@@ -501,6 +501,23 @@ def test_sequence_level_kd_trains_on_the_teachers_own_completions_generated_once
     assert mixed.fingerprint != again.fingerprint  # packed apart from the teacher-only rows
 
 
+def test_a_pruned_student_is_cut_on_the_datas_rows_with_or_without_sequence_kd(tmp_path, tiny_teacher, accelerator,
+                                                                             monkeypatch):
+    """Sequence KD changes the training targets, not the cut: the student pruned from the teacher is the one
+    the same recipe cuts without it (it was calibrated on the teacher's completions, a different start)."""
+    from workbench import data as D
+
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    args = ["teacher.recipe=null", f"teacher.name_or_path={tiny_teacher}", "student.tiny=null",
+            "student.prune={layers: 1, calibration_batches: 2}", "data.dataset=stdlib_functions", "data.seq_len=256",
+            "data.max_documents=10", "train.max_steps=1", "distill.losses=[{name: cross_entropy, weight: 1.0}]"]
+    plain = run(fast_recipe("kd_tiny", tmp_path / "a", *args), accelerator)
+    skd = run(fast_recipe("kd_tiny", tmp_path / "b", *args, "distill.sequence_kd={mode: greedy, max_new_tokens: 4}"),
+              accelerator)
+    assert len(list((D.cache_root() / "pruned").glob("[!.]*"))) == 1  # one cut, made once (and its lock)
+    assert skd["student_init_val_ppl"] == plain["student_init_val_ppl"]
+
+
 def test_on_policy_samples_on_chat_data_continue_from_the_assistant_turn(tmp_path, accelerator, monkeypatch):
     """GKD on chat rows: the student is sampled from where each block's first answer begins (the prompt's
     last tokens, ending in the opened assistant turn), not from the block's first tokens."""

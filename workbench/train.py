@@ -240,12 +240,16 @@ def _run(recipe: Recipe, accelerator) -> dict:
         corpus = D.load_corpus(recipe.data)
         tokenizer = D.load_tokenizer(recipe.data, corpus, pretrained=pretrained)
         skd = recipe.distill.sequence_kd
+        data_corpus = corpus
         if skd.mode != "off":  # the teacher's completions as the training targets (generated once, cached)
             key = D._hash([_model_id(teacher_spec), corpus.fingerprint, skd.generation_key(), recipe.train.seed])
             load = lambda: M.load_model(teacher_spec, tokenizer, "teacher", device=accelerator.device).to(  # noqa: E731
                 accelerator.device)
             corpus = D.with_teacher_completions(corpus, load, tokenizer, skd, key, recipe.train.seed)
         packed = D.load_packed(recipe.data, tokenizer, corpus)
+        calibration = packed  # a pruned student is cut on the data's own rows, with or without sequence KD
+        if student_spec.prune is not None and corpus is not data_corpus:
+            calibration = D.load_packed(recipe.data, tokenizer, data_corpus)
     log.info("data: %d train / %d validation blocks of %d tokens", len(packed.train), len(packed.val), packed.seq_len)
     from workbench.evaluation import check_report_inputs
 
@@ -256,8 +260,9 @@ def _run(recipe: Recipe, accelerator) -> dict:
         from workbench import prune as P
 
         with accelerator.main_process_first():
-            pruned = P.ensure_pruned(teacher_spec.name_or_path, student_spec.prune, packed.train,
-                                     recipe.train.micro_batch_size, recipe.train.seed, accelerator.device, packed.key)
+            pruned = P.ensure_pruned(teacher_spec.name_or_path, student_spec.prune, calibration.train,
+                                     recipe.train.micro_batch_size, recipe.train.seed, accelerator.device,
+                                     calibration.key)
         student_spec = dataclasses.replace(student_spec, name_or_path=str(pruned), prune=None)
 
     # a randomly initialised (tiny) student is built whole, so its weights do not depend on the launch;
