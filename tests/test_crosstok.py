@@ -1,0 +1,92 @@
+"""Cross-tokenizer alignment and losses against written-out computations on hand-made examples."""
+
+import math
+
+import pytest
+import torch
+
+from workbench import crosstok as X
+
+
+def test_groups_are_the_shortest_spans_both_tokenisations_agree_on():
+    # "hello world": student hel|lo| wor|ld, teacher <s>|hello| w|orld
+    s = [(0, 3), (3, 5), (5, 9), (9, 11)]
+    t = [(0, 0), (0, 5), (5, 7), (7, 11)]
+    assert X.align_groups(s, t) == [([0, 1], [1]), ([2, 3], [2, 3])]
+    assert X.align_groups(t, s) == [([1], [0, 1]), ([2, 3], [2, 3])]
+    # one side cut off early: the open tail closes no group
+    assert X.align_groups(s, [(0, 5), (5, 9), (9, 10)]) == [([0, 1], [0]), ([2], [1])]
+    # identical tokenisations: one group per token
+    assert X.align_groups(s, s) == [([i], [i]) for i in range(4)]
+
+
+def _rank_sorted(p):
+    return sorted(range(len(p)), key=lambda i: -p[i])
+
+
+def test_uld_is_the_l1_distance_of_sorted_zero_padded_probabilities_with_its_gradient():
+    ps, pt = [0.5, 0.2, 0.3], [0.1, 0.6, 0.2, 0.1]
+    s = torch.tensor([ps], dtype=torch.float64).log().requires_grad_()
+    t = torch.tensor([pt], dtype=torch.float64).log()
+    d = X.uld(s, t)
+    # sorted: s .5 .3 .2 0, t .6 .2 .1 .1
+    assert float(d.detach()) == pytest.approx(0.1 + 0.1 + 0.1 + 0.1)
+    d.sum().backward()
+    ts = sorted(pt, reverse=True)
+    want = [0.0] * 3
+    for rank, i in enumerate(_rank_sorted(ps)):  # d/dlog p_i = p_i * sign(p_i - t_(rank of i))
+        want[i] = ps[i] * math.copysign(1.0, ps[i] - ts[rank])
+    assert s.grad[0].tolist() == pytest.approx(want)
+
+
+def test_uld_against_a_top_k_teacher_compares_bucket_for_bucket():
+    s = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    t = torch.tensor([[0.6, 0.2, 0.2]]).log()  # top-2 and the rest
+    assert float(X.uld(s, t, t_topk=True)) == pytest.approx(0.1 + 0.1 + 0.0)
+    # k larger than the student's vocabulary: missing buckets are zero
+    t4 = torch.tensor([[0.4, 0.3, 0.2, 0.05, 0.05]]).log()
+    assert float(X.uld(s, t4, t_topk=True)) == pytest.approx(0.1 + 0.0 + 0.0 + 0.05 + 0.05)
+
+
+def test_a_group_of_tokens_merges_into_the_first_distribution_times_the_later_observed_probabilities():
+    logp = torch.randn(4, 5, dtype=torch.float64).log_softmax(-1)
+    # group 0: predicted at row 0, later tokens at rows 1 (token 2) and 2 (token 4); group 1: row 3 alone
+    got = X.merge_logp(logp, torch.tensor([0, 3]), torch.tensor([1, 2]), torch.tensor([0, 0]), torch.tensor([2, 4]))
+    assert torch.allclose(got[0], logp[0] + logp[1, 2] + logp[2, 4])
+    assert torch.equal(got[1], logp[3])
+
+
+def test_span_loss_is_the_divergence_on_shared_tokens_plus_uld_on_the_rest():
+    torch.manual_seed(0)
+    s = torch.randn(2, 4, dtype=torch.float64).log_softmax(-1).requires_grad_()
+    t = torch.randn(2, 5, dtype=torch.float64).log_softmax(-1)
+    s_ids, t_ids = torch.tensor([3, 0]), torch.tensor([1, 4])  # student 3 = teacher 1, student 0 = teacher 4
+    got = X.span_loss(s, t, s_ids, t_ids, "forward_kl")
+    w = 2 / 5
+    for g in range(2):
+        ps = s[g].exp().tolist()
+        pt = t[g].exp().tolist()
+        qs = [ps[3], ps[0]]
+        qt = [pt[1], pt[4]]
+        qs = [x / sum(qs) for x in qs]
+        qt = [x / sum(qt) for x in qt]
+        kl = sum(b * math.log(b / a) for a, b in zip(qs, qt))
+        rs = sorted([ps[1], ps[2]], reverse=True) + [0.0]
+        rt = sorted([pt[0], pt[2], pt[3]], reverse=True)
+        want = w * kl + (1 - w) * sum(abs(a - b) for a, b in zip(rs, rt))
+        assert float(got[g]) == pytest.approx(want, rel=1e-9)
+    assert torch.autograd.gradcheck(lambda x: X.span_loss(x, t, s_ids, t_ids, "jsd"), (s.detach().requires_grad_(),))
+
+
+def test_shared_vocabulary_pairs_tokens_standing_for_the_same_text():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    def tok(vocab):
+        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")),
+                                       unk_token="<unk>")
+
+    s_ids, t_ids = X.shared_vocab(tok({"<unk>": 0, "def": 1, "x": 2, "return": 3}),
+                                  tok({"return": 0, "y": 1, "def": 2, "<unk>": 3}))
+    assert t_ids.tolist() == [0, 2] and s_ids.tolist() == [3, 1]  # <unk> is special: not shared
