@@ -311,6 +311,19 @@ def test_run_labels_are_distinct():
     assert run_labels(runs) == ["kd", "sft", "sft (seqkd)", "sft (/b/seqkd)", "sft (/b/seqkd) #5"]
 
 
+def test_runs_are_compared_by_their_validation_blocks_not_their_training_data():
+    from workbench.evaluation import Run, same_val_data
+
+    def runs(*finals):
+        return [Run(Path(f"/r{i}"), f, None, []) for i, f in enumerate(finals)]
+
+    seqkd = {"data_key": "b", "val_key": "v"}
+    assert same_val_data(runs({"data_key": "a", "val_key": "v"}, seqkd))  # sequence KD: other training rows
+    assert not same_val_data(runs({"data_key": "a", "val_key": "w"}, seqkd))
+    assert not same_val_data(runs({"data_key": "a"}, seqkd))  # a run from before val_key: whole data keys
+    assert same_val_data(runs({"data_key": "a"}, {"data_key": "a", "val_key": "v"}))
+
+
 def test_report_generation_encodes_prompts_as_training_did():
     """Greedy completions and speculative decoding in the report start from the ids training saw: a chat
     prompt with its template's one BOS (not a second one added by the tokenizer), a text prompt with BOS."""

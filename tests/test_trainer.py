@@ -516,6 +516,8 @@ def test_a_pruned_student_is_cut_on_the_datas_rows_with_or_without_sequence_kd(t
               accelerator)
     assert len(list((D.cache_root() / "pruned").glob("[!.]*"))) == 1  # one cut, made once (and its lock)
     assert skd["student_init_val_ppl"] == plain["student_init_val_ppl"]
+    # other training data, the same validation blocks: the report compares them without a warning
+    assert skd["data_key"] != plain["data_key"] and skd["val_key"] == plain["val_key"]
 
 
 def test_on_policy_samples_on_chat_data_continue_from_the_assistant_turn(tmp_path, accelerator, monkeypatch):

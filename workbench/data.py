@@ -479,6 +479,13 @@ class Blocks:
     def __array__(self, dtype=None, copy=None):
         return self.ids if dtype is None else self.ids.astype(dtype)
 
+    def fingerprint(self) -> str:
+        """Equal for equal blocks (ids, targets and positions)."""
+        h = hashlib.sha1()
+        for a in (self.ids, self.targets, self.positions):
+            h.update(b"-" if a is None else np.ascontiguousarray(a).tobytes() + str(a.shape).encode())
+        return h.hexdigest()[:16]
+
     def __getattr__(self, name):  # shape, size, dtype, ravel, astype, ...
         if name in ("ids", "targets", "positions"):
             raise AttributeError(name)

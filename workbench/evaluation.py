@@ -64,9 +64,17 @@ def load_run(path: str | Path) -> Run:
     return Run(path, json.loads(final.read_text()), recipe, read_metrics(path))
 
 
+def same_val_data(runs: list[Run]) -> bool:
+    """Whether the runs were validated on the same blocks: their validation blocks' fingerprints (runs
+    whose training data differ, e.g. sequence KD, share them), or for runs made before those were
+    recorded, their whole data keys."""
+    if all(r.final.get("val_key") for r in runs):
+        return len({r.final["val_key"] for r in runs}) == 1
+    return len({r.final["data_key"] for r in runs}) == 1
+
+
 def perplexity_table(runs: list[Run]) -> str:
     """Plain-text table of validation perplexities: each distinct teacher once, then every student."""
-    keys = {r.final["data_key"] for r in runs}
     rows, teachers = [], {}
     for r in runs:
         if r.final.get("teacher_val_ppl") is not None:
@@ -78,7 +86,7 @@ def perplexity_table(runs: list[Run]) -> str:
              f"  {'role':8s} {'model':{width}s} {'steps':>6s} {'ppl':>10s}"]
     for role, name, ppl, step in rows:
         lines.append(f"  {role:8s} {name:{width}s} {'' if step is None else step:>6} {ppl:10.3f}")
-    if len(keys) > 1:
+    if not same_val_data(runs):
         lines.append("WARNING: these runs used different validation data; their perplexities are not comparable")
     elif len(runs) == 2 and runs[1].final.get("teacher_val_ppl") is None:
         a, b = runs[0].final, runs[1].final
@@ -342,7 +350,7 @@ def evaluate_runs(run_dirs: list[str | Path], cfg: EvalConfig | None = None, dev
     teacher = _load_teacher(main, teacher_path, device) if teacher_path and Path(teacher_path).is_dir() else None
 
     res = {"date": time.strftime("%Y-%m-%d %H:%M"), "main": main.name, "machine": machine(),
-           "val_tokens": main.final["val_tokens"], "same_val_data": len({r.final["data_key"] for r in runs}) == 1,
+           "val_tokens": main.final["val_tokens"], "same_val_data": same_val_data(runs),
            "models": [], "training": [], "tasks": {}, "samples": [], "speculative": {}, "curves": {},
            "eval": dataclasses.asdict(cfg)}
     if teacher is not None:

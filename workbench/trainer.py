@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from workbench import distributed as dist
 from workbench import onpolicy
 from workbench.config import LossTerm, Recipe, RecipeError, TrainingDiverged
-from workbench.data import PackedData, make_batch, mask_labels, stream_indices
+from workbench.data import Blocks, PackedData, make_batch, mask_labels, stream_indices
 from workbench.losses import LogitObjective, Objective, logit_loss_on, shift_labels
 from workbench.models import forward_for_losses, use_recording_attention
 
@@ -306,6 +306,7 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
         "train_tokens": state["tokens"],
         "val_tokens": int(data.val.targets.sum()) if getattr(data.val, "targets", None) is not None else int(data.val.size),
         "data_key": data.key,
+        "val_key": data.val.fingerprint() if isinstance(data.val, Blocks) else None,
         "train_seconds": round(state["elapsed"], 1),
         **_peak_memory(accelerator.device),
     }
