@@ -252,6 +252,7 @@ def _hostile_report(kd_run, tmp_path) -> tuple[Path, dict]:
     res["models"][0]["name"] = HOSTILE[3]
     res["training"][0]["name"] = bad
     res["tasks"] = {bad: {"rougeL": 0.5, "accuracy": 0.25}}
+    res["rouge_per_prompt"] = {bad: [0.5, 0.25], HOSTILE[3]: [0.25, 0.5]}
     res["samples"] = [{"prompt": HOSTILE[0], "reference": HOSTILE[2], bad: HOSTILE[1]}]
     out = tmp_path / "hostile"
     evaluation.write_report(res, out)
@@ -301,6 +302,11 @@ def test_the_function_task_reports_rouge_of_completions_and_their_perplexity(tin
     bodies = {c for _, c in corpus.val_rows}
     assert all(any(b.startswith(s["reference"][:20]) for b in bodies) for s in res["samples"])
     assert 0 <= res["tasks"]["kd_tiny"]["rougeL"] <= 1 and math.isfinite(metrics["student_val_ppl"])
+    per = res["rouge_per_prompt"]["kd_tiny"]  # kept prompt by prompt, for paired comparisons
+    assert len(per) == res["tasks_info"]["rouge_prompts"] and sum(per) / len(per) == pytest.approx(
+        res["tasks"]["kd_tiny"]["rougeL"])
+    assert res["completions"]["kd_tiny"][0] == res["samples"][0]["kd_tiny"]
+    assert "teacher " in (out / "report.md").read_text().split("paired bootstrap interval): ")[1]
 
 
 def test_run_labels_are_distinct():
@@ -309,6 +315,16 @@ def test_run_labels_are_distinct():
     runs = [Run(Path(p), {"recipe": n}, None, []) for n, p in
             (("kd", "/a/kd"), ("sft", "/a/sft"), ("sft", "/a/seqkd"), ("sft", "/b/seqkd"), ("sft", "/b/seqkd"))]
     assert run_labels(runs) == ["kd", "sft", "sft (seqkd)", "sft (/b/seqkd)", "sft (/b/seqkd) #5"]
+
+
+def test_paired_bootstrap_interval_of_a_metric_difference():
+    from workbench.evaluation import paired_interval
+
+    assert paired_interval([0.2, 0.4, 0.1], [0.2, 0.4, 0.1]) == (0.0, 0.0, 0.0)
+    d, lo, hi = paired_interval([0.3, 0.5, 0.2, 0.6], [0.2, 0.4, 0.1, 0.5])  # a constant +0.1
+    assert d == pytest.approx(0.1) and lo == pytest.approx(0.1) and hi == pytest.approx(0.1)
+    d, lo, hi = paired_interval([1.0, 0.0] * 20, [0.0, 1.0] * 20)  # +-1 in turn: a wide interval around 0
+    assert d == 0.0 and lo < -0.2 and hi > 0.2
 
 
 def test_runs_are_compared_by_their_validation_blocks_not_their_training_data():

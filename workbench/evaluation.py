@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from workbench.config import EvalConfig, Recipe, build, yaml_load
@@ -318,6 +319,16 @@ def _speculation(teacher, drafts: dict, tok, prompts: list[str], rendered: bool,
     return out
 
 
+def paired_interval(a: list[float], b: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of a - b over paired items and its 95% bootstrap interval (items resampled with replacement)."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if d.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, d.size, size=(resamples, d.size))
+    means = d[idx].mean(axis=1)
+    return float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
 def _metric(name: str):
     import evaluate
 
@@ -351,7 +362,8 @@ def evaluate_runs(run_dirs: list[str | Path], cfg: EvalConfig | None = None, dev
 
     res = {"date": time.strftime("%Y-%m-%d %H:%M"), "main": main.name, "machine": machine(),
            "val_tokens": main.final["val_tokens"], "same_val_data": same_val_data(runs),
-           "models": [], "training": [], "tasks": {}, "samples": [], "speculative": {}, "curves": {},
+           "models": [], "training": [], "tasks": {}, "rouge_per_prompt": {}, "samples": [], "speculative": {},
+           "curves": {},
            "eval": dataclasses.asdict(cfg)}
     if teacher is not None:
         res["models"].append({"role": "teacher", "name": _short(teacher_path), "params": count_parameters(teacher),
@@ -381,8 +393,11 @@ def evaluate_runs(run_dirs: list[str | Path], cfg: EvalConfig | None = None, dev
         gens = {}
         for name, m in scored.items():
             gens[name] = _greedy(m, tok, prompts, rendered, cfg.max_new_tokens)
-            res["tasks"].setdefault(name, {})["rougeL"] = rouge.compute(predictions=gens[name], references=refs)["rougeL"]
+            scores = rouge.compute(predictions=gens[name], references=refs)
+            res["tasks"].setdefault(name, {})["rougeL"] = scores["rougeL"]
+            res["rouge_per_prompt"][name] = scores["rougeL_per_example"]
         res["tasks_info"] = {"rouge_prompts": len(prompts)}
+        res["completions"] = {"prompts": prompts, "references": refs, **gens}
         res["samples"] = [{"prompt": prompts[i], "reference": refs[i], **{n: g[i] for n, g in gens.items()}}
                           for i in range(min(cfg.samples, len(prompts)))]
         if teacher is not None and cfg.speculative:
@@ -531,6 +546,15 @@ def _blocks(res: dict, plots: dict) -> list[tuple]:
                     "per token."),
               ("table", ["model", "ROUGE-L", "accuracy"], [1, 2],
                [[name, fmt_metric(t.get("rougeL")), fmt_metric(t.get("accuracy"))] for name, t in res["tasks"].items()])]
+        per = res.get("rouge_per_prompt", {})
+        if res["main"] in per and len(per) > 1:
+            diffs = []
+            for name, scores in per.items():
+                if name != res["main"]:
+                    d, lo, hi = paired_interval(scores, per[res["main"]])
+                    diffs.append(f"{name} {d:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+            B.append(("p", f"ROUGE-L against {res['main']}, prompt by prompt (mean difference and 95% paired "
+                           f"bootstrap interval): " + "; ".join(diffs) + "."))
     if res["speculative"]:
         rows = [[name, str(s["draft_len"]), f"{s['acceptance_rate']:.3f}", f"{s['tokens_per_target_call']:.2f}",
                  f"{s['tokens_per_s']:.1f}", f"{s['teacher_tokens_per_s']:.1f}", f"{s['speedup']:.2f}x",

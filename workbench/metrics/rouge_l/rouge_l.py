@@ -21,4 +21,4 @@ class RougeL(evaluate.Metric):
 
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
         scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
-        return {"rougeL": sum(scores) / max(len(scores), 1)}
+        return {"rougeL": sum(scores) / max(len(scores), 1), "rougeL_per_example": scores}
