@@ -74,7 +74,7 @@ def test_span_loss_is_the_divergence_on_shared_tokens_plus_uld_on_the_rest():
         rs = sorted([ps[1], ps[2]], reverse=True) + [0.0]
         rt = sorted([pt[0], pt[2], pt[3]], reverse=True)
         want = w * kl + (1 - w) * sum(abs(a - b) for a, b in zip(rs, rt))
-        assert float(got[g]) == pytest.approx(want, rel=1e-9)
+        assert float(got[g].detach()) == pytest.approx(want, rel=1e-9)
     assert torch.autograd.gradcheck(lambda x: X.span_loss(x, t, s_ids, t_ids, "jsd"), (s.detach().requires_grad_(),))
 
 
@@ -90,3 +90,66 @@ def test_shared_vocabulary_pairs_tokens_standing_for_the_same_text():
     s_ids, t_ids = X.shared_vocab(tok({"<unk>": 0, "def": 1, "x": 2, "return": 3}),
                                   tok({"return": 0, "y": 1, "def": 2, "<unk>": 3}))
     assert t_ids.tolist() == [0, 2] and s_ids.tolist() == [3, 1]  # <unk> is special: not shared
+
+
+TEXT = ("def naïve(x):\n    return 'café — 東京' + x  # ünïcödé\n\n" * 3)
+
+
+def _bpe(vocab):
+    from workbench.data import _train_bpe
+
+    return _train_bpe([TEXT, "print('hello world')\n" * 5], vocab)
+
+
+def test_token_bytes_of_a_byte_level_tokenizer_rebuild_the_text_exactly():
+    tok = _bpe(300)
+    tb = X.token_bytes(tok)
+    assert b"".join(tb[i] for i in tok(TEXT)["input_ids"]) == TEXT.encode()
+    assert tb[tok.eos_token_id] == b""  # special: covers no bytes
+
+
+def test_token_bytes_refuse_a_tokenizer_without_exact_bytes():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")))
+    with pytest.raises(ValueError, match="byte-level BPE"):
+        X.token_bytes(tok)
+
+
+def test_a_batch_aligns_on_groups_that_cover_the_same_bytes_in_both_tokenisations():
+    s_tok, t_tok = _bpe(280), _bpe(420)
+    sb, tb = X.token_bytes(s_tok), X.token_bytes(t_tok)
+    stream = s_tok(TEXT)["input_ids"]
+    cut = next(i for i in range(1, len(stream)) if sb[stream[i]][:1] and sb[stream[i]][0] & 0xC0 == 0x80)
+    T = 40  # block 0 starts inside a character; block 1 holds the end of one document and a second one
+    b0 = stream[cut : cut + T]
+    b1 = stream[:20] + [s_tok.eos_token_id] + stream[:T - 21]
+    pos1 = list(range(20)) + [20] + list(range(T - 21))
+    positions = torch.tensor([list(range(100, 100 + T)), pos1])
+    targets = torch.ones(2, T, dtype=torch.bool)
+    targets[1, 25] = False  # a token that is not a target starts no group
+    al = X.align_batch(torch.tensor([b0, b1]), positions, targets, sb, t_tok, tb, pad_id=t_tok.eos_token_id)
+    s_ids, t_ids = torch.tensor([b0, b1]).reshape(-1), al.teacher_ids.reshape(-1)
+    Tt = al.teacher_ids.shape[1]
+    assert al.teacher_positions[1, 0] == 0 and al.teacher_positions[0, 0] == 100  # restart, or carry on
+    G = al.s_first.numel()
+    assert G > 20 and al.t_first.numel() == G
+    for g in range(G):
+        s_rows = [int(al.s_first[g])] + al.s_later[al.s_later_group == g].tolist()
+        t_rows = [int(al.t_first[g])] + al.t_later[al.t_later_group == g].tolist()
+        assert s_rows == list(range(s_rows[0], s_rows[0] + len(s_rows)))  # consecutive tokens
+        s_bytes = b"".join(sb[int(s_ids[r + 1])] for r in s_rows)
+        t_bytes = b"".join(tb[int(t_ids[r + 1])] for r in t_rows)
+        assert s_bytes == t_bytes and s_bytes  # the same text on both sides
+        assert s_rows[0] // T == t_rows[0] // Tt  # in the same block
+        assert int(s_ids[s_rows[0] + 1]) != s_tok.eos_token_id
+    assert al.s_later_token.tolist() == [int(s_ids[r + 1]) for r in al.s_later.tolist()]
+    assert al.t_later_token.tolist() == [int(t_ids[r + 1]) for r in al.t_later.tolist()]
+    assert 1 * T + 24 not in al.s_first.tolist()  # row 24 predicts the non-target token 25
+    assert 1 * T + 20 not in al.s_first.tolist() and 1 * T + 19 not in al.s_first.tolist()  # no group across documents
+    # the teacher reads the same text: its tokens decode to the blocks' valid bytes
+    whole0 = b"".join(sb[i] for i in b0)
+    lo, hi = X._valid_utf8(whole0)
+    assert lo > 0 and t_tok.decode(al.teacher_ids[0][al.teacher_mask[0].bool()]).encode() == whole0[lo:hi]

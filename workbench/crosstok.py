@@ -21,6 +21,8 @@ A top-k teacher ([G, k + 1]: its k largest probabilities, then the rest's mass) 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -131,3 +133,152 @@ def shared_vocab(s_tok, t_tok) -> tuple[torch.Tensor, torch.Tensor]:
     s_of = pieces(s_tok)
     pairs = sorted((t, s_of[b]) for b, t in pieces(t_tok).items() if b in s_of)
     return (torch.tensor([s for _, s in pairs], dtype=torch.long), torch.tensor([t for t, _ in pairs], dtype=torch.long))
+
+
+# --------------------------------------------------------------------------------------------- batches
+
+
+def token_bytes(tok) -> list[bytes]:
+    """The bytes each id of a byte-level BPE tokenizer stands for (special tokens: none), the spans the
+    alignment works on. Other tokenizers cannot give exact spans for a block cut from a token stream."""
+    import json
+
+    model = json.loads(tok.backend_tokenizer.to_str())
+    if (model.get("decoder") or {}).get("type") != "ByteLevel":
+        raise ValueError(f"{getattr(tok, 'name_or_path', tok)}: cross-tokenizer distillation needs byte-level "
+                         "BPE tokenizers (GPT-2 / Llama 3 / SmolLM2 style), whose tokens map to exact bytes; "
+                         f"this one decodes with {(model.get('decoder') or {}).get('type')}")
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    to_byte = {ch: _gpt2_byte(ch) for ch in ByteLevel.alphabet()}
+    special = set(tok.all_special_ids)
+    added = {i: t for i, t in tok.added_tokens_decoder.items()}
+    out = []
+    for i, piece in enumerate(tok.convert_ids_to_tokens(list(range(len(tok))))):
+        if i in special or piece is None or (i in added and added[i].special):
+            out.append(b"")
+        elif i in added:  # added as text, not in the byte alphabet
+            out.append(added[i].content.encode("utf-8"))
+        else:
+            out.append(bytes(to_byte[c] for c in piece))
+    return out
+
+
+def _gpt2_byte(ch: str) -> int:
+    """The byte a character of GPT-2's byte-level alphabet stands for (printable bytes stand for
+    themselves; the others were shifted to 256 + n in order)."""
+    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    o = ord(ch)
+    if o in keep:
+        return o
+    others = [b for b in range(256) if b not in keep]
+    return others[o - 256]
+
+
+@dataclass
+class Alignment:
+    """A student batch read by the teacher in its own tokens, and the groups both agree on. Flat indices
+    are into the [B * T] student rows and the [B * Tt] teacher rows (a row predicts the next token)."""
+
+    teacher_ids: torch.Tensor  # [B, Tt] the teacher's tokens of each block's text (padded at the end)
+    teacher_positions: torch.Tensor  # [B, Tt] restarting at each document
+    teacher_mask: torch.Tensor  # [B, Tt] 1 for real tokens
+    s_first: torch.Tensor  # [G] student row predicting each group's first token
+    t_first: torch.Tensor  # [G] teacher row predicting it
+    s_later: torch.Tensor  # [Es] student rows predicting the groups' later tokens
+    s_later_group: torch.Tensor  # [Es]
+    s_later_token: torch.Tensor  # [Es]
+    t_later: torch.Tensor  # [Et]
+    t_later_group: torch.Tensor  # [Et]
+    t_later_token: torch.Tensor  # [Et]
+
+
+def align_batch(ids, positions, targets, s_bytes: list[bytes], t_tok, t_bytes: list[bytes], pad_id: int) -> Alignment:
+    """ids [B, T] student blocks (positions [B, T] restarting at each document, or None; targets [B, T]
+    bool, or None: every token) -> the teacher's tokenisation of each document piece of each block (its
+    BOS first where a document starts and the tokenizer has one) and the groups (`align_groups`) whose
+    first student token is a target and whose first tokens both have a predicting row in the same
+    document on both sides."""
+    from workbench.data import document_bos
+
+    ids = torch.as_tensor(ids)
+    B, T = ids.shape
+    pos = torch.arange(T).expand(B, T) if positions is None else torch.as_tensor(positions)
+    tgt = torch.ones(B, T, dtype=torch.bool) if targets is None else torch.as_tensor(targets, dtype=torch.bool)
+    bos = document_bos(t_tok)
+    t_rows, t_pos = [], []
+    sf, tf, sl, slg, slt, tl, tlg, tlt = ([] for _ in range(8))
+    for b in range(B):
+        row = ids[b].tolist()
+        starts = [a for a in range(T) if a == 0 or int(pos[b, a]) == 0]
+        t_seq, t_p = [], []
+        for a, e in zip(starts, starts[1:] + [T]):
+            pieces = [s_bytes[i] for i in row[a:e]]
+            whole = b"".join(pieces)
+            lo, hi = _valid_utf8(whole)
+            text = whole[lo:hi].decode("utf-8")
+            ends = _cumsum(len(p) for p in pieces)
+            s_spans = [(max(x - len(p) - lo, 0), x - lo) if len(p) and x - len(p) >= lo and x <= hi else (0, 0)
+                       for p, x in zip(pieces, ends)]
+            t_ids = t_tok(text, add_special_tokens=False)["input_ids"]
+            t_pieces = [t_bytes[j] for j in t_ids]
+            if b"".join(t_pieces) != whole[lo:hi]:
+                raise ValueError(f"{getattr(t_tok, 'name_or_path', 'the teacher tokenizer')} does not tokenise "
+                                 f"text into its own bytes (a normalizer?): {text[:60]!r}")
+            t_spans = [(x - len(p), x) for p, x in zip(t_pieces, _cumsum(len(p) for p in t_pieces))]
+            head = 1 if bos is not None and int(pos[b, a]) == 0 else 0  # a document starts here
+            if head:
+                t_ids, t_spans = [bos] + t_ids, [(0, 0)] + t_spans
+            t0 = len(t_seq)
+            t_seq += t_ids
+            t_p += list(range(int(pos[b, a]) if not head else 0, (int(pos[b, a]) if not head else 0) + len(t_ids)))
+            for gs, gt in align_groups(s_spans, t_spans):
+                i, j = a + gs[0], gt[0]
+                if i - 1 < a or j - 1 < 0 or not bool(tgt[b, i]):
+                    continue
+                g = len(sf)
+                sf.append(b * T + i - 1)
+                tf.append((b, t0 + j - 1))
+                for k in gs[1:]:
+                    sl.append(b * T + a + k - 1), slg.append(g), slt.append(row[a + k])
+                for k in gt[1:]:
+                    tl.append((b, t0 + k - 1)), tlg.append(g), tlt.append(t_ids[k])
+        t_rows.append(t_seq)
+        t_pos.append(t_p)
+    Tt = max(1, max(len(r) for r in t_rows))
+    t_ids_t = torch.full((B, Tt), pad_id, dtype=torch.long)
+    t_pos_t = torch.zeros(B, Tt, dtype=torch.long)
+    mask = torch.zeros(B, Tt, dtype=torch.long)
+    for b, (r, p) in enumerate(zip(t_rows, t_pos)):
+        t_ids_t[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+        t_pos_t[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+        mask[b, : len(r)] = 1
+    flat = lambda pairs: torch.tensor([b * Tt + j for b, j in pairs], dtype=torch.long)  # noqa: E731
+    long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return Alignment(t_ids_t, t_pos_t, mask, long(sf), flat(tf), long(sl), long(slg), long(slt), flat(tl),
+                     long(tlg), long(tlt))
+
+
+def _cumsum(xs) -> list[int]:
+    out, total = [], 0
+    for x in xs:
+        total += x
+        out.append(total)
+    return out
+
+
+def _valid_utf8(b: bytes) -> tuple[int, int]:
+    """[lo, hi) of `b` without the partial characters a block cut can leave at either end."""
+    lo = 0
+    while lo < len(b) and (b[lo] & 0xC0) == 0x80:  # continuation bytes of a character begun before
+        lo += 1
+    hi = len(b)
+    for back in range(1, min(4, hi - lo) + 1):  # a character begun at the end but not finished
+        c = b[hi - back]
+        if c & 0xC0 == 0x80:
+            continue
+        need = 1 if c < 0x80 else 2 if c >> 5 == 0b110 else 3 if c >> 4 == 0b1110 else 4
+        if need > back:
+            hi -= back
+        break
+    return lo, hi
