@@ -153,3 +153,36 @@ def test_a_batch_aligns_on_groups_that_cover_the_same_bytes_in_both_tokenisation
     whole0 = b"".join(sb[i] for i in b0)
     lo, hi = X._valid_utf8(whole0)
     assert lo > 0 and t_tok.decode(al.teacher_ids[0][al.teacher_mask[0].bool()]).encode() == whole0[lo:hi]
+
+
+@pytest.mark.parametrize("kind", ["uld", "span"])
+@pytest.mark.parametrize("student_vocab,teacher_vocab", [(280, 420), (420, 280)])  # groups merge on either side
+def test_the_chunked_cross_tokenizer_loss_equals_the_dense_computation_in_value_and_gradient(
+        kind, student_vocab, teacher_vocab):
+    s_tok, t_tok = _bpe(student_vocab), _bpe(teacher_vocab)
+    sb, tb = X.token_bytes(s_tok), X.token_bytes(t_tok)
+    stream = s_tok(TEXT)["input_ids"]
+    ids = torch.tensor([stream[:30], stream[10:40]])
+    al = X.align_batch(ids, None, None, sb, t_tok, tb, pad_id=t_tok.eos_token_id)
+    torch.manual_seed(0)
+    H, Vs, Vt = 8, len(s_tok), len(t_tok)
+    hidden = torch.randn(ids.numel(), H, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(Vs, H, dtype=torch.float64, requires_grad=True)
+    t_logp = (torch.randn(al.teacher_ids.numel(), Vt, dtype=torch.float64) * 2).log_softmax(-1)
+    shared = X.shared_vocab(s_tok, t_tok) if kind == "span" else None
+    T = 2.0
+    got = X.cross_tokenizer_loss(kind, hidden, weight, lambda r: (t_logp[r] / T).log_softmax(-1), al,
+                                 temperature=T, shared=shared, chunk=7)
+    g_h, g_w = torch.autograd.grad(got, (hidden, weight))
+    # dense: every row's logits at once, merged over all groups, summed
+    logp = (hidden @ weight.t() / T).log_softmax(-1)
+    G = al.s_first.numel()
+    s = X.merge_logp(logp, al.s_first, al.s_later, al.s_later_group, al.s_later_token)
+    t = X.merge_logp((t_logp / T).log_softmax(-1), al.t_first, al.t_later, al.t_later_group, al.t_later_token)
+    want = (X.uld(s, t) if kind == "uld" else X.span_loss(s, t, *shared)).sum()
+    w_h, w_w = torch.autograd.grad(want, (hidden, weight))
+    assert G > 10 and (al.s_later.numel() if student_vocab < teacher_vocab else al.t_later.numel()) > 10
+    # (the chunking wrapper sums in float32, as training does)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
+    assert torch.allclose(g_h, w_h, rtol=1e-10, atol=1e-14)
+    assert float((g_w - w_w).abs().max()) < 1e-6 * float(w_w.abs().max())  # the output layer's, in float32

@@ -282,3 +282,89 @@ def _valid_utf8(b: bytes) -> tuple[int, int]:
             hi -= back
         break
     return lo, hi
+
+
+# --------------------------------------------------------------------------------------------- the loss
+
+
+class _GroupTerm(torch.nn.Module):
+    """The per-chunk function of `losses.chunked_logit_loss` for one cross-tokenizer term: the rows of a
+    chunk are whole groups (each group's first row, then its later rows)."""
+
+    n_parts = 1
+
+    def __init__(self, kind: str, temperature: float, divergence: str, matched_weight, beta: float, alpha: float,
+                 shared):
+        super().__init__()
+        self.kind, self.T, self.divergence = kind, temperature, divergence
+        self.matched_weight, self.beta, self.alpha, self.shared = matched_weight, beta, alpha, shared
+
+    def forward(self, logits, teacher, rows):
+        # logits [c, Vs]; rows: group [c] (global, consecutive), first [c] bool, token [c] (later rows)
+        logp = F.log_softmax(_f32(logits) / self.T, -1)
+        g0 = int(rows["group"][0])
+        local = rows["group"] - g0
+        first = rows["first"]
+        later = ~first
+        s = merge_logp(logp, first.nonzero()[:, 0], later.nonzero()[:, 0], local[later], rows["token"][later])
+        s = s.clamp(min=_NEG)
+        if self.kind == "uld":
+            per = uld(s, teacher)
+        else:
+            per = span_loss(s, teacher, *self.shared, kind=self.divergence, matched_weight=self.matched_weight,
+                            beta=self.beta, alpha=self.alpha)
+        total = per.sum()
+        return total, total[None]
+
+
+def cross_tokenizer_loss(kind: str, s_hidden: torch.Tensor, s_weight: torch.Tensor, t_logp_rows, al: Alignment,
+                         temperature: float = 1.0, divergence: str = "forward_kl", matched_weight=None,
+                         beta: float = 0.5, alpha: float = 0.1, shared=None, chunk: int = 0) -> torch.Tensor:
+    """Sum over the aligned groups of ULD (`kind` 'uld') or the span loss ('span', `shared` the
+    (student ids, teacher ids) of shared_vocab) between the student's and the teacher's merged group
+    distributions, never holding more than `chunk` rows of student logits (whole groups per chunk).
+    s_hidden [B * T, H] the student's final hidden states, s_weight [Vs, H] its output layer;
+    t_logp_rows(rows) -> the teacher's log-probabilities at flat teacher rows [r, Vt], at `temperature`
+    (computed under no_grad by the caller's teacher, or read from a cache)."""
+    from workbench.losses import auto_chunk, chunked_logit_loss
+
+    G = al.s_first.numel()
+    if G == 0:
+        return s_hidden.sum() * 0.0
+    dev = s_hidden.device
+    rows = torch.cat([al.s_first, al.s_later]).to(dev)
+    group = torch.cat([torch.arange(G), al.s_later_group]).to(dev)
+    first = torch.cat([torch.ones(G, dtype=torch.bool), torch.zeros(al.s_later.numel(), dtype=torch.bool)]).to(dev)
+    token = torch.cat([torch.zeros(G, dtype=torch.long), al.s_later_token]).to(dev)
+    order = torch.argsort(group * 2 + (~first).long(), stable=True)  # group by group, its first row first
+    rows, group, first, token = rows[order], group[order], first[order], token[order]
+    starts = torch.ones(rows.numel(), dtype=torch.bool, device=dev)
+    starts[1:] = group[1:] != group[:-1]
+    cuts = starts.nonzero()[:, 0].tolist() + [rows.numel()]
+    chunk = chunk or auto_chunk(s_weight.shape[0])
+    bounds, a = [], 0
+    for i in range(1, len(cuts)):  # whole groups per chunk, about `chunk` rows each
+        if cuts[i] - a >= chunk or i == len(cuts) - 1:
+            bounds.append((a, cuts[i]))
+            a = cuts[i]
+
+    t_first, t_later = al.t_first.to(dev), al.t_later.to(dev)
+    t_group, t_token = al.t_later_group.to(dev), al.t_later_token.to(dev)
+
+    def teacher_chunk(a, b):
+        g0, g1 = int(group[a]), int(group[b - 1]) + 1
+        sel = (t_group >= g0) & (t_group < g1)
+        with torch.no_grad():
+            lp_first = t_logp_rows(t_first[g0:g1])
+            lp_later = t_logp_rows(t_later[sel]) if bool(sel.any()) else lp_first[:0]
+            both = torch.cat([lp_first, lp_later])
+            n = g1 - g0
+            merged = merge_logp(both, torch.arange(n, device=dev), torch.arange(n, n + lp_later.shape[0], device=dev),
+                                t_group[sel] - g0, t_token[sel])
+        return merged.clamp(min=_NEG)
+
+    fn = _GroupTerm(kind, temperature, divergence, matched_weight, beta, alpha, shared)
+    x = s_hidden[rows]
+    total, _ = chunked_logit_loss(fn, x, {"group": group, "first": first, "token": token},
+                                  teacher_chunk, s_weight, None, bounds=bounds)
+    return total

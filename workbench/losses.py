@@ -243,7 +243,7 @@ class _ChunkedLogitLoss(torch.autograd.Function):
     chunk of [rows, V] exists at a time. backward() just scales the stored gradients."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, teacher_chunk, fn, rows, chunk, grad_mode):
+    def forward(ctx, x, weight, bias, teacher_chunk, fn, rows, chunk, grad_mode, bounds=None):
         # x: [N, H] student hidden states (weight given) or [N, V] student logits (weight None)
         # weight: [V, H] student output layer; bias: [V] or None
         # teacher_chunk(a, b) -> teacher rows a:b (logits, TopKTeacher, dict of them, or None)
@@ -260,8 +260,8 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need[2] else None
         total = x.new_zeros((), dtype=torch.float32)
         parts = x.new_zeros(n_parts, dtype=torch.float32)
-        for a in range(0, x.shape[0], chunk):
-            b = min(a + chunk, x.shape[0])
+        # bounds: the chunks' row ranges when rows must stay together (a cross-tokenizer group)
+        for a, b in bounds or ((a, min(a + chunk, x.shape[0])) for a in range(0, x.shape[0], chunk)):
             h = x[a:b]  # [c, H] or [c, V]
             with torch.no_grad():
                 logits = h if weight is None else F.linear(h, weight, bias)  # [c, V]
@@ -292,7 +292,7 @@ class _ChunkedLogitLoss(torch.autograd.Function):
     def backward(ctx, g_total, g_parts):
         saved = ctx.saved_tensors
         grads = [s * g_total.to(s.dtype) if n else None for s, n in zip(saved, ctx.need)]
-        return grads[0], grads[1], grads[2], None, None, None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None, None, None
 
 
 def chunked_logit_loss(
@@ -303,10 +303,11 @@ def chunked_logit_loss(
     weight: torch.Tensor | None = None,  # [V, H] student output layer (fused mode)
     bias: torch.Tensor | None = None,  # [V]
     chunk: int = 0,  # rows per chunk (0: auto from V)
+    bounds: list[tuple[int, int]] | None = None,  # explicit chunk row ranges instead (covering all rows)
 ) -> tuple[torch.Tensor, torch.Tensor]:  # total [], per-term sums [n_parts]
     vocab = weight.shape[0] if weight is not None else x.shape[-1]
     chunk = chunk or auto_chunk(vocab)
-    return _ChunkedLogitLoss.apply(x, weight, bias, teacher_chunk, fn, rows, chunk, torch.is_grad_enabled())
+    return _ChunkedLogitLoss.apply(x, weight, bias, teacher_chunk, fn, rows, chunk, torch.is_grad_enabled(), bounds)
 
 
 # --------------------------------------------------------------------------------------------- features
