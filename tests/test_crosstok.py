@@ -186,3 +186,35 @@ def test_the_chunked_cross_tokenizer_loss_equals_the_dense_computation_in_value_
     assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
     assert torch.allclose(g_h, w_h, rtol=1e-10, atol=1e-14)
     assert float((g_w - w_w).abs().max()) < 1e-6 * float(w_w.abs().max())  # the output layer's, in float32
+
+
+@pytest.mark.parametrize("term", ["{name: uld, weight: 0.5}", "{name: span, weight: 0.5, divergence: jsd}"])
+def test_a_student_with_its_own_tokenizer_learns_from_a_teacher_reading_in_its_tokens(tmp_path, tiny_teacher,
+                                                                                       accelerator, term):
+    """The teacher (320-token BPE) and a student with a 448-token BPE of the same corpus: the run
+    trains, the term is logged and finite, and the loss falls."""
+    from conftest import fast_recipe
+    from workbench.train import run
+
+    from workbench.trainer import read_metrics
+
+    out = tmp_path / "run"
+    run(fast_recipe("kd_tiny", out, "teacher.recipe=null", f"teacher.name_or_path={tiny_teacher}",
+                    "data.tokenizer=bpe", "data.vocab_size=448", "train.max_steps=8", "train.lr=3e-3",
+                    f"distill.losses=[{term}, {{name: cross_entropy, weight: 0.5}}]"), accelerator)
+    name = "uld" if "uld" in term else "span"
+    recs = [r for r in read_metrics(out) if f"train/{name}" in r]
+    assert len(recs) == 8 and all(math.isfinite(r[f"train/{name}"]) and r[f"train/{name}"] > 0 for r in recs)
+    assert recs[-1][f"train/{name}"] < recs[0][f"train/{name}"]
+
+
+def test_a_same_vocabulary_divergence_with_another_tokenizer_says_what_to_use(tmp_path, tiny_teacher, accelerator):
+    from conftest import fast_recipe
+    from workbench.config import RecipeError
+    from workbench.train import run
+
+    with pytest.raises(RecipeError, match="uld or span"):
+        run(fast_recipe("kd_tiny", tmp_path / "r", "teacher.recipe=null", f"teacher.name_or_path={tiny_teacher}",
+                        "data.tokenizer=bpe", "data.vocab_size=448"), accelerator)
+    with pytest.raises(RecipeError, match="use one kind"):
+        run(fast_recipe("kd_tiny", tmp_path / "r", "distill.losses=[{name: uld}, {name: forward_kl}]"), accelerator)

@@ -56,7 +56,8 @@ def _data(N=13, V=37, seed=0, dtype=torch.float32, ignore=(1, 5, 6)):
 def test_registries_match_the_recipe_schema():
     names = set(typing.get_args(config.LossName))
     assert set(losses.DIVERGENCES) == config.LOGIT_DIVERGENCES
-    assert names == config.LOGIT_DIVERGENCES | config.FEATURE_LOSSES | {"cross_entropy"}
+    assert names == config.LOGIT_DIVERGENCES | config.FEATURE_LOSSES | config.CROSS_TOKENIZER_LOSSES | {"cross_entropy"}
+    assert set(typing.get_args(typing.get_type_hints(config.LossTerm)["divergence"])) == config.LOGIT_DIVERGENCES
 
 
 # --------------------------------------------------------------------------------------------- divergences

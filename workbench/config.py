@@ -37,11 +37,14 @@ LossName = Literal[
     "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd",
     "hidden_mse", "hidden_cosine",
     "attention_kl", "attention_logit_mse",
+    "uld", "span",
 ]
 LOGIT_DIVERGENCES = frozenset({"forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"})
 FEATURE_LOSSES = frozenset({"hidden_mse", "hidden_cosine", "attention_kl", "attention_logit_mse"})
+# Logit losses across tokenizers (workbench.crosstok): the teacher reads the text in its own tokens.
+CROSS_TOKENIZER_LOSSES = frozenset({"uld", "span"})
 # Losses that need the teacher.
-TEACHER_LOSSES = LOGIT_DIVERGENCES | FEATURE_LOSSES
+TEACHER_LOSSES = LOGIT_DIVERGENCES | FEATURE_LOSSES | CROSS_TOKENIZER_LOSSES
 
 
 class WorkbenchError(Exception):
@@ -291,6 +294,11 @@ class LossTerm:
     normalize: bool = False
     """hidden_mse: divide each token's squared error by the teacher state's mean square (a relative error:
     the residual stream's scale grows with depth, and raw MSE can dwarf the other terms)."""
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"] = "forward_kl"
+    """span: the divergence on the tokens both vocabularies share (ULD on the rest)."""
+    matched_weight: Optional[float] = None
+    """span: weight of the shared tokens' divergence (the rest's ULD gets 1 - it); null: the share of the
+    teacher's vocabulary the student's holds too (as TRL's GOLD)."""
 
     def __post_init__(self) -> None:
         _check(self.weight >= 0, "weight", "must be >= 0")
@@ -305,6 +313,9 @@ class LossTerm:
         _check(self.layer_map is None or self.name in FEATURE_LOSSES, "layer_map",
                "applies to hidden_* and attention_* losses only")
         _check(not self.normalize or self.name == "hidden_mse", "normalize", "applies to hidden_mse only")
+        _check(self.divergence == "forward_kl" or self.name == "span", "divergence", "applies to span only")
+        _check(self.matched_weight is None or (self.name == "span" and 0.0 <= self.matched_weight <= 1.0),
+               "matched_weight", "applies to span only and must be in [0, 1]")
 
 
 @dataclass
@@ -414,6 +425,14 @@ class DistillConfig:
             _check(not feats, "teacher_cache.top_k", f"a logit cache cannot serve {feats}; they need the live teacher")
             _check(self.onpolicy.method == "off", "teacher_cache.top_k",
                    "on-policy training scores new sequences, so it needs the live teacher")
+        cross = sorted({t.name for t in self.losses if t.name in CROSS_TOKENIZER_LOSSES})
+        if cross:
+            same = sorted({t.name for t in self.losses if t.name in LOGIT_DIVERGENCES | FEATURE_LOSSES})
+            _check(not same, "losses", f"{cross} compare across tokenizers; {same} need the teacher in the "
+                   "student's tokens: use one kind")
+            _check(self.onpolicy.method == "off", "onpolicy.method", f"is not available with {cross} yet")
+            _check(not self.teacher_cache.top_k, "teacher_cache.top_k", f"is not available with {cross} yet; "
+                   "they need the live teacher")
         if self.onpolicy.method == "minillm":
             feats = sorted({t.name for t in self.losses if t.name in FEATURE_LOSSES})
             _check(not feats, "onpolicy.method", f"minillm cannot be combined with {feats}")

@@ -21,11 +21,13 @@ A top-k teacher ([G, k + 1]: its k largest probabilities, then the rest's mass) 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from workbench.config import RecipeError
 from workbench.losses import DIVERGENCES, _NEG
 
 
@@ -145,7 +147,7 @@ def token_bytes(tok) -> list[bytes]:
 
     model = json.loads(tok.backend_tokenizer.to_str())
     if (model.get("decoder") or {}).get("type") != "ByteLevel":
-        raise ValueError(f"{getattr(tok, 'name_or_path', tok)}: cross-tokenizer distillation needs byte-level "
+        raise RecipeError(f"{getattr(tok, 'name_or_path', tok)}: cross-tokenizer distillation needs byte-level "
                          "BPE tokenizers (GPT-2 / Llama 3 / SmolLM2 style), whose tokens map to exact bytes; "
                          f"this one decodes with {(model.get('decoder') or {}).get('type')}")
     from tokenizers.pre_tokenizers import ByteLevel
@@ -323,7 +325,8 @@ def cross_tokenizer_loss(kind: str, s_hidden: torch.Tensor, s_weight: torch.Tens
     """Sum over the aligned groups of ULD (`kind` 'uld') or the span loss ('span', `shared` the
     (student ids, teacher ids) of shared_vocab) between the student's and the teacher's merged group
     distributions, never holding more than `chunk` rows of student logits (whole groups per chunk).
-    s_hidden [B * T, H] the student's final hidden states, s_weight [Vs, H] its output layer;
+    s_hidden [B * T, H] the student's final hidden states, s_weight [Vs, H] its output layer (or s_hidden
+    [B * T, Vs] its logits and s_weight None);
     t_logp_rows(rows) -> the teacher's log-probabilities at flat teacher rows [r, Vt], at `temperature`
     (computed under no_grad by the caller's teacher, or read from a cache)."""
     from workbench.losses import auto_chunk, chunked_logit_loss
@@ -341,7 +344,7 @@ def cross_tokenizer_loss(kind: str, s_hidden: torch.Tensor, s_weight: torch.Tens
     starts = torch.ones(rows.numel(), dtype=torch.bool, device=dev)
     starts[1:] = group[1:] != group[:-1]
     cuts = starts.nonzero()[:, 0].tolist() + [rows.numel()]
-    chunk = chunk or auto_chunk(s_weight.shape[0])
+    chunk = chunk or auto_chunk(s_weight.shape[0] if s_weight is not None else s_hidden.shape[-1])
     bounds, a = [], 0
     for i in range(1, len(cuts)):  # whole groups per chunk, about `chunk` rows each
         if cuts[i] - a >= chunk or i == len(cuts) - 1:
@@ -368,3 +371,66 @@ def cross_tokenizer_loss(kind: str, s_hidden: torch.Tensor, s_weight: torch.Tens
     total, _ = chunked_logit_loss(fn, x, {"group": group, "first": first, "token": token},
                                   teacher_chunk, s_weight, None, bounds=bounds)
     return total
+
+
+@dataclass
+class CrossTeacher:
+    """What the objective gets from a teacher with another tokenizer: its outputs on its own reading of
+    the batch, the alignment, and the shared vocabulary (span terms)."""
+
+    outputs: object  # losses.ModelOutputs of the teacher on alignment.teacher_ids
+    alignment: Alignment
+    shared: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def objective_term(term, student, teacher: CrossTeacher, chunk: int = 0) -> torch.Tensor:
+    """One uld / span term of the objective (config.LossTerm) from the student's ModelOutputs."""
+    if not isinstance(teacher, CrossTeacher):
+        raise ValueError(f"{term.name} compares across tokenizers: the teacher must come as a CrossTeacher")
+    s, t = student, teacher.outputs
+    if s.final_hidden is not None:
+        x, w = s.final_hidden.reshape(-1, s.final_hidden.shape[-1]), s.head_weight
+    else:
+        x, w = s.logits.reshape(-1, s.logits.shape[-1]), None
+    T = term.temperature
+    if t.final_hidden is not None:
+        th = t.final_hidden.reshape(-1, t.final_hidden.shape[-1])
+        rows = lambda r: F.log_softmax(_f32(F.linear(th[r], t.head_weight, t.head_bias)) / T, -1)  # noqa: E731
+    else:
+        tl = t.logits.reshape(-1, t.logits.shape[-1])
+        rows = lambda r: F.log_softmax(_f32(tl[r]) / T, -1)  # noqa: E731
+    shared = teacher.shared if term.name == "span" else None
+    if term.name == "span" and shared is None:
+        raise ValueError("span needs the shared vocabulary (crosstok.shared_vocab)")
+    return cross_tokenizer_loss(term.name, x, w, rows, teacher.alignment, T, term.divergence, term.matched_weight,
+                                term.beta, term.alpha, shared, chunk)
+
+
+@dataclass
+class CrossTokenizers:
+    """The student's and the teacher's tokenizers, prepared once for a run with uld / span terms."""
+
+    teacher_tok: object
+    s_bytes: list[bytes]
+    t_bytes: list[bytes]
+    shared: tuple[torch.Tensor, torch.Tensor] | None
+    pad_id: int
+
+    @classmethod
+    def build(cls, s_tok, t_tok, need_shared: bool) -> "CrossTokenizers":
+        pad = t_tok.pad_token_id if t_tok.pad_token_id is not None else t_tok.eos_token_id
+        return cls(t_tok, token_bytes(s_tok), token_bytes(t_tok), shared_vocab(s_tok, t_tok) if need_shared else None,
+                   0 if pad is None else pad)
+
+    def teacher_for(self, forward, ids: torch.Tensor, positions, labels: torch.Tensor) -> CrossTeacher:
+        """`forward(teacher_ids, teacher_positions)` -> the teacher's ModelOutputs, run on the teacher's reading
+        of the student batch ids [B, T]; labels [B, T] the shifted targets (ignore -100: no target)."""
+        targets = torch.zeros(ids.shape, dtype=torch.bool)
+        targets[:, 1:] = labels[:, :-1].cpu() != -100
+        al = align_batch(ids.cpu(), None if positions is None else positions.cpu(), targets, self.s_bytes,
+                         self.teacher_tok, self.t_bytes, self.pad_id)
+        dev = ids.device
+        out = forward(al.teacher_ids.to(dev), al.teacher_positions.to(dev))
+        moved = Alignment(*(getattr(al, f.name).to(dev) for f in dataclasses.fields(al)))
+        shared = None if self.shared is None else (self.shared[0].to(dev), self.shared[1].to(dev))
+        return CrossTeacher(out, moved, shared)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workbench.config import LOGIT_DIVERGENCES, TEACHER_LOSSES, LossTerm
+from workbench.config import CROSS_TOKENIZER_LOSSES, LOGIT_DIVERGENCES, TEACHER_LOSSES, LossTerm
 
 _NEG = -1e30  # stands in for log(0): keeps 0 * log(0) terms finite in values and gradients
 
@@ -434,7 +434,9 @@ class Objective(nn.Module):
         super().__init__()
         self.names = term_names(terms)
         logit_idx = [i for i, t in enumerate(terms) if t.name == "cross_entropy" or t.name in LOGIT_DIVERGENCES]
-        feat_idx = [i for i in range(len(terms)) if i not in logit_idx]
+        cross_idx = [i for i, t in enumerate(terms) if t.name in CROSS_TOKENIZER_LOSSES]
+        self.cross = [(self.names[i], terms[i]) for i in cross_idx]  # the teacher in its own tokens
+        feat_idx = [i for i in range(len(terms)) if i not in logit_idx and i not in cross_idx]
         self.logit_names = [self.names[i] for i in logit_idx]
         self.logit = LogitObjective([terms[i] for i in logit_idx], ignore_index) if logit_idx else None
         self.feature_names = [self.names[i] for i in feat_idx]
@@ -451,10 +453,18 @@ class Objective(nn.Module):
         labels = rows["labels"]
         total = labels.new_zeros((), dtype=torch.float32)
         parts: dict[str, torch.Tensor] = {}
-        if self.logit is not None:
-            tot, p = logit_loss_on(self.logit, student, teacher, rows, self.vocab, self.chunk)
+        if self.logit is not None:  # (cross-entropy only beside cross-tokenizer terms: no teacher rows)
+            t = None if self.cross else teacher
+            tot, p = logit_loss_on(self.logit, student, t, rows, self.vocab, self.chunk)
             total = total + tot
             parts.update({n: p[i] for i, n in enumerate(self.logit_names)})
+        if self.cross:
+            from workbench import crosstok
+
+            for name, term in self.cross:
+                value = crosstok.objective_term(term, student, teacher, self.chunk)
+                total = total + term.weight * value
+                parts[name] = value.detach()
         mask = labels != self.ignore_index
         for name, w, loss in zip(self.feature_names, self.feature_weights, self.features):
             if isinstance(loss, HiddenStateLoss):

@@ -379,7 +379,8 @@ def check_same_vocabulary(teacher_tok, student_tok, teacher, student) -> int:
         raise RecipeError(
             "teacher and student vocabularies differ "
             f"(teacher {len(tv)} tokens, student {len(sv)}; only in teacher: {only_t}, "
-            f"only in student: {only_s}, different ids: {moved}); logit distillation needs one tokenizer"
+            f"only in student: {only_s}, different ids: {moved}); logit distillation needs one tokenizer, "
+            "or the cross-tokenizer losses (name: uld or span)"
         )
     n = len(student_tok)
     for role, m in (("teacher", teacher), ("student", student)):

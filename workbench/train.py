@@ -20,7 +20,8 @@ if __name__ == "__main__" and not __package__:  # run as a file: import the pack
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from workbench import rundir
-from workbench.config import Recipe, RecipeError, WorkbenchError, describe_fields, list_recipes, load_recipe
+from workbench.config import (CROSS_TOKENIZER_LOSSES, Recipe, RecipeError, WorkbenchError, describe_fields, list_recipes,
+                              load_recipe)
 
 log = logging.getLogger("workbench")
 
@@ -269,14 +270,21 @@ def _run(recipe: Recipe, accelerator) -> dict:
     # pretrained ones load partitioned under ZeRO-3 (transformers' zero.Init) to spare host memory
     with unpartitioned_loading() if student_spec.tiny else contextlib.nullcontext():
         student = M.load_model(student_spec, tokenizer, "student", seed=recipe.train.seed, device=accelerator.device)
-    teacher, kd_vocab = None, None
+    teacher, kd_vocab, cross = None, None, None
     if teacher_spec is not None:
         from transformers import AutoTokenizer
 
         with unpartitioned_loading():  # placed (replicated or partitioned) by the trainer
             teacher = M.load_model(teacher_spec, tokenizer, "teacher", seed=recipe.train.seed, device=accelerator.device)
         teacher_tok = AutoTokenizer.from_pretrained(teacher_spec.name_or_path) if teacher_spec.name_or_path else tokenizer
-        kd_vocab = M.check_same_vocabulary(teacher_tok, tokenizer, teacher, student)
+        if any(t.name in CROSS_TOKENIZER_LOSSES for t in recipe.distill.losses):  # the teacher in its own tokens
+            from workbench.crosstok import CrossTokenizers
+
+            cross = CrossTokenizers.build(tokenizer, teacher_tok, any(t.name == "span" for t in recipe.distill.losses))
+            log.info("teacher tokenizer: %d tokens, student's: %d%s", len(teacher_tok), len(tokenizer),
+                     "" if cross.shared is None else f", {cross.shared[0].numel()} shared")
+        else:
+            kd_vocab = M.check_same_vocabulary(teacher_tok, tokenizer, teacher, student)
         log.info("teacher: %.2fM parameters", M.count_parameters(teacher) / 1e6)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters() if p.requires_grad)
     log.info("student: %.2fM parameters, %.3fM trainable", M.count_parameters(student) / 1e6, trainable / 1e6)
@@ -302,7 +310,7 @@ def _run(recipe: Recipe, accelerator) -> dict:
         cache, cached_teacher_ppl = _teacher_cache(recipe, teacher_spec, teacher, packed, kd_vocab, accelerator)
         teacher = None  # trained from the cache alone
     result = T.train(recipe, accelerator, student, tokenizer, packed, teacher=teacher, kd_vocab=kd_vocab,
-                     teacher_cache=cache)
+                     teacher_cache=cache, cross=cross)
     if result.interrupted:
         raise SystemExit(130)
     if teacher_spec is not None:

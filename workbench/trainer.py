@@ -122,9 +122,10 @@ class _Rollouts:
 
 
 def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, teacher=None, kd_vocab=None,
-          teacher_cache=None) -> TrainResult:
+          teacher_cache=None, cross=None) -> TrainResult:
     """Train `student` per `recipe.train` / `recipe.distill`; returns after max_steps or a signal.
-    `teacher_cache` (a teacher_cache.TeacherCache) replaces the live teacher for logit losses."""
+    `teacher_cache` (a teacher_cache.TeacherCache) replaces the live teacher for logit losses; `cross`
+    (a crosstok.CrossTokenizers) makes the teacher read each batch in its own tokens."""
     cfg, dcfg = recipe.train, recipe.distill
     onp = dcfg.onpolicy
     out = recipe.output_dir
@@ -174,7 +175,7 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
                        dist.zero_stage(accelerator), "parallel/param_elements_local": local,
                        "parallel/param_elements_total": total_elems})
     teacher_ppl = None
-    if teacher is not None:
+    if teacher is not None and cross is None:  # (a teacher with its own tokens cannot read the student's)
         teacher_ppl = evaluate_perplexity(teacher, data.val, cfg.micro_batch_size, 0, accelerator, dcfg.fused)
         if state["step"] == 0:  # a resumed run logged it already
             metrics.write({"step": 0, "teacher/val_ppl": teacher_ppl})
@@ -187,6 +188,9 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
         with torch.no_grad(), accelerator.autocast():
             if job.kind == "rollout":
                 return forward_for_losses(teacher, job.ids, dcfg.fused)
+            if cross is not None:
+                return cross.teacher_for(lambda ids, pos: forward_for_losses(teacher, ids, dcfg.fused, position_ids=pos),
+                                         job.ids, job.pos, job.rows["labels"])
             return forward_for_losses(teacher, job.ids, dcfg.fused, objective.hidden_layers[1],
                                       objective.attention_layers[1], position_ids=job.pos)
 
