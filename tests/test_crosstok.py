@@ -1,5 +1,6 @@
 """Cross-tokenizer alignment and losses against written-out computations on hand-made examples."""
 
+import json
 import math
 
 import pytest
@@ -201,7 +202,10 @@ def test_a_student_with_its_own_tokenizer_learns_from_a_teacher_reading_in_its_t
     out = tmp_path / "run"
     run(fast_recipe("kd_tiny", out, "teacher.recipe=null", f"teacher.name_or_path={tiny_teacher}",
                     "data.tokenizer=bpe", "data.vocab_size=448", "train.max_steps=8", "train.lr=3e-3",
-                    f"distill.losses=[{term}, {{name: cross_entropy, weight: 0.5}}]"), accelerator)
+                    f"distill.losses=[{term}, {{name: cross_entropy, weight: 0.5}}]",
+                    "eval.report=true", "eval.prompts=2", "eval.max_new_tokens=4", "eval.choice_items=4"), accelerator)
+    res = json.loads((out / "report.json").read_text())  # the students scored; the teacher reads other tokens
+    assert [m["role"] for m in res["models"]] == ["student"] and "teacher" not in res["tasks"]
     name = "uld" if "uld" in term else "span"
     recs = [r for r in read_metrics(out) if f"train/{name}" in r]
     assert len(recs) == 8 and all(math.isfinite(r[f"train/{name}"]) and r[f"train/{name}"] > 0 for r in recs)

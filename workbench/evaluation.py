@@ -358,7 +358,12 @@ def evaluate_runs(run_dirs: list[str | Path], cfg: EvalConfig | None = None, dev
 
     models = {label: (r, _load_student(r, device)) for label, r in zip(run_labels(runs), runs)}
     teacher_path = main.final.get("teacher")
-    teacher = _load_teacher(main, teacher_path, device) if teacher_path and Path(teacher_path).is_dir() else None
+    teacher = None
+    if teacher_path and Path(teacher_path).is_dir():
+        if tokenizer_fingerprint(AutoTokenizer.from_pretrained(teacher_path)) == tokenizer_fingerprint(tok):
+            teacher = _load_teacher(main, teacher_path, device)
+        else:  # a cross-tokenizer teacher: its text metrics and drafting need the students' tokens
+            log.info("the teacher %s uses another tokenizer: the report scores the students only", teacher_path)
 
     res = {"date": time.strftime("%Y-%m-%d %H:%M"), "main": main.name, "machine": machine(),
            "val_tokens": main.final["val_tokens"], "same_val_data": same_val_data(runs),
