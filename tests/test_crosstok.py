@@ -222,3 +222,7 @@ def test_a_same_vocabulary_divergence_with_another_tokenizer_says_what_to_use(tm
                         "data.tokenizer=bpe", "data.vocab_size=448"), accelerator)
     with pytest.raises(RecipeError, match="use one kind"):
         run(fast_recipe("kd_tiny", tmp_path / "r", "distill.losses=[{name: uld}, {name: forward_kl}]"), accelerator)
+    for extra in ("distill.teacher_cache={top_k: 8}", "distill.sequence_kd={mode: greedy}",
+                  "distill.onpolicy={method: gkd}"):
+        with pytest.raises(RecipeError, match="not available with"):
+            run(fast_recipe("kd_tiny", tmp_path / "r", "distill.losses=[{name: uld}]", extra), accelerator)

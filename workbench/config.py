@@ -433,6 +433,7 @@ class DistillConfig:
             _check(self.onpolicy.method == "off", "onpolicy.method", f"is not available with {cross} yet")
             _check(not self.teacher_cache.top_k, "teacher_cache.top_k", f"is not available with {cross} yet; "
                    "they need the live teacher")
+            _check(self.sequence_kd.mode == "off", "sequence_kd.mode", f"is not available with {cross} yet")
         if self.onpolicy.method == "minillm":
             feats = sorted({t.name for t in self.losses if t.name in FEATURE_LOSSES})
             _check(not feats, "onpolicy.method", f"minillm cannot be combined with {feats}")
