@@ -226,3 +226,46 @@ def test_a_same_vocabulary_divergence_with_another_tokenizer_says_what_to_use(tm
                   "distill.onpolicy={method: gkd}"):
         with pytest.raises(RecipeError, match="not available with"):
             run(fast_recipe("kd_tiny", tmp_path / "r", "distill.losses=[{name: uld}]", extra), accelerator)
+
+
+def test_uld_equals_trl_gold_where_the_two_formulations_coincide():
+    """TRL's GOLD (trl.experimental.gold.ULDLoss, extended ULD, 'bayesian' positions: row k - 1 predicts
+    token k, as ours) and ours agree where every aligned group is one token on both sides: GOLD's value is
+    the mean over sequences of our per-sequence sum over groups divided by their number. (With groups of
+    several tokens the two merge differently: GOLD 'bayesian' takes the last token's distribution, ours, as
+    GOLD 'observed', the first's.)"""
+    import types
+
+    gold = pytest.importorskip("trl.experimental.gold.gold_trainer")
+    tok = _bpe(300)
+    tb = X.token_bytes(tok)
+    texts = ["def f(x):\n    return x + 1\n", "print('hello world')  # ok\n"]
+    T = max(len(tok(t)["input_ids"]) for t in texts)
+    ids = torch.tensor([tok(t)["input_ids"] + [tok.eos_token_id] * (T - len(tok(t)["input_ids"])) for t in texts])
+    lens = [len(tok(t)["input_ids"]) for t in texts]
+    torch.manual_seed(0)
+    V = len(tok)
+    s_logits = torch.randn(2, T, V, dtype=torch.float64) * 3
+    t_logits = torch.randn(2, T, V, dtype=torch.float64) * 3
+    start = 3  # the answer: tokens 3 .. len - 1
+    labels = torch.full((2, T), -100)
+    offsets = torch.zeros(2, T, 2, dtype=torch.long)
+    for b, n in enumerate(lens):
+        labels[b, start:n] = ids[b, start:n]
+        ends = X._cumsum(len(tb[i]) for i in ids[b, start:n].tolist())
+        for k, e in enumerate(ends):
+            offsets[b, start + k] = torch.tensor([e - len(tb[int(ids[b, start + k])]), e])
+    cfg = types.SimpleNamespace(uld_crossentropy_weight=0.0, uld_distillation_weight=1.0, uld_student_temperature=1.0,
+                                uld_teacher_temperature=1.0, uld_skip_student_eos=False, uld_skip_teacher_eos=False,
+                                use_extended_uld=True, uld_token_merge_strategy="bayesian", uld_use_hybrid_loss=False)
+    want = gold.ULDLoss(cfg)(s_logits, t_logits, labels, labels, ids, ids, offsets, offsets)
+    ours = []
+    for b, n in enumerate(lens):
+        targets = torch.zeros(1, T, dtype=torch.bool)
+        targets[0, start:n] = True
+        al = X.align_batch(ids[b : b + 1], None, targets, tb, tok, tb, pad_id=tok.eos_token_id)
+        assert al.s_later.numel() == 0 and al.s_first.numel() == n - start  # one group per answer token
+        t_rows = t_logits[b].log_softmax(-1)
+        total = X.cross_tokenizer_loss("uld", s_logits[b], None, lambda r: t_rows[r], al)
+        ours.append(total / al.s_first.numel())
+    assert float(torch.stack(ours).mean()) == pytest.approx(float(want), rel=1e-6)
