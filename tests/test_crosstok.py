@@ -1,5 +1,6 @@
 """Cross-tokenizer alignment and losses against written-out computations on hand-made examples."""
 
+import itertools
 import json
 import math
 
@@ -80,17 +81,9 @@ def test_span_loss_is_the_divergence_on_shared_tokens_plus_uld_on_the_rest():
 
 
 def test_shared_vocabulary_pairs_tokens_standing_for_the_same_text():
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
-    def tok(vocab):
-        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")),
-                                       unk_token="<unk>")
-
-    s_ids, t_ids = X.shared_vocab(tok({"<unk>": 0, "def": 1, "x": 2, "return": 3}),
-                                  tok({"return": 0, "y": 1, "def": 2, "<unk>": 3}))
-    assert t_ids.tolist() == [0, 2] and s_ids.tolist() == [3, 1]  # <unk> is special: not shared
+    # token_bytes of two vocabularies: b"" is a special token (<unk>), b"\xe6" the first byte of a character
+    s_ids, t_ids = X.shared_vocab([b"", b"def", b"x", b"return", b"\xe6"], [b"return", b"y", b"def", b"", b"\xe6"])
+    assert t_ids.tolist() == [0, 2] and s_ids.tolist() == [3, 1]  # neither <unk> nor a piece of a character
 
 
 TEXT = ("def naïve(x):\n    return 'café — 東京' + x  # ünïcödé\n\n" * 3)
@@ -170,7 +163,7 @@ def test_the_chunked_cross_tokenizer_loss_equals_the_dense_computation_in_value_
     hidden = torch.randn(ids.numel(), H, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(Vs, H, dtype=torch.float64, requires_grad=True)
     t_logp = (torch.randn(al.teacher_ids.numel(), Vt, dtype=torch.float64) * 2).log_softmax(-1)
-    shared = X.shared_vocab(s_tok, t_tok) if kind == "span" else None
+    shared = X.shared_vocab(sb, tb) if kind == "span" else None
     T = 2.0
     got = X.cross_tokenizer_loss(kind, hidden, weight, lambda r: (t_logp[r] / T).log_softmax(-1), al,
                                  temperature=T, shared=shared, chunk=7)
@@ -252,7 +245,7 @@ def test_uld_equals_trl_gold_where_the_two_formulations_coincide():
     offsets = torch.zeros(2, T, 2, dtype=torch.long)
     for b, n in enumerate(lens):
         labels[b, start:n] = ids[b, start:n]
-        ends = X._cumsum(len(tb[i]) for i in ids[b, start:n].tolist())
+        ends = itertools.accumulate(len(tb[i]) for i in ids[b, start:n].tolist())
         for k, e in enumerate(ends):
             offsets[b, start + k] = torch.tensor([e - len(tb[int(ids[b, start + k])]), e])
     cfg = types.SimpleNamespace(uld_crossentropy_weight=0.0, uld_distillation_weight=1.0, uld_student_temperature=1.0,

@@ -32,14 +32,15 @@ def _recipes_dir() -> Path:
 RECIPES_DIR = _recipes_dir()
 
 # Loss names understood by workbench.losses (its registries are checked against these in tests).
+DivergenceName = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 LossName = Literal[
     "cross_entropy",
-    "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd",
+    DivergenceName,
     "hidden_mse", "hidden_cosine",
     "attention_kl", "attention_logit_mse",
     "uld", "span",
 ]
-LOGIT_DIVERGENCES = frozenset({"forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"})
+LOGIT_DIVERGENCES = frozenset(typing.get_args(DivergenceName))
 FEATURE_LOSSES = frozenset({"hidden_mse", "hidden_cosine", "attention_kl", "attention_logit_mse"})
 # Logit losses across tokenizers (workbench.crosstok): the teacher reads the text in its own tokens.
 CROSS_TOKENIZER_LOSSES = frozenset({"uld", "span"})
@@ -294,7 +295,7 @@ class LossTerm:
     normalize: bool = False
     """hidden_mse: divide each token's squared error by the teacher state's mean square (a relative error:
     the residual stream's scale grows with depth, and raw MSE can dwarf the other terms)."""
-    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"] = "forward_kl"
+    divergence: DivergenceName = "forward_kl"
     """span: the divergence on the tokens both vocabularies share (ULD on the rest)."""
     matched_weight: Optional[float] = None
     """span: weight of the shared tokens' divergence (the rest's ULD gets 1 - it); null: the share of the

@@ -22,6 +22,7 @@ A top-k teacher ([G, k + 1]: its k largest probabilities, then the rest's mass) 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -84,8 +85,7 @@ def uld(s_logp: torch.Tensor, t_logp: torch.Tensor, t_topk: bool = False) -> tor
     # the longer side beyond the shorter one's length meets zeros: only its largest n values need sorting,
     # the rest adds its mass (a top-k of 4,096 of SmolLM2's 49,152 instead of a full sort)
     n = min(s.shape[-1], t.shape[-1])
-    s_top = s.topk(n, dim=-1).values if s.shape[-1] > n else s.sort(dim=-1, descending=True).values
-    t_top = t.topk(n, dim=-1).values if t.shape[-1] > n else t.sort(dim=-1, descending=True).values
+    s_top, t_top = s.topk(n, dim=-1).values, t.topk(n, dim=-1).values  # in decreasing order
     tail = (s.sum(-1) - s_top.sum(-1)) + (t.sum(-1) - t_top.sum(-1))  # one of the two is 0
     return (s_top - t_top).abs().sum(-1) + tail.clamp(min=0.0)
 
@@ -122,21 +122,22 @@ def _without(x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     return x[:, keep]
 
 
-def shared_vocab(s_tok, t_tok) -> tuple[torch.Tensor, torch.Tensor]:
-    """(student ids, teacher ids) of the tokens that stand for the same text in both tokenizers, in
-    teacher-id order. Special tokens and pieces of a character (which decode to U+FFFD) are left out: they
-    would match what they do not stand for."""
-    def pieces(tok):
-        special = set(tok.all_special_ids)
+def shared_vocab(s_bytes: list[bytes], t_bytes: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student ids, teacher ids) of the tokens that stand for the same text in both tokenizers (their
+    `token_bytes`), in teacher-id order. Special tokens (no bytes) and pieces of a character (bytes that
+    are no text on their own) are left out: they would match what they do not stand for."""
+    def pieces(tb):
         out = {}
-        for i in range(len(tok)):
-            text = tok.convert_tokens_to_string([tok.convert_ids_to_tokens(i)])
-            if i not in special and text and "\ufffd" not in text:
-                out.setdefault(text, i)  # the first id of a duplicated piece
+        for i, b in enumerate(tb):
+            try:
+                if b and b.decode("utf-8"):
+                    out.setdefault(b, i)  # the first id of a duplicated piece
+            except UnicodeDecodeError:
+                pass
         return out
 
-    s_of = pieces(s_tok)
-    pairs = sorted((t, s_of[b]) for b, t in pieces(t_tok).items() if b in s_of)
+    s_of = pieces(s_bytes)
+    pairs = sorted((t, s_of[b]) for b, t in pieces(t_bytes).items() if b in s_of)
     return (torch.tensor([s for _, s in pairs], dtype=torch.long), torch.tensor([t for t, _ in pairs], dtype=torch.long))
 
 
@@ -153,9 +154,9 @@ def token_bytes(tok) -> list[bytes]:
         raise RecipeError(f"{getattr(tok, 'name_or_path', tok)}: cross-tokenizer distillation needs byte-level "
                          "BPE tokenizers (GPT-2 / Llama 3 / SmolLM2 style), whose tokens map to exact bytes; "
                          f"this one decodes with {(model.get('decoder') or {}).get('type')}")
-    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    to_byte = {ch: _gpt2_byte(ch) for ch in ByteLevel.alphabet()}
+    to_byte = {ch: b for b, ch in bytes_to_unicode().items()}
     special = set(tok.all_special_ids)
     added = {i: t for i, t in tok.added_tokens_decoder.items()}
     out = []
@@ -167,17 +168,6 @@ def token_bytes(tok) -> list[bytes]:
         else:
             out.append(bytes(to_byte[c] for c in piece))
     return out
-
-
-def _gpt2_byte(ch: str) -> int:
-    """The byte a character of GPT-2's byte-level alphabet stands for (printable bytes stand for
-    themselves; the others were shifted to 256 + n in order)."""
-    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    o = ord(ch)
-    if o in keep:
-        return o
-    others = [b for b in range(256) if b not in keep]
-    return others[o - 256]
 
 
 @dataclass
@@ -222,21 +212,21 @@ def align_batch(ids, positions, targets, s_bytes: list[bytes], t_tok, t_bytes: l
             whole = b"".join(pieces)
             lo, hi = _valid_utf8(whole)
             text = whole[lo:hi].decode("utf-8")
-            ends = _cumsum(len(p) for p in pieces)
-            s_spans = [(max(x - len(p) - lo, 0), x - lo) if len(p) and x - len(p) >= lo and x <= hi else (0, 0)
+            ends = itertools.accumulate(len(p) for p in pieces)
+            s_spans = [(x - len(p) - lo, x - lo) if p and x - len(p) >= lo and x <= hi else (0, 0)
                        for p, x in zip(pieces, ends)]
             t_ids = t_tok(text, add_special_tokens=False)["input_ids"]
             t_pieces = [t_bytes[j] for j in t_ids]
             if b"".join(t_pieces) != whole[lo:hi]:
                 raise ValueError(f"{getattr(t_tok, 'name_or_path', 'the teacher tokenizer')} does not tokenise "
                                  f"text into its own bytes (a normalizer?): {text[:60]!r}")
-            t_spans = [(x - len(p), x) for p, x in zip(t_pieces, _cumsum(len(p) for p in t_pieces))]
-            head = 1 if bos is not None and int(pos[b, a]) == 0 else 0  # a document starts here
-            if head:
+            t_spans = [(x - len(p), x) for p, x in zip(t_pieces, itertools.accumulate(len(p) for p in t_pieces))]
+            p0 = int(pos[b, a])  # 0: a document starts here (the teacher's BOS first, if it has one)
+            if bos is not None and p0 == 0:
                 t_ids, t_spans = [bos] + t_ids, [(0, 0)] + t_spans
             t0 = len(t_seq)
             t_seq += t_ids
-            t_p += list(range(int(pos[b, a]) if not head else 0, (int(pos[b, a]) if not head else 0) + len(t_ids)))
+            t_p += list(range(p0, p0 + len(t_ids)))
             for gs, gt in align_groups(s_spans, t_spans):
                 i, j = a + gs[0], gt[0]
                 if i - 1 < a or j - 1 < 0 or not bool(tgt[b, i]):
@@ -262,14 +252,6 @@ def align_batch(ids, positions, targets, s_bytes: list[bytes], t_tok, t_bytes: l
     long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
     return Alignment(t_ids_t, t_pos_t, mask, long(sf), flat(tf), long(sl), long(slg), long(slt), flat(tl),
                      long(tlg), long(tlt))
-
-
-def _cumsum(xs) -> list[int]:
-    out, total = [], 0
-    for x in xs:
-        total += x
-        out.append(total)
-    return out
 
 
 def _valid_utf8(b: bytes) -> tuple[int, int]:
@@ -422,7 +404,8 @@ class CrossTokenizers:
     @classmethod
     def build(cls, s_tok, t_tok, need_shared: bool) -> "CrossTokenizers":
         pad = t_tok.pad_token_id if t_tok.pad_token_id is not None else t_tok.eos_token_id
-        return cls(t_tok, token_bytes(s_tok), token_bytes(t_tok), shared_vocab(s_tok, t_tok) if need_shared else None,
+        s_bytes, t_bytes = token_bytes(s_tok), token_bytes(t_tok)
+        return cls(t_tok, s_bytes, t_bytes, shared_vocab(s_bytes, t_bytes) if need_shared else None,
                    0 if pad is None else pad)
 
     def teacher_for(self, forward, ids: torch.Tensor, positions, labels: torch.Tensor) -> CrossTeacher:
