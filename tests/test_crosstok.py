@@ -215,8 +215,7 @@ def test_a_same_vocabulary_divergence_with_another_tokenizer_says_what_to_use(tm
                         "data.tokenizer=bpe", "data.vocab_size=448"), accelerator)
     with pytest.raises(RecipeError, match="use one kind"):
         run(fast_recipe("kd_tiny", tmp_path / "r", "distill.losses=[{name: uld}, {name: forward_kl}]"), accelerator)
-    for extra in ("distill.teacher_cache={top_k: 8}", "distill.sequence_kd={mode: greedy}",
-                  "distill.onpolicy={method: gkd}"):
+    for extra in ("distill.sequence_kd={mode: greedy}", "distill.onpolicy={method: gkd}"):
         with pytest.raises(RecipeError, match="not available with"):
             run(fast_recipe("kd_tiny", tmp_path / "r", "distill.losses=[{name: uld}]", extra), accelerator)
 
@@ -262,3 +261,111 @@ def test_uld_equals_trl_gold_where_the_two_formulations_coincide():
         total = X.cross_tokenizer_loss("uld", s_logits[b], None, lambda r: t_rows[r], al)
         ours.append(total / al.s_first.numel())
     assert float(torch.stack(ours).mean()) == pytest.approx(float(want), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["uld", "span"])
+@pytest.mark.parametrize("student_vocab,teacher_vocab", [(280, 420), (420, 280)])
+def test_a_top_k_teacher_covering_its_vocabulary_equals_the_dense_loss(kind, student_vocab, teacher_vocab):
+    """The cache's form of the teacher (merged groups, top-k, the rest and the other shared tokens' mass)
+    with k = the teacher's vocabulary gives the dense loss, value and gradient, chunked."""
+    s_tok, t_tok = _bpe(student_vocab), _bpe(teacher_vocab)
+    sb, tb = X.token_bytes(s_tok), X.token_bytes(t_tok)
+    stream = s_tok(TEXT)["input_ids"]
+    ids = torch.tensor([stream[:30], stream[10:40]])
+    al = X.align_batch(ids, None, None, sb, t_tok, tb, pad_id=t_tok.eos_token_id)
+    torch.manual_seed(1)
+    H, Vs, Vt = 8, len(s_tok), len(t_tok)
+    hidden = torch.randn(ids.numel(), H, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(Vs, H, dtype=torch.float64, requires_grad=True)
+    t_logp = (torch.randn(al.teacher_ids.numel(), Vt, dtype=torch.float64) * 2).log_softmax(-1)
+    shared = X.shared_vocab(sb, tb)
+    t = X.merge_logp(t_logp, al.t_first, al.t_later, al.t_later_group, al.t_later_token)
+    groups = X.topk_groups(t, Vt, shared[1])
+    opts = dict(shared=shared if kind == "span" else None, chunk=7)
+    got = X.cross_tokenizer_loss(kind, hidden, weight, None, al, t_groups=groups, t_vocab=Vt, **opts)
+    want = X.cross_tokenizer_loss(kind, hidden, weight, lambda r: t_logp[r], al, **opts)
+    g = torch.autograd.grad(got, (hidden, weight))
+    w = torch.autograd.grad(want, (hidden, weight))
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
+    for a, b in zip(g, w):
+        assert float((a - b).abs().max()) < 1e-6 * float(b.abs().max())
+
+
+def test_span_loss_against_a_top_k_teacher_is_written_out_bucket_by_bucket():
+    # teacher vocabulary 6: ids 0, 2, 5 shared (student ids 1, 0, 3); student vocabulary 5 (2, 4 unshared)
+    pt = [0.30, 0.25, 0.05, 0.20, 0.12, 0.08]
+    ps = [0.10, 0.35, 0.15, 0.25, 0.15]
+    s_of_t = torch.tensor([1, -1, 0, -1, -1, 3])
+    s_shared = torch.tensor([1, 0, 3])
+    t = torch.tensor([pt], dtype=torch.float64).log()
+    top = X.topk_groups(t, 3, torch.tensor([0, 2, 5]))  # teacher ids 0, 1, 3: 0 shared, 1 and 3 not
+    assert top.indices.tolist() == [[0, 1, 3]]
+    assert top.logp[0].exp().tolist() == pytest.approx([0.30, 0.25, 0.20, 0.25, 0.13])
+    s = torch.tensor([ps], dtype=torch.float64).log().requires_grad_()
+    got = X.span_loss_topk(s, top, s_of_t, s_shared, "forward_kl", matched_weight=0.6)
+    # shared buckets: teacher id 0 (student id 1), the other shared (teacher 2 + 5 / student 0 + 3)
+    qt = [0.30, 0.13]
+    qs = [ps[1], ps[0] + ps[3]]
+    qt, qs = [x / sum(qt) for x in qt], [x / sum(qs) for x in qs]
+    kl = sum(b * math.log(b / a) for a, b in zip(qs, qt))
+    # unshared: teacher's 2 among its top (0.25, 0.20) + rest 0.25 - 0.13 = 0.12; student's unshared
+    # (ids 2, 4: 0.15, 0.15): its 2 largest, then nothing
+    uld = abs(0.15 - 0.25) + abs(0.15 - 0.20) + abs(0.0 - 0.12)
+    assert float(got.detach()) == pytest.approx(0.6 * kl + 0.4 * uld, rel=1e-9)
+    assert torch.autograd.gradcheck(lambda x: X.span_loss_topk(x, top, s_of_t, s_shared, "jsd"),
+                                    (s.detach().requires_grad_(),))
+
+
+def _cross_run(tmp_path, name, teacher, accelerator, *extra):
+    from conftest import fast_recipe
+    from workbench.train import run
+    from workbench.trainer import read_metrics
+
+    out = tmp_path / name
+    run(fast_recipe("kd_tiny", out, "teacher.recipe=null", f"teacher.name_or_path={teacher}", "data.tokenizer=bpe",
+                    "data.vocab_size=448", "train.max_steps=4", "train.lr=3e-3", "train.eval_every=0",
+                    "distill.losses=[{name: span, weight: 0.5, temperature: 2.0}, {name: cross_entropy, weight: 0.5}]",
+                    *extra), accelerator)
+    return [r for r in read_metrics(out) if "train/span" in r]
+
+
+def test_training_from_the_cache_across_tokenizers_equals_the_live_teacher_and_resumes_a_build(
+        tmp_path, tiny_teacher, accelerator):
+    """With k = the teacher's whole vocabulary (float32) the cached run's losses are the live run's; the
+    cache holds the blocks the run visits, and a longer run adds only the blocks it lacks."""
+    from workbench import teacher_cache as TC
+    from workbench.data import cache_root
+
+    live = _cross_run(tmp_path, "live", tiny_teacher, accelerator)
+    cached = _cross_run(tmp_path, "cached", tiny_teacher, accelerator,
+                        "distill.teacher_cache={top_k: 320, dtype: float32}")
+    assert len(live) == len(cached) == 4
+    for a, b in zip(live, cached):
+        assert b["train/span"] == pytest.approx(a["train/span"], rel=1e-4)
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-4)
+    dirs = [d for d in (cache_root() / "teacher_topk").iterdir() if any(d.glob("shard-*.npz"))]
+    assert len(dirs) == 1
+    first = {f.name: f.stat().st_mtime_ns for f in dirs[0].glob("shard-*.npz")}
+    n4 = len(TC.CrossCache(dirs[0]).where)
+    _cross_run(tmp_path, "longer", tiny_teacher, accelerator, "distill.teacher_cache={top_k: 320, dtype: float32}",
+               "train.max_steps=6")
+    after = {f.name: f.stat().st_mtime_ns for f in dirs[0].glob("shard-*.npz")}
+    assert all(after[n] == t for n, t in first.items()) and len(after) > len(first)  # old shards kept
+    assert len(TC.CrossCache(dirs[0]).where) > n4
+
+
+def test_a_cache_that_does_not_match_the_batch_is_refused():
+    s_tok, t_tok = _bpe(280), _bpe(420)
+    cross = X.CrossTokenizers.build(s_tok, t_tok, need_shared=False)
+    stream = s_tok(TEXT)["input_ids"]
+    ids = torch.tensor([stream[:30], stream[10:40]])
+    labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], 1)
+    al = cross.align(ids, None, labels)
+    counts = torch.bincount(al.s_first // 30, minlength=2).tolist()
+    local = al.s_first - torch.repeat_interleave(torch.tensor([0, 30]), torch.tensor(counts))
+    groups = X.GroupTopK(torch.zeros(len(local), 4, dtype=torch.long), torch.zeros(len(local), 6))
+    got = cross.teacher_for(None, ids, None, labels, cached=(local, counts, {1.0: groups}))
+    assert got.groups[1.0] is groups and got.outputs is None
+    other = torch.tensor([stream[5:35], stream[10:40]])  # another text in block 0: other groups
+    with pytest.raises(RuntimeError, match="another tokenizer or data"):
+        cross.teacher_for(None, other, None, labels, cached=(local, counts, {1.0: groups}))

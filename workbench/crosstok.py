@@ -15,8 +15,11 @@ Two objectives:
   distributions renormalised over the shared tokens; on the rest, ULD of the merged masses (`span_loss`).
 
 Everything is per group row: [G, V] log-probabilities in, [G] out (sums over groups are the callers').
-A top-k teacher ([G, k + 1]: its k largest probabilities, then the rest's mass) works with ULD as a
-(k + 1)-bucket comparison: the student's k largest probabilities, then its rest.
+A teacher read from the cache (`GroupTopK`, teacher_cache.CrossCache) is its merged distribution's k
+largest entries per group, the rest's mass, and the mass of the shared tokens outside those k: ULD becomes
+a bucket comparison (the student's k largest, then its rest), span alignment a divergence over the shared
+tokens among the k plus one bucket for the other shared ones, and ULD of the unshared ones likewise
+(`span_loss_topk`). With k the teacher's whole vocabulary both equal the dense computation.
 """
 
 from __future__ import annotations
@@ -108,6 +111,76 @@ def span_loss(s_merged: torch.Tensor, t_merged: torch.Tensor, s_shared: torch.Te
     t_rest = _without(t_merged, t_shared)
     if s_rest.shape[-1] and t_rest.shape[-1] and w < 1.0:
         out = out + (1.0 - w) * uld(s_rest, t_rest)
+    return out
+
+
+@dataclass
+class GroupTopK:
+    """A teacher's merged group distributions, top-k: indices [G, k] (teacher ids, decreasing probability)
+    and logp [G, k + 2]: their log-masses, then the log of the rest's mass, then the log of the mass of the
+    shared tokens among the rest (-inf where none)."""
+
+    indices: torch.Tensor
+    logp: torch.Tensor
+
+    def __getitem__(self, rows) -> "GroupTopK":
+        return GroupTopK(self.indices[rows], self.logp[rows])
+
+
+def topk_groups(merged: torch.Tensor, k: int, t_shared: torch.Tensor | None) -> GroupTopK:
+    """[G, Vt] merged teacher log-masses -> their GroupTopK (t_shared: the teacher ids of the shared tokens,
+    or None: no shared bucket)."""
+    top, idx = merged.topk(min(k, merged.shape[-1]), dim=-1)
+    rest = merged.scatter(-1, idx, float("-inf"))
+    cols = [top, rest.logsumexp(-1, keepdim=True)]
+    if t_shared is not None and t_shared.numel():
+        cols.append(rest[:, t_shared].logsumexp(-1, keepdim=True))
+    else:
+        cols.append(torch.full_like(cols[1], float("-inf")))
+    return GroupTopK(idx, torch.cat(cols, -1))
+
+
+def span_loss_topk(s_merged: torch.Tensor, teacher: GroupTopK, s_of_t: torch.Tensor, s_shared: torch.Tensor,
+                   kind: str = "forward_kl", matched_weight: float | None = None, beta: float = 0.5,
+                   alpha: float = 0.1) -> torch.Tensor:
+    """span_loss against a top-k teacher: s_merged [G, Vs]; s_of_t [Vt] the student id of each teacher
+    token (-1: not shared); s_shared [S] the shared tokens' student ids. On the shared tokens, the
+    divergence over k + 1 buckets: the shared tokens among the teacher's k (the student's probability of
+    the same token), then all other shared tokens (both renormalised over the shared tokens); on the
+    unshared, ULD bucket by bucket: the teacher's k_u largest unshared masses against the student's k_u
+    largest, then the rest of each side (k_u: the unshared tokens among the teacher's k, per group).
+    Equal to span_loss when k covers the teacher's vocabulary."""
+    S = s_shared.numel()
+    w = S / s_of_t.numel() if matched_weight is None else matched_weight
+    s = _f32(s_merged)
+    t = _f32(teacher.logp).clamp(min=_NEG)
+    G, k = teacher.indices.shape
+    Vs = s.shape[-1]
+    sid = s_of_t[teacher.indices]  # [G, k]
+    sh = sid >= 0
+    out = torch.zeros(G, dtype=s.dtype, device=s.device)
+    if S:
+        s_ext = F.pad(s, (0, 1), value=_NEG)  # column Vs stands in for "not shared"
+        col = torch.where(sh, sid, Vs)
+        s_at = s_ext.gather(-1, col).masked_fill(~sh, _NEG)
+        other = torch.zeros(G, Vs + 1, dtype=torch.bool, device=s.device)
+        other[:, s_shared] = True
+        other.scatter_(1, col, False)
+        s_other = s_ext.masked_fill(~other, _NEG).logsumexp(-1, keepdim=True)
+        s_in = F.log_softmax(torch.cat([s_at, s_other], -1), -1).clamp(min=_NEG)
+        t_in = F.log_softmax(torch.cat([t[:, :k].masked_fill(~sh, _NEG), t[:, k + 1:]], -1), -1).clamp(min=_NEG)
+        out = out + w * DIVERGENCES[kind](s_in, t_in, beta=beta, alpha=alpha)
+    if w < 1.0 and Vs > S and s_of_t.numel() > S:
+        t_un = t[:, :k].masked_fill(sh, _NEG).exp().sort(-1, descending=True).values  # [G, k]
+        k_u = (~sh).sum(-1, keepdim=True)  # [G, 1]
+        t_rest = (t[:, k:k + 1].exp() - t[:, k + 1:].exp()).clamp(min=0.0)
+        p = _without(s, s_shared).exp()
+        top = F.pad(p.topk(min(k, p.shape[-1]), dim=-1).values, (0, max(0, k - p.shape[-1])))
+        counted = torch.arange(k, device=s.device)[None] < k_u
+        top = top * counted
+        s_rest = (p.sum(-1, keepdim=True) - top.sum(-1, keepdim=True)).clamp(min=0.0)
+        d = ((top - t_un * counted).abs().sum(-1, keepdim=True) + (s_rest - t_rest).abs())[:, 0]
+        out = out + (1.0 - w) * d
     return out
 
 
@@ -281,10 +354,11 @@ class _GroupTerm(torch.nn.Module):
     n_parts = 1
 
     def __init__(self, kind: str, temperature: float, divergence: str, matched_weight, beta: float, alpha: float,
-                 shared):
+                 shared, s_of_t=None):
         super().__init__()
         self.kind, self.T, self.divergence = kind, temperature, divergence
         self.matched_weight, self.beta, self.alpha, self.shared = matched_weight, beta, alpha, shared
+        self.s_of_t = s_of_t
 
     def forward(self, logits, teacher, rows):
         # logits [c, Vs]; rows: group [c] (global, consecutive), first [c] bool, token [c] (later rows)
@@ -295,25 +369,33 @@ class _GroupTerm(torch.nn.Module):
         later = ~first
         s = merge_logp(logp, first.nonzero()[:, 0], later.nonzero()[:, 0], local[later], rows["token"][later])
         s = s.clamp(min=_NEG)
-        if self.kind == "uld":
+        opts = dict(kind=self.divergence, matched_weight=self.matched_weight, beta=self.beta, alpha=self.alpha)
+        if isinstance(teacher, GroupTopK):  # from the cache
+            if self.kind == "uld":
+                per = uld(s, teacher.logp[:, :-1], t_topk=True)
+            else:
+                per = span_loss_topk(s, teacher, self.s_of_t, self.shared[0], **opts)
+        elif self.kind == "uld":
             per = uld(s, teacher)
         else:
-            per = span_loss(s, teacher, *self.shared, kind=self.divergence, matched_weight=self.matched_weight,
-                            beta=self.beta, alpha=self.alpha)
+            per = span_loss(s, teacher, *self.shared, **opts)
         total = per.sum()
         return total, total[None]
 
 
 def cross_tokenizer_loss(kind: str, s_hidden: torch.Tensor, s_weight: torch.Tensor, t_logp_rows, al: Alignment,
                          temperature: float = 1.0, divergence: str = "forward_kl", matched_weight=None,
-                         beta: float = 0.5, alpha: float = 0.1, shared=None, chunk: int = 0) -> torch.Tensor:
+                         beta: float = 0.5, alpha: float = 0.1, shared=None, chunk: int = 0,
+                         t_groups: GroupTopK | None = None, t_vocab: int | None = None) -> torch.Tensor:
     """Sum over the aligned groups of ULD (`kind` 'uld') or the span loss ('span', `shared` the
     (student ids, teacher ids) of shared_vocab) between the student's and the teacher's merged group
     distributions, never holding more than `chunk` rows of student logits (whole groups per chunk).
     s_hidden [B * T, H] the student's final hidden states, s_weight [Vs, H] its output layer (or s_hidden
     [B * T, Vs] its logits and s_weight None);
     t_logp_rows(rows) -> the teacher's log-probabilities at flat teacher rows [r, Vt], at `temperature`
-    (computed under no_grad by the caller's teacher, or read from a cache)."""
+    (computed under no_grad by the caller's teacher); or, instead, t_groups: the teacher's merged groups
+    top-k at `temperature` (read from the cache; span terms also need t_vocab, the teacher's vocabulary
+    size)."""
     from workbench.losses import auto_chunk, chunked_logit_loss
 
     G = al.s_first.numel()
@@ -341,6 +423,8 @@ def cross_tokenizer_loss(kind: str, s_hidden: torch.Tensor, s_weight: torch.Tens
 
     def teacher_chunk(a, b):
         g0, g1 = int(group[a]), int(group[b - 1]) + 1
+        if t_groups is not None:
+            return t_groups[g0:g1]
         sel = (t_group >= g0) & (t_group < g1)
         with torch.no_grad():
             lp_first = t_logp_rows(t_first[g0:g1])
@@ -351,7 +435,14 @@ def cross_tokenizer_loss(kind: str, s_hidden: torch.Tensor, s_weight: torch.Tens
                                 t_group[sel] - g0, t_token[sel])
         return merged.clamp(min=_NEG)
 
-    fn = _GroupTerm(kind, temperature, divergence, matched_weight, beta, alpha, shared)
+    if t_groups is not None and t_groups.indices.shape[0] != G:
+        raise ValueError(f"the cached teacher has {t_groups.indices.shape[0]} groups for a batch of {G}")
+    s_of_t = None
+    if t_groups is not None and shared is not None:
+        size = max(t_vocab or 0, int(t_groups.indices.max()) + 1 if t_groups.indices.numel() else 0)
+        s_of_t = torch.full((size,), -1, dtype=torch.long, device=dev)  # (a model's padded vocabulary: unshared)
+        s_of_t[shared[1].to(dev)] = shared[0].to(dev)
+    fn = _GroupTerm(kind, temperature, divergence, matched_weight, beta, alpha, shared, s_of_t)
     x = s_hidden[rows]
     total, _ = chunked_logit_loss(fn, x, {"group": group, "first": first, "token": token},
                                   teacher_chunk, s_weight, None, bounds=bounds)
@@ -361,11 +452,23 @@ def cross_tokenizer_loss(kind: str, s_hidden: torch.Tensor, s_weight: torch.Tens
 @dataclass
 class CrossTeacher:
     """What the objective gets from a teacher with another tokenizer: its outputs on its own reading of
-    the batch, the alignment, and the shared vocabulary (span terms)."""
+    the batch (or, from the cache, its merged groups per temperature), the alignment, and the shared
+    vocabulary (span terms)."""
 
-    outputs: object  # losses.ModelOutputs of the teacher on alignment.teacher_ids
+    outputs: object  # losses.ModelOutputs of the teacher on alignment.teacher_ids, or None
     alignment: Alignment
     shared: tuple[torch.Tensor, torch.Tensor] | None = None
+    groups: dict | None = None  # temperature -> GroupTopK (teacher_cache.CrossCache)
+    t_vocab: int | None = None
+
+
+def teacher_rows(t, temperature: float):
+    """The teacher's ModelOutputs -> rows(r): its log-probabilities [r, Vt] at flat rows r, at `temperature`."""
+    if t.final_hidden is not None:
+        th = t.final_hidden.reshape(-1, t.final_hidden.shape[-1])
+        return lambda r: F.log_softmax(_f32(F.linear(th[r], t.head_weight, t.head_bias)) / temperature, -1)
+    tl = t.logits.reshape(-1, t.logits.shape[-1])
+    return lambda r: F.log_softmax(_f32(tl[r]) / temperature, -1)
 
 
 def objective_term(term, student, teacher: CrossTeacher, chunk: int = 0) -> torch.Tensor:
@@ -378,17 +481,13 @@ def objective_term(term, student, teacher: CrossTeacher, chunk: int = 0) -> torc
     else:
         x, w = s.logits.reshape(-1, s.logits.shape[-1]), None
     T = term.temperature
-    if t.final_hidden is not None:
-        th = t.final_hidden.reshape(-1, t.final_hidden.shape[-1])
-        rows = lambda r: F.log_softmax(_f32(F.linear(th[r], t.head_weight, t.head_bias)) / T, -1)  # noqa: E731
-    else:
-        tl = t.logits.reshape(-1, t.logits.shape[-1])
-        rows = lambda r: F.log_softmax(_f32(tl[r]) / T, -1)  # noqa: E731
+    rows = None if t is None else teacher_rows(t, T)
+    groups = None if teacher.groups is None else teacher.groups[T]
     shared = teacher.shared if term.name == "span" else None
     if term.name == "span" and shared is None:
         raise ValueError("span needs the shared vocabulary (crosstok.shared_vocab)")
     return cross_tokenizer_loss(term.name, x, w, rows, teacher.alignment, T, term.divergence, term.matched_weight,
-                                term.beta, term.alpha, shared, chunk)
+                                term.beta, term.alpha, shared, chunk, t_groups=groups, t_vocab=teacher.t_vocab)
 
 
 @dataclass
@@ -408,15 +507,30 @@ class CrossTokenizers:
         return cls(t_tok, s_bytes, t_bytes, shared_vocab(s_bytes, t_bytes) if need_shared else None,
                    0 if pad is None else pad)
 
-    def teacher_for(self, forward, ids: torch.Tensor, positions, labels: torch.Tensor) -> CrossTeacher:
-        """`forward(teacher_ids, teacher_positions)` -> the teacher's ModelOutputs, run on the teacher's reading
-        of the student batch ids [B, T]; labels [B, T] the shifted targets (ignore -100: no target)."""
+    def align(self, ids: torch.Tensor, positions, labels: torch.Tensor) -> Alignment:
+        """The alignment (on the CPU) of the student batch ids [B, T]; labels [B, T] the shifted targets
+        (ignore -100: no target)."""
         targets = torch.zeros(ids.shape, dtype=torch.bool)
         targets[:, 1:] = labels[:, :-1].cpu() != -100
-        al = align_batch(ids.cpu(), None if positions is None else positions.cpu(), targets, self.s_bytes,
-                         self.teacher_tok, self.t_bytes, self.pad_id)
+        return align_batch(ids.cpu(), None if positions is None else positions.cpu(), targets, self.s_bytes,
+                           self.teacher_tok, self.t_bytes, self.pad_id)
+
+    def teacher_for(self, forward, ids: torch.Tensor, positions, labels: torch.Tensor, cached=None) -> CrossTeacher:
+        """`forward(teacher_ids, teacher_positions)` -> the teacher's ModelOutputs, run on the teacher's reading
+        of the student batch ids [B, T]; or `cached`, what teacher_cache.CrossCache.batch read for its blocks
+        (checked against this batch's alignment)."""
+        al = self.align(ids, positions, labels)
         dev = ids.device
-        out = forward(al.teacher_ids.to(dev), al.teacher_positions.to(dev))
+        out, groups = None, None
+        if cached is not None:
+            s_first, counts, groups = cached
+            T = ids.shape[1]
+            want = s_first + torch.repeat_interleave(torch.arange(len(counts)) * T, torch.tensor(counts))
+            if not torch.equal(want, al.s_first):
+                raise RuntimeError("the teacher cache does not match this batch's alignment: it was built with another "
+                                   "tokenizer or data than the run's; delete it to rebuild")
+        else:
+            out = forward(al.teacher_ids.to(dev), al.teacher_positions.to(dev))
         moved = Alignment(*(getattr(al, f.name).to(dev) for f in dataclasses.fields(al)))
         shared = None if self.shared is None else (self.shared[0].to(dev), self.shared[1].to(dev))
-        return CrossTeacher(out, moved, shared)
+        return CrossTeacher(out, moved, shared, groups, len(self.t_bytes))

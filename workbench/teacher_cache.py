@@ -98,3 +98,129 @@ class TeacherCache:
         idx = idx.reshape(-1, k)
         return {t: TopKTeacher(idx, torch.from_numpy(np.asarray(a[order], dtype=np.float32)).to(device).reshape(-1, k + 1))
                 for t, a in self.logp.items()}
+
+
+# --------------------------------------------------------------------------------------------- across tokenizers
+
+
+def cross_cache_path(teacher_id: str, data_key: str, k: int, temperatures: list[float], dtype: str,
+                     shared: int) -> Path:
+    key = _hash(["cross-topk", _VERSION, teacher_id, data_key, k, sorted(temperatures), dtype, shared])
+    return cache_root() / "teacher_topk" / key
+
+
+def _shard_name(first_block: int, rank: int) -> str:
+    return f"shard-{first_block:09d}-{rank}.npz"
+
+
+@torch.no_grad()
+def build_cross(teacher, cross, blocks, wanted: np.ndarray, path: Path, k: int, temperatures: list[float],
+                dtype: str, accelerator, micro_batch_size: int, fused: bool, shard_blocks: int = 64) -> Path:
+    """The cache of a teacher with another tokenizer (`cross`, a crosstok.CrossTokenizers) for the training
+    `blocks` whose indices are in `wanted` (the blocks a run visits: its teacher never reads the others):
+    per block, the aligned groups (their student rows, to check the alignment when reading) and the
+    teacher's merged group distributions top-k (crosstok.GroupTopK) at each temperature. Written in
+    shards of `shard_blocks` blocks, each complete when its file appears: an interrupted build resumes
+    with the blocks no shard holds, a longer run adds the blocks it visits beyond a shorter one's."""
+    from workbench.crosstok import merge_logp, teacher_rows, topk_groups
+    from workbench.data import make_batch, mask_labels
+    from workbench.losses import shift_labels
+    from workbench.models import forward_for_losses
+
+    path.mkdir(parents=True, exist_ok=True)
+    have = set(CrossCache(path).where) if any(path.glob("shard-*.npz")) else set()
+    missing = np.array(sorted(set(int(b) for b in wanted) - have), dtype=np.int64)
+    mine = missing[accelerator.process_index::accelerator.num_processes]
+    t_shared = None if cross.shared is None else cross.shared[1].to(accelerator.device)
+    teacher.eval()
+    T = blocks.shape[1] if hasattr(blocks, "shape") else len(blocks[0])
+    bar = tqdm(total=len(mine), desc="teacher top-k cache (across tokenizers)",
+               disable=not accelerator.is_main_process or not len(mine))
+    for s0 in range(0, len(mine), shard_blocks):
+        part = mine[s0:s0 + shard_blocks]
+        cols: dict[str, list] = {"blocks": [], "groups": [], "s_first": [], "indices": []}
+        cols.update({_file(t)[:-4]: [] for t in temperatures})
+        for a in range(0, len(part), micro_batch_size):
+            idx = part[a:a + micro_batch_size]
+            batch = make_batch(blocks, idx)
+            ids = batch["input_ids"]
+            al = cross.align(ids, batch.get("position_ids"), mask_labels(shift_labels(ids), batch))
+            dev = accelerator.device
+            with accelerator.autocast():
+                out = forward_for_losses(teacher, al.teacher_ids.to(dev), fused,
+                                         position_ids=al.teacher_positions.to(dev))
+            block_of = (al.s_first // T).numpy()
+            for b in range(len(idx)):
+                g = np.nonzero(block_of == b)[0]
+                cols["blocks"].append(int(idx[b]))
+                cols["groups"].append(len(g))
+                cols["s_first"].append((al.s_first[g] - b * T).numpy().astype(np.int32))
+                gt = torch.from_numpy(g)
+                sel = torch.isin(al.t_later_group, gt)
+                local = torch.searchsorted(gt, al.t_later_group[sel])
+                for j, t in enumerate(temperatures):
+                    rows = teacher_rows(out, t)
+                    both = torch.cat([rows(al.t_first[gt].to(dev)), rows(al.t_later[sel].to(dev))])
+                    n = len(g)
+                    merged = merge_logp(both, torch.arange(n, device=dev), torch.arange(n, both.shape[0], device=dev),
+                                        local.to(dev), al.t_later_token[sel].to(dev))
+                    top = topk_groups(merged, k, t_shared)
+                    if j == 0:
+                        cols["indices"].append(top.indices.cpu().numpy().astype(np.int32))
+                    cols[_file(t)[:-4]].append(top.logp.cpu().numpy().astype(dtype))
+            bar.update(len(idx))
+        kk = max((x.shape[1] for x in cols["indices"]), default=k)
+        arrays = {"blocks": np.array(cols["blocks"], dtype=np.int64), "groups": np.array(cols["groups"], dtype=np.int64),
+                  "s_first": np.concatenate(cols["s_first"]),
+                  "indices": np.concatenate(cols["indices"]) if cols["indices"] else np.zeros((0, kk), np.int32)}
+        for t in temperatures:
+            name = _file(t)[:-4]
+            arrays[name] = np.concatenate(cols[name]) if cols[name] else np.zeros((0, kk + 2), dtype)
+        final = path / _shard_name(int(part[0]), accelerator.process_index)
+        tmp = final.with_name(final.name + ".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(final)  # complete, or absent
+    bar.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (path / "meta.json").write_text(json.dumps({"k": k, "temperatures": temperatures, "dtype": dtype,
+                                                    "across_tokenizers": True}))
+    accelerator.wait_for_everyone()
+    return path
+
+
+class CrossCache:
+    """Reads the shards of `build_cross` into memory: the groups of any set of its blocks."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.shards, self.where = [], {}  # block -> (shard, first group, groups)
+        for f in sorted(self.path.glob("shard-*.npz")):
+            if f.name.endswith(".tmp.npz"):  # a shard being written (or left by a killed build)
+                continue
+            z = dict(np.load(f))
+            starts = np.concatenate([[0], np.cumsum(z["groups"])])
+            for b, a, n in zip(z["blocks"].tolist(), starts[:-1].tolist(), z["groups"].tolist()):
+                self.where[b] = (len(self.shards), a, n)
+            self.shards.append(z)
+
+    def missing(self, wanted) -> list[int]:
+        return sorted(set(int(b) for b in wanted) - set(self.where))
+
+    def batch(self, block_indices, device):
+        """-> (s_first [G] block-local student rows, {temperature: crosstok.GroupTopK}) of these blocks'
+        groups, block after block."""
+        from workbench.crosstok import GroupTopK
+
+        parts = []
+        for b in np.asarray(block_indices).tolist():
+            if b not in self.where:
+                raise RuntimeError(f"{self.path}: block {b} is not in the teacher cache (built for a shorter run?)")
+            parts.append(self.where[b])
+        take = lambda key: np.concatenate([self.shards[s][key][a:a + n] for s, a, n in parts])  # noqa: E731
+        temps = [k for k in self.shards[0] if k.startswith("logp_T")] if self.shards else []
+        idx = torch.from_numpy(take("indices").astype(np.int64)).to(device)
+        out = {float(k[len("logp_T"):]): GroupTopK(idx, torch.from_numpy(take(k).astype(np.float32)).to(device))
+               for k in temps}
+        counts = [n for _, _, n in parts]
+        return torch.from_numpy(take("s_first").astype(np.int64)), counts, out

@@ -306,7 +306,10 @@ def _run(recipe: Recipe, accelerator) -> dict:
     accelerator.wait_for_everyone()
 
     cache, cached_teacher_ppl = None, None
-    if recipe.distill.teacher_cache.top_k:
+    if recipe.distill.teacher_cache.top_k and cross is not None:
+        cache = _cross_teacher_cache(recipe, teacher_spec, teacher, cross, packed, accelerator)
+        teacher = None  # trained from the cache (and the teacher's tokenizer) alone
+    elif recipe.distill.teacher_cache.top_k:
         cache, cached_teacher_ppl = _teacher_cache(recipe, teacher_spec, teacher, packed, kd_vocab, accelerator)
         teacher = None  # trained from the cache alone
     result = T.train(recipe, accelerator, student, tokenizer, packed, teacher=teacher, kd_vocab=kd_vocab,
@@ -365,6 +368,25 @@ def _teacher_cache(recipe, spec, teacher, packed, vocab, accelerator):
         accelerator.wait_for_everyone()
     log.info("training from the top-%d teacher cache %s", tc.top_k, path)
     return TC.TeacherCache(path), json.loads(ppl_file.read_text())
+
+
+def _cross_teacher_cache(recipe, spec, teacher, cross, packed, accelerator):
+    """Build (or complete) the top-k cache of a teacher with another tokenizer on the blocks this run
+    visits; -> teacher_cache.CrossCache."""
+    from workbench import teacher_cache as TC
+    from workbench.trainer import visited_blocks
+
+    tc = recipe.distill.teacher_cache
+    temps = sorted({t.temperature for t in recipe.distill.losses if t.name != "cross_entropy"})
+    shared = 0 if cross.shared is None else cross.shared[0].numel()
+    path = TC.cross_cache_path(_model_id(spec), packed.key, tc.top_k, temps, tc.dtype, shared)
+    wanted = visited_blocks(recipe.train, len(packed.train), accelerator.num_processes)
+    if not path.exists() or TC.CrossCache(path).missing(wanted):
+        teacher.to(accelerator.device)
+        TC.build_cross(teacher, cross, packed.train, wanted, path, tc.top_k, temps, tc.dtype, accelerator,
+                       recipe.train.micro_batch_size, recipe.distill.fused)
+    log.info("training from the top-%d teacher cache %s (across tokenizers, %d blocks)", tc.top_k, path, len(wanted))
+    return TC.CrossCache(path)
 
 
 def _model_id(spec) -> str:

@@ -182,6 +182,9 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
 
     def teacher_for(job: _Job):
         if job.kind == "data" and teacher_cache is not None:
+            if cross is not None:  # (the alignment is computed again, and checked against the cached one)
+                return cross.teacher_for(None, job.ids, job.pos, job.rows["labels"],
+                                         cached=teacher_cache.batch(job.blocks, accelerator.device))
             return teacher_cache.batch(job.blocks, accelerator.device)
         if not (objective.needs_teacher or job.kind == "rollout"):
             return None
@@ -318,6 +321,13 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
     metrics.close()
     save_final_model(accelerator, model, tokenizer, out / "model")
     return TrainResult(state["step"], False, final)
+
+
+def visited_blocks(cfg, n_train: int, world: int) -> np.ndarray:
+    """The training blocks a run of cfg.max_steps steps reads (off-policy), in the order of the loop's
+    stream: the micro-batches of all steps, accumulation passes and processes tile [0, steps x per_step)."""
+    per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world
+    return np.unique(stream_indices(n_train, cfg.seed, 0, cfg.max_steps * per_step))
 
 
 def _micro_batch_jobs(blocks, data, onp, seed, step, k, accelerator, student, teacher, eos_id, rollouts) -> list[_Job]:
