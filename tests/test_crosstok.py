@@ -369,3 +369,59 @@ def test_a_cache_that_does_not_match_the_batch_is_refused():
     other = torch.tensor([stream[5:35], stream[10:40]])  # another text in block 0: other groups
     with pytest.raises(RuntimeError, match="another tokenizer or data"):
         cross.teacher_for(None, other, None, labels, cached=(local, counts, {1.0: groups}))
+
+
+def _two_teacher_run(tmp_path, name, tiny_teacher, accelerator, losses, *extra):
+    from conftest import fast_recipe
+    from workbench.train import run
+    from workbench.trainer import read_metrics
+
+    out = tmp_path / name
+    run(fast_recipe("kd_tiny", out, "teacher=null", "data.tokenizer=bpe", "data.vocab_size=448", "train.max_steps=3",
+                    "train.lr=3e-3", "train.eval_every=0", f"distill.losses={losses}", *extra), accelerator)
+    return [r for r in read_metrics(out) if "train/loss" in r], json.loads((out / "final_metrics.json").read_text())
+
+
+def test_two_teachers_one_in_its_own_tokens_each_term_against_its_own_live_or_cached(tmp_path, tiny_teacher,
+                                                                                     accelerator):
+    """Teacher 0: the 320-token-BPE tiny teacher (span, across tokenizers); teacher 1: a random model in
+    the student's 448 tokens (forward KL). Each term's first-step value is the one-teacher run's with its
+    teacher (same start, same batch); from the cache (k covering both vocabularies, float32) every step's
+    losses are the live run's."""
+    both = (f"teachers=[{{name_or_path: {tiny_teacher}}}, {{tiny: llama-2layer-64}}]",)
+    losses = ("[{name: span, weight: 0.3, temperature: 2.0}, {name: forward_kl, weight: 0.3, teacher: 1}, "
+              "{name: cross_entropy, weight: 0.4}]")
+    live, final = _two_teacher_run(tmp_path, "two", tiny_teacher, accelerator, losses, *both)
+    assert final["teachers"] == [str(tiny_teacher), None]
+    alone0, _ = _two_teacher_run(tmp_path, "t0", tiny_teacher, accelerator,
+                                 "[{name: span, weight: 0.3, temperature: 2.0}, {name: cross_entropy, weight: 0.4}]",
+                                 f"teacher={{name_or_path: {tiny_teacher}}}")
+    alone1, _ = _two_teacher_run(tmp_path, "t1", tiny_teacher, accelerator,
+                                 "[{name: forward_kl, weight: 0.3}, {name: cross_entropy, weight: 0.4}]",
+                                 "teacher={tiny: llama-2layer-64}")
+    assert live[0]["train/span"] == pytest.approx(alone0[0]["train/span"], rel=1e-5)
+    assert live[0]["train/forward_kl"] == pytest.approx(alone1[0]["train/forward_kl"], rel=1e-5)
+    assert live[0]["train/span"] != pytest.approx(live[0]["train/forward_kl"], rel=1e-2)
+    cached, _ = _two_teacher_run(tmp_path, "two_cached", tiny_teacher, accelerator, losses, *both,
+                                 "distill.teacher_cache={top_k: 448, dtype: float32}")
+    for a, b in zip(live, cached):
+        for k in ("train/loss", "train/span", "train/forward_kl"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4), k
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["teachers=[{tiny: llama-2layer-64}]"], "two or more"),
+    (["teacher={tiny: llama-2layer-64}", "teachers=[{tiny: llama-2layer-64}, {tiny: llama-2layer-64}]"], "choose one"),
+    (["distill.losses=[{name: forward_kl, teacher: 2}]"], "there are 2 teachers"),
+    (["distill.losses=[{name: forward_kl}]"], "teachers.1: no distill.losses term uses it"),
+    (["distill.losses=[{name: forward_kl}, {name: hidden_mse, teacher: 1}]"], "chooses the teacher of a logit"),
+    (["distill.losses=[{name: forward_kl}, {name: forward_kl, teacher: 1}]", "distill.onpolicy={method: gkd}"],
+     "not with on-policy"),
+    (["distill.losses=[{name: forward_kl}, {name: span, teacher: 1}, {name: uld}]"], "use one kind per teacher"),
+])
+def test_several_teachers_are_checked_without_loading_anything(overrides, match):
+    from workbench.config import RecipeError, load_recipe
+
+    base = ["teacher=null", "teachers=[{tiny: llama-2layer-64}, {tiny: llama-2layer-64}]"]
+    with pytest.raises(RecipeError, match=match):
+        load_recipe("kd_tiny", base + overrides)

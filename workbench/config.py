@@ -300,6 +300,8 @@ class LossTerm:
     matched_weight: Optional[float] = None
     """span: weight of the shared tokens' divergence (the rest's ULD gets 1 - it); null: the share of the
     teacher's vocabulary the student's holds too (as TRL's GOLD)."""
+    teacher: int = 0
+    """With several `teachers`: the index of the one this logit term compares with (each term logged)."""
 
     def __post_init__(self) -> None:
         _check(self.weight >= 0, "weight", "must be >= 0")
@@ -317,6 +319,9 @@ class LossTerm:
         _check(self.divergence == "forward_kl" or self.name == "span", "divergence", "applies to span only")
         _check(self.matched_weight is None or (self.name == "span" and 0.0 <= self.matched_weight <= 1.0),
                "matched_weight", "applies to span only and must be in [0, 1]")
+        _check(self.teacher == 0 or self.name in LOGIT_DIVERGENCES | CROSS_TOKENIZER_LOSSES, "teacher",
+               "chooses the teacher of a logit divergence, uld or span term")
+        _check(self.teacher >= 0, "teacher", "must be >= 0")
 
 
 @dataclass
@@ -427,10 +432,12 @@ class DistillConfig:
             _check(self.onpolicy.method == "off", "teacher_cache.top_k",
                    "on-policy training scores new sequences, so it needs the live teacher")
         cross = sorted({t.name for t in self.losses if t.name in CROSS_TOKENIZER_LOSSES})
+        for i in sorted({t.teacher for t in self.losses}):  # each teacher reads the student's tokens or its own
+            own = sorted({t.name for t in self.losses if t.teacher == i and t.name in CROSS_TOKENIZER_LOSSES})
+            same = sorted({t.name for t in self.losses if t.teacher == i and t.name in LOGIT_DIVERGENCES | FEATURE_LOSSES})
+            _check(not (own and same), "losses", f"{own} compare across tokenizers; {same} need the teacher in the "
+                   "student's tokens: use one kind per teacher")
         if cross:
-            same = sorted({t.name for t in self.losses if t.name in LOGIT_DIVERGENCES | FEATURE_LOSSES})
-            _check(not same, "losses", f"{cross} compare across tokenizers; {same} need the teacher in the "
-                   "student's tokens: use one kind")
             _check(self.onpolicy.method == "off", "onpolicy.method", f"is not available with {cross} yet")
             _check(self.sequence_kd.mode == "off", "sequence_kd.mode", f"is not available with {cross} yet")
         if self.onpolicy.method == "minillm":
@@ -560,6 +567,9 @@ class Recipe:
     """The model being trained."""
     teacher: Optional[ModelSpec] = None
     """The frozen teacher (needed by distillation losses; also evaluated when present)."""
+    teachers: list[ModelSpec] = field(default_factory=list)
+    """Several frozen teachers instead of `teacher`, each with any tokenizer; every distillation term
+    names its own by `distill.losses[i].teacher` (an index into this list)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Training data."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -582,7 +592,9 @@ class Recipe:
         if not self.name or self.name in (".", "..") or re.search(r"[/\\\x00-\x1f]", self.name):
             raise RecipeError(f"name: {self.name!r} must be a plain name (no path separators or control "
                               "characters): it names the run directory outputs/<name>")
-        if self.distill.needs_teacher and self.teacher is None:
+        if self.teachers:
+            self._check_teachers()
+        if self.distill.needs_teacher and self.teacher is None and not self.teachers:
             names = sorted({t.name for t in self.distill.losses if t.name in TEACHER_LOSSES})
             what = f"distill.losses: {names} need" if names else f"distill.onpolicy.method={self.distill.onpolicy.method} needs"
             raise RecipeError(f"{what} a teacher; set teacher.*")
@@ -607,6 +619,39 @@ class Recipe:
                               "teacher.name_or_path or teacher.recipe")
         if self.teacher is not None and self.teacher.prune is not None:
             raise RecipeError("teacher.prune: only a student is made by pruning")
+
+    def _check_teachers(self) -> None:
+        n = len(self.teachers)
+        if self.teacher is not None:
+            raise RecipeError("teacher/teachers: choose one (teachers: [..] for several)")
+        if n < 2:
+            raise RecipeError("teachers: a list of two or more; one teacher goes in teacher:")
+        for i, spec in enumerate(self.teachers):
+            if spec.recipe == self.name:
+                raise RecipeError(f"teachers.{i}.recipe: recipe '{self.name}' cannot be its own teacher")
+            if spec.adapter.method != "none" or spec.prune is not None:
+                raise RecipeError(f"teachers.{i}: a teacher is frozen and loaded whole (no adapter, no prune)")
+        terms = self.distill.losses
+        for j, t in enumerate(terms):
+            if t.teacher >= n:
+                raise RecipeError(f"distill.losses.{j}.teacher: {t.teacher}, but there are {n} teachers (0-{n - 1})")
+        used = {t.teacher for t in terms if t.name in LOGIT_DIVERGENCES | CROSS_TOKENIZER_LOSSES}
+        for i in range(n):
+            if i not in used:
+                raise RecipeError(f"teachers.{i}: no distill.losses term uses it (set a term's teacher: {i})")
+        what = [w for w, on in (("hidden-state and attention losses", any(t.name in FEATURE_LOSSES for t in terms)),
+                                ("on-policy training", self.distill.onpolicy.method != "off"),
+                                ("sequence-level KD", self.distill.sequence_kd.mode != "off"),
+                                ("a pruned student", self.student.prune is not None),
+                                ("parallel.teacher ZeRO-3 placement", self.parallel.teacher != "replicated")) if on]
+        if what:
+            raise RecipeError(f"teachers: several teachers work with logit terms (divergences, uld, span) only; "
+                              f"not with {', '.join(what)}")
+
+    @property
+    def teacher_specs(self) -> list[ModelSpec]:
+        """The teachers, one or several ([] for none)."""
+        return list(self.teachers) if self.teachers else ([] if self.teacher is None else [self.teacher])
 
     @property
     def output_dir(self) -> Path:

@@ -437,8 +437,21 @@ class Objective(nn.Module):
         cross_idx = [i for i, t in enumerate(terms) if t.name in CROSS_TOKENIZER_LOSSES]
         self.cross = [(self.names[i], terms[i]) for i in cross_idx]  # the teacher in its own tokens
         feat_idx = [i for i in range(len(terms)) if i not in logit_idx and i not in cross_idx]
-        self.logit_names = [self.names[i] for i in logit_idx]
-        self.logit = LogitObjective([terms[i] for i in logit_idx], ignore_index) if logit_idx else None
+        # logit terms in groups, one chunked pass over the student's logits each: per teacher (its index,
+        # or None: cross-entropy alone), cross-entropy with the first teacher's divergences
+        by_teacher: dict = {}
+        for i in logit_idx:
+            if terms[i].name != "cross_entropy":
+                by_teacher.setdefault(terms[i].teacher, []).append(i)
+        ce = [i for i in logit_idx if terms[i].name == "cross_entropy"]
+        if ce:
+            first = min(by_teacher) if by_teacher else None
+            by_teacher[first] = sorted(by_teacher.get(first, []) + ce)
+        vocabs = vocab if isinstance(vocab, (list, tuple)) else None
+        self.logit_groups = [(k, [self.names[i] for i in idx], LogitObjective([terms[i] for i in idx], ignore_index),
+                              vocab if vocabs is None else (vocabs[k] if k is not None else None))
+                             for k, idx in sorted(by_teacher.items(), key=lambda kv: -1 if kv[0] is None else kv[0])]
+        self._logit_modules = nn.ModuleList(g[2] for g in self.logit_groups)
         self.feature_names = [self.names[i] for i in feat_idx]
         self.feature_weights = [terms[i].weight for i in feat_idx]
         self.features = nn.ModuleList(_build_feature(terms[i], student_config, teacher_config) for i in feat_idx)
@@ -453,16 +466,16 @@ class Objective(nn.Module):
         labels = rows["labels"]
         total = labels.new_zeros((), dtype=torch.float32)
         parts: dict[str, torch.Tensor] = {}
-        if self.logit is not None:  # (cross-entropy only beside cross-tokenizer terms: no teacher rows)
-            t = None if self.cross else teacher
-            tot, p = logit_loss_on(self.logit, student, t, rows, self.vocab, self.chunk)
+        teachers = teacher if isinstance(teacher, list) else [teacher]  # several: one per index
+        for k, names, fn, vocab in self.logit_groups:
+            tot, p = logit_loss_on(fn, student, None if k is None else teachers[k], rows, vocab, self.chunk)
             total = total + tot
-            parts.update({n: p[i] for i, n in enumerate(self.logit_names)})
+            parts.update({n: p[i] for i, n in enumerate(names)})
         if self.cross:
             from workbench import crosstok
 
             for name, term in self.cross:
-                value = crosstok.objective_term(term, student, teacher, self.chunk)
+                value = crosstok.objective_term(term, student, teachers[term.teacher], self.chunk)
                 total = total + term.weight * value
                 parts[name] = value.detach()
         mask = labels != self.ignore_index

@@ -104,8 +104,9 @@ def validate(recipe: Recipe, _chain: tuple[str, ...] = ()) -> None:
     """Everything that can be checked without loading weights or touching the network."""
     from workbench import data, models
 
-    for role in ("student", "teacher"):
-        spec = getattr(recipe, role)
+    roles = [("student", recipe.student), ("teacher", recipe.teacher)] + [
+        (f"teachers.{i}", spec) for i, spec in enumerate(recipe.teachers)]
+    for role, spec in roles:
         if spec is None:
             continue
         models.validate_spec(spec, role)
@@ -118,7 +119,7 @@ def validate(recipe: Recipe, _chain: tuple[str, ...] = ()) -> None:
                 validate(dep, chain)
             except RecipeError as e:
                 raise RecipeError(f"{role}.recipe '{spec.recipe}': {e}") from None
-    if "triton" in (recipe.student.quant.kernel, getattr(recipe.teacher, "quant", recipe.student.quant).kernel):
+    if "triton" in [spec.quant.kernel for spec in [recipe.student, *recipe.teacher_specs]]:
         try:
             import workbench.kernels.linear  # noqa: F401
         except ImportError as e:
@@ -221,17 +222,20 @@ def _run(recipe: Recipe, accelerator) -> dict:
         rundir.check_resume(recipe, step, accelerator.is_main_process)
     accelerator.wait_for_everyone()
 
-    teacher_spec, student_spec = recipe.teacher, recipe.student
-    if teacher_spec is not None and teacher_spec.recipe is not None:
-        path = ensure_trained(teacher_spec.recipe, accelerator)
-        teacher_spec = dataclasses.replace(teacher_spec, name_or_path=str(path), recipe=None)
+    student_spec = recipe.student
+    teacher_specs = []
+    for spec in recipe.teacher_specs:
+        if spec.recipe is not None:
+            spec = dataclasses.replace(spec, name_or_path=str(ensure_trained(spec.recipe, accelerator)), recipe=None)
+        # a GGUF model is converted once into a plain checkpoint, which everything downstream loads
+        if M.is_gguf(spec.name_or_path):
+            spec = dataclasses.replace(spec, name_or_path=M.resolve_source(spec.name_or_path))
+        teacher_specs.append(spec)
+    teacher_spec = teacher_specs[0] if teacher_specs else None  # (several: the first names 'auto' tokenizers)
     if student_spec.recipe is not None:  # e.g. an SFT student as the base of QLoRA distillation
         path = ensure_trained(student_spec.recipe, accelerator)
         student_spec = dataclasses.replace(student_spec, name_or_path=str(path), recipe=None)
 
-    # a GGUF model is converted once into a plain checkpoint, which everything downstream loads
-    if teacher_spec is not None and M.is_gguf(teacher_spec.name_or_path):
-        teacher_spec = dataclasses.replace(teacher_spec, name_or_path=M.resolve_source(teacher_spec.name_or_path))
     if M.is_gguf(student_spec.name_or_path):
         student_spec = dataclasses.replace(student_spec, name_or_path=M.resolve_source(student_spec.name_or_path))
 
@@ -243,7 +247,7 @@ def _run(recipe: Recipe, accelerator) -> dict:
         skd = recipe.distill.sequence_kd
         data_corpus = corpus
         if skd.mode != "off":  # the teacher's completions as the training targets (generated once, cached)
-            key = D._hash([_model_id(teacher_spec), corpus.fingerprint, skd.generation_key(), recipe.train.seed])
+            key = D._hash([_model_id(teacher_spec, recipe.train.seed), corpus.fingerprint, skd.generation_key(), recipe.train.seed])
             load = lambda: M.load_model(teacher_spec, tokenizer, "teacher", device=accelerator.device).to(  # noqa: E731
                 accelerator.device)
             corpus = D.with_teacher_completions(corpus, load, tokenizer, skd, key, recipe.train.seed)
@@ -270,22 +274,8 @@ def _run(recipe: Recipe, accelerator) -> dict:
     # pretrained ones load partitioned under ZeRO-3 (transformers' zero.Init) to spare host memory
     with unpartitioned_loading() if student_spec.tiny else contextlib.nullcontext():
         student = M.load_model(student_spec, tokenizer, "student", seed=recipe.train.seed, device=accelerator.device)
-    teacher, kd_vocab, cross = None, None, None
-    if teacher_spec is not None:
-        from transformers import AutoTokenizer
-
-        with unpartitioned_loading():  # placed (replicated or partitioned) by the trainer
-            teacher = M.load_model(teacher_spec, tokenizer, "teacher", seed=recipe.train.seed, device=accelerator.device)
-        teacher_tok = AutoTokenizer.from_pretrained(teacher_spec.name_or_path) if teacher_spec.name_or_path else tokenizer
-        if any(t.name in CROSS_TOKENIZER_LOSSES for t in recipe.distill.losses):  # the teacher in its own tokens
-            from workbench.crosstok import CrossTokenizers
-
-            cross = CrossTokenizers.build(tokenizer, teacher_tok, any(t.name == "span" for t in recipe.distill.losses))
-            log.info("teacher tokenizer: %d tokens, student's: %d%s", len(teacher_tok), len(tokenizer),
-                     "" if cross.shared is None else f", {cross.shared[0].numel()} shared")
-        else:
-            kd_vocab = M.check_same_vocabulary(teacher_tok, tokenizer, teacher, student)
-        log.info("teacher: %.2fM parameters", M.count_parameters(teacher) / 1e6)
+    sources = [_load_teacher(recipe, i, spec, tokenizer, student, accelerator) for i, spec in enumerate(teacher_specs)]
+    teacher, kd_vocab, cross = (sources[0].model, sources[0].kd_vocab, sources[0].cross) if sources else (None,) * 3
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters() if p.requires_grad)
     log.info("student: %.2fM parameters, %.3fM trainable", M.count_parameters(student) / 1e6, trainable / 1e6)
     init_ppl = None
@@ -306,17 +296,29 @@ def _run(recipe: Recipe, accelerator) -> dict:
     accelerator.wait_for_everyone()
 
     cache, cached_teacher_ppl = None, None
-    if recipe.distill.teacher_cache.top_k and cross is not None:
-        cache = _cross_teacher_cache(recipe, teacher_spec, teacher, cross, packed, accelerator)
-        teacher = None  # trained from the cache (and the teacher's tokenizer) alone
-    elif recipe.distill.teacher_cache.top_k:
-        cache, cached_teacher_ppl = _teacher_cache(recipe, teacher_spec, teacher, packed, kd_vocab, accelerator)
-        teacher = None  # trained from the cache alone
-    result = T.train(recipe, accelerator, student, tokenizer, packed, teacher=teacher, kd_vocab=kd_vocab,
-                     teacher_cache=cache, cross=cross)
+    for i, (spec, src) in enumerate(zip(teacher_specs, sources)):
+        if not recipe.distill.teacher_cache.top_k:
+            break
+        terms = [t for t in recipe.distill.losses if t.teacher == i]
+        if src.cross is not None:
+            src.cache = _cross_teacher_cache(recipe, spec, src.model, src.cross, packed, accelerator, terms)
+        else:
+            src.cache, cached_teacher_ppl = _teacher_cache(recipe, spec, src.model, packed, src.kd_vocab, accelerator,
+                                                           terms)
+        src.model = None  # trained from the cache (and, across tokenizers, the teacher's tokenizer) alone
+    if len(sources) > 1:
+        result = T.train(recipe, accelerator, student, tokenizer, packed, teachers=sources)
+    else:
+        teacher, cache = (sources[0].model, sources[0].cache) if sources else (None, None)
+        result = T.train(recipe, accelerator, student, tokenizer, packed, teacher=teacher, kd_vocab=kd_vocab,
+                         teacher_cache=cache, cross=cross)
+    del sources
     if result.interrupted:
         raise SystemExit(130)
-    if teacher_spec is not None:
+    if len(teacher_specs) > 1:
+        result.metrics["teachers"] = [spec.name_or_path for spec in teacher_specs]
+        cached_teacher_ppl = None  # (whose?)
+    elif teacher_spec is not None:
         result.metrics["teacher"] = teacher_spec.name_or_path
     if pruned is not None:
         result.metrics.update(student_init=str(pruned), student_init_val_ppl=init_ppl,
@@ -347,14 +349,43 @@ def _report(recipe: Recipe, accelerator) -> None:
     log.info("report: %s", html)
 
 
-def _teacher_cache(recipe, spec, teacher, packed, vocab, accelerator):
-    """Build (or find) the top-k cache of `teacher` on the training blocks; -> (TeacherCache, teacher ppl)."""
+def _load_teacher(recipe, i: int, spec, tokenizer, student, accelerator):
+    """Teacher `i` (of recipe.teacher_specs, resolved to a path) -> trainer.TeacherSource: the model, and
+    either the vocabulary it shares with the student or, where its terms compare across tokenizers, both
+    tokenizers prepared (crosstok.CrossTokenizers)."""
+    from transformers import AutoTokenizer
+
+    from workbench import models as M
+    from workbench.distributed import unpartitioned_loading
+    from workbench.trainer import TeacherSource
+
+    role = "teacher" if not recipe.teachers else f"teachers.{i}"
+    with unpartitioned_loading():  # placed (replicated or partitioned) by the trainer
+        teacher = M.load_model(spec, tokenizer, role, seed=recipe.train.seed, device=accelerator.device)
+    teacher_tok = AutoTokenizer.from_pretrained(spec.name_or_path) if spec.name_or_path else tokenizer
+    terms = [t for t in recipe.distill.losses if t.teacher == i and t.name != "cross_entropy"] or recipe.distill.losses
+    src = TeacherSource(teacher)
+    if any(t.name in CROSS_TOKENIZER_LOSSES for t in terms):  # the teacher in its own tokens
+        from workbench.crosstok import CrossTokenizers
+
+        src.cross = CrossTokenizers.build(tokenizer, teacher_tok, any(t.name == "span" for t in terms))
+        log.info("%s tokenizer: %d tokens, student's: %d%s", role, len(teacher_tok), len(tokenizer),
+                 "" if src.cross.shared is None else f", {src.cross.shared[0].numel()} shared")
+    else:
+        src.kd_vocab = M.check_same_vocabulary(teacher_tok, tokenizer, teacher, student)
+    log.info("%s: %.2fM parameters", role, M.count_parameters(teacher) / 1e6)
+    return src
+
+
+def _teacher_cache(recipe, spec, teacher, packed, vocab, accelerator, terms=None):
+    """Build (or find) the top-k cache of `teacher` on the training blocks (for the logit `terms`, default
+    the recipe's); -> (TeacherCache, teacher ppl)."""
     from workbench import teacher_cache as TC
     from workbench.trainer import evaluate_perplexity
 
     tc = recipe.distill.teacher_cache
-    temps = sorted({t.temperature for t in recipe.distill.losses if t.name != "cross_entropy"})
-    path = TC.cache_path(_model_id(spec), packed.key, tc.top_k, temps, vocab, tc.dtype)
+    temps = sorted({t.temperature for t in terms or recipe.distill.losses if t.name != "cross_entropy"})
+    path = TC.cache_path(_model_id(spec, recipe.train.seed), packed.key, tc.top_k, temps, vocab, tc.dtype)
     ppl_file = path / "teacher_val_ppl.json"
     if not (path / "meta.json").exists():
         teacher.to(accelerator.device)
@@ -370,16 +401,16 @@ def _teacher_cache(recipe, spec, teacher, packed, vocab, accelerator):
     return TC.TeacherCache(path), json.loads(ppl_file.read_text())
 
 
-def _cross_teacher_cache(recipe, spec, teacher, cross, packed, accelerator):
+def _cross_teacher_cache(recipe, spec, teacher, cross, packed, accelerator, terms=None):
     """Build (or complete) the top-k cache of a teacher with another tokenizer on the blocks this run
-    visits; -> teacher_cache.CrossCache."""
+    visits (for its `terms`, default the recipe's); -> teacher_cache.CrossCache."""
     from workbench import teacher_cache as TC
     from workbench.trainer import visited_blocks
 
     tc = recipe.distill.teacher_cache
-    temps = sorted({t.temperature for t in recipe.distill.losses if t.name != "cross_entropy"})
+    temps = sorted({t.temperature for t in terms or recipe.distill.losses if t.name != "cross_entropy"})
     shared = 0 if cross.shared is None else cross.shared[0].numel()
-    path = TC.cross_cache_path(_model_id(spec), packed.key, tc.top_k, temps, tc.dtype, shared)
+    path = TC.cross_cache_path(_model_id(spec, recipe.train.seed), packed.key, tc.top_k, temps, tc.dtype, shared)
     wanted = visited_blocks(recipe.train, len(packed.train), accelerator.num_processes)
     if not path.exists() or TC.CrossCache(path).missing(wanted):
         teacher.to(accelerator.device)
@@ -389,8 +420,11 @@ def _cross_teacher_cache(recipe, spec, teacher, cross, packed, accelerator):
     return TC.CrossCache(path)
 
 
-def _model_id(spec) -> str:
-    """Identity of a model's weights for cache keys: Hub id + revision, or a local directory's files."""
+def _model_id(spec, seed: int | None = None) -> str:
+    """Identity of a model's weights for cache keys: Hub id + revision, a local directory's files, or a
+    tiny config with its overrides and the seed that initialised it."""
+    if spec.tiny is not None:
+        return json.dumps(["tiny", spec.tiny, spec.config, seed, spec.dtype], sort_keys=True)
     path = Path(spec.name_or_path).expanduser()
     if not path.is_dir():
         return f"{spec.name_or_path}@{spec.revision}"

@@ -121,11 +121,26 @@ class _Rollouts:
 # --------------------------------------------------------------------------------------------- loop
 
 
+@dataclass
+class TeacherSource:
+    """One of several teachers (recipe.teachers): the model (None when trained from its cache), the
+    vocabulary the student shares with it (same tokenizer), or its tokenizers (crosstok.CrossTokenizers),
+    and its top-k cache (teacher_cache.TeacherCache / CrossCache) or None."""
+
+    model: object = None
+    kd_vocab: int | None = None
+    cross: object = None
+    cache: object = None
+
+
 def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, teacher=None, kd_vocab=None,
-          teacher_cache=None, cross=None) -> TrainResult:
+          teacher_cache=None, cross=None, teachers: list[TeacherSource] | None = None) -> TrainResult:
     """Train `student` per `recipe.train` / `recipe.distill`; returns after max_steps or a signal.
     `teacher_cache` (a teacher_cache.TeacherCache) replaces the live teacher for logit losses; `cross`
-    (a crosstok.CrossTokenizers) makes the teacher read each batch in its own tokens."""
+    (a crosstok.CrossTokenizers) makes the teacher read each batch in its own tokens; `teachers`, instead
+    of those, several teachers (each loss term names its own)."""
+    if teachers is not None and (teacher is not None or teacher_cache is not None or cross is not None):
+        raise ValueError("train(): pass several teachers as `teachers` alone")
     cfg, dcfg = recipe.train, recipe.distill
     onp = dcfg.onpolicy
     out = recipe.output_dir
@@ -136,8 +151,8 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
     accelerator.step = 0
 
     objective = Objective(dcfg.losses, student.config, teacher.config if teacher is not None else None,
-                          vocab=kd_vocab, chunk=dcfg.chunk_size)
-    if objective.needs_teacher and teacher is None and teacher_cache is None:
+                          vocab=kd_vocab if teachers is None else [t.kd_vocab for t in teachers], chunk=dcfg.chunk_size)
+    if objective.needs_teacher and teacher is None and teacher_cache is None and not teachers:
         raise ValueError("the recipe's losses need a teacher")
     if dist.zero_stage(accelerator) == 3 and recipe.student.quantize_base:
         raise RecipeError("a 4-bit student cannot be partitioned by ZeRO-3 here; use DDP (multi_gpu.yaml) or "
@@ -155,6 +170,9 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if teacher is not None:
         teacher = dist.place_teacher(teacher, recipe, accelerator)
+    for src in teachers or []:
+        if src.model is not None:
+            src.model = dist.place_teacher(src.model, recipe, accelerator)
     passes = accelerator.gradient_accumulation_steps  # backward passes per optimizer step
     ddp = accelerator.num_processes > 1 and dist.zero_stage(accelerator) == 0 and \
         accelerator.distributed_type.value in ("MULTI_GPU", "MULTI_CPU")
@@ -180,22 +198,29 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
         if state["step"] == 0:  # a resumed run logged it already
             metrics.write({"step": 0, "teacher/val_ppl": teacher_ppl})
 
-    def teacher_for(job: _Job):
-        if job.kind == "data" and teacher_cache is not None:
-            if cross is not None:  # (the alignment is computed again, and checked against the cached one)
-                return cross.teacher_for(None, job.ids, job.pos, job.rows["labels"],
-                                         cached=teacher_cache.batch(job.blocks, accelerator.device))
-            return teacher_cache.batch(job.blocks, accelerator.device)
-        if not (objective.needs_teacher or job.kind == "rollout"):
-            return None
+    def one_teacher(job: _Job, model, cache, tokens):
+        if job.kind == "data" and cache is not None:
+            if tokens is not None:  # (the alignment is computed again, and checked against the cached one)
+                return tokens.teacher_for(None, job.ids, job.pos, job.rows["labels"],
+                                          cached=cache.batch(job.blocks, accelerator.device))
+            return cache.batch(job.blocks, accelerator.device)
         with torch.no_grad(), accelerator.autocast():
             if job.kind == "rollout":
-                return forward_for_losses(teacher, job.ids, dcfg.fused)
-            if cross is not None:
-                return cross.teacher_for(lambda ids, pos: forward_for_losses(teacher, ids, dcfg.fused, position_ids=pos),
-                                         job.ids, job.pos, job.rows["labels"])
-            return forward_for_losses(teacher, job.ids, dcfg.fused, objective.hidden_layers[1],
+                return forward_for_losses(model, job.ids, dcfg.fused)
+            if tokens is not None:
+                return tokens.teacher_for(lambda ids, pos: forward_for_losses(model, ids, dcfg.fused, position_ids=pos),
+                                          job.ids, job.pos, job.rows["labels"])
+            return forward_for_losses(model, job.ids, dcfg.fused, objective.hidden_layers[1],
                                       objective.attention_layers[1], position_ids=job.pos)
+
+    def teacher_for(job: _Job):
+        if teachers is not None:  # several: a list, in the recipe's order
+            return [one_teacher(job, t.model, t.cache, t.cross) for t in teachers]
+        if job.kind == "data" and teacher_cache is not None:
+            return one_teacher(job, teacher, teacher_cache, cross)
+        if not (objective.needs_teacher or job.kind == "rollout"):
+            return None
+        return one_teacher(job, teacher, None, cross)
 
     stopper = _Stopper()
     bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not accelerator.is_main_process,
