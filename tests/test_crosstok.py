@@ -330,9 +330,10 @@ def _cross_run(tmp_path, name, teacher, accelerator, *extra):
 
 
 def test_training_from_the_cache_across_tokenizers_equals_the_live_teacher_and_resumes_a_build(
-        tmp_path, tiny_teacher, accelerator):
+        tmp_path, tiny_teacher, accelerator, monkeypatch):
     """With k = the teacher's whole vocabulary (float32) the cached run's losses are the live run's; the
-    cache holds the blocks the run visits, and a longer run adds only the blocks it lacks."""
+    cache holds the blocks the run visits, a longer run adds only the blocks it lacks, and a run whose
+    blocks are all cached never loads the teacher."""
     from workbench import teacher_cache as TC
     from workbench.data import cache_root
 
@@ -352,6 +353,12 @@ def test_training_from_the_cache_across_tokenizers_equals_the_live_teacher_and_r
     after = {f.name: f.stat().st_mtime_ns for f in dirs[0].glob("shard-*.npz")}
     assert all(after[n] == t for n, t in first.items()) and len(after) > len(first)  # old shards kept
     assert len(TC.CrossCache(dirs[0]).where) > n4
+    from workbench import models as M
+
+    roles, load = [], M.load_model
+    monkeypatch.setattr(M, "load_model", lambda spec, tok, role, **kw: roles.append(role) or load(spec, tok, role, **kw))
+    again = _cross_run(tmp_path, "again", tiny_teacher, accelerator, "distill.teacher_cache={top_k: 320, dtype: float32}")
+    assert roles == ["student"] and [r["train/span"] for r in again] == [r["train/span"] for r in cached]
 
 
 def test_a_cache_that_does_not_match_the_batch_is_refused():

@@ -274,7 +274,8 @@ def _run(recipe: Recipe, accelerator) -> dict:
     # pretrained ones load partitioned under ZeRO-3 (transformers' zero.Init) to spare host memory
     with unpartitioned_loading() if student_spec.tiny else contextlib.nullcontext():
         student = M.load_model(student_spec, tokenizer, "student", seed=recipe.train.seed, device=accelerator.device)
-    sources = [_load_teacher(recipe, i, spec, tokenizer, student, accelerator) for i, spec in enumerate(teacher_specs)]
+    sources = [_load_teacher(recipe, i, spec, tokenizer, student, packed, accelerator)
+               for i, spec in enumerate(teacher_specs)]
     teacher, kd_vocab, cross = (sources[0].model, sources[0].kd_vocab, sources[0].cross) if sources else (None,) * 3
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters() if p.requires_grad)
     log.info("student: %.2fM parameters, %.3fM trainable", M.count_parameters(student) / 1e6, trainable / 1e6)
@@ -301,7 +302,8 @@ def _run(recipe: Recipe, accelerator) -> dict:
             break
         terms = [t for t in recipe.distill.losses if t.teacher == i]
         if src.cross is not None:
-            src.cache = _cross_teacher_cache(recipe, spec, src.model, src.cross, packed, accelerator, terms)
+            if src.cache is None:  # built now
+                src.cache = _cross_teacher_cache(recipe, spec, src.model, src.cross, packed, accelerator, terms)
         else:
             src.cache, cached_teacher_ppl = _teacher_cache(recipe, spec, src.model, packed, src.kd_vocab, accelerator,
                                                            terms)
@@ -349,7 +351,7 @@ def _report(recipe: Recipe, accelerator) -> None:
     log.info("report: %s", html)
 
 
-def _load_teacher(recipe, i: int, spec, tokenizer, student, accelerator):
+def _load_teacher(recipe, i: int, spec, tokenizer, student, packed, accelerator):
     """Teacher `i` (of recipe.teacher_specs, resolved to a path) -> trainer.TeacherSource: the model, and
     either the vocabulary it shares with the student or, where its terms compare across tokenizers, both
     tokenizers prepared (crosstok.CrossTokenizers)."""
@@ -360,20 +362,25 @@ def _load_teacher(recipe, i: int, spec, tokenizer, student, accelerator):
     from workbench.trainer import TeacherSource
 
     role = "teacher" if not recipe.teachers else f"teachers.{i}"
-    with unpartitioned_loading():  # placed (replicated or partitioned) by the trainer
-        teacher = M.load_model(spec, tokenizer, role, seed=recipe.train.seed, device=accelerator.device)
     teacher_tok = AutoTokenizer.from_pretrained(spec.name_or_path) if spec.name_or_path else tokenizer
     terms = [t for t in recipe.distill.losses if t.teacher == i and t.name != "cross_entropy"] or recipe.distill.losses
-    src = TeacherSource(teacher)
+    src = TeacherSource()
     if any(t.name in CROSS_TOKENIZER_LOSSES for t in terms):  # the teacher in its own tokens
         from workbench.crosstok import CrossTokenizers
 
         src.cross = CrossTokenizers.build(tokenizer, teacher_tok, any(t.name == "span" for t in terms))
         log.info("%s tokenizer: %d tokens, student's: %d%s", role, len(teacher_tok), len(tokenizer),
                  "" if src.cross.shared is None else f", {src.cross.shared[0].numel()} shared")
-    else:
-        src.kd_vocab = M.check_same_vocabulary(teacher_tok, tokenizer, teacher, student)
-    log.info("%s: %.2fM parameters", role, M.count_parameters(teacher) / 1e6)
+        if recipe.distill.teacher_cache.top_k:
+            src.cache = _cross_teacher_cache(recipe, spec, None, src.cross, packed, accelerator, terms)
+            if src.cache is not None:  # complete: the model is never loaded
+                log.info("%s: trained from its cache alone (the model is not loaded)", role)
+                return src
+    with unpartitioned_loading():  # placed (replicated or partitioned) by the trainer
+        src.model = M.load_model(spec, tokenizer, role, seed=recipe.train.seed, device=accelerator.device)
+    if src.cross is None:
+        src.kd_vocab = M.check_same_vocabulary(teacher_tok, tokenizer, src.model, student)
+    log.info("%s: %.2fM parameters", role, M.count_parameters(src.model) / 1e6)
     return src
 
 
@@ -403,7 +410,8 @@ def _teacher_cache(recipe, spec, teacher, packed, vocab, accelerator, terms=None
 
 def _cross_teacher_cache(recipe, spec, teacher, cross, packed, accelerator, terms=None):
     """Build (or complete) the top-k cache of a teacher with another tokenizer on the blocks this run
-    visits (for its `terms`, default the recipe's); -> teacher_cache.CrossCache."""
+    visits (for its `terms`, default the recipe's); -> teacher_cache.CrossCache (None when it is not
+    complete and `teacher` is None: nothing to build it with)."""
     from workbench import teacher_cache as TC
     from workbench.trainer import visited_blocks
 
@@ -413,6 +421,8 @@ def _cross_teacher_cache(recipe, spec, teacher, cross, packed, accelerator, term
     path = TC.cross_cache_path(_model_id(spec, recipe.train.seed), packed.key, tc.top_k, temps, tc.dtype, shared)
     wanted = visited_blocks(recipe.train, len(packed.train), accelerator.num_processes)
     if not path.exists() or TC.CrossCache(path).missing(wanted):
+        if teacher is None:  # (asked whether it is complete: it is not)
+            return None
         teacher.to(accelerator.device)
         TC.build_cross(teacher, cross, packed.train, wanted, path, tc.top_k, temps, tc.dtype, accelerator,
                        recipe.train.micro_batch_size, recipe.distill.fused)
