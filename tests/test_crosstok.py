@@ -149,20 +149,27 @@ def test_a_batch_aligns_on_groups_that_cover_the_same_bytes_in_both_tokenisation
     assert lo > 0 and t_tok.decode(al.teacher_ids[0][al.teacher_mask[0].bool()]).encode() == whole0[lo:hi]
 
 
-@pytest.mark.parametrize("kind", ["uld", "span"])
-@pytest.mark.parametrize("student_vocab,teacher_vocab", [(280, 420), (420, 280)])  # groups merge on either side
-def test_the_chunked_cross_tokenizer_loss_equals_the_dense_computation_in_value_and_gradient(
-        kind, student_vocab, teacher_vocab):
+def _random_batch(student_vocab, teacher_vocab, seed):
+    """Two student blocks aligned with the teacher's tokens, random student hidden states and output layer
+    (float64, with gradients) and random teacher log-probabilities."""
     s_tok, t_tok = _bpe(student_vocab), _bpe(teacher_vocab)
     sb, tb = X.token_bytes(s_tok), X.token_bytes(t_tok)
     stream = s_tok(TEXT)["input_ids"]
     ids = torch.tensor([stream[:30], stream[10:40]])
     al = X.align_batch(ids, None, None, sb, t_tok, tb, pad_id=t_tok.eos_token_id)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     H, Vs, Vt = 8, len(s_tok), len(t_tok)
     hidden = torch.randn(ids.numel(), H, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(Vs, H, dtype=torch.float64, requires_grad=True)
     t_logp = (torch.randn(al.teacher_ids.numel(), Vt, dtype=torch.float64) * 2).log_softmax(-1)
+    return al, hidden, weight, t_logp, sb, tb, Vt
+
+
+@pytest.mark.parametrize("kind", ["uld", "span"])
+@pytest.mark.parametrize("student_vocab,teacher_vocab", [(280, 420), (420, 280)])  # groups merge on either side
+def test_the_chunked_cross_tokenizer_loss_equals_the_dense_computation_in_value_and_gradient(
+        kind, student_vocab, teacher_vocab):
+    al, hidden, weight, t_logp, sb, tb, Vt = _random_batch(student_vocab, teacher_vocab, 0)
     shared = X.shared_vocab(sb, tb) if kind == "span" else None
     T = 2.0
     got = X.cross_tokenizer_loss(kind, hidden, weight, lambda r: (t_logp[r] / T).log_softmax(-1), al,
@@ -268,16 +275,7 @@ def test_uld_equals_trl_gold_where_the_two_formulations_coincide():
 def test_a_top_k_teacher_covering_its_vocabulary_equals_the_dense_loss(kind, student_vocab, teacher_vocab):
     """The cache's form of the teacher (merged groups, top-k, the rest and the other shared tokens' mass)
     with k = the teacher's vocabulary gives the dense loss, value and gradient, chunked."""
-    s_tok, t_tok = _bpe(student_vocab), _bpe(teacher_vocab)
-    sb, tb = X.token_bytes(s_tok), X.token_bytes(t_tok)
-    stream = s_tok(TEXT)["input_ids"]
-    ids = torch.tensor([stream[:30], stream[10:40]])
-    al = X.align_batch(ids, None, None, sb, t_tok, tb, pad_id=t_tok.eos_token_id)
-    torch.manual_seed(1)
-    H, Vs, Vt = 8, len(s_tok), len(t_tok)
-    hidden = torch.randn(ids.numel(), H, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(Vs, H, dtype=torch.float64, requires_grad=True)
-    t_logp = (torch.randn(al.teacher_ids.numel(), Vt, dtype=torch.float64) * 2).log_softmax(-1)
+    al, hidden, weight, t_logp, sb, tb, Vt = _random_batch(student_vocab, teacher_vocab, 1)
     shared = X.shared_vocab(sb, tb)
     t = X.merge_logp(t_logp, al.t_first, al.t_later, al.t_later_group, al.t_later_token)
     groups = X.topk_groups(t, Vt, shared[1])
@@ -298,9 +296,14 @@ def test_span_loss_against_a_top_k_teacher_is_written_out_bucket_by_bucket():
     s_of_t = torch.tensor([1, -1, 0, -1, -1, 3])
     s_shared = torch.tensor([1, 0, 3])
     t = torch.tensor([pt], dtype=torch.float64).log()
-    top = X.topk_groups(t, 3, torch.tensor([0, 2, 5]))  # teacher ids 0, 1, 3: 0 shared, 1 and 3 not
-    assert top.indices.tolist() == [[0, 1, 3]]
-    assert top.logp[0].exp().tolist() == pytest.approx([0.30, 0.25, 0.20, 0.25, 0.13])
+    two = X.topk_groups(t, 2, torch.tensor([0, 2, 5]))  # the 2 largest shared and the 2 largest others
+    assert two.indices.tolist() == [[0, 1, 3, 5]]  # in decreasing order
+    assert two.logp[0].exp().tolist() == pytest.approx([0.30, 0.25, 0.20, 0.08, 0.17, 0.05])
+    # ULD's buckets from it: the 2 largest of all, then the rest (0.08 + 0.17), as a plain top-2 gives
+    assert two.ranked()[0].exp().tolist() == pytest.approx([0.30, 0.25, 0.45])
+    assert torch.allclose(two.ranked(), X.topk_groups(t, 2, None).ranked())
+    # against any kept set: here teacher ids 0, 1, 3 (0 shared, 1 and 3 not), the rest 0.25 (0.13 shared)
+    top = X.GroupTopK(torch.tensor([[0, 1, 3]]), torch.tensor([[0.30, 0.25, 0.20, 0.25, 0.13]], dtype=torch.float64).log())
     s = torch.tensor([ps], dtype=torch.float64).log().requires_grad_()
     got = X.span_loss_topk(s, top, s_of_t, s_shared, "forward_kl", matched_weight=0.6)
     # shared buckets: teacher id 0 (student id 1), the other shared (teacher 2 + 5 / student 0 + 3)
@@ -374,7 +377,9 @@ def test_a_cache_that_does_not_match_the_batch_is_refused():
     got = cross.teacher_for(None, ids, None, labels, cached=(local, counts, {1.0: groups}))
     assert got.groups[1.0] is groups and got.outputs is None
     other = torch.tensor([stream[5:35], stream[10:40]])  # another text in block 0: other groups
-    with pytest.raises(RuntimeError, match="another tokenizer or data"):
+    from workbench.config import WorkbenchError
+
+    with pytest.raises(WorkbenchError, match="another tokenizer or data"):  # one line from train.py, no traceback
         cross.teacher_for(None, other, None, labels, cached=(local, counts, {1.0: groups}))
 
 
@@ -432,3 +437,48 @@ def test_several_teachers_are_checked_without_loading_anything(overrides, match)
     base = ["teacher=null", "teachers=[{tiny: llama-2layer-64}, {tiny: llama-2layer-64}]"]
     with pytest.raises(RecipeError, match=match):
         load_recipe("kd_tiny", base + overrides)
+
+
+def test_a_cache_build_killed_between_shards_resumes_with_the_blocks_it_lacks(tmp_path, tiny_teacher, accelerator,
+                                                                            monkeypatch):
+    """A build that dies after its first shard leaves that shard complete and nothing else; the next build
+    computes only the missing blocks, and the cache equals one built in one go."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from workbench import models as M
+    from workbench import teacher_cache as TC
+    from workbench.config import ModelSpec
+
+    s_tok = _bpe(280)
+    t_tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    teacher = M.load_model(ModelSpec(name_or_path=str(tiny_teacher)), t_tok, "teacher")
+    cross = X.CrossTokenizers.build(s_tok, t_tok, need_shared=True)
+    stream = s_tok(TEXT * 4)["input_ids"]
+    blocks = np.array([stream[i:i + 24] for i in range(0, 6 * 12, 12)], dtype=np.int64)  # 6 blocks of 24
+    wanted = np.arange(6)
+    build = lambda path: TC.build_cross(teacher, cross, blocks, wanted, path, 8, [1.0], "float32",  # noqa: E731
+                                        accelerator, micro_batch_size=2, fused=True, shard_blocks=2)
+    save, calls = np.savez, []
+
+    def dies_on_second(path, **arrays):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed while writing the second shard
+        save(path, **arrays)
+
+    monkeypatch.setattr(np, "savez", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        build(tmp_path / "c")
+    monkeypatch.setattr(np, "savez", save)
+    first = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "c").glob("shard-*.npz")}
+    assert len(first) == 1 and TC.CrossCache(tmp_path / "c").missing(wanted) == [2, 3, 4, 5]
+    (tmp_path / "c" / "shard-000000002-0.npz.tmp.npz").write_bytes(b"half a shard")  # what a kill -9 leaves
+    assert TC.CrossCache(tmp_path / "c").missing(wanted) == [2, 3, 4, 5]
+    build(tmp_path / "c")
+    assert all((tmp_path / "c" / n).stat().st_mtime_ns == t for n, t in first.items())
+    build(tmp_path / "whole")
+    a, b = TC.CrossCache(tmp_path / "c"), TC.CrossCache(tmp_path / "whole")
+    ga, gb = a.batch(wanted, "cpu"), b.batch(wanted, "cpu")
+    assert torch.equal(ga[0], gb[0]) and ga[1] == gb[1]
+    assert torch.equal(ga[2][1.0].indices, gb[2][1.0].indices) and torch.equal(ga[2][1.0].logp, gb[2][1.0].logp)

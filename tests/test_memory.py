@@ -100,3 +100,12 @@ def test_zero3_model_states_as_deepspeed_estimates_them(launch, gpus, nodes):
     if launch == "zero3_offload":
         offloaded = sum(v for k, v in est["cpu"].items() if "offload" in k and "teacher" not in k)
         assert offloaded == pytest.approx(cpu_ds, rel=1e-6)
+
+
+def test_several_teachers_each_count_in_the_estimate():
+    one = memory.estimate(load_recipe("kd_tiny", ["teacher={tiny: llama-teacher-5m}"]))["gpu"]
+    two = memory.estimate(load_recipe("kd_tiny", [
+        "teacher=null", "teachers=[{tiny: llama-teacher-5m}, {tiny: llama-2layer-64}]",
+        "distill.losses=[{name: forward_kl}, {name: forward_kl, teacher: 1}]"]))["gpu"]
+    assert two["teachers.0 weights"] == one["teacher weights"]
+    assert 0 < two["teachers.1 weights"] < two["teachers.0 weights"]

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from workbench.config import RecipeError
+from workbench.config import RecipeError, WorkbenchError
 from workbench.losses import DIVERGENCES, _NEG
 
 
@@ -116,45 +116,64 @@ def span_loss(s_merged: torch.Tensor, t_merged: torch.Tensor, s_shared: torch.Te
 
 @dataclass
 class GroupTopK:
-    """A teacher's merged group distributions, top-k: indices [G, k] (teacher ids, decreasing probability)
-    and logp [G, k + 2]: their log-masses, then the log of the rest's mass, then the log of the mass of the
-    shared tokens among the rest (-inf where none)."""
+    """A teacher's merged group distributions, top-k (`topk_groups`): indices [G, n] (teacher ids) and logp
+    [G, n + 2]: their log-masses, then the log of the rest's mass, then the log of the mass of the shared
+    tokens among the rest (-inf where none)."""
 
     indices: torch.Tensor
     logp: torch.Tensor
+    k: int | None = None  # the entries are in decreasing order; the first k (None: all) are the k largest
 
     def __getitem__(self, rows) -> "GroupTopK":
-        return GroupTopK(self.indices[rows], self.logp[rows])
+        return GroupTopK(self.indices[rows], self.logp[rows], self.k)
+
+    def ranked(self) -> torch.Tensor:
+        """[G, k + 1]: the k largest log-masses in decreasing order, then the log of all the rest's mass (ULD
+        against a top-k teacher)."""
+        n = self.indices.shape[-1]
+        k = n if self.k is None else min(self.k, n)
+        rest = torch.cat([self.logp[:, k:n], self.logp[:, n:n + 1]], -1).logsumexp(-1, keepdim=True)
+        return torch.cat([self.logp[:, :k], rest], -1)
 
 
 def topk_groups(merged: torch.Tensor, k: int, t_shared: torch.Tensor | None) -> GroupTopK:
-    """[G, Vt] merged teacher log-masses -> their GroupTopK (t_shared: the teacher ids of the shared tokens,
-    or None: no shared bucket)."""
-    top, idx = merged.topk(min(k, merged.shape[-1]), dim=-1)
+    """[G, Vt] merged teacher log-masses -> their GroupTopK: the k largest (t_shared None: for ULD), or the
+    k largest among the shared tokens (t_shared: their teacher ids) and the k largest among the others, so
+    that both parts of the span loss get their own k."""
+    if t_shared is None or not t_shared.numel():
+        top, idx = merged.topk(min(k, merged.shape[-1]), dim=-1)
+    else:
+        is_shared = torch.zeros(merged.shape[-1], dtype=torch.bool, device=merged.device)
+        is_shared[t_shared] = True
+        n_sh, n_un = int(is_shared.sum()), merged.shape[-1] - int(is_shared.sum())
+        a = merged.masked_fill(~is_shared, float("-inf")).topk(min(k, n_sh), dim=-1)
+        b = merged.masked_fill(is_shared, float("-inf")).topk(min(k, n_un), dim=-1)
+        top, order = torch.cat([a.values, b.values], -1).sort(-1, descending=True)  # the k largest of all first
+        idx = torch.cat([a.indices, b.indices], -1).gather(-1, order)
     rest = merged.scatter(-1, idx, float("-inf"))
     cols = [top, rest.logsumexp(-1, keepdim=True)]
     if t_shared is not None and t_shared.numel():
         cols.append(rest[:, t_shared].logsumexp(-1, keepdim=True))
     else:
         cols.append(torch.full_like(cols[1], float("-inf")))
-    return GroupTopK(idx, torch.cat(cols, -1))
+    return GroupTopK(idx, torch.cat(cols, -1), k)
 
 
 def span_loss_topk(s_merged: torch.Tensor, teacher: GroupTopK, s_of_t: torch.Tensor, s_shared: torch.Tensor,
                    kind: str = "forward_kl", matched_weight: float | None = None, beta: float = 0.5,
                    alpha: float = 0.1) -> torch.Tensor:
-    """span_loss against a top-k teacher: s_merged [G, Vs]; s_of_t [Vt] the student id of each teacher
-    token (-1: not shared); s_shared [S] the shared tokens' student ids. On the shared tokens, the
-    divergence over k + 1 buckets: the shared tokens among the teacher's k (the student's probability of
-    the same token), then all other shared tokens (both renormalised over the shared tokens); on the
-    unshared, ULD bucket by bucket: the teacher's k_u largest unshared masses against the student's k_u
-    largest, then the rest of each side (k_u: the unshared tokens among the teacher's k, per group).
-    Equal to span_loss when k covers the teacher's vocabulary."""
+    """span_loss against a top-k teacher (any set of its largest shared and unshared tokens, as
+    `topk_groups` keeps): s_merged [G, Vs]; s_of_t [Vt] the student id of each teacher token (-1: not
+    shared); s_shared [S] the shared tokens' student ids. On the shared tokens, the divergence over buckets:
+    each shared token the teacher kept (the student's probability of the same token), then all other shared
+    tokens (both renormalised over the shared tokens); on the unshared, ULD bucket by bucket: the teacher's
+    k_u kept unshared masses against the student's k_u largest, then the rest of each side (k_u per group).
+    Equal to span_loss when the kept tokens cover the teacher's vocabulary."""
     S = s_shared.numel()
     w = S / s_of_t.numel() if matched_weight is None else matched_weight
     s = _f32(s_merged)
     t = _f32(teacher.logp).clamp(min=_NEG)
-    G, k = teacher.indices.shape
+    G, k = teacher.indices.shape  # (k: the kept tokens, shared and not)
     Vs = s.shape[-1]
     sid = s_of_t[teacher.indices]  # [G, k]
     sh = sid >= 0
@@ -372,7 +391,7 @@ class _GroupTerm(torch.nn.Module):
         opts = dict(kind=self.divergence, matched_weight=self.matched_weight, beta=self.beta, alpha=self.alpha)
         if isinstance(teacher, GroupTopK):  # from the cache
             if self.kind == "uld":
-                per = uld(s, teacher.logp[:, :-1], t_topk=True)
+                per = uld(s, teacher.ranked(), t_topk=True)
             else:
                 per = span_loss_topk(s, teacher, self.s_of_t, self.shared[0], **opts)
         elif self.kind == "uld":
@@ -527,8 +546,9 @@ class CrossTokenizers:
             T = ids.shape[1]
             want = s_first + torch.repeat_interleave(torch.arange(len(counts)) * T, torch.tensor(counts))
             if not torch.equal(want, al.s_first):
-                raise RuntimeError("the teacher cache does not match this batch's alignment: it was built with another "
-                                   "tokenizer or data than the run's; delete it to rebuild")
+                raise WorkbenchError("the teacher cache does not match this batch's alignment: it was built with "
+                                     "another tokenizer or data than the run's; delete it (its path is logged) to "
+                                     "rebuild")
         else:
             out = forward(al.teacher_ids.to(dev), al.teacher_positions.to(dev))
         moved = Alignment(*(getattr(al, f.name).to(dev) for f in dataclasses.fields(al)))

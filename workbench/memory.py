@@ -165,16 +165,18 @@ def estimate(recipe: Recipe, launch: str = "single", gpus: int = 1, nodes: int =
     fused = recipe.distill.fused and not zero >= 3
     tokens = b * seq
     gpu["logits"] = (min(chunk, tokens) * s.vocab * 4 * 6 if fused else tokens * s.vocab * (act_bytes + 4 * 3))
-    if recipe.teacher is not None and not recipe.distill.teacher_cache.top_k:
-        ts = model_shape(recipe.teacher, vocab)
-        tw = _weight_bytes(ts, recipe.teacher, bits16 or recipe.teacher.dtype != "float32")
+    specs = [] if recipe.distill.teacher_cache.top_k else recipe.teacher_specs
+    for i, spec in enumerate(specs):  # each teacher (several: teachers.i)
+        name = "teacher" if len(specs) == 1 else f"teachers.{i}"
+        ts = model_shape(spec, vocab)
+        tw = _weight_bytes(ts, spec, bits16 or spec.dtype != "float32")
         place = recipe.parallel.teacher
-        gpu["teacher weights"] = tw if place == "replicated" else (tw / world if place == "zero3" else 0.0)
+        gpu[f"{name} weights"] = tw if place == "replicated" else (tw / world if place == "zero3" else 0.0)
         if place == "zero3_offload":
-            cpu["teacher weights (offloaded)"] = tw * gpus / world
-        gpu["teacher activations"] = seq * b * ts.hidden * act_bytes * 4 + (0 if fused else tokens * ts.vocab * act_bytes)
-        if not recipe.teacher.quantize_base:  # loaded whole on the CPU by every process, then moved
-            cpu["teacher loading (per process)"] = tw * gpus
+            cpu[f"{name} weights (offloaded)"] = tw * gpus / world
+        gpu[f"{name} activations"] = seq * b * ts.hidden * act_bytes * 4 + (0 if fused else tokens * ts.vocab * act_bytes)
+        if not spec.quantize_base:  # loaded whole on the CPU by every process, then moved
+            cpu[f"{name} loading (per process)"] = tw * gpus
     if not (launch.startswith("zero3") or launch == "fsdp2") or recipe.student.name_or_path or recipe.student.recipe:
         cpu["loading (one fp32 copy per process)"] = s.params * 4 * gpus
     return {"gpu": gpu, "cpu": cpu}

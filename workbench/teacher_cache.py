@@ -5,6 +5,10 @@ training, so distillation runs without the teacher in memory.
 
 Files: indices.npy [N, T, k] (uint16 or int32), logp_T<temperature>.npy [N, T, k + 1] (float16/32),
 meta.json (written last: its presence marks a complete cache).
+
+A teacher with another tokenizer (crosstok) is cached per aligned group instead (`build_cross`,
+`CrossCache`): for the blocks a run visits, shards shard-<first block>-<process>.npz, each holding its
+blocks, their group counts and student rows, and the merged group distributions top-k per temperature.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from workbench.config import WorkbenchError
 from workbench.data import _atomic_dir, _hash, cache_root
 from workbench.losses import TopKTeacher, topk_from_logits
 
 log = logging.getLogger(__name__)
 _VERSION = 1
+_CROSS_VERSION = 2  # 2: span terms keep the k largest shared and the k largest other tokens
 
 
 def cache_path(teacher_id: str, data_key: str, k: int, temperatures: list[float], vocab: int, dtype: str) -> Path:
@@ -105,7 +111,7 @@ class TeacherCache:
 
 def cross_cache_path(teacher_id: str, data_key: str, k: int, temperatures: list[float], dtype: str,
                      shared: int) -> Path:
-    key = _hash(["cross-topk", _VERSION, teacher_id, data_key, k, sorted(temperatures), dtype, shared])
+    key = _hash(["cross-topk", _CROSS_VERSION, teacher_id, data_key, k, sorted(temperatures), dtype, shared])
     return cache_root() / "teacher_topk" / key
 
 
@@ -128,8 +134,7 @@ def build_cross(teacher, cross, blocks, wanted: np.ndarray, path: Path, k: int, 
     from workbench.models import forward_for_losses
 
     path.mkdir(parents=True, exist_ok=True)
-    have = set(CrossCache(path).where) if any(path.glob("shard-*.npz")) else set()
-    missing = np.array(sorted(set(int(b) for b in wanted) - have), dtype=np.int64)
+    missing = np.array(CrossCache(path).missing(wanted), dtype=np.int64)
     mine = missing[accelerator.process_index::accelerator.num_processes]
     t_shared = None if cross.shared is None else cross.shared[1].to(accelerator.device)
     teacher.eval()
@@ -170,7 +175,8 @@ def build_cross(teacher, cross, blocks, wanted: np.ndarray, path: Path, k: int, 
                     cols[_file(t)[:-4]].append(top.logp.cpu().numpy().astype(dtype))
             bar.update(len(idx))
         kk = max((x.shape[1] for x in cols["indices"]), default=k)
-        arrays = {"blocks": np.array(cols["blocks"], dtype=np.int64), "groups": np.array(cols["groups"], dtype=np.int64),
+        arrays = {"k": np.array(k), "blocks": np.array(cols["blocks"], dtype=np.int64),
+                  "groups": np.array(cols["groups"], dtype=np.int64),
                   "s_first": np.concatenate(cols["s_first"]),
                   "indices": np.concatenate(cols["indices"]) if cols["indices"] else np.zeros((0, kk), np.int32)}
         for t in temperatures:
@@ -215,12 +221,14 @@ class CrossCache:
         parts = []
         for b in np.asarray(block_indices).tolist():
             if b not in self.where:
-                raise RuntimeError(f"{self.path}: block {b} is not in the teacher cache (built for a shorter run?)")
+                raise WorkbenchError(f"{self.path}: block {b} is not in the teacher cache (built for a shorter run, or "
+                                     "another data order?); delete it to rebuild")
             parts.append(self.where[b])
         take = lambda key: np.concatenate([self.shards[s][key][a:a + n] for s, a, n in parts])  # noqa: E731
         temps = [k for k in self.shards[0] if k.startswith("logp_T")] if self.shards else []
         idx = torch.from_numpy(take("indices").astype(np.int64)).to(device)
-        out = {float(k[len("logp_T"):]): GroupTopK(idx, torch.from_numpy(take(k).astype(np.float32)).to(device))
+        top_k = int(self.shards[0]["k"]) if self.shards else None
+        out = {float(k[len("logp_T"):]): GroupTopK(idx, torch.from_numpy(take(k).astype(np.float32)).to(device), top_k)
                for k in temps}
         counts = [n for _, _, n in parts]
         return torch.from_numpy(take("s_first").astype(np.int64)), counts, out

@@ -420,14 +420,16 @@ def _cross_teacher_cache(recipe, spec, teacher, cross, packed, accelerator, term
     shared = 0 if cross.shared is None else cross.shared[0].numel()
     path = TC.cross_cache_path(_model_id(spec, recipe.train.seed), packed.key, tc.top_k, temps, tc.dtype, shared)
     wanted = visited_blocks(recipe.train, len(packed.train), accelerator.num_processes)
-    if not path.exists() or TC.CrossCache(path).missing(wanted):
+    cache = TC.CrossCache(path)
+    if cache.missing(wanted):
         if teacher is None:  # (asked whether it is complete: it is not)
             return None
         teacher.to(accelerator.device)
         TC.build_cross(teacher, cross, packed.train, wanted, path, tc.top_k, temps, tc.dtype, accelerator,
                        recipe.train.micro_batch_size, recipe.distill.fused)
+        cache = TC.CrossCache(path)
     log.info("training from the top-%d teacher cache %s (across tokenizers, %d blocks)", tc.top_k, path, len(wanted))
-    return TC.CrossCache(path)
+    return cache
 
 
 def _model_id(spec, seed: int | None = None) -> str:
