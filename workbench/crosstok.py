@@ -402,6 +402,18 @@ class _GroupTerm(torch.nn.Module):
         return total, total[None]
 
 
+def teacher_groups(t_logp_rows, al: Alignment, g0: int, g1: int, device) -> torch.Tensor:
+    """The teacher's merged distributions [g1 - g0, Vt] of the alignment's groups g0:g1, from
+    t_logp_rows(rows) -> its log-probabilities at flat teacher rows."""
+    sel = (al.t_later_group >= g0) & (al.t_later_group < g1)
+    lp_first = t_logp_rows(al.t_first[g0:g1].to(device))
+    lp_later = t_logp_rows(al.t_later[sel].to(device)) if bool(sel.any()) else lp_first[:0]
+    n = g1 - g0
+    return merge_logp(torch.cat([lp_first, lp_later]), torch.arange(n, device=device),
+                      torch.arange(n, n + lp_later.shape[0], device=device), (al.t_later_group[sel] - g0).to(device),
+                      al.t_later_token[sel].to(device))
+
+
 def cross_tokenizer_loss(kind: str, s_hidden: torch.Tensor, s_weight: torch.Tensor, t_logp_rows, al: Alignment,
                          temperature: float = 1.0, divergence: str = "forward_kl", matched_weight=None,
                          beta: float = 0.5, alpha: float = 0.1, shared=None, chunk: int = 0,
@@ -437,22 +449,12 @@ def cross_tokenizer_loss(kind: str, s_hidden: torch.Tensor, s_weight: torch.Tens
             bounds.append((a, cuts[i]))
             a = cuts[i]
 
-    t_first, t_later = al.t_first.to(dev), al.t_later.to(dev)
-    t_group, t_token = al.t_later_group.to(dev), al.t_later_token.to(dev)
-
     def teacher_chunk(a, b):
         g0, g1 = int(group[a]), int(group[b - 1]) + 1
         if t_groups is not None:
             return t_groups[g0:g1]
-        sel = (t_group >= g0) & (t_group < g1)
         with torch.no_grad():
-            lp_first = t_logp_rows(t_first[g0:g1])
-            lp_later = t_logp_rows(t_later[sel]) if bool(sel.any()) else lp_first[:0]
-            both = torch.cat([lp_first, lp_later])
-            n = g1 - g0
-            merged = merge_logp(both, torch.arange(n, device=dev), torch.arange(n, n + lp_later.shape[0], device=dev),
-                                t_group[sel] - g0, t_token[sel])
-        return merged.clamp(min=_NEG)
+            return teacher_groups(t_logp_rows, al, g0, g1, dev).clamp(min=_NEG)
 
     if t_groups is not None and t_groups.indices.shape[0] != G:
         raise ValueError(f"the cached teacher has {t_groups.indices.shape[0]} groups for a batch of {G}")

@@ -128,7 +128,7 @@ def build_cross(teacher, cross, blocks, wanted: np.ndarray, path: Path, k: int, 
     teacher's merged group distributions top-k (crosstok.GroupTopK) at each temperature. Written in
     shards of `shard_blocks` blocks, each complete when its file appears: an interrupted build resumes
     with the blocks no shard holds, a longer run adds the blocks it visits beyond a shorter one's."""
-    from workbench.crosstok import merge_logp, teacher_rows, topk_groups
+    from workbench.crosstok import teacher_groups, teacher_rows, topk_groups
     from workbench.data import make_batch, mask_labels
     from workbench.losses import shift_labels
     from workbench.models import forward_for_losses
@@ -138,7 +138,6 @@ def build_cross(teacher, cross, blocks, wanted: np.ndarray, path: Path, k: int, 
     mine = missing[accelerator.process_index::accelerator.num_processes]
     t_shared = None if cross.shared is None else cross.shared[1].to(accelerator.device)
     teacher.eval()
-    T = blocks.shape[1] if hasattr(blocks, "shape") else len(blocks[0])
     bar = tqdm(total=len(mine), desc="teacher top-k cache (across tokenizers)",
                disable=not accelerator.is_main_process or not len(mine))
     for s0 in range(0, len(mine), shard_blocks):
@@ -154,22 +153,16 @@ def build_cross(teacher, cross, blocks, wanted: np.ndarray, path: Path, k: int, 
             with accelerator.autocast():
                 out = forward_for_losses(teacher, al.teacher_ids.to(dev), fused,
                                          position_ids=al.teacher_positions.to(dev))
-            block_of = (al.s_first // T).numpy()
+            rows = {t: teacher_rows(out, t) for t in temperatures}
+            T = ids.shape[1]
+            bounds = np.searchsorted((al.s_first // T).numpy(), np.arange(len(idx) + 1))  # groups block by block
             for b in range(len(idx)):
-                g = np.nonzero(block_of == b)[0]
+                g0, g1 = int(bounds[b]), int(bounds[b + 1])
                 cols["blocks"].append(int(idx[b]))
-                cols["groups"].append(len(g))
-                cols["s_first"].append((al.s_first[g] - b * T).numpy().astype(np.int32))
-                gt = torch.from_numpy(g)
-                sel = torch.isin(al.t_later_group, gt)
-                local = torch.searchsorted(gt, al.t_later_group[sel])
+                cols["groups"].append(g1 - g0)
+                cols["s_first"].append((al.s_first[g0:g1] - b * T).numpy().astype(np.int32))
                 for j, t in enumerate(temperatures):
-                    rows = teacher_rows(out, t)
-                    both = torch.cat([rows(al.t_first[gt].to(dev)), rows(al.t_later[sel].to(dev))])
-                    n = len(g)
-                    merged = merge_logp(both, torch.arange(n, device=dev), torch.arange(n, both.shape[0], device=dev),
-                                        local.to(dev), al.t_later_token[sel].to(dev))
-                    top = topk_groups(merged, k, t_shared)
+                    top = topk_groups(teacher_groups(rows[t], al, g0, g1, dev), k, t_shared)
                     if j == 0:
                         cols["indices"].append(top.indices.cpu().numpy().astype(np.int32))
                     cols[_file(t)[:-4]].append(top.logp.cpu().numpy().astype(dtype))

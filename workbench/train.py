@@ -391,7 +391,7 @@ def _teacher_cache(recipe, spec, teacher, packed, vocab, accelerator, terms=None
     from workbench.trainer import evaluate_perplexity
 
     tc = recipe.distill.teacher_cache
-    temps = sorted({t.temperature for t in terms or recipe.distill.losses if t.name != "cross_entropy"})
+    temps = _temperatures(terms or recipe.distill.losses)
     path = TC.cache_path(_model_id(spec, recipe.train.seed), packed.key, tc.top_k, temps, vocab, tc.dtype)
     ppl_file = path / "teacher_val_ppl.json"
     if not (path / "meta.json").exists():
@@ -416,7 +416,7 @@ def _cross_teacher_cache(recipe, spec, teacher, cross, packed, accelerator, term
     from workbench.trainer import visited_blocks
 
     tc = recipe.distill.teacher_cache
-    temps = sorted({t.temperature for t in terms or recipe.distill.losses if t.name != "cross_entropy"})
+    temps = _temperatures(terms or recipe.distill.losses)
     shared = 0 if cross.shared is None else cross.shared[0].numel()
     path = TC.cross_cache_path(_model_id(spec, recipe.train.seed), packed.key, tc.top_k, temps, tc.dtype, shared)
     wanted = visited_blocks(recipe.train, len(packed.train), accelerator.num_processes)
@@ -430,6 +430,11 @@ def _cross_teacher_cache(recipe, spec, teacher, cross, packed, accelerator, term
         cache = TC.CrossCache(path)
     log.info("training from the top-%d teacher cache %s (across tokenizers, %d blocks)", tc.top_k, path, len(wanted))
     return cache
+
+
+def _temperatures(terms) -> list[float]:
+    """The temperatures a teacher cache serves: those of the distillation terms."""
+    return sorted({t.temperature for t in terms if t.name != "cross_entropy"})
 
 
 def _model_id(spec, seed: int | None = None) -> str:

@@ -26,9 +26,9 @@ import time
 import torch
 
 from workbench.bench import _report
-from workbench.bench.vs_trl import _PeakMemory
+from workbench.bench.vs_trl import BATCH, SEQ, _PeakMemory, trl_training_args
 
-SEQ, BATCH, LR, WARMUP, PROMPT = 256, 8, 3e-3, 5, 8
+LR, WARMUP, PROMPT = 3e-3, 5, 8
 
 
 def _setup(out: str, steps: int):
@@ -120,18 +120,11 @@ def _train_gold(recipe, student, teacher, tok, t_tok, packed, steps: int, out: s
                 "original_prompt_text": [r["original_prompt_text"] for r in rows],
                 "original_completion_text": [r["original_completion_text"] for r in rows]}
 
-    t = recipe.train
-    args = GOLDConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
-                      learning_rate=t.lr, lr_scheduler_type="cosine_with_min_lr",
-                      lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio}, warmup_steps=t.warmup_steps,
-                      weight_decay=t.weight_decay, adam_beta1=t.betas[0], adam_beta2=t.betas[1],
-                      max_grad_norm=t.grad_clip, logging_steps=max(1, steps // 4), save_strategy="no", report_to=[],
-                      seed=t.seed, data_seed=t.seed, dataloader_num_workers=0, lmbda=0.0, temperature=1.0,
-                      max_length=SEQ + 8, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
-                      remove_unused_columns=False, use_uld_loss=True, use_extended_uld=True,
-                      uld_distillation_weight=1.0, uld_crossentropy_weight=0.0, uld_use_hybrid_loss=False,
-                      uld_student_temperature=1.0, uld_teacher_temperature=1.0, uld_token_merge_strategy="bayesian",
-                      teacher_tokenizer_name_or_path=recipe.teacher.name_or_path)
+    args = GOLDConfig(**trl_training_args(recipe.train, steps, out), logging_steps=max(1, steps // 4), lmbda=0.0,
+                      temperature=1.0, max_length=SEQ + 8, remove_unused_columns=False, use_uld_loss=True,
+                      use_extended_uld=True, uld_distillation_weight=1.0, uld_crossentropy_weight=0.0,
+                      uld_use_hybrid_loss=False, uld_student_temperature=1.0, uld_teacher_temperature=1.0,
+                      uld_token_merge_strategy="bayesian", teacher_tokenizer_name_or_path=recipe.teacher.name_or_path)
     trainer = GOLDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds, data_collator=collate,
                           processing_class=tok)
     return trainer.train().metrics["train_runtime"]

@@ -118,6 +118,16 @@ def _child(framework: str, steps: int, lmbda: float, out: str) -> dict:
             "memory_kind": "CUDA allocated" if accelerator.device.type == "cuda" else "resident set"}
 
 
+def trl_training_args(t, steps: int, out: str) -> dict:
+    """TRL (transformers TrainingArguments) settings equal to our TrainConfig `t`: batch, optimizer,
+    cosine schedule with warm-up and minimum, clipping, seeds; no saving, logging or progress bar."""
+    return dict(output_dir=out, max_steps=steps, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
+                learning_rate=t.lr, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio},
+                warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, adam_beta1=t.betas[0], adam_beta2=t.betas[1],
+                max_grad_norm=t.grad_clip, save_strategy="no", report_to=[], seed=t.seed, data_seed=t.seed,
+                dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+
+
 def _train_trl(recipe, student, teacher, tok, packed, steps: int, lmbda: float, out: str) -> float:
     """Train `student` with TRL's GKDTrainer; -> its train_runtime (seconds)."""
     from datasets import Dataset
@@ -131,14 +141,8 @@ def _train_trl(recipe, student, teacher, tok, packed, steps: int, lmbda: float, 
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
                 "prompts": ids[:, :PROMPT], "prompt_attention_mask": torch.ones_like(ids[:, :PROMPT])}
 
-    t = recipe.train
-    args = GKDConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
-                     learning_rate=t.lr, lr_scheduler_type="cosine_with_min_lr",
-                     lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio}, warmup_steps=t.warmup_steps,
-                     weight_decay=t.weight_decay, adam_beta1=t.betas[0], adam_beta2=t.betas[1], max_grad_norm=t.grad_clip,
-                     logging_steps=10, save_strategy="no", report_to=[], seed=t.seed, data_seed=t.seed,
-                     dataloader_num_workers=0, lmbda=lmbda, beta=0.5, temperature=1.0, max_new_tokens=NEW,
-                     max_length=SEQ, use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+    args = GKDConfig(**trl_training_args(recipe.train, steps, out), logging_steps=10, lmbda=lmbda, beta=0.5,
+                     temperature=1.0, max_new_tokens=NEW, max_length=SEQ)
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds, data_collator=collate,
                          processing_class=tok)
     return trainer.train().metrics["train_runtime"]
