@@ -482,3 +482,16 @@ def test_a_cache_build_killed_between_shards_resumes_with_the_blocks_it_lacks(tm
     ga, gb = a.batch(wanted, "cpu"), b.batch(wanted, "cpu")
     assert torch.equal(ga[0], gb[0]) and ga[1] == gb[1]
     assert torch.equal(ga[2][1.0].indices, gb[2][1.0].indices) and torch.equal(ga[2][1.0].logp, gb[2][1.0].logp)
+
+
+@pytest.mark.parametrize("given", [True, False])
+def test_the_wider_teacher_vocabulary_sets_the_rows_per_chunk(monkeypatch, given):
+    """A teacher with 12x the student's vocabulary holds a [rows, Vt] block per chunk: the rows per chunk
+    come from the wider vocabulary (given, or read off the teacher's rows), not the student's."""
+    from workbench import losses
+
+    seen = []
+    monkeypatch.setattr(losses, "auto_chunk", lambda v, *a: seen.append(v) or 16)
+    al, hidden, weight, t_logp, sb, tb, Vt = _random_batch(280, 420, 0)
+    X.cross_tokenizer_loss("uld", hidden, weight, lambda r: t_logp[r], al, t_vocab=Vt if given else None)
+    assert seen[0] == Vt and Vt > weight.shape[0]  # (chunked_logit_loss asks again, then keeps the bounds)

@@ -442,7 +442,12 @@ def cross_tokenizer_loss(kind: str, s_hidden: torch.Tensor, s_weight: torch.Tens
     starts = torch.ones(rows.numel(), dtype=torch.bool, device=dev)
     starts[1:] = group[1:] != group[:-1]
     cuts = starts.nonzero()[:, 0].tolist() + [rows.numel()]
-    chunk = chunk or auto_chunk(s_weight.shape[0] if s_weight is not None else s_hidden.shape[-1])
+    if not chunk:  # the wider of the two vocabularies sets the rows per chunk (SmolLM2's 49,152 vs 4,096)
+        s_vocab = s_weight.shape[0] if s_weight is not None else s_hidden.shape[-1]
+        if t_vocab is None and t_groups is None:
+            with torch.no_grad():
+                t_vocab = t_logp_rows(al.t_first[:1].to(dev)).shape[-1]
+        chunk = auto_chunk(max(s_vocab, t_vocab or 0))
     bounds, a = [], 0
     for i in range(1, len(cuts)):  # whole groups per chunk, about `chunk` rows each
         if cuts[i] - a >= chunk or i == len(cuts) - 1:
