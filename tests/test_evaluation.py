@@ -153,7 +153,7 @@ def test_report_of_a_qlora_run_loads_models_as_training_held_them(tiny_teacher, 
     memory the run was sized for), and the adapted student's perplexity is the run's."""
     out = tmp_path / "qlora"
     metrics = run(fast_recipe("qlora_tiny", out, "teacher.recipe=null", f"teacher.name_or_path={tiny_teacher}",
-                              "teacher.quantize_base=true", "teacher.quant={compute_dtype: float32}",
+                              "teacher.quantize=nf4", "teacher.quant={compute_dtype: float32}",
                               "student.recipe=null", f"student.name_or_path={tiny_teacher}", "student.tiny=null",
                               *REPORT), accelerator)
     from safetensors.torch import load_file

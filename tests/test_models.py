@@ -98,7 +98,7 @@ def test_padded_output_layer_is_accepted_but_a_short_one_is_not(tok):
 def _nf4_spec(path, method="lora", kernel="bnb"):
     from workbench.config import AdapterConfig, QuantConfig
 
-    return ModelSpec(name_or_path=str(path), quantize_base=True,
+    return ModelSpec(name_or_path=str(path), quantize="nf4",
                      quant=QuantConfig(compute_dtype="float32", kernel=kernel),
                      adapter=AdapterConfig(method=method, r=4, alpha=8, dropout=0.0))
 
@@ -181,7 +181,7 @@ def test_merged_copy_and_adapter_load_with_plain_libraries(tok, tiny_teacher, tm
 
 @pytest.mark.parametrize("method", ["lora", "dora", "loha", "lokr", "ia3", "vera"])
 def test_peft_methods_by_name_train_and_merge(tok, tiny_teacher, method):
-    spec = dataclasses.replace(_nf4_spec(tiny_teacher, method), quantize_base=method in ("lora", "dora"))
+    spec = dataclasses.replace(_nf4_spec(tiny_teacher, method), quantize="nf4" if method in ("lora", "dora") else "none")
     model = models.load_model(spec, tok, "student")
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and sum(p.numel() for p in trainable) < models.count_parameters(model) / 5
@@ -196,8 +196,8 @@ def test_peft_methods_by_name_train_and_merge(tok, tiny_teacher, method):
 
 
 def test_quantising_a_random_tiny_model_is_refused():
-    with pytest.raises(RecipeError, match="quantize_base"):
-        ModelSpec(tiny="llama-2layer-64", quantize_base=True)
+    with pytest.raises(RecipeError, match="quantize"):
+        ModelSpec(tiny="llama-2layer-64", quantize="nf4")
 
 
 # ----------------------------------------------------------------------------------------- real models: GGUF

@@ -312,7 +312,7 @@ def test_nf4_draft_on_our_triton_kernels(target, tmp_path):
     _perturbed(target, 0.2, seed=7).save_pretrained(tmp_path / "draft")
     ids, mask = _ragged_prompts(B=2)
     ref = _greedy(target, ids, mask, 6)
-    drafts = {kernel: load_decoder(str(tmp_path / "draft"), "draft", device=torch.device("cpu"), four_bit=True,
+    drafts = {kernel: load_decoder(str(tmp_path / "draft"), "draft", device=torch.device("cpu"), quantize="nf4",
                                    kernel=kernel) for kernel in ("bnb", "triton")}
     assert any(isinstance(m, TritonLinear4bit) for m in drafts["triton"].modules())
     outs = {kernel: speculative_generate(target, d, ids, 6, attention_mask=mask, draft_len=3, eos_token_id=EOS,

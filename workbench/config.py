@@ -66,14 +66,20 @@ class TrainingDiverged(WorkbenchError, FloatingPointError):
 
 @dataclass
 class QuantConfig:
-    """4-bit NF4 storage of a model's linear layers (bitsandbytes layout)."""
+    """Settings of a quantised base (`quantize`): NF4 (bitsandbytes 4-bit) or LLM.int8 (bitsandbytes 8-bit)."""
 
     double_quant: bool = True
     """Quantise the absmax scales too (saves 0.37 bits per parameter)."""
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     """Dtype activations and dequantised weights are computed in."""
     kernel: Literal["bnb", "triton"] = "bnb"
-    """Matmul kernels: bitsandbytes' own, or ours (workbench.kernels; needs a CUDA GPU)."""
+    """NF4 matmul kernels: bitsandbytes' own, or ours (workbench.kernels; needs a CUDA GPU)."""
+    int8_threshold: float = 6.0
+    """LLM.int8: input features with a magnitude above this go through a 16-bit matmul (the outliers of
+    Dettmers et al. 2022); 0 quantises everything."""
+
+    def __post_init__(self) -> None:
+        _check(self.int8_threshold >= 0, "int8_threshold", "must be >= 0")
 
 
 @dataclass
@@ -147,10 +153,12 @@ class ModelSpec:
     """Attention kernel passed to transformers."""
     trust_remote_code: bool = False
     """Passed to transformers; off unless you trust the repository."""
-    quantize_base: bool = False
-    """Hold the linear layers in 4-bit NF4 (bitsandbytes); with an adapter this is QLoRA."""
+    quantize: Literal["none", "nf4", "int8"] = "none"
+    """Quantise the linear layers while loading (bitsandbytes): 'nf4' (4-bit NormalFloat, double
+    quantisation; with an adapter this is QLoRA) or 'int8' (LLM.int8). A GPTQ or AWQ checkpoint
+    (compressed-tensors, e.g. from `python -m workbench.quantize`) is quantised already: leave this 'none'."""
     quant: QuantConfig = field(default_factory=QuantConfig)
-    """NF4 settings (with quantize_base)."""
+    """Settings of the quantised base (with quantize)."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     """peft adapter (student only): train it instead of the full weights."""
     prune: Optional[PruneConfig] = None
@@ -164,9 +172,16 @@ class ModelSpec:
             )
         if self.config and not self.tiny:
             raise RecipeError("config: overrides apply to a tiny model only; set tiny")
-        if self.quantize_base and self.tiny:
-            raise RecipeError("quantize_base: quantising random weights makes no sense; give a pretrained "
+        if self.quantize != "none" and self.tiny:
+            raise RecipeError("quantize: quantising random weights makes no sense; give a pretrained "
                               "model (name_or_path or recipe)")
+        if self.quantize == "int8" and self.quant.kernel == "triton":
+            raise RecipeError("quant.kernel: our Triton kernels are NF4 kernels; int8 runs on bitsandbytes' (bnb)")
+
+    @property
+    def quantized(self) -> bool:
+        """Held quantised by bitsandbytes while loading (nf4 or int8)."""
+        return self.quantize != "none"
 
 
 @dataclass
@@ -457,7 +472,7 @@ class ParallelConfig:
     """Multi-process settings the launch config (launch_scripts/accelerate/*.yaml) does not hold."""
 
     teacher: Literal["replicated", "zero3", "zero3_offload"] = "replicated"
-    """Teacher placement: a full copy per process (bf16, or NF4 with teacher.quantize_base), or a DeepSpeed
+    """Teacher placement: a full copy per process (bf16, or NF4 / int8 with teacher.quantize), or a DeepSpeed
     ZeRO-3 inference engine partitioned over the processes (with its parameters on the CPU: zero3_offload).
     A precomputed top-k cache (distill.teacher_cache) needs no teacher at all."""
     comm_hook: Literal["none", "fp16", "bf16", "powersgd", "batched_powersgd"] = "none"
@@ -602,12 +617,12 @@ class Recipe:
             raise RecipeError(f"teacher.recipe: recipe '{self.name}' cannot be its own teacher")
         if self.resume and self.output.overwrite:
             raise RecipeError("resume/output.overwrite: choose one")
-        if self.student.quantize_base and self.student.adapter.method == "none":
-            raise RecipeError("student.quantize_base: a 4-bit student trains through an adapter; set "
+        if self.student.quantized and self.student.adapter.method == "none":
+            raise RecipeError(f"student.quantize: a {self.student.quantize} student trains through an adapter; set "
                               "student.adapter.method (e.g. lora)")
-        if self.parallel.teacher != "replicated" and (self.teacher is None or self.teacher.quantize_base):
-            raise RecipeError("parallel.teacher: ZeRO-3 placement needs a teacher that is not 4-bit (NF4 "
-                              "weights are replicated)")
+        if self.parallel.teacher != "replicated" and (self.teacher is None or self.teacher.quantized):
+            raise RecipeError("parallel.teacher: ZeRO-3 placement needs a teacher that is not quantised (NF4 "
+                              "and int8 weights are replicated)")
         if self.parallel.teacher != "replicated" and self.distill.teacher_cache.top_k:
             raise RecipeError("parallel.teacher: the top-k cache is built with a replicated teacher")
         if self.teacher is not None and self.teacher.adapter.method != "none":
@@ -969,7 +984,13 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     return out
 
 
+_RENAMED = {"quantize_base": "quantize: nf4"}  # old key -> what replaced it
+
+
 def _unknown_key_message(path: str) -> str:
+    head, _, leaf = path.rpartition(".")
+    if leaf in _RENAMED:
+        return f"'{path}' was replaced: use {head + '.' if head else ''}{_RENAMED[leaf]}"
     candidates = _all_keys(Recipe)
     norm = ".".join("0" if p.isdigit() else p for p in path.split("."))
     close = difflib.get_close_matches(norm, candidates, n=1, cutoff=0.5)

@@ -422,35 +422,42 @@ def evaluate_runs(run_dirs: list[str | Path], cfg: EvalConfig | None = None, dev
 
 
 def _load_student(run: Run, device):
-    """The run's student as training held it: a 4-bit base with its adapter (QLoRA), else the saved model
+    """The run's student as training held it: a quantised base with its adapter (QLoRA), else the saved model
     (in bf16 on a GPU when it trained in bf16)."""
     from workbench.models import load_for_inference
 
     s = run.recipe.student
-    if s.quantize_base and (run.path / "adapter" / "adapter_config.json").is_file():
-        return load_for_inference(str(run.path / "adapter"), "student", device=device, dtype=s.quant.compute_dtype,
-                                  four_bit=True, kernel=s.quant.kernel)
+    if s.quantized and (run.path / "adapter" / "adapter_config.json").is_file():
+        return load_for_inference(str(run.path / "adapter"), "student", device=device, dtype=_held_dtype(s),
+                                  quantize=s.quantize, kernel=s.quant.kernel, int8_threshold=s.quant.int8_threshold)
     dtype = "bfloat16" if device.type == "cuda" and run.recipe.train.mixed_precision == "bf16" else s.dtype
     return load_for_inference(str(run.path / "model"), "student", device=device, dtype=dtype)
 
 
 def _load_teacher(run: Run, path: str, device):
-    """The teacher as the run's recipe holds it (NF4 when teacher.quantize_base)."""
+    """The teacher as the run's recipe holds it (NF4 or int8 with teacher.quantize)."""
     from workbench.models import load_for_inference
 
     t = run.recipe.teacher
     if t is None:
         return load_for_inference(path, "teacher", device=device)
-    return load_for_inference(path, "teacher", device=device, dtype=t.quant.compute_dtype if t.quantize_base else t.dtype,
-                              four_bit=t.quantize_base, kernel=t.quant.kernel)
+    return load_for_inference(path, "teacher", device=device, dtype=_held_dtype(t), quantize=t.quantize,
+                              kernel=t.quant.kernel, int8_threshold=t.quant.int8_threshold)
+
+
+def _held_dtype(spec) -> str:
+    """The dtype a model of `spec` computes in: NF4's compute dtype, else its own."""
+    return spec.quant.compute_dtype if spec.quantize == "nf4" else spec.dtype
 
 
 def _held_as(model) -> str:
     """How the evaluation holds a model: 'nf4 (bfloat16 compute) + lora', 'float32', ..."""
-    bnb = sys.modules.get("bitsandbytes")  # not imported: no 4-bit layer (and it is an optional extra)
+    bnb = sys.modules.get("bitsandbytes")  # not imported: no quantised layer (and it is an optional extra)
     q = None if bnb is None else next((m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)), None)
+    q8 = None if bnb is None else next((m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)), None)
+    dtype = str(next(p for p in model.parameters() if p.is_floating_point()).dtype).replace("torch.", "")
     kind = f"nf4 ({str(q.compute_dtype).replace('torch.', '')} compute)" if q is not None else \
-        str(next(model.parameters()).dtype).replace("torch.", "")
+        f"int8 (LLM.int8, {dtype} rest)" if q8 is not None else dtype
     adapter = getattr(model, "peft_config", {}).get("default")
     return kind + (f" + {adapter.peft_type.value.lower()}" if adapter is not None else "")
 

@@ -147,7 +147,7 @@ def model_card(run, is_adapter: bool, repo_id: str, report: dict | None) -> str:
     hub_data = data if data and _is_hub_dataset(r.data.dataset) else None  # metadata names Hub datasets only
     tags = ["workbench", "text-generation"] + (["knowledge-distillation"] if teacher_desc else [])
     if is_adapter:
-        tags += [r.student.adapter.method] + (["qlora", "4-bit"] if r.student.quantize_base else [])
+        tags += [r.student.adapter.method] + ({"nf4": ["qlora", "4-bit"], "int8": ["8-bit"]}.get(r.student.quantize, []))
     meta = ["---", f"library_name: {'peft' if is_adapter else 'transformers'}", "pipeline_tag: text-generation"]
     if student_base:
         meta.append(f"base_model: {student_base}")
@@ -176,7 +176,7 @@ def model_card(run, is_adapter: bool, repo_id: str, report: dict | None) -> str:
     if is_adapter:
         a = r.student.adapter
         L.append(f"- Adapter: {a.method}, r={a.r}, alpha={a.alpha:g}, targets {', '.join(a.target_modules)}"
-                 + (" over an NF4 (4-bit) base" if r.student.quantize_base else ""))
+                 + ({"nf4": " over an NF4 (4-bit) base", "int8": " over an LLM.int8 (8-bit) base"}.get(r.student.quantize, "")))
     L += ["- The exact recipe is in `recipe.yaml`.", "", "## Evaluation", "",
           "| model | validation perplexity | ROUGE-L | accuracy |", "| --- | ---: | ---: | ---: |"]
     tasks = (report or {}).get("tasks", {})

@@ -91,10 +91,13 @@ def model_shape(spec: ModelSpec, vocab: int) -> ModelShape:
 
 def _weight_bytes(shape: ModelShape, spec: ModelSpec, bits16: bool) -> float:
     """Bytes of a model's weights as held on the device."""
-    if spec.quantize_base:
+    if spec.quantize == "nf4":
         nf4 = shape.linear * (0.5 + (1 / 64 if spec.quant.double_quant else 4 / 64))
         other = (shape.params - shape.linear) * (4 if spec.quant.compute_dtype == "float32" else 2)
         return nf4 + other
+    if spec.quantize == "int8":  # one byte a weight, a 4-byte scale per output row (rows ~ linear / hidden)
+        int8 = shape.linear * (1 + 4 / shape.hidden)
+        return int8 + (shape.params - shape.linear) * (4 if spec.dtype == "float32" and not bits16 else 2)
     return shape.params * (2 if bits16 or spec.dtype != "float32" else 4)
 
 
@@ -175,7 +178,7 @@ def estimate(recipe: Recipe, launch: str = "single", gpus: int = 1, nodes: int =
         if place == "zero3_offload":
             cpu[f"{name} weights (offloaded)"] = tw * gpus / world
         gpu[f"{name} activations"] = seq * b * ts.hidden * act_bytes * 4 + (0 if fused else tokens * ts.vocab * act_bytes)
-        if not spec.quantize_base:  # loaded whole on the CPU by every process, then moved
+        if not spec.quantized:  # loaded whole on the CPU by every process, then moved
             cpu[f"{name} loading (per process)"] = tw * gpus
     if not (launch.startswith("zero3") or launch == "fsdp2") or recipe.student.name_or_path or recipe.student.recipe:
         cpu["loading (one fp32 copy per process)"] = s.params * 4 * gpus

@@ -201,8 +201,9 @@ def tiny_config(spec: ModelSpec, tokenizer):
 
 
 def load_model(spec: ModelSpec, tokenizer, role: str, seed: int = 0, device=None):
-    """An AutoModelForCausalLM for `spec`: weights in spec.dtype, or NF4 linear layers with
-    quantize_base (placed on `device`, where bitsandbytes quantises them), wrapped in a peft adapter when
+    """An AutoModelForCausalLM for `spec`: weights in spec.dtype, or NF4 / int8 linear layers with
+    spec.quantize (placed on `device`, where bitsandbytes quantises them), GPTQ / AWQ checkpoints
+    dequantised, wrapped in a peft adapter when
     spec.adapter says so, with our kernels when quant.kernel=triton. Tiny models are seeded with `seed`."""
     from transformers import AutoModelForCausalLM
 
@@ -217,42 +218,61 @@ def load_model(spec: ModelSpec, tokenizer, role: str, seed: int = 0, device=None
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
+        source = resolve_source(spec.name_or_path)
         extra = {}
-        if spec.quantize_base:
+        prequantized = checkpoint_quantization(source, spec.revision)
+        if prequantized is not None and spec.quantized:
+            raise RecipeError(f"{role}.quantize: {spec.name_or_path} is a {prequantized} checkpoint, quantised "
+                              f"already; set {role}.quantize: none")
+        if spec.quantized:
             from transformers import BitsAndBytesConfig
 
             q = spec.quant
-            dtype = _DTYPES[q.compute_dtype]
-            extra["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=q.double_quant,
-                bnb_4bit_compute_dtype=dtype)
+            if spec.quantize == "nf4":
+                dtype = _DTYPES[q.compute_dtype]
+                extra["quantization_config"] = BitsAndBytesConfig(
+                    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=q.double_quant,
+                    bnb_4bit_compute_dtype=dtype)
+            else:  # LLM.int8: the 16-bit parts (outlier columns, everything but the linear layers) in spec.dtype
+                extra["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True,
+                                                                  llm_int8_threshold=q.int8_threshold)
             extra["device_map"] = {"": device if device is not None else "cpu"}
+        elif prequantized == "bitsandbytes":  # saved quantised by bitsandbytes: loaded onto its device as is
+            extra["device_map"] = {"": device if device is not None else "cpu"}
+        elif prequantized == "compressed-tensors":
+            # GPTQ / AWQ (llm-compressor): transformers has no packed-int4 matmul for these; it decompresses
+            # them on the first forward. Load them dequantised at once (the weights are the quantised
+            # values, so a teacher or an adapter's base computes what the 4-bit checkpoint computes)
+            from transformers import CompressedTensorsConfig
+
+            extra["quantization_config"] = CompressedTensorsConfig(dequantize=True)
         model = AutoModelForCausalLM.from_pretrained(
-            resolve_source(spec.name_or_path), revision=spec.revision, dtype=dtype, attn_implementation=spec.attn_implementation,
+            source, revision=spec.revision, dtype=dtype, attn_implementation=spec.attn_implementation,
             trust_remote_code=spec.trust_remote_code, **extra)
-        if spec.quantize_base:
+        if spec.quantize == "nf4":
             _keep_bnb_layout(model)
     if spec.adapter.method != "none":
         model = add_adapter(model, spec)
-    if spec.quantize_base and spec.quant.kernel == "triton":
+    if spec.quantize == "nf4" and spec.quant.kernel == "triton":
         from workbench.kernels.linear import replace_linear4bit
 
         replace_linear4bit(model)
     return model
 
 
-def load_for_inference(name: str, role: str, *, device, dtype: str = "float32", four_bit: bool = False,
-                       kernel: str = "bnb", merge: bool = False):
-    """A model in eval mode on `device`: a model directory or Hub id (NF4 with `four_bit`, on bitsandbytes'
-    or our Triton kernels), or a peft adapter directory loaded over its base (merged with `merge`)."""
+def load_for_inference(name: str, role: str, *, device, dtype: str = "float32", quantize: str = "none",
+                       kernel: str = "bnb", merge: bool = False, int8_threshold: float = 6.0):
+    """A model in eval mode on `device`: a model directory or Hub id (quantised with `quantize`, nf4 on
+    bitsandbytes' or our Triton kernels, or int8), or a peft adapter directory loaded over its base
+    (merged with `merge`)."""
     import json
 
     from workbench.config import QuantConfig
 
     adapter = Path(name) / "adapter_config.json"
     base_name = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.is_file() else name
-    spec = ModelSpec(name_or_path=base_name, dtype=dtype, quantize_base=four_bit,
-                     quant=QuantConfig(compute_dtype=dtype, kernel=kernel))
+    spec = ModelSpec(name_or_path=base_name, dtype=dtype, quantize=quantize,
+                     quant=QuantConfig(compute_dtype=dtype, kernel=kernel, int8_threshold=int8_threshold))
     model = load_model(spec, None, role, device=device)
     if adapter.is_file():
         from peft import PeftModel
@@ -260,9 +280,30 @@ def load_for_inference(name: str, role: str, *, device, dtype: str = "float32", 
         model = PeftModel.from_pretrained(model, name)
         if merge:
             model = model.merge_and_unload()
-    if not four_bit:
+    if quantize == "none":
         model.to(device)
     return model.eval()
+
+
+def checkpoint_quantization(source: str | None, revision: str | None = None) -> str | None:
+    """The quant_method of a checkpoint that is stored quantised ('compressed-tensors' for llm-compressor's
+    GPTQ / AWQ, 'gptq', 'awq', 'bitsandbytes', ...), from its config.json alone; None for a plain one."""
+    if source is None:
+        return None
+    path = Path(source).expanduser() / "config.json"
+    if path.is_file():
+        cfg = json.loads(path.read_text())
+    else:
+        if not is_hub_id(source):
+            return None
+        from transformers import AutoConfig
+
+        try:
+            cfg = AutoConfig.from_pretrained(source, revision=revision).to_dict()
+        except Exception:  # offline, or not a model: from_pretrained says so in its own words
+            return None
+    q = cfg.get("quantization_config") or {}
+    return q.get("quant_method") or ("bitsandbytes" if q.get("load_in_4bit") or q.get("load_in_8bit") else None)
 
 
 def _keep_bnb_layout(model) -> None:
@@ -282,7 +323,7 @@ def add_adapter(model, spec: ModelSpec):
     import peft
 
     a = spec.adapter
-    if spec.quantize_base:
+    if spec.quantized or getattr(model, "is_quantized", False):
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     targets = "all-linear" if a.target_modules == ["all-linear"] else list(a.target_modules)
     common = dict(target_modules=targets, task_type="CAUSAL_LM")

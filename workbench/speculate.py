@@ -3,7 +3,7 @@
     python workbench/speculate.py                                  # tiny teacher + outputs/kd_tiny/model
     python workbench/speculate.py --prompt "def quick_sort(" --prompt "class Stack:" --temperature 0.8
     python workbench/speculate.py --teacher meta-llama/Llama-2-13b-hf --draft outputs/kd_13b_to_7b/model \\
-        --draft-4bit --kernel triton --draft-len adaptive --compare
+        --draft-quant nf4 --kernel triton --draft-len adaptive --compare
 
 --teacher is a model directory or Hub id, or recipe:NAME for the final model of a recipe (trained and
 cached first if needed; the default is recipe:pretrain_tiny_teacher). --draft is a model directory, or a
@@ -28,7 +28,7 @@ import torch
 log = logging.getLogger("workbench")
 
 
-def load_decoder(name: str, role: str, *, device, dtype: str = "float32", four_bit: bool = False,
+def load_decoder(name: str, role: str, *, device, dtype: str = "float32", quantize: str = "none",
                  kernel: str = "bnb", merge: bool = False):
     """models.load_for_inference, where `name` may also be recipe:NAME (that recipe's cached final model,
     trained first if needed)."""
@@ -46,7 +46,7 @@ def load_decoder(name: str, role: str, *, device, dtype: str = "float32", four_b
         except ValueError:  # this process's accelerate state already has another precision
             acc = Accelerator(cpu=device.type == "cpu")
         name = str(ensure_trained(recipe, acc))
-    return load_for_inference(name, role, device=device, dtype=dtype, four_bit=four_bit, kernel=kernel, merge=merge)
+    return load_for_inference(name, role, device=device, dtype=dtype, quantize=quantize, kernel=kernel, merge=merge)
 
 
 def domain_vocab(data, tok, n: int, vocab: int) -> torch.Tensor:
@@ -79,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                     help="default: bfloat16 on a GPU, float32 on the CPU")
-    ap.add_argument("--draft-4bit", action="store_true", help="hold the draft in NF4")
-    ap.add_argument("--teacher-4bit", action="store_true", help="hold the teacher in NF4")
+    ap.add_argument("--draft-quant", choices=["none", "nf4", "int8"], default="none",
+                    help="hold the draft in NF4 or LLM.int8 (bitsandbytes; default: %(default)s)")
+    ap.add_argument("--target-quant", "--teacher-quant", choices=["none", "nf4", "int8"], default="none",
+                    help="hold the target (teacher) in NF4 or LLM.int8 (default: %(default)s). A GPTQ / AWQ "
+                         "checkpoint is quantised already: leave this none")
     ap.add_argument("--kernel", choices=["bnb", "triton"], default="bnb", help="NF4 matmul kernels")
     ap.add_argument("--merge", action="store_true", help="merge an adapter draft into its base")
     ap.add_argument("--draft-vocab", type=int, metavar="N",
@@ -131,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    teacher = load_decoder(args.teacher, "teacher", device=device, dtype=dtype, four_bit=args.teacher_4bit,
+    teacher = load_decoder(args.teacher, "teacher", device=device, dtype=dtype, quantize=args.target_quant,
                            kernel=args.kernel)
-    draft = load_decoder(args.draft, "draft", device=device, dtype=dtype, four_bit=args.draft_4bit,
+    draft = load_decoder(args.draft, "draft", device=device, dtype=dtype, quantize=args.draft_quant,
                          kernel=args.kernel, merge=args.merge)
     tok = AutoTokenizer.from_pretrained(teacher.config._name_or_path)
     draft_tok_dir = draft_dir if (draft_dir / "tokenizer_config.json").is_file() else teacher.config._name_or_path

@@ -154,9 +154,9 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
                           vocab=kd_vocab if teachers is None else [t.kd_vocab for t in teachers], chunk=dcfg.chunk_size)
     if objective.needs_teacher and teacher is None and teacher_cache is None and not teachers:
         raise ValueError("the recipe's losses need a teacher")
-    if dist.zero_stage(accelerator) == 3 and recipe.student.quantize_base:
-        raise RecipeError("a 4-bit student cannot be partitioned by ZeRO-3 here; use DDP (multi_gpu.yaml) or "
-                          "ZeRO-2 for QLoRA")
+    if dist.zero_stage(accelerator) == 3 and recipe.student.quantized:
+        raise RecipeError(f"a {recipe.student.quantize} student cannot be partitioned by ZeRO-3 here; use DDP "
+                          "(multi_gpu.yaml) or ZeRO-2 for QLoRA")
     if objective.attention_layers[0]:
         use_recording_attention(student)
         use_recording_attention(teacher)

@@ -1,0 +1,152 @@
+"""Quantised bases beyond NF4: LLM.int8 (bitsandbytes) at load time, GPTQ / AWQ checkpoints written by
+`python -m workbench.quantize` (llm-compressor) and loaded as teachers, students and adapter bases."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import FAST, fast_recipe
+
+llmcompressor = pytest.importorskip("llmcompressor")
+
+
+def _data():
+    from workbench.config import load_recipe
+
+    return load_recipe("sft_tiny", FAST[:4]).data
+
+
+@pytest.fixture(scope="module")
+def quantised(tiny_teacher, tmp_path_factory):
+    """The tiny teacher quantised with each method (4-bit, groups of 64; int8), and the results."""
+    from workbench.quantize import run
+
+    root = tmp_path_factory.mktemp("quantised")
+    out = {}
+    for method in ("gptq", "awq", "int8"):
+        out[method] = (root / method, run(str(tiny_teacher), method, str(root / method), group_size=64,
+                                          samples=16, data_cfg=_data(), eval_batches=4))
+    return out
+
+
+@pytest.mark.parametrize("method,bound", [("gptq", 1.15), ("awq", 1.15), ("int8", 1.02)])
+def test_a_quantised_checkpoint_reloads_close_to_its_source(quantised, method, bound):
+    path, r = quantised[method]
+    assert json.loads((path / "quantize.json").read_text()) == r
+    assert r["quantised_layers"] == 2 * 7  # every linear layer of both blocks, not the output layer
+    assert r["val_ppl"] < bound * r["val_ppl_source"]
+    assert r["val_ppl"] != r["val_ppl_source"]  # it was quantised
+    # 4 bits + a float32 scale per 64 weights (AWQ: + a 4-bit zero point); int8: 8 bits + a float32 scale per row
+    want = {"gptq": (4.49, 4.52), "awq": (4.55, 4.58), "int8": (8.12, 8.26)}[method]
+    assert want[0] <= r["bits_per_weight"] <= want[1], r["bits_per_weight"]
+    cfg = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == ("bitsandbytes" if method == "int8" else "compressed-tensors")
+
+
+def test_a_gptq_checkpoint_loads_in_plain_transformers_as_it_was_measured(quantised):
+    """compressed-tensors decompresses on the first forward; our loader dequantises at once: same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from workbench.config import ModelSpec
+    from workbench.models import load_model
+
+    path, _ = quantised["gptq"]
+    ids = torch.randint(0, 300, (2, 16))
+    plain = AutoModelForCausalLM.from_pretrained(path)
+    ours = load_model(ModelSpec(name_or_path=str(path)), None, "teacher")
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, ours(ids).logits)
+
+
+@pytest.mark.parametrize("base", ["gptq", "awq", "int8"])
+def test_lora_over_a_quantised_base_trains_and_its_adapter_loads_in_plain_peft(quantised, tiny_teacher, tmp_path,
+                                                                               base, accelerator):
+    """GPTQ / AWQ: the checkpoint as the base; int8: the full-precision model held in LLM.int8 while loading."""
+    import peft
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, CompressedTensorsConfig
+
+    from workbench.train import run
+
+    source = tiny_teacher if base == "int8" else quantised[base][0]
+    recipe = fast_recipe("qlora_tiny", tmp_path, "student.tiny=null", "student.recipe=null",
+                         f"student.name_or_path={source}", "teacher.recipe=null", f"teacher.name_or_path={tiny_teacher}",
+                         f"student.quantize={'int8' if base == 'int8' else 'none'}", "train.max_steps=4",
+                         "train.lr=1e-2")
+    metrics = run(recipe, accelerator)
+    assert metrics["step"] == 4 and metrics["student_val_ppl"] < 1e4
+    # (a compressed-tensors base loaded as it is has no `weight` until its first forward decompresses it:
+    # peft needs it dequantised, as our loader does)
+    kw = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": "cpu"}} \
+        if base == "int8" else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(source, **kw), tmp_path / "adapter")
+    moved = [n for n, p in model.named_parameters() if "lora_B" in n and float(p.abs().max()) > 0]
+    assert len(moved) == 14  # every adapted layer moved off its zero initialisation
+
+
+def test_an_int8_teacher_is_llm_int8_with_its_threshold(tiny_teacher):
+    import bitsandbytes as bnb
+
+    from workbench.config import ModelSpec, QuantConfig
+    from workbench.models import load_model
+
+    spec = ModelSpec(name_or_path=str(tiny_teacher), quantize="int8", quant=QuantConfig(int8_threshold=4.0))
+    model = load_model(spec, None, "teacher")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    assert len(layers) == 14 and all(m.state.threshold == 4.0 for m in layers)
+    assert all(m.weight.dtype == torch.int8 for m in layers)
+
+
+def test_kd_from_an_int8_and_a_gptq_teacher_trains_the_student(quantised, tiny_teacher, tmp_path, accelerator):
+    from workbench.train import run
+
+    out = {}
+    for name, extra in (("int8", [f"teacher.name_or_path={tiny_teacher}", "teacher.quantize=int8"]),
+                        ("gptq", [f"teacher.name_or_path={quantised['gptq'][0]}"])):
+        recipe = fast_recipe("kd_tiny", tmp_path / name, "teacher.recipe=null", *extra, "train.max_steps=4")
+        out[name] = run(recipe, accelerator)
+    for m in out.values():
+        assert m["step"] == 4 and m["student_val_ppl"] < 320  # below uniform over the 320 tokens
+
+
+@pytest.mark.parametrize("args,match", [
+    (["MISSING", "--method", "gptq", "--out", "X"], "MISSING"),
+    (["{teacher}", "--method", "gptq", "--group-size", "0", "--out", "X"], "group-size"),
+    (["{teacher}", "--method", "int8", "--calibration", "sft_tiny", "--out", "X"], "recipe=NAME"),
+    (["{teacher}", "--method", "gptq", "--out", "{nonempty}"], "not empty"),
+    (["{gptq}", "--method", "awq", "--out", "X"], "compressed-tensors checkpoint already"),
+])
+def test_the_quantize_command_refuses_bad_input_in_one_line(tiny_teacher, quantised, tmp_path, capsys, args, match):
+    from workbench.quantize import main
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep")
+    fill = {"teacher": str(tiny_teacher), "nonempty": str(tmp_path / "full"), "gptq": str(quantised["gptq"][0])}
+    argv = [a.format(**fill) if a.startswith("{") else (str(tmp_path / a) if a == "X" else a) for a in args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and match in err, err
+    assert (tmp_path / "full" / "x").read_text() == "keep"  # nothing overwritten
+
+
+def test_group_sizes_that_do_not_divide_a_layer_are_refused_with_one_that_does():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from workbench.quantize import check_group_size
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=576 // 4, intermediate_size=384, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    with pytest.raises(ValueError, match=r"does not divide the input width 144 .*--group-size 16"):
+        check_group_size(model, 128)
+    check_group_size(model, 16)
+
+
+def test_quantize_base_says_what_replaced_it():
+    from workbench.config import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match=r"'student.quantize_base' was replaced: use student.quantize: nf4"):
+        load_recipe("qlora_tiny", ["student.quantize_base=true"])
+    with pytest.raises(RecipeError, match="int8 runs on bitsandbytes"):
+        load_recipe("qlora_tiny", ["student.quantize=int8", "student.quant.kernel=triton"])
