@@ -109,3 +109,12 @@ def test_several_teachers_each_count_in_the_estimate():
         "distill.losses=[{name: forward_kl}, {name: forward_kl, teacher: 1}]"]))["gpu"]
     assert two["teachers.0 weights"] == one["teacher weights"]
     assert 0 < two["teachers.1 weights"] < two["teachers.0 weights"]
+
+
+def test_a_quantised_teacher_weighs_what_its_format_holds():
+    """kd_13b_to_7b's 13B teacher: bf16 2 bytes a weight, LLM.int8 one (and a scale per row), NF4 with double
+    quantisation 4.127 bits (the linear layers; embeddings and norms stay 16-bit)."""
+    got = {q: memory.estimate(load_recipe("kd_13b_to_7b", [f"teacher.quantize={q}"] if q != "none" else []))
+           ["gpu"]["teacher weights"] for q in ("none", "int8", "nf4")}
+    assert 1.8 < got["none"] / got["int8"] < 2.0
+    assert 1.6 < got["int8"] / got["nf4"] < 2.0

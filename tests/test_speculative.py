@@ -322,6 +322,24 @@ def test_nf4_draft_on_our_triton_kernels(target, tmp_path):
     assert outs["triton"].stats.accepted_hist == outs["bnb"].stats.accepted_hist
 
 
+def test_an_int8_target_and_draft_decode_the_int8_targets_own_greedy_tokens(target, tmp_path):
+    """--target-quant int8 / --draft-quant int8 (LLM.int8): speculative decoding still returns exactly what
+    the target, as it is held (int8), decodes alone."""
+    import bitsandbytes as bnb
+
+    from workbench.speculate import load_decoder
+
+    target.save_pretrained(tmp_path / "target")
+    _perturbed(target, 0.2, seed=7).save_pretrained(tmp_path / "draft")
+    cpu = torch.device("cpu")
+    t8 = load_decoder(str(tmp_path / "target"), "teacher", device=cpu, quantize="int8")
+    d8 = load_decoder(str(tmp_path / "draft"), "draft", device=cpu, quantize="int8")
+    assert all(any(isinstance(m, bnb.nn.Linear8bitLt) for m in x.modules()) for x in (t8, d8))
+    ids, mask = _ragged_prompts(B=2)
+    out = speculative_generate(t8, d8, ids, 6, attention_mask=mask, draft_len=3, eos_token_id=EOS, pad_token_id=PAD)
+    assert torch.equal(out.sequences, _greedy(t8, ids, mask, 6))
+
+
 def test_the_drafts_cache_holds_exactly_the_accepted_tokens_after_every_rejection():
     """Every logit the draft produces during speculative decoding equals a fresh forward of the draft over
     the accepted tokens so far plus the round's own proposals: rejected drafts are rolled out of its cache
