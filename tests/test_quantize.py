@@ -131,6 +131,22 @@ def test_the_quantize_command_refuses_bad_input_in_one_line(tiny_teacher, quanti
     assert (tmp_path / "full" / "x").read_text() == "keep"  # nothing overwritten
 
 
+def test_the_quantize_command_prints_one_line_and_writes_a_checkpoint_plain_transformers_loads(tiny_teacher, tmp_path,
+                                                                                             capsys):
+    from transformers import AutoModelForCausalLM
+
+    from workbench.quantize import main
+
+    data = " ".join(FAST[:4])
+    assert main([str(tiny_teacher), "--method", "gptq", "--group-size", "64", "--samples", "8",
+                 "--calibration", f"recipe=sft_tiny {data}", "--out", str(tmp_path / "q")]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("gptq 4-bit: 14 layers at 4.50") and "for the source" in line and str(tmp_path / "q") in line
+    assert not (tmp_path / ".q.partial").exists()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert model.config.quantization_config.quant_method == "compressed-tensors"
+
+
 def test_group_sizes_that_do_not_divide_a_layer_are_refused_with_one_that_does():
     from transformers import LlamaConfig, LlamaForCausalLM
 

