@@ -166,3 +166,14 @@ def test_quantize_base_says_what_replaced_it():
         load_recipe("qlora_tiny", ["student.quantize_base=true"])
     with pytest.raises(RecipeError, match="int8 runs on bitsandbytes"):
         load_recipe("qlora_tiny", ["student.quantize=int8", "student.quant.kernel=triton"])
+
+
+@pytest.mark.parametrize("method", ["int8", "gptq"])
+def test_a_quantised_checkpoint_serves_as_a_speculative_target(quantised, method):
+    """speculate.py loads a saved int8 or GPTQ checkpoint as it is (no --target-quant): bitsandbytes'
+    layers stay where bitsandbytes put them, the GPTQ one is dequantised, and both decode."""
+    from workbench.speculate import load_decoder
+
+    model = load_decoder(str(quantised[method][0]), "teacher", device=torch.device("cpu"))
+    out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 7)

@@ -280,7 +280,7 @@ def load_for_inference(name: str, role: str, *, device, dtype: str = "float32", 
         model = PeftModel.from_pretrained(model, name)
         if merge:
             model = model.merge_and_unload()
-    if quantize == "none":
+    if quantize == "none" and not getattr(model, "is_quantized", False):  # (bitsandbytes places its own)
         model.to(device)
     return model.eval()
 
