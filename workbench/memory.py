@@ -91,14 +91,15 @@ def model_shape(spec: ModelSpec, vocab: int) -> ModelShape:
 
 def _weight_bytes(shape: ModelShape, spec: ModelSpec, bits16: bool) -> float:
     """Bytes of a model's weights as held on the device."""
+    unquantised = 2 if bits16 or spec.dtype != "float32" else 4  # bytes a weight bitsandbytes leaves alone
     if spec.quantize == "nf4":
         nf4 = shape.linear * (0.5 + (1 / 64 if spec.quant.double_quant else 4 / 64))
         other = (shape.params - shape.linear) * (4 if spec.quant.compute_dtype == "float32" else 2)
         return nf4 + other
     if spec.quantize == "int8":  # one byte a weight, a 4-byte scale per output row (rows ~ linear / hidden)
         int8 = shape.linear * (1 + 4 / shape.hidden)
-        return int8 + (shape.params - shape.linear) * (4 if spec.dtype == "float32" and not bits16 else 2)
-    return shape.params * (2 if bits16 or spec.dtype != "float32" else 4)
+        return int8 + (shape.params - shape.linear) * unquantised
+    return shape.params * unquantised
 
 
 def _adapter_params(shape: ModelShape, spec: ModelSpec) -> int:

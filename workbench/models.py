@@ -224,6 +224,8 @@ def load_model(spec: ModelSpec, tokenizer, role: str, seed: int = 0, device=None
         if prequantized is not None and spec.quantized:
             raise RecipeError(f"{role}.quantize: {spec.name_or_path} is a {prequantized} checkpoint, quantised "
                               f"already; set {role}.quantize: none")
+        if spec.quantized or prequantized == "bitsandbytes":  # bitsandbytes places the layers it quantises
+            extra["device_map"] = {"": device if device is not None else "cpu"}
         if spec.quantized:
             from transformers import BitsAndBytesConfig
 
@@ -236,9 +238,6 @@ def load_model(spec: ModelSpec, tokenizer, role: str, seed: int = 0, device=None
             else:  # LLM.int8: the 16-bit parts (outlier columns, everything but the linear layers) in spec.dtype
                 extra["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True,
                                                                   llm_int8_threshold=q.int8_threshold)
-            extra["device_map"] = {"": device if device is not None else "cpu"}
-        elif prequantized == "bitsandbytes":  # saved quantised by bitsandbytes: loaded onto its device as is
-            extra["device_map"] = {"": device if device is not None else "cpu"}
         elif prequantized == "compressed-tensors":
             # GPTQ / AWQ (llm-compressor): transformers has no packed-int4 matmul for these; it decompresses
             # them on the first forward. Load them dequantised at once (the weights are the quantised

@@ -165,24 +165,27 @@ def perplexity(model, val, batch: int = 8, max_batches: int = 8) -> float:
                                fused=False)
 
 
-def run(model: str, method: str, out: str, bits: int = 4, group_size: int = 128, calibration: str | None = None,
+def run(model: str, method: str, out: str, bits: int | None = None, group_size: int = 128, calibration: str | None = None,
         samples: int = 128, int8_threshold: float = 6.0, overwrite: bool = False, eval_batches: int = 8,
         data_cfg=None) -> dict:
     """Quantise `model` to `out` (see the module's docstring); -> the numbers written to quantize.json.
-    data_cfg: a DataConfig to calibrate and evaluate on, instead of `calibration`'s."""
+    data_cfg: a DataConfig to calibrate and evaluate on, instead of `calibration`'s. bits: GPTQ / AWQ
+    (default 4); int8 is 8-bit."""
     from transformers import AutoModelForCausalLM
 
-    from workbench.config import DataConfig, load_recipe
+    from workbench.config import DataConfig, QuantConfig, load_recipe
     from workbench.models import ModelSpec, checkpoint_quantization, load_model
 
     if method not in METHODS:
         raise ValueError(f"--method: one of {', '.join(METHODS)}")
-    if method == "int8" and bits != 8 and bits != 4:
+    if method == "int8" and bits not in (None, 8):
         raise ValueError("--bits: int8 is 8-bit (LLM.int8); leave --bits out")
+    bits = bits or (8 if method == "int8" else 4)
     if method != "int8" and bits not in (2, 3, 4, 8):
         raise ValueError("--bits: 2, 3, 4 or 8 for GPTQ / AWQ")
     if group_size < 1:
         raise ValueError("--group-size: must be >= 1")
+    int8 = QuantConfig(int8_threshold=int8_threshold)  # checked before anything loads
     dest = Path(out).expanduser()
     if dest.exists() and any(dest.iterdir()) and not overwrite:
         raise FileExistsError(f"{dest} exists and is not empty: choose another --out or pass --overwrite")
@@ -205,9 +208,7 @@ def run(model: str, method: str, out: str, bits: int = 4, group_size: int = 128,
     shutil.rmtree(tmp, ignore_errors=True)
     if method == "int8":
         del full
-        spec = ModelSpec(name_or_path=source, quantize="int8")
-        spec.quant.int8_threshold = int8_threshold
-        quantised = load_model(spec, tok, "model")
+        quantised = load_model(ModelSpec(name_or_path=source, quantize="int8", quant=int8), tok, "model")
     else:
         check_group_size(full, group_size)
         quantised = quantize_llmcompressor(full, tok, blocks, method, bits, group_size)
@@ -216,10 +217,9 @@ def run(model: str, method: str, out: str, bits: int = 4, group_size: int = 128,
     tok.save_pretrained(tmp)
     seconds = time.time() - t0
     del quantised
-    reloaded = load_model(ModelSpec(name_or_path=str(tmp), quantize="none"), tok, "model") if method != "int8" \
-        else AutoModelForCausalLM.from_pretrained(tmp, device_map={"": "cpu"})
+    reloaded = load_model(ModelSpec(name_or_path=str(tmp)), tok, "model")  # as any run would load it
     ppl = perplexity(reloaded, val, max_batches=eval_batches)
-    result = {"source": model, "method": method, "bits": 8 if method == "int8" else bits,
+    result = {"source": model, "method": method, "bits": bits,
               "group_size": None if method == "int8" else group_size,
               "int8_threshold": int8_threshold if method == "int8" else None, "calibration_blocks": len(blocks),
               "params": params, "val_ppl_source": ppl_source, "val_ppl": ppl, "seconds": seconds,
@@ -235,7 +235,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m workbench.quantize", description=__doc__.split("\n")[0])
     ap.add_argument("model", help="model directory, Hub id, gguf:PACKAGE or recipe:NAME")
     ap.add_argument("--method", required=True, choices=METHODS)
-    ap.add_argument("--bits", type=int, default=4, help="GPTQ / AWQ weight bits (default: %(default)s)")
+    ap.add_argument("--bits", type=int, help="GPTQ / AWQ weight bits (default: 4; int8 is 8-bit)")
     ap.add_argument("--group-size", type=int, default=128, help="inputs per scale (default: %(default)s)")
     ap.add_argument("--calibration", metavar="'recipe=NAME [data.KEY=VALUE ...]'",
                     help="calibration data: a recipe's (default: the embedded corpus)")

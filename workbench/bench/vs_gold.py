@@ -139,8 +139,8 @@ def _fixed_batch(recipe, tok, t_tok, teacher, student, packed, out: str) -> dict
     the first training rows (several-token groups are merged differently: GOLD multiplies the last
     position's distribution by the earlier tokens' probabilities, ours the first position's by the later
     ones'). Both: the mean over rows of the row's sum over groups / its groups; the teacher reads the same
-    tokens (GOLD's teacher rows get the BOS ours puts before each document). Also the largest
-    difference of the two losses' gradients with respect to the student's logits."""
+    tokens (GOLD's teacher rows get the BOS ours puts before each document). Also how far apart the
+    two losses' gradients with respect to the student's logits are (relative L2 difference, cosine)."""
     import torch.nn.functional as F
     from trl.experimental.gold.gold_trainer import ULDLoss, build_teacher_inputs_from_texts
 
