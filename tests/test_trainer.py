@@ -544,3 +544,17 @@ def test_on_policy_samples_on_chat_data_continue_from_the_assistant_turn(tmp_pat
         for row in prompts.tolist():
             text = tok.decode(row)
             assert text.endswith("assistant\n") and "answer" not in text, text
+
+
+def test_the_parts_of_a_step_are_labelled_for_the_profiler(tmp_path, tiny_teacher, accelerator):
+    """workbench.bench.profile_kd's table: every part of a KD step carries a profiler label, the parts are
+    disjoint (they add up to no more than the step's wall time) and the profiled window is the steps asked."""
+    from workbench.bench.profile_kd import PARTS, _StepClock
+
+    clock = _StepClock(warmup=2, steps=3)
+    with clock:
+        run(_kd(tmp_path, tiny_teacher), accelerator)
+    t = clock.table("wb/")
+    assert set(t["parts_s"]) == set(PARTS) and all(v > 0 for v in t["parts_s"].values())
+    assert sum(t["parts_s"].values()) <= t["step_s"] * 1.02
+    assert len(clock.stamps) == 4 and t["top_ops"]

@@ -51,6 +51,12 @@ class TrainResult:
     metrics: dict  # final metrics ({} when interrupted)
 
 
+def _region(name: str):
+    """A torch.profiler label ("wb/<name>") for one part of the step: what `workbench.bench.profile_kd`
+    tabulates; next to nothing when no profiler runs."""
+    return torch.profiler.record_function("wb/" + name)
+
+
 class DistillationModel(nn.Module):
     """The student plus the objective's trainable parts (feature projections): what accelerate prepares,
     so data parallelism and checkpoints cover both. forward() returns summed losses."""
@@ -79,12 +85,14 @@ class DistillationModel(nn.Module):
     def forward(self, input_ids, rows, teacher=None, rollout: bool = False, position_ids=None):
         # input_ids [B, T]; rows: per-position tensors [B, T] (labels, ...); teacher: ModelOutputs, a dict
         # temperature -> TopKTeacher, or None; position_ids [B, T] or None (packed documents kept apart)
-        if rollout:
-            out = forward_for_losses(self.student, input_ids, self.fused)
-            return self.rollout(out, teacher, rows)
-        out = forward_for_losses(self.student, input_ids, self.fused, self.objective.hidden_layers[0],
-                                 self.objective.attention_layers[0], position_ids=position_ids)
-        return self.objective(out, teacher, rows)
+        with _region("student_forward"):
+            if rollout:
+                out = forward_for_losses(self.student, input_ids, self.fused)
+            else:
+                out = forward_for_losses(self.student, input_ids, self.fused, self.objective.hidden_layers[0],
+                                         self.objective.attention_layers[0], position_ids=position_ids)
+        with _region("loss"):  # chunked: the loss's own gradient is formed here, per chunk
+            return self.rollout(out, teacher, rows) if rollout else self.objective(out, teacher, rows)
 
 
 @dataclass
@@ -240,11 +248,12 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
         while state["step"] < cfg.max_steps:
             step = state["step"]
             jobs = []
-            for k in range(cfg.grad_accum_steps):
-                start = step * per_step + (k * world + accelerator.process_index) * cfg.micro_batch_size
-                blocks = stream_indices(n_train, cfg.seed, start, cfg.micro_batch_size)
-                jobs += _micro_batch_jobs(blocks, data, onp, cfg.seed, step, k, accelerator, student_inner,
-                                          teacher, tokenizer.eos_token_id, rollouts)
+            with _region("data"):
+                for k in range(cfg.grad_accum_steps):
+                    start = step * per_step + (k * world + accelerator.process_index) * cfg.micro_batch_size
+                    blocks = stream_indices(n_train, cfg.seed, start, cfg.micro_batch_size)
+                    jobs += _micro_batch_jobs(blocks, data, onp, cfg.seed, step, k, accelerator, student_inner,
+                                              teacher, tokenizer.eos_token_id, rollouts)
             counts = {s: torch.zeros((), dtype=torch.float64, device=accelerator.device) for s in streams}
             for j in jobs:
                 counts[j.stream] += (j.rows["labels"] != -100).sum()
@@ -256,7 +265,8 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
             counter = dist.CommBytes() if (ddp and recipe.parallel.comm_hook != "none") else nullcontext()
             with counter:
                 for job in jobs:
-                    t_out = teacher_for(job)
+                    with _region("teacher_forward"):
+                        t_out = teacher_for(job)
                     # accumulate(): gradients are synchronised (and DeepSpeed steps) on the last pass only
                     with accelerator.accumulate(model):
                         total, parts = model(job.ids, job.rows, t_out, rollout=job.kind == "rollout",
@@ -264,7 +274,8 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
                         # sum / (valid tokens of the step, all processes); x world: DDP/ZeRO average over
                         # processes; x passes: accelerate (and DeepSpeed) divide by the accumulation count
                         scale = world * passes / n_valid[job.stream].clamp(min=1)
-                        accelerator.backward(total * scale.to(total.dtype))
+                        with _region("backward"):
+                            accelerator.backward(total * scale.to(total.dtype))
                     bad |= ~torch.isfinite(total.detach())
                     for name, v in {"loss": total.detach(), **parts}.items():
                         key = (job.stream, name)
@@ -275,13 +286,14 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
                 comm_bytes += counter.bytes if isinstance(counter, dist.CommBytes) else dist.ddp_gradient_bytes(model)
 
             grad_norm = None
-            if cfg.grad_clip > 0:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                if grad_norm is not None:  # an inf/NaN gradient poisons the weights even if the loss was finite
-                    bad |= ~torch.isfinite(torch.as_tensor(grad_norm, device=bad.device)).all()
-            optimizer.step()
-            scheduler.step()  # ours (not one of DeepSpeed's), so never handed to a DeepSpeed engine
-            optimizer.zero_grad(set_to_none=True)
+            with _region("optimizer"):
+                if cfg.grad_clip > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    if grad_norm is not None:  # an inf/NaN gradient poisons the weights even if the loss was finite
+                        bad |= ~torch.isfinite(torch.as_tensor(grad_norm, device=bad.device)).all()
+                optimizer.step()
+                scheduler.step()  # ours (not one of DeepSpeed's), so never handed to a DeepSpeed engine
+                optimizer.zero_grad(set_to_none=True)
             state["step"] = step = step + 1
             state["tokens"] += per_step * data.seq_len
             bar.update(1)

