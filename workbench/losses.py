@@ -174,6 +174,8 @@ class LogitDivergence(nn.Module):
             raise ValueError(f"unknown divergence '{kind}' (known: {sorted(DIVERGENCES)})")
         self.kind, self.fn = kind, DIVERGENCES[kind]
         self.temperature, self.beta, self.alpha = temperature, beta, alpha
+        # forward KL and JSD (0 < beta < 1) against a dense teacher: value and gradient in closed form
+        self.closed_form = kind == "forward_kl" or (kind == "jsd" and 0.0 < beta < 1.0)
         self.ignore_index = ignore_index
 
     def forward(
@@ -184,17 +186,62 @@ class LogitDivergence(nn.Module):
     ) -> torch.Tensor:  # [] fp32
         T = self.temperature
         valid = labels != self.ignore_index  # [N]
-        s = F.log_softmax(student_logits.float() / T, dim=-1)  # finite: the student's logits are
         if isinstance(teacher, TopKTeacher):  # an empty bucket is -inf
+            s = F.log_softmax(student_logits.float() / T, dim=-1)  # finite: the student's logits are
             s, t = _bucketise(s, teacher.indices).clamp(min=_NEG), teacher.logp.float().clamp(min=_NEG)
         else:  # a teacher may mask tokens with -inf logits; in place: t needs no gradient
-            t = F.log_softmax(teacher.float() / T, dim=-1).clamp_(min=_NEG)
+            if not self.closed_form:
+                s = F.log_softmax(student_logits.float() / T, dim=-1)
+            with torch.no_grad():
+                t = F.log_softmax(teacher.float() / T, dim=-1).clamp_(min=_NEG)
         # rows that do not count are selected away, not multiplied by 0: whatever the teacher holds there
         # (NaN, +inf) must not reach the value or, through 0 * NaN, the gradient
         t = t.masked_fill(~valid[:, None], 0.0)
+        if self.closed_form and not isinstance(teacher, TopKTeacher):
+            return _ClosedFormDivergence.apply(student_logits, t, valid, self.kind, T, self.beta,
+                                               torch.is_grad_enabled())
         rows = self.fn(s, t, beta=self.beta, alpha=self.alpha)  # [N]
         scale = T if self.kind == "tvd" else T * T
         return torch.where(valid, rows, 0.0).sum() * scale
+
+
+class _ClosedFormDivergence(torch.autograd.Function):
+    """sum over valid rows of T^2 * D(p_t, p_s), D forward KL or generalised JSD, with the gradient with
+    respect to the student's logits z formed in the forward pass from its closed form instead of by autograd
+    through the divergence's ~10 elementwise [N, V] operations (and their saved inputs). With s = log p_s,
+    t = log p_t, s = log_softmax(z / T) and dL/ds = g:  dL/dz = (g - p_s * sum(g)) / T, where
+      forward KL  L = sum p_t (t - s):                          g = -p_t
+      JSD         L = b sum p_t (t - m) + (1 - b) sum p_s (s - m),  m = log(b p_t + (1 - b) p_s):
+                                                                g = (1 - b) p_s (s - m)
+    (for JSD the terms through m cancel). The dense formulas in DIVERGENCES stay the reference (tests)."""
+
+    @staticmethod
+    def forward(ctx, z, t, valid, kind, T, beta, grad_mode):
+        # z [N, V] student logits (any float dtype); t [N, V] fp32 teacher log-probabilities at T, finite
+        # (log 0 = _NEG), 0 on invalid rows; valid [N] bool
+        s = F.log_softmax(z.float() / T, dim=-1)
+        ps, pt = s.exp(), t.exp()
+        if kind == "forward_kl":
+            rows = (pt * (t - s)).sum(-1)
+            g = pt.neg() if grad_mode else None
+        else:
+            # the mixture in probability space, floored at the smallest normal float (where both vanish, m
+            # only ever multiplies a vanishing p): one log instead of logaddexp's exp, log1p and max
+            m = (pt * beta).add_(ps, alpha=1.0 - beta).clamp_min_(torch.finfo(torch.float32).tiny).log_()
+            d = s - m
+            rows = beta * (pt * t.sub(m)).sum(-1) + (1.0 - beta) * (ps * d).sum(-1)
+            g = d.mul_(ps).mul_(1.0 - beta) if grad_mode else None
+        total = torch.where(valid, rows, 0.0).sum() * (T * T)
+        if g is not None:
+            g = g.sub_(ps * g.sum(-1, keepdim=True)).mul_(T)  # T^2 / T
+            g = g.masked_fill_(~valid[:, None], 0.0).to(z.dtype)
+            ctx.save_for_backward(g)
+        return total
+
+    @staticmethod
+    def backward(ctx, g_out):
+        (g,) = ctx.saved_tensors
+        return g * g_out.to(g.dtype), None, None, None, None, None, None
 
 
 def build_logit_loss(term: LossTerm, ignore_index: int = -100) -> nn.Module:
