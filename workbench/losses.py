@@ -279,9 +279,14 @@ class LogitObjective(nn.Module):
 # --------------------------------------------------------------------------------------------- chunking
 
 
-def auto_chunk(vocab: int, budget: int = 1 << 23) -> int:
-    """Tokens per chunk so that one [chunk, V] fp32 tensor holds about `budget` elements (32 MiB)."""
-    return max(16, budget // max(vocab, 1))
+def auto_chunk(vocab: int, budget: int = 1 << 21, min_rows: int = 32) -> int:
+    """Tokens per chunk: one [chunk, V] fp32 tensor holds about `budget` elements (8 MiB), but at least
+    `min_rows` rows. Measured on a 2-core CPU (BENCHMARKS.md, "KD step"): chunks of 32 MiB and more are
+    slower, not faster: glibc serves allocations of 32 MiB and up with fresh mmap pages, so each of the
+    loss's ~10 temporaries is page-faulted in again per chunk (a 2048 x 4096 loss took 390 ms in one chunk,
+    185-210 ms in chunks of 512 rows); below ~32 rows the output layer's products turn memory-bound (every
+    chunk reads the [V, H] weight three times)."""
+    return max(min_rows, budget // max(vocab, 1))
 
 
 class _ChunkedLogitLoss(torch.autograd.Function):
@@ -323,9 +328,15 @@ class _ChunkedLogitLoss(torch.autograd.Function):
                     grad_x[a:b] = g
                 else:
                     if need[0]:
-                        grad_x[a:b] = (g.to(weight.dtype) @ weight).to(x.dtype)
-                    if need[1]:
-                        grad_w += (g.t().to(h.dtype) @ h).float()
+                        if g.dtype == weight.dtype == x.dtype:  # straight into its rows: no [c, H] temporary
+                            torch.mm(g, weight, out=grad_x[a:b])
+                        else:
+                            grad_x[a:b] = (g.to(weight.dtype) @ weight).to(x.dtype)
+                    if need[1]:  # accumulated in place: no [V, H] temporary per chunk (at V = 128k, H = 4096
+                        if g.dtype == h.dtype == torch.float32:  # that is 2 GB written and read each time)
+                            grad_w.addmm_(g.t(), h)
+                        else:
+                            grad_w += (g.t().to(h.dtype) @ h).float()
                     if need[2]:
                         grad_b += g.float().sum(0)
             total += tot.detach()
@@ -337,8 +348,8 @@ class _ChunkedLogitLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_total, g_parts):
-        saved = ctx.saved_tensors
-        grads = [s * g_total.to(s.dtype) if n else None for s, n in zip(saved, ctx.need)]
+        saved = ctx.saved_tensors  # scaled in place: a second [V, H] gradient would double the peak
+        grads = [s.mul_(g_total.to(s.dtype)) if n else None for s, n in zip(saved, ctx.need)]
         return grads[0], grads[1], grads[2], None, None, None, None, None, None
 
 
