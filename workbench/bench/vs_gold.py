@@ -11,7 +11,7 @@ schedule with warm-up, gradient clipping and batch size.
 
 GOLD trains prompt/completion rows: each block is given as a prompt of its first 8 tokens and the rest as
 the completion (ours trains on every token; the 3% difference in target tokens is ignored). Each run is a
-fresh process; peak memory is the rise during training (resident set sampled every 2 ms, as vs_trl), time
+fresh process; peak memory is the rise during training (the resident set's high-water mark, as vs_trl), time
 the optimisation loop's (GOLD: train_runtime), tokens/s steps x batch x 256.
 """
 
