@@ -90,20 +90,7 @@ def _child(framework: str, warmup: int, steps: int, out: str) -> dict:
         with clock:
             T.train(recipe, accelerator, student, tok, packed, teacher=teacher, kd_vocab=len(tok))
         return clock.table("wb/")
-    from datasets import Dataset
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
-
-    ds = Dataset.from_dict({"input_ids": torch.from_numpy(packed.train.astype("int64")).tolist()})
-
-    def collate(rows):
-        ids = torch.tensor([r["input_ids"] for r in rows])
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
-                "prompts": ids[:, : vs_trl.PROMPT], "prompt_attention_mask": torch.ones_like(ids[:, : vs_trl.PROMPT])}
-
-    args = GKDConfig(**vs_trl.trl_training_args(recipe.train, recipe.train.max_steps, out), logging_steps=10,
-                     lmbda=0.0, beta=0.5, temperature=1.0, max_new_tokens=vs_trl.NEW, max_length=vs_trl.SEQ)
-    trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds, data_collator=collate,
-                         processing_class=tok)
+    trainer = vs_trl.trl_trainer(recipe, student, teacher, tok, packed, recipe.train.max_steps, 0.0, out)
     student.forward = _wrap(student.forward, "student_forward")
     teacher.forward = _wrap(teacher.forward, "teacher_forward")
     trainer.generalized_jsd_loss = _wrap(trainer.generalized_jsd_loss, "loss")

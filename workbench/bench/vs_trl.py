@@ -145,6 +145,11 @@ def trl_training_args(t, steps: int, out: str) -> dict:
 
 def _train_trl(recipe, student, teacher, tok, packed, steps: int, lmbda: float, out: str) -> float:
     """Train `student` with TRL's GKDTrainer; -> its train_runtime (seconds)."""
+    return trl_trainer(recipe, student, teacher, tok, packed, steps, lmbda, out).train().metrics["train_runtime"]
+
+
+def trl_trainer(recipe, student, teacher, tok, packed, steps: int, lmbda: float, out: str):
+    """TRL's GKDTrainer set up as our trainer is: same data, settings, student and teacher."""
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
@@ -158,9 +163,8 @@ def _train_trl(recipe, student, teacher, tok, packed, steps: int, lmbda: float, 
 
     args = GKDConfig(**trl_training_args(recipe.train, steps, out), logging_steps=10, lmbda=lmbda, beta=0.5,
                      temperature=1.0, max_new_tokens=NEW, max_length=SEQ)
-    trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds, data_collator=collate,
-                         processing_class=tok)
-    return trainer.train().metrics["train_runtime"]
+    return GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds, data_collator=collate,
+                      processing_class=tok)
 
 
 def main(argv=None) -> int:
