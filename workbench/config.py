@@ -428,7 +428,7 @@ class DistillConfig:
     """Compute logit losses chunk by chunk straight from the output layers, never holding [tokens, vocab]
     logits; falls back to chunking materialised logits where the output layer is not a plain Linear."""
     chunk_size: int = 0
-    """Tokens per chunk of the logit losses (0: about 32 MiB of fp32 logits per chunk)."""
+    """Tokens per chunk of the logit losses (0: about 8 MiB of fp32 logits per chunk, at least 32 tokens)."""
     onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     """Student-generated data: GKD mixing or MiniLLM."""
     teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
