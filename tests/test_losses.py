@@ -541,3 +541,15 @@ def test_attention_kl_is_teacher_to_student_on_peaked_maps():
     want, swapped = (kl(p_t, p_s) * mask).sum(), (kl(p_s, p_t) * mask).sum()
     assert abs(want - swapped) / want > 0.1  # the two directions really differ here
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_second_backward_through_the_chunked_loss_is_refused():
+    """Its gradients are formed in the forward pass and scaled in place by backward: a second backward
+    (retain_graph) would scale them again, so it is refused rather than silently wrong."""
+    s, t, labels = _data()
+    x = s.clone().requires_grad_()
+    fn = losses.LogitObjective([config.LossTerm("forward_kl", 1.0)])
+    total, _ = losses.chunked_logit_loss(fn, x, {"labels": labels}, lambda a, b: t[a:b], chunk=4)
+    total.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        total.backward()

@@ -190,14 +190,13 @@ class LogitDivergence(nn.Module):
             s = F.log_softmax(student_logits.float() / T, dim=-1)  # finite: the student's logits are
             s, t = _bucketise(s, teacher.indices).clamp(min=_NEG), teacher.logp.float().clamp(min=_NEG)
         else:  # a teacher may mask tokens with -inf logits; in place: t needs no gradient
-            if not self.closed_form:
-                s = F.log_softmax(student_logits.float() / T, dim=-1)
+            s = None if self.closed_form else F.log_softmax(student_logits.float() / T, dim=-1)
             with torch.no_grad():
                 t = F.log_softmax(teacher.float() / T, dim=-1).clamp_(min=_NEG)
         # rows that do not count are selected away, not multiplied by 0: whatever the teacher holds there
         # (NaN, +inf) must not reach the value or, through 0 * NaN, the gradient
         t = t.masked_fill(~valid[:, None], 0.0)
-        if self.closed_form and not isinstance(teacher, TopKTeacher):
+        if s is None:  # dense teacher, closed form
             return _ClosedFormDivergence.apply(student_logits, t, valid, self.kind, T, self.beta,
                                                torch.is_grad_enabled())
         rows = self.fn(s, t, beta=self.beta, alpha=self.alpha)  # [N]
@@ -342,12 +341,15 @@ class _ChunkedLogitLoss(torch.autograd.Function):
             total += tot.detach()
             parts += p.detach()
         ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_x, grad_w, grad_b)))
-        ctx.need = need
+        ctx.need, ctx.used = need, False
         ctx.mark_non_differentiable(parts)
         return total, parts
 
     @staticmethod
     def backward(ctx, g_total, g_parts):
+        if ctx.used:  # the stored gradients were scaled in place by the first backward
+            raise RuntimeError("the chunked logit loss supports one backward pass (no retain_graph reuse)")
+        ctx.used = True
         saved = ctx.saved_tensors  # scaled in place: a second [V, H] gradient would double the peak
         grads = [s.mul_(g_total.to(s.dtype)) if n else None for s, n in zip(saved, ctx.need)]
         return grads[0], grads[1], grads[2], None, None, None, None, None, None

@@ -172,8 +172,9 @@ def main(argv=None) -> int:
              f"blocks for every format; GPTQ / AWQ calibrated on {args.samples} training blocks. MiB: the loaded "
              "model (GPTQ / AWQ: the checkpoint on disk, then what transformers holds: it dequantises them).", "",
              "| format | library | bits per weight (linear layers) | MiB | validation ppl | vs fp32 |"
-             + (f" teacher ppl on the student's data | student ppl ({KD_RECIPES[name][0][7:]}, {steps} steps"
-                + (f"; mean ± sd of {args.seeds} seeds" if args.seeds > 1 else "") + ") |" if kd else ""),
+             + (f" teacher ppl on the student's data | student ppl ({KD_RECIPES[name][0].removeprefix('recipe=')}, "
+                f"{steps} steps" + ("; mean ± sd (each seed) where several seeds ran" if args.seeds > 1 else "")
+                + ") |" if kd else ""),
              "| --- | --- | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if kd else "")]
     for fmt in FORMATS:
         row = r["rows"][fmt]
