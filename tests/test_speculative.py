@@ -480,3 +480,42 @@ def test_the_speculative_benchmark_measures_its_baseline_twice_and_keeps_the_fas
     assert len(seen) == 2
     assert rows[("teacher alone, HF generate, again", "1")][4] == "1.00x"
     assert float(rows[("teacher alone, HF generate", "1")][4].rstrip("x")) < 0.1  # the slow one is not the base
+
+
+def test_grouped_query_heads_are_not_repeated_on_the_cpu_and_logits_stay_sdpas(target, monkeypatch):
+    """On the CPU, verifying several tokens against a cache (a causal mask is always given then) would make
+    transformers' SDPA copy every layer's keys and values to all query heads; inside gqa_sdpa_attention
+    torch gets the grouped heads as they are: no copy, the same logits, SDPA again afterwards."""
+    import transformers.integrations.sdpa_attention as sdpa
+
+    from workbench.speculative import gqa_sdpa_attention
+
+    ids, mask = _ragged_prompts()
+
+    def forwards():
+        with torch.no_grad():
+            whole = target(input_ids=ids, attention_mask=mask).logits
+        stream = _KVStream(target, ids[:, :4], mask[:, :4].bool())
+        return whole, stream.feed(ids[:, 4:], mask[:, 4:].bool())  # three tokens over a cache with holes
+
+    ref = forwards()
+    copies = []
+    real = sdpa.repeat_kv
+    monkeypatch.setattr(sdpa, "repeat_kv", lambda h, n: copies.append(n) or real(h, n))
+    forwards()
+    assert copies, "the check below could not fail: transformers no longer repeats KV heads here"
+    copies.clear()
+    with gqa_sdpa_attention(target, None):
+        assert target.config._attn_implementation == "workbench_sdpa_gqa"
+        got = forwards()
+    assert target.config._attn_implementation == "sdpa"
+    assert copies == []
+    valid = mask.bool()
+    torch.testing.assert_close(got[0][valid], ref[0][valid], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1][valid[:, 4:]], ref[1][valid[:, 4:]], rtol=1e-5, atol=1e-5)
+    # speculative decoding uses it: no copies while it verifies ragged rows, the target's own greedy tokens
+    ids, mask = _ragged_prompts(seed=1)
+    draft = _perturbed(target, 0.5, seed=1)
+    out = speculative_generate(target, draft, ids, 8, attention_mask=mask, draft_len=3, pad_token_id=PAD)
+    assert copies == [] and target.config._attn_implementation == "sdpa"
+    assert torch.equal(out.sequences, _greedy(target, ids, mask, 8, eos=None))

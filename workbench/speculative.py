@@ -90,7 +90,17 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
     `max_new_tokens` tokens of `target`, drafted `draft_len` at a time by `draft`. temperature 0 is greedy;
     temperature/top_k/top_p shape both models' distributions identically. `adaptive` re-picks the draft
     length after every verification from the measured acceptance rate and draft/target cost. draft=None
-    (or draft_len=0) decodes with the target alone."""
+    (or draft_len=0) decodes with the target alone. On the CPU, models with SDPA attention run with
+    grouped-query heads handed to torch as they are (see `gqa_sdpa_attention`) while generating."""
+    with gqa_sdpa_attention(target, draft):
+        return _generate(target, draft, input_ids, max_new_tokens, attention_mask=attention_mask,
+                         draft_len=draft_len, adaptive=adaptive, max_draft_len=max_draft_len,
+                         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                         pad_token_id=pad_token_id, generator=generator)
+
+
+def _generate(target, draft, input_ids, max_new_tokens, *, attention_mask, draft_len, adaptive, max_draft_len,
+              temperature, top_k, top_p, eos_token_id, pad_token_id, generator) -> SpecOutput:
     B, P = input_ids.shape
     dev = input_ids.device
     eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
@@ -361,6 +371,65 @@ def expected_tokens_per_call(acceptance: float, k: int) -> float:
     return k + 1.0 if acceptance >= 1 else (1 - acceptance ** (k + 1)) / (1 - acceptance)
 
 
+# --------------------------------------------------- grouped-query attention without copying the cache
+
+_GQA_SDPA = "workbench_sdpa_gqa"
+
+
+def _sdpa_gqa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
+              **kwargs):
+    """transformers' SDPA attention, except that grouped-query key/value heads go to torch's
+    scaled_dot_product_attention as they are (enable_gqa) when a mask is given too. transformers does that
+    only without a mask (CUDA's fused kernels need none) and otherwise repeats every layer's keys and values
+    to all query heads: a copy of the whole KV cache per layer per call, which on the CPU is what a
+    verification of several tokens, whose causal mask over the cache is never None, spends much of its time
+    on (SmolLM2-135M, 9 query / 3 KV heads: a 5-token verification after 300 tokens 1.7x a 1-token step,
+    with this 1.07x; BENCHMARKS.md). Everything else (one query token, softcap, position bias, a paged
+    cache) is left to transformers' own function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    causal = attention_mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    if (getattr(module, "num_key_value_groups", 1) == 1 or query.shape[2] == 1 or query.device.type != "cpu"
+            or (causal and key.shape[2] != query.shape[2]) or kwargs.get("softcap") is not None
+            or kwargs.get("position_bias") is not None or kwargs.get("cache") is not None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                           dropout_p=dropout, scale=scaling, is_causal=causal,
+                                                           enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+class gqa_sdpa_attention:
+    """Context manager: the CPU models among `models` that use SDPA attention use `_sdpa_gqa` inside it, and
+    SDPA again when it exits. Models on a GPU, with another attention, or None are left alone."""
+
+    def __init__(self, *models):
+        self.models = [m for m in models if m is not None]
+        self.swapped = []
+
+    def __enter__(self):
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(_GQA_SDPA, _sdpa_gqa)
+        AttentionMaskInterface.register(_GQA_SDPA, sdpa_mask)
+        for m in self.models:
+            config = getattr(m, "config", None)
+            if (config is None or getattr(config, "_attn_implementation", None) != "sdpa"
+                    or next(m.parameters()).device.type != "cpu" or not hasattr(m, "set_attn_implementation")):
+                continue
+            m.set_attn_implementation(_GQA_SDPA)
+            self.swapped.append(m)
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.swapped:
+            m.set_attn_implementation("sdpa")
+        self.swapped = []
+        return False
+
+
 # ------------------------------------------------------------------- a draft over frequent tokens only
 
 
@@ -415,5 +484,5 @@ def frequent_tokens(token_ids, n: int, vocab: int, always=()) -> torch.Tensor:
     return torch.tensor(sorted(keep), dtype=torch.long)
 
 
-__all__ = ["SpecOutput", "SpecStats", "SubsetHead", "expected_tokens_per_call", "frequent_tokens", "left_padding",
-           "restrict_draft_vocab", "speculative_generate", "target_generate"]
+__all__ = ["SpecOutput", "SpecStats", "SubsetHead", "expected_tokens_per_call", "frequent_tokens", "gqa_sdpa_attention",
+           "left_padding", "restrict_draft_vocab", "speculative_generate", "target_generate"]
