@@ -60,7 +60,7 @@ run_step() {
 for s in "${@:-tests nf4 qlora}"; do
     for name in $s; do
         case $name in
-            tests) step tests python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/test_kernels.py" ;;
+            tests) step tests python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/test_kernels.py" "$REPO/tests/test_memory.py" -k "kernel or nf4 or gpu" ;;
             nf4) step nf4 python3 -m workbench.kernels.bench.bench_nf4 --out "$OUT" ;;
             quick) step quick python3 -m workbench.kernels.bench.bench_nf4 --quick --out "$OUT" ;;
             qlora) step qlora python3 -m workbench.bench.qlora_memory --gpu --no-record --out "$OUT" ;;

@@ -80,3 +80,13 @@ def tiny_teacher(tmp_path_factory, accelerator) -> Path:
     )
     run(recipe, accelerator)
     return out / "model"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu need CUDA: skipped (with the reason) without it."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

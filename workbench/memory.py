@@ -3,8 +3,9 @@ weights.
 
     python -m workbench.memory recipe=kd_13b_to_7b launch=zero3_offload gpus=8 [nodes=1] [key=value ...]
 
-launch: single | ddp | zero2 | zero3 | zero3_offload | zero3_nvme | fsdp2 (the configs in
-launch_scripts/accelerate/). Parameter counts come from the models' configs (instantiated on the meta
+launch: single | ddp | zero2 | zero3 | zero3_offload | zero3_nvme | zero3_pp | fsdp2 (the configs in
+launch_scripts/accelerate/). Under ZeRO-3 and ZeRO++ (zero3_pp) it also prints the bytes each GPU
+communicates per step for the student (see `communication`) and, for zero3_pp, what ZeRO++ saves. Parameter counts come from the models' configs (instantiated on the meta
 device); Hub configs must be cached or reachable, and Llama-2 7B/13B/70B are known offline.
 
 Model states follow the ZeRO paper's accounting (mixed precision Adam: 2 + 2 + 12 bytes per trainable
@@ -30,7 +31,8 @@ if __name__ == "__main__" and not __package__:
 
 from workbench.config import ModelSpec, Recipe, RecipeError, load_recipe  # noqa: E402
 
-LAUNCHES = ("single", "ddp", "zero2", "zero3", "zero3_offload", "zero3_nvme", "fsdp2")
+LAUNCHES = ("single", "ddp", "zero2", "zero3", "zero3_offload", "zero3_nvme", "zero3_pp", "fsdp2")
+REPO = Path(__file__).resolve().parent.parent
 GIB = 2**30
 
 # Llama-2 configs (public, Apache/Llama-2 license metadata), so the headline recipes estimate offline.
@@ -118,7 +120,7 @@ def estimate(recipe: Recipe, launch: str = "single", gpus: int = 1, nodes: int =
     vocab = recipe.data.vocab_size
     s = model_shape(recipe.student, vocab)
     bits16 = t.mixed_precision in ("bf16", "fp16")
-    zero = {"zero2": 2, "zero3": 3, "zero3_offload": 3, "zero3_nvme": 3, "fsdp2": 3}.get(launch, 0)
+    zero = {"zero2": 2, "zero3": 3, "zero3_offload": 3, "zero3_nvme": 3, "zero3_pp": 3, "fsdp2": 3}.get(launch, 0)
     shard = world if zero else 1
     trainable = _adapter_params(s, recipe.student)
     ds16 = bits16 and launch.startswith("zero")  # DeepSpeed keeps 16-bit params + an fp32 master copy
@@ -137,6 +139,8 @@ def estimate(recipe: Recipe, launch: str = "single", gpus: int = 1, nodes: int =
            "optimizer states": optimizer / shard if zero else optimizer}
     if zero == 3:
         gpu["gathered largest layer"] = 4.0 * s.largest_layer
+    if launch == "zero3_pp":  # hpZ: a secondary copy of the 16-bit weights, partitioned within each group
+        gpu["hpZ secondary weight partition"] = s.params * (2 if bits16 else 4) / min(hpz_partition_size(), world)
     cpu = {}
     if launch in ("zero3_offload", "zero3_nvme"):
         per_node = gpus / world  # a node holds the partitions of its own processes
@@ -186,6 +190,80 @@ def estimate(recipe: Recipe, launch: str = "single", gpus: int = 1, nodes: int =
     return {"gpu": gpu, "cpu": cpu}
 
 
+def hpz_partition_size(path: Path | None = None) -> int:
+    """zero_hpz_partition_size of launch_scripts/deepspeed/zero3_pp.json (GPUs sharing a secondary partition)."""
+    import json
+
+    path = path or REPO / "launch_scripts" / "deepspeed" / "zero3_pp.json"
+    return int(json.loads(path.read_text())["zero_optimization"].get("zero_hpz_partition_size", 1))
+
+
+def communication(recipe: Recipe, launch: str, gpus: int = 1, nodes: int = 1,
+                  hpz: int | None = None) -> dict[str, dict[str, float]]:
+    """Bytes one GPU sends per optimizer step for the student's ZeRO-3 collectives, {collective: {"total":
+    bytes, "inter-node": the part that leaves the node}}, as the ZeRO++ paper (Wang et al., 2023) accounts
+    them: with P parameters (T trainable) over N = gpus x nodes processes, every micro-batch all-gathers
+    the 16-bit weights for the forward and again for the backward, and reduce-scatters the 16-bit
+    gradients: ring collectives, (N-1)/N of the full tensor each. ZeRO++ (zero3_pp): qwZ all-gathers
+    int8 weights for the forward (1 byte a weight plus a scale per group of about 8,000); hpZ gathers the
+    backward's weights from a secondary partition within groups of `hpz` GPUs (inside a node when hpz
+    divides gpus, so none of it crosses nodes); qgZ replaces the reduce-scatter by two all-to-alls of int4
+    gradients: within the node (each GPU sends (g-1)/g of the tensor), then across nodes among the GPUs of
+    the same local rank, of the 1/g slice each reduced locally ((n-1)/n of it). "inter-node" counts the
+    bytes of the collectives whose group spans nodes (as the paper does; how much of a ring's traffic uses
+    the slower links depends on its order). Only the student is counted: a teacher under
+    parallel.teacher=zero3 adds its forward all-gathers."""
+    if launch not in ("zero3", "zero3_offload", "zero3_nvme", "zero3_pp"):
+        raise RecipeError(f"communication: launch '{launch}' is not a ZeRO-3 launch")
+    N, g, n = gpus * nodes, gpus, nodes
+    s = model_shape(recipe.student, recipe.data.vocab_size)
+    P, T = s.params, _adapter_params(s, recipe.student)
+    w16 = 2 if recipe.train.mixed_precision in ("bf16", "fp16") else 4  # bytes of a gathered weight / gradient
+    micro = recipe.train.grad_accum_steps
+    out_share = 1.0 if n > 1 else 0.0  # a collective over all N GPUs spans the nodes
+
+    def ring(nbytes):
+        total = nbytes * (N - 1) / N
+        return {"total": micro * total, "inter-node": micro * total * out_share}
+
+    if launch != "zero3_pp":
+        return {"forward all-gather (16-bit weights)": ring(P * w16),
+                "backward all-gather (16-bit weights)": ring(P * w16),
+                "gradient reduce-scatter (16-bit)": ring(T * w16)}
+    hpz = hpz or hpz_partition_size()
+    h = min(hpz, N)
+    inside = g % h == 0  # secondary groups do not straddle nodes
+    bwd = P * w16 * (h - 1) / h
+    intra = T * 0.5 * (g - 1) / g
+    inter = T * 0.5 / g * (n - 1) / n
+    return {"forward all-gather (qwZ: int8 weights)": ring(P * (1 + 4 / 8000)),
+            "backward all-gather (hpZ: within groups of %d)" % h: {
+                "total": micro * bwd, "inter-node": 0.0 if inside else micro * bwd * out_share},
+            "gradient all-to-all (qgZ: int4, in the node then across)": {
+                "total": micro * (intra + inter), "inter-node": micro * inter}}
+
+
+def format_communication(recipe: Recipe, launch: str, gpus: int, nodes: int) -> str:
+    """The table `communication` returns, and against plain ZeRO-3 for zero3_pp."""
+    comm = communication(recipe, launch, gpus, nodes)
+    lines = [f"communication per GPU per optimizer step ({recipe.train.grad_accum_steps} micro-batches), student:",
+             f"  {'collective':58s} {'total':>10s} {'inter-node':>11s}"]
+    for k, v in comm.items():
+        lines.append(f"  {k:58s} {v['total'] / GIB:7.2f} GiB {v['inter-node'] / GIB:7.2f} GiB")
+    tot = {key: sum(v[key] for v in comm.values()) for key in ("total", "inter-node")}
+    lines.append(f"  {'total':58s} {tot['total'] / GIB:7.2f} GiB {tot['inter-node'] / GIB:7.2f} GiB")
+    if launch == "zero3_pp":
+        base = communication(recipe, "zero3", gpus, nodes)
+        ref = {key: sum(v[key] for v in base.values()) for key in ("total", "inter-node")}
+        saved = "  ZeRO++ vs ZeRO-3: saves %.2f GiB per GPU per step (%.2fx less)" % (
+            (ref["total"] - tot["total"]) / GIB, ref["total"] / tot["total"])
+        if ref["inter-node"]:
+            saved += "; between nodes %.2f GiB less (%.2fx)" % (
+                (ref["inter-node"] - tot["inter-node"]) / GIB, ref["inter-node"] / max(tot["inter-node"], 1e-9))
+        lines.append(saved)
+    return "\n".join(lines)
+
+
 def format_estimate(est: dict, recipe: Recipe, launch: str, gpus: int, nodes: int) -> str:
     lines = [f"{recipe.name} under {launch} on {nodes} node(s) x {gpus} GPU(s)", "", "per GPU:"]
     for k, v in est["gpu"].items():
@@ -223,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_estimate(est, recipe, opts["launch"], gpus, nodes))
+    if opts["launch"] in ("zero3", "zero3_offload", "zero3_nvme", "zero3_pp"):
+        print(format_communication(recipe, opts["launch"], gpus, nodes))
     return 0
 
 

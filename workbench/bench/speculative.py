@@ -123,7 +123,9 @@ def run(args) -> str:
         names.append(args.baseline)
     paths = {n: _draft_path(n) for n in names}
     teacher = load_decoder(args.teacher, "teacher", device=dev, dtype=args.dtype)
-    drafts = {n: load_decoder(p, "draft", device=dev, dtype=args.dtype) for n, p in paths.items()}
+    draft_dtype = args.draft_dtype or args.dtype
+    drafts = {n: load_decoder(p, "draft", device=dev, dtype=draft_dtype, quantize=args.draft_quant)
+              for n, p in paths.items()}
     tok = left_padding(AutoTokenizer.from_pretrained(teacher.config._name_or_path))
     data = None
     if args.prompts_from:
@@ -181,13 +183,15 @@ def run(args) -> str:
     def described(name):
         return f"`{name}` (`{paths[name]}`)"
 
+    drafts_held = "" if (draft_dtype, args.draft_quant) == (args.dtype, "none") else (
+        f" (drafts: {draft_dtype}" + ("" if args.draft_quant == "none" else f", {args.draft_quant}") + ")")
     where = "the embedded default" if args.teacher == TINY_TEACHER else f"`{args.teacher}` as the target"
     task = (f"held-out rows of `{args.prompts_from}`'s data (chat template)" if args.prompts_from
             else f"held-out prompts ending in `def name(` (at most {args.context} characters)")
     lines = [f"### Speculative decoding on {where} ({time.strftime('%Y-%m-%d')})", "",
              f"Machine: {_report.machine()}. Teacher `{args.teacher}` ({_millions(teacher)} parameters); drafts "
              f"{', '.join(described(n) for n in names)} ({_millions(drafts[names[0]])} each, same size and steps; "
-             f"`{args.baseline}` without distillation). {len(prompts)} {task}, greedy, up to {N} new tokens each; {args.dtype} on {dev.type}. Speed-up is "
+             f"`{args.baseline}` without distillation). {len(prompts)} {task}, greedy, up to {N} new tokens each; {args.dtype} on {dev.type}{drafts_held}. Speed-up is "
              "tokens/s over the faster of the two 'teacher alone, HF generate' rows at batch 1 (measured first and "
              "again after the draft rows); 'same tokens' checks the teacher's own greedy output.", "",
              "| method | draft | batch | tokens/s | speed-up | acceptance rate | tokens per target call | same tokens |",
@@ -239,6 +243,10 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline", default="sft_tiny", help="the undistilled draft the others are compared with")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    ap.add_argument("--draft-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="the drafts' precision (default: --dtype); the target keeps --dtype")
+    ap.add_argument("--draft-quant", choices=["none", "nf4", "int8"], default="none",
+                    help="hold the drafts in NF4 or LLM.int8 (bitsandbytes)")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--context", type=int, default=300, help="characters of held-out file before 'def name('")
     ap.add_argument("--max-new-tokens", type=int, default=64)
