@@ -5,8 +5,9 @@ weights.
 
 launch: single | ddp | zero2 | zero3 | zero3_offload | zero3_nvme | zero3_pp | fsdp2 (the configs in
 launch_scripts/accelerate/). Under ZeRO-3 and ZeRO++ (zero3_pp) it also prints the bytes each GPU
-communicates per step for the student (see `communication`) and, for zero3_pp, what ZeRO++ saves. Parameter counts come from the models' configs (instantiated on the meta
-device); Hub configs must be cached or reachable, and Llama-2 7B/13B/70B are known offline.
+communicates per step for the student (see `communication`) and, for zero3_pp, what ZeRO++ saves.
+Parameter counts come from the models' configs (instantiated on the meta device); Hub configs must be
+cached or reachable, and Llama-2 7B/13B/70B are known offline.
 
 Model states follow the ZeRO paper's accounting (mixed precision Adam: 2 + 2 + 12 bytes per trainable
 parameter, partitioned by stage); under ZeRO-3 as DeepSpeed's estimate_zero3_model_states_mem_needs counts
@@ -201,7 +202,7 @@ def hpz_partition_size(path: Path | None = None) -> int:
 def communication(recipe: Recipe, launch: str, gpus: int = 1, nodes: int = 1,
                   hpz: int | None = None) -> dict[str, dict[str, float]]:
     """Bytes one GPU sends per optimizer step for the student's ZeRO-3 collectives, {collective: {"total":
-    bytes, "inter-node": the part that leaves the node}}, as the ZeRO++ paper (Wang et al., 2023) accounts
+    bytes, "inter-node": bytes of collectives whose group spans nodes}}, as the ZeRO++ paper (Wang et al., 2023) accounts
     them: with P parameters (T trainable) over N = gpus x nodes processes, every micro-batch all-gathers
     the 16-bit weights for the forward and again for the backward, and reduce-scatters the 16-bit
     gradients: ring collectives, (N-1)/N of the full tensor each. ZeRO++ (zero3_pp): qwZ all-gathers
