@@ -154,8 +154,7 @@ def test_zero_pp_saves_what_the_paper_says_between_nodes_and_costs_a_secondary_p
     assert memory.hpz_partition_size() == 8  # read from launch_scripts/deepspeed/zero3_pp.json
 
     def totals(launch, gpus, nodes):
-        comm = memory.communication(recipe, launch, gpus, nodes)
-        return [sum(v[k] for v in comm.values()) for k in ("total", "inter-node")]
+        return memory.communication_totals(memory.communication(recipe, launch, gpus, nodes)).values()
 
     (z3, z3_inter), (pp, pp_inter) = totals("zero3", 8, 8), totals("zero3_pp", 8, 8)
     assert z3_inter / pp_inter > 4 and pp < z3

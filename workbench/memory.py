@@ -33,6 +33,7 @@ if __name__ == "__main__" and not __package__:
 from workbench.config import ModelSpec, Recipe, RecipeError, load_recipe  # noqa: E402
 
 LAUNCHES = ("single", "ddp", "zero2", "zero3", "zero3_offload", "zero3_nvme", "zero3_pp", "fsdp2")
+ZERO3_LAUNCHES = ("zero3", "zero3_offload", "zero3_nvme", "zero3_pp")  # DeepSpeed ZeRO-3: `communication` applies
 REPO = Path(__file__).resolve().parent.parent
 GIB = 2**30
 
@@ -192,7 +193,7 @@ def estimate(recipe: Recipe, launch: str = "single", gpus: int = 1, nodes: int =
 
 
 def hpz_partition_size(path: Path | None = None) -> int:
-    """zero_hpz_partition_size of launch_scripts/deepspeed/zero3_pp.json (GPUs sharing a secondary partition)."""
+    """zero_hpz_partition_size (GPUs sharing a secondary partition) of launch_scripts/deepspeed/zero3_pp.json."""
     import json
 
     path = path or REPO / "launch_scripts" / "deepspeed" / "zero3_pp.json"
@@ -202,19 +203,19 @@ def hpz_partition_size(path: Path | None = None) -> int:
 def communication(recipe: Recipe, launch: str, gpus: int = 1, nodes: int = 1,
                   hpz: int | None = None) -> dict[str, dict[str, float]]:
     """Bytes one GPU sends per optimizer step for the student's ZeRO-3 collectives, {collective: {"total":
-    bytes, "inter-node": bytes of collectives whose group spans nodes}}, as the ZeRO++ paper (Wang et al., 2023) accounts
-    them: with P parameters (T trainable) over N = gpus x nodes processes, every micro-batch all-gathers
-    the 16-bit weights for the forward and again for the backward, and reduce-scatters the 16-bit
-    gradients: ring collectives, (N-1)/N of the full tensor each. ZeRO++ (zero3_pp): qwZ all-gathers
-    int8 weights for the forward (1 byte a weight plus a scale per group of about 8,000); hpZ gathers the
-    backward's weights from a secondary partition within groups of `hpz` GPUs (inside a node when hpz
-    divides gpus, so none of it crosses nodes); qgZ replaces the reduce-scatter by two all-to-alls of int4
-    gradients: within the node (each GPU sends (g-1)/g of the tensor), then across nodes among the GPUs of
-    the same local rank, of the 1/g slice each reduced locally ((n-1)/n of it). "inter-node" counts the
-    bytes of the collectives whose group spans nodes (as the paper does; how much of a ring's traffic uses
-    the slower links depends on its order). Only the student is counted: a teacher under
-    parallel.teacher=zero3 adds its forward all-gathers."""
-    if launch not in ("zero3", "zero3_offload", "zero3_nvme", "zero3_pp"):
+    bytes, "inter-node": bytes of collectives whose group spans nodes}}, as the ZeRO++ paper (Wang et al.,
+    2023) accounts them: with P parameters (T trainable) over N = gpus x nodes processes, every micro-batch
+    all-gathers the 16-bit weights for the forward and again for the backward, and reduce-scatters the 16-bit
+    gradients: ring collectives, (N-1)/N of the full tensor each. ZeRO++ (zero3_pp): qwZ all-gathers int8
+    weights for the forward (1 byte a weight plus a scale per group of about 8,000); hpZ gathers the
+    backward's weights from a secondary partition within groups of `hpz` GPUs (inside a node when hpz divides
+    gpus, so none of it crosses nodes); qgZ replaces the reduce-scatter by two all-to-alls of int4 gradients:
+    within the node (each GPU sends (g-1)/g of the tensor), then across nodes among the GPUs of the same local
+    rank, of the 1/g slice each reduced locally ((n-1)/n of it). "inter-node" counts the bytes of the
+    collectives whose group spans nodes (as the paper does; how much of a ring's traffic uses the slower links
+    depends on its order). Only the student is counted: a teacher under parallel.teacher=zero3 adds its
+    forward all-gathers."""
+    if launch not in ZERO3_LAUNCHES:
         raise RecipeError(f"communication: launch '{launch}' is not a ZeRO-3 launch")
     N, g, n = gpus * nodes, gpus, nodes
     s = model_shape(recipe.student, recipe.data.vocab_size)
@@ -244,6 +245,11 @@ def communication(recipe: Recipe, launch: str, gpus: int = 1, nodes: int = 1,
                 "total": micro * (intra + inter), "inter-node": micro * inter}}
 
 
+def communication_totals(comm: dict[str, dict[str, float]]) -> dict[str, float]:
+    """{"total": bytes, "inter-node": bytes} summed over the collectives `communication` returns."""
+    return {key: sum(v[key] for v in comm.values()) for key in ("total", "inter-node")}
+
+
 def format_communication(recipe: Recipe, launch: str, gpus: int, nodes: int) -> str:
     """The table `communication` returns, and against plain ZeRO-3 for zero3_pp."""
     comm = communication(recipe, launch, gpus, nodes)
@@ -251,11 +257,10 @@ def format_communication(recipe: Recipe, launch: str, gpus: int, nodes: int) -> 
              f"  {'collective':58s} {'total':>10s} {'inter-node':>11s}"]
     for k, v in comm.items():
         lines.append(f"  {k:58s} {v['total'] / GIB:7.2f} GiB {v['inter-node'] / GIB:7.2f} GiB")
-    tot = {key: sum(v[key] for v in comm.values()) for key in ("total", "inter-node")}
+    tot = communication_totals(comm)
     lines.append(f"  {'total':58s} {tot['total'] / GIB:7.2f} GiB {tot['inter-node'] / GIB:7.2f} GiB")
     if launch == "zero3_pp":
-        base = communication(recipe, "zero3", gpus, nodes)
-        ref = {key: sum(v[key] for v in base.values()) for key in ("total", "inter-node")}
+        ref = communication_totals(communication(recipe, "zero3", gpus, nodes))
         saved = "  ZeRO++ vs ZeRO-3: saves %.2f GiB per GPU per step (%.2fx less)" % (
             (ref["total"] - tot["total"]) / GIB, ref["total"] / tot["total"])
         if ref["inter-node"]:
@@ -302,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_estimate(est, recipe, opts["launch"], gpus, nodes))
-    if opts["launch"] in ("zero3", "zero3_offload", "zero3_nvme", "zero3_pp"):
+    if opts["launch"] in ZERO3_LAUNCHES:
         print(format_communication(recipe, opts["launch"], gpus, nodes))
     return 0
 

@@ -384,8 +384,9 @@ def _sdpa_gqa(module, query, key, value, attention_mask, dropout: float = 0.0, s
     to all query heads: a copy of the whole KV cache per layer per call, which on the CPU is what a
     verification of several tokens, whose causal mask over the cache is never None, spends much of its time
     on (SmolLM2-135M, 9 query / 3 KV heads, after 300 tokens: the copies were about 20 ms of a 5-token
-    verification in torch.profiler; medians over 40 interleaved runs 108 -> 101 ms, a 1-token step 73 ms). Everything else (one query token, softcap, position bias, a paged
-    cache) is left to transformers' own function."""
+    verification in torch.profiler; medians over 40 interleaved runs 108 -> 101 ms, a 1-token step 73 ms).
+    Everything else (one query token, softcap, position bias, a paged cache) is left to transformers' own
+    function."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     causal = attention_mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
@@ -484,5 +485,5 @@ def frequent_tokens(token_ids, n: int, vocab: int, always=()) -> torch.Tensor:
     return torch.tensor(sorted(keep), dtype=torch.long)
 
 
-__all__ = ["SpecOutput", "SpecStats", "SubsetHead", "expected_tokens_per_call", "frequent_tokens", "gqa_sdpa_attention",
-           "left_padding", "restrict_draft_vocab", "speculative_generate", "target_generate"]
+__all__ = ["SpecOutput", "SpecStats", "SubsetHead", "expected_tokens_per_call", "frequent_tokens",
+           "gqa_sdpa_attention", "left_padding", "restrict_draft_vocab", "speculative_generate", "target_generate"]
