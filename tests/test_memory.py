@@ -170,6 +170,13 @@ def test_zero_pp_saves_what_the_paper_says_between_nodes_and_costs_a_secondary_p
         memory.communication(recipe, "ddp", 8, 1)
 
 
+def test_memory_cli_refuses_no_gpus_or_nodes_in_one_line(capsys):
+    for bad in ("gpus=0", "nodes=0", "gpus=-8"):
+        assert memory.main(["recipe=kd_13b_to_7b", "launch=zero3_pp", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: gpus and nodes must be at least 1") and "\n" not in err
+
+
 def test_memory_cli_prints_what_zero_pp_saves(capsys):
     assert memory.main(["recipe=kd_13b_to_7b", "launch=zero3_pp", "gpus=8", "nodes=8"]) == 0
     out = capsys.readouterr().out

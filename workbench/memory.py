@@ -302,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
             raise RecipeError("give exactly one recipe=NAME")
         recipe = load_recipe(names[0], overrides)
         gpus, nodes = int(opts["gpus"]), int(opts["nodes"])
+        if gpus < 1 or nodes < 1:
+            raise RecipeError(f"gpus and nodes must be at least 1 (got gpus={gpus}, nodes={nodes})")
         est = estimate(recipe, opts["launch"], gpus, nodes)
     except (RecipeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
