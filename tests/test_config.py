@@ -262,3 +262,26 @@ def test_third_party_warnings_show_once_per_run_and_ours_always(tmp_path, monkey
         for _ in range(3):  # ours: every time
             warnings.warn_explicit("ours", UserWarning, str(Path(workbench.__file__).parent / "trainer.py"), 1)
     assert [m for m, _ in shown] == ["old API", "ours", "ours", "ours"]
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["parallel.pipeline_stages=0"], "pipeline_stages: must be >= 1"),
+        (["parallel.pipeline_stages=2", "parallel.pipeline_microbatches=3"], "3 does not divide the step's 8 sequences"),
+        (["parallel.pipeline_stages=2", "distill.losses.0.name=hidden_mse"], "not with hidden-state and attention losses"),
+        (["parallel.pipeline_stages=2", "train.gradient_checkpointing=true"], "not with gradient checkpointing"),
+        (["parallel.pipeline_stages=2", "distill.onpolicy.method=gkd"], "not with on-policy training"),
+    ],
+)
+def test_pipeline_recipes_are_checked_without_weights(overrides, expected):
+    with pytest.raises(RecipeError) as err:
+        load_recipe("kd_tiny", overrides)
+    assert expected in str(err.value)
+
+
+def test_more_pipeline_stages_than_blocks_is_an_error_before_loading():
+    from workbench.train import validate
+
+    with pytest.raises(RecipeError, match="5 stages for a student of 4 blocks"):
+        validate(load_recipe("kd_tiny", ["parallel.pipeline_stages=5", "parallel.pipeline_microbatches=4"]))

@@ -169,6 +169,57 @@ def test_gradient_compression_trains_and_sends_less(tmp_path, hook, ratio):
     assert packed["student_val_ppl"] < 1.25 * plain["student_val_ppl"]
 
 
+# --------------------------------------------------------------------------------------------- pipeline
+
+
+def test_pipeline_two_stages_match_one_process_resume_and_save_a_plain_model(tmp_path, tiny_teacher, single):
+    """GPipe over 2 gloo processes (1 block each, 2 micro-batches of 2): the losses, gradient norms and
+    validation perplexity of one process with micro-batch 4; resumes exactly; the stages' shards make one
+    checkpoint that plain transformers loads, with the weights one process trained."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    args = [*_kd_args(tiny_teacher), "parallel.pipeline_stages=2", "parallel.pipeline_microbatches=2"]
+    full = tmp_path / "full"
+    metrics = _launch("cpu2_pipeline", full, *args)
+    _match(single[0], full, rel=1e-5)
+    norms = lambda out: {r["step"]: r["grad_norm"] for r in trainer.read_metrics(out) if "grad_norm" in r}  # noqa: E731
+    assert norms(full) == pytest.approx(norms(single[0]), rel=1e-5)
+    assert metrics["student_val_ppl"] == pytest.approx(single[1]["student_val_ppl"], rel=1e-5)
+    assert metrics["teacher_val_ppl"] == pytest.approx(single[1]["teacher_val_ppl"], rel=1e-6)
+    rec = _record(full, "parallel/bubble_fraction")
+    assert len(rec["parallel/stage_busy_fraction"]) == 2 and 0 < rec["parallel/bubble_fraction"] < 1
+    assert rec["parallel/gpipe_bubble_bound"] == pytest.approx(1 / 3)
+
+    model = AutoModelForCausalLM.from_pretrained(full / "model")  # two shards + index, tied embedding
+    want = load_file(single[0] / "model" / "model.safetensors")
+    got = model.state_dict()
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-5)
+    assert got["lm_head.weight"].data_ptr() == got["model.embed_tokens.weight"].data_ptr()
+
+    _resume_from_step_3("cpu2_pipeline", full, tmp_path / "cut", args)
+
+
+def test_pipeline_from_the_teacher_cache_with_four_microbatches(tmp_path, tiny_teacher, accelerator):
+    """The last stage reads the top-k cache (full k: the dense loss) by each micro-batch's block indices:
+    the same losses as one process reading it."""
+    cache = ["distill.teacher_cache={top_k: 319, dtype: float32}", "train.eval_every=0"]
+    ref = tmp_path / "single"
+    run(fast_recipe("kd_tiny", ref, *_kd_args(tiny_teacher), *cache), accelerator)
+    _launch("cpu2_pipeline", tmp_path / "pp", *_kd_args(tiny_teacher), *cache, "parallel.pipeline_stages=2",
+            "parallel.pipeline_microbatches=4")
+    _match(ref, tmp_path / "pp", rel=1e-5)
+
+
+def test_pipeline_needs_one_process_per_stage(tmp_path, tiny_teacher, accelerator):
+    from workbench.config import RecipeError
+
+    with pytest.raises(RecipeError, match="launch exactly 2 processes, one per stage"):
+        run(fast_recipe("kd_tiny", tmp_path, *_kd_args(tiny_teacher), "parallel.pipeline_stages=2"), accelerator)
+
+
 # --------------------------------------------------------------------------------------------- launch configs
 
 

@@ -481,10 +481,18 @@ class ParallelConfig:
     """PowerSGD matrix approximation rank."""
     powersgd_warmup_steps: int = 10
     """Uncompressed all-reduce for the first steps (PowerSGD's start_powerSGD_iter, at least 2)."""
+    pipeline_stages: int = 1
+    """Pipeline parallelism: split the student's blocks over this many processes, one stage each (launch
+    exactly that many; launch_scripts/accelerate/pipeline.yaml). 1: no pipeline."""
+    pipeline_microbatches: int = 4
+    """GPipe micro-batches per step (with pipeline_stages > 1): the step's micro_batch_size x grad_accum_steps
+    sequences are split into this many; the idle share of each stage is about (N - 1) / (M + N - 1)."""
 
     def __post_init__(self) -> None:
         _check(self.powersgd_rank >= 1, "powersgd_rank", "must be >= 1")
         _check(self.powersgd_warmup_steps >= 0, "powersgd_warmup_steps", "must be >= 0")
+        _check(self.pipeline_stages >= 1, "pipeline_stages", "must be >= 1")
+        _check(self.pipeline_microbatches >= 1, "pipeline_microbatches", "must be >= 1")
 
 
 @dataclass
@@ -634,6 +642,30 @@ class Recipe:
                               "teacher.name_or_path or teacher.recipe")
         if self.teacher is not None and self.teacher.prune is not None:
             raise RecipeError("teacher.prune: only a student is made by pruning")
+        if self.parallel.pipeline_stages > 1:
+            self._check_pipeline()
+
+    def _check_pipeline(self) -> None:
+        par, train = self.parallel, self.train
+        per_step = train.micro_batch_size * train.grad_accum_steps
+        if per_step % par.pipeline_microbatches:
+            raise RecipeError(f"parallel.pipeline_microbatches: {par.pipeline_microbatches} does not divide the step's "
+                              f"{per_step} sequences (train.micro_batch_size x train.grad_accum_steps)")
+        terms = self.distill.losses
+        what = [w for w, on in (
+            ("several teachers", bool(self.teachers)),
+            ("hidden-state and attention losses", any(t.name in FEATURE_LOSSES for t in terms)),
+            ("cross-tokenizer losses", any(t.name in CROSS_TOKENIZER_LOSSES for t in terms)),
+            ("on-policy training", self.distill.onpolicy.method != "off"),
+            ("an adapter or a quantised student", self.student.adapter.method != "none" or self.student.quantized),
+            ("packed documents kept apart (data.separate_documents)", self.data.separate_documents is True
+             or (self.data.separate_documents is None and self.data.format in ("chat", "prompt_completion"))),
+            ("parallel.teacher ZeRO-3 placement", par.teacher != "replicated"),
+            ("parallel.comm_hook", par.comm_hook != "none"),
+            ("gradient checkpointing", train.gradient_checkpointing)) if on]
+        if what:
+            raise RecipeError(f"parallel.pipeline_stages: pipeline stages train full-weight students on logit losses "
+                              f"(divergences, cross-entropy), live teacher or top-k cache; not with {', '.join(what)}")
 
     def _check_teachers(self) -> None:
         n = len(self.teachers)

@@ -134,6 +134,10 @@ def validate(recipe: Recipe, _chain: tuple[str, ...] = ()) -> None:
 
         read_task_file(recipe.eval.task_file)  # its lines checked now, not after training
     _validate_layer_maps(recipe)
+    if recipe.parallel.pipeline_stages > 1 and models.num_layers(recipe.student) is not None:
+        from workbench.pipeline import stage_layers
+
+        stage_layers(models.num_layers(recipe.student), recipe.parallel.pipeline_stages)
     if recipe.student.tiny and recipe.train.mixed_precision == "fp16" and recipe.student.dtype != "float32":
         raise RecipeError("student.dtype: fp16 mixed precision needs float32 master weights")
 
@@ -209,6 +213,10 @@ def _run(recipe: Recipe, accelerator) -> dict:
     from workbench.distributed import unpartitioned_loading
 
     out = recipe.output_dir
+    if recipe.parallel.pipeline_stages > 1:  # before anything loads
+        from workbench.pipeline import check_launch
+
+        check_launch(recipe, accelerator)
     done = _finished_metrics(recipe)
     if done is not None:
         log.info("%s: already trained to step %d in %s; reusing it", recipe.name, done["step"], out)
@@ -308,7 +316,13 @@ def _run(recipe: Recipe, accelerator) -> dict:
             src.cache, cached_teacher_ppl = _teacher_cache(recipe, spec, src.model, packed, src.kd_vocab, accelerator,
                                                            terms)
         src.model = None  # trained from the cache (and, across tokenizers, the teacher's tokenizer) alone
-    if len(sources) > 1:
+    if recipe.parallel.pipeline_stages > 1:
+        from workbench import pipeline as PP
+
+        teacher, cache = (sources[0].model, sources[0].cache) if sources else (None, None)
+        result = PP.train(recipe, accelerator, student, tokenizer, packed, teacher=teacher, kd_vocab=kd_vocab,
+                          teacher_cache=cache)
+    elif len(sources) > 1:
         result = T.train(recipe, accelerator, student, tokenizer, packed, teachers=sources)
     else:
         teacher, cache = (sources[0].model, sources[0].cache) if sources else (None, None)
