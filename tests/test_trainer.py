@@ -558,3 +558,21 @@ def test_the_parts_of_a_step_are_labelled_for_the_profiler(tmp_path, tiny_teache
     assert set(t["parts_s"]) == set(PARTS) and all(v > 0 for v in t["parts_s"].values())
     assert sum(t["parts_s"].values()) <= t["step_s"] * 1.02
     assert len(clock.stamps) == 4 and t["top_ops"]
+
+
+def test_compiled_training_step_gives_the_eager_losses(tmp_path, tiny_teacher, accelerator):
+    """train.compile: the student's decoder and the chunked logit loss run compiled (graphs were built)
+    and the losses, gradient norms and validation perplexity are the eager run's."""
+    from torch._dynamo.utils import counters
+
+    args = ("train.max_steps=3", "train.eval_every=0", "train.checkpoint_every=0")
+    run(_kd(tmp_path / "eager", tiny_teacher, *args), accelerator)
+    before = counters["stats"]["unique_graphs"]
+    compiled = run(_kd(tmp_path / "compiled", tiny_teacher, *args, "train.compile=true"), accelerator)
+    assert counters["stats"]["unique_graphs"] > before  # something was compiled
+    eager = json.loads((tmp_path / "eager" / "final_metrics.json").read_text())
+    assert compiled["student_val_ppl"] == pytest.approx(eager["student_val_ppl"], rel=1e-4)
+    for key in ("train/loss", "grad_norm"):
+        a = [r[key] for r in trainer.read_metrics(tmp_path / "eager") if key in r]
+        b = [r[key] for r in trainer.read_metrics(tmp_path / "compiled") if key in r]
+        assert len(a) == 3 and b == pytest.approx(a, rel=1e-4), key

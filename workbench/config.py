@@ -259,6 +259,9 @@ class TrainConfig:
     """Autocast precision (accelerate)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    compile: bool = False
+    """torch.compile the training step: the student's decoder (forward and, through AOTAutograd, backward)
+    and the logit loss applied to each chunk of rows; compiled once per shape at the first steps."""
     seed: int = 0
     """Seeds model init, data order and every RNG."""
     log_every: int = 10
@@ -644,6 +647,9 @@ class Recipe:
             raise RecipeError("teacher.prune: only a student is made by pruning")
         if self.parallel.pipeline_stages > 1:
             self._check_pipeline()
+        if self.train.compile and any(t.name.startswith("attention") for t in self.distill.losses):
+            raise RecipeError("train.compile: attention losses record maps from an eager attention as it runs; "
+                              "train them without compile")
 
     def _check_pipeline(self) -> None:
         par, train = self.parallel, self.train
@@ -756,7 +762,8 @@ def yaml_load(text: str):
 
 
 _FINGERPRINT_VERSION = 1
-_BOOKKEEPING = ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints")
+# bookkeeping, and how the same arithmetic is executed (compiled or eager), do not change the trained weights
+_BOOKKEEPING = ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "compile")
 
 
 def _non_default(obj) -> dict[str, Any]:

@@ -161,10 +161,10 @@ class _Busy:
     from the schedule's calls on the stage; the rest of a step is waiting for the neighbours: the
     pipeline's bubble (and the sends)."""
 
-    def __init__(self, stage):
+    def __init__(self, stage, schedule):
         self.seconds = 0.0
-        for name in ("forward_one_chunk", "backward_one_chunk"):
-            setattr(stage, name, self._timed(getattr(stage, name)))
+        for obj, name in ((stage, "forward_one_chunk"), (stage, "backward_one_chunk"), (schedule, "_maybe_compute_loss")):
+            setattr(obj, name, self._timed(getattr(obj, name)))
 
     def _timed(self, fn):
         def run(*args, **kwargs):
@@ -225,7 +225,7 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
                          output_args=(hidden,))
     # every stage gets the loss: a schedule without one runs forward only (only the last stage calls it)
     schedule = ScheduleGPipe(pipe, M, loss_fn=loss, scale_grads=False)
-    busy = _Busy(pipe)
+    busy = _Busy(pipe, schedule)
     tied_group = torch.distributed.new_group([0, last_rank]) if stage.config.tie_word_embeddings else None
 
     optimizer = dist.make_optimizer(T._param_groups(stage, cfg.weight_decay), cfg, accelerator)

@@ -172,6 +172,11 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
     model = DistillationModel(student, objective, rollout, dcfg.fused)
     if cfg.gradient_checkpointing:  # non-reentrant: frozen (e.g. 4-bit) inputs still pass gradients to adapters
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile:
+        if dist.zero_stage(accelerator) == 3:
+            raise RecipeError("train.compile: a ZeRO-3 student gathers its parameters in hooks torch.compile does not "
+                              "trace here; compile with DDP, ZeRO-1/2 or one process")
+        compile_step(student, objective)
     dist.prepare_deepspeed(accelerator, recipe, student.config.hidden_size)
     optimizer = dist.make_optimizer(_param_groups(model, cfg.weight_decay), cfg, accelerator)
     scheduler = _schedule(optimizer, cfg)
@@ -358,6 +363,17 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
     metrics.close()
     save_final_model(accelerator, model, tokenizer, out / "model")
     return TrainResult(state["step"], False, final)
+
+
+def compile_step(student, objective: Objective) -> None:
+    """torch.compile, in place (parameter names, hence checkpoints, unchanged): the student's decoder body
+    (its backward compiled with it by AOTAutograd) and each logit loss on a chunk of rows. The output layer
+    stays eager: the fused losses take its input through a hook and apply it chunk by chunk, which is the
+    loop the per-chunk loss graphs run in."""
+    decoder = student.get_decoder()
+    decoder.compile(dynamic=False)
+    for module in objective._logit_modules:
+        module.compile(dynamic=False)
 
 
 def visited_blocks(cfg, n_train: int, world: int) -> np.ndarray:
