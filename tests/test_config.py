@@ -285,3 +285,13 @@ def test_more_pipeline_stages_than_blocks_is_an_error_before_loading():
 
     with pytest.raises(RecipeError, match="5 stages for a student of 4 blocks"):
         validate(load_recipe("kd_tiny", ["parallel.pipeline_stages=5", "parallel.pipeline_microbatches=4"]))
+
+
+def test_attention_losses_name_the_attention_they_need():
+    with pytest.raises(RecipeError, match="student.attn_implementation: .*flash_attention_2 never forms; set it to eager"):
+        load_recipe("kd_tiny_hidden_attn", ["student.attn_implementation=flash_attention_2"])
+    with pytest.raises(RecipeError, match="teacher.attn_implementation"):
+        load_recipe("kd_tiny_hidden_attn", ["teacher.attn_implementation=flash_attention_2"])
+    load_recipe("kd_tiny_hidden_attn", ["student.attn_implementation=eager"])
+    with pytest.raises(RecipeError, match="train.compile: attention losses"):
+        load_recipe("kd_tiny_hidden_attn", ["train.compile=true"])

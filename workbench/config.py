@@ -647,7 +647,13 @@ class Recipe:
             raise RecipeError("teacher.prune: only a student is made by pruning")
         if self.parallel.pipeline_stages > 1:
             self._check_pipeline()
-        if self.train.compile and any(t.name.startswith("attention") for t in self.distill.losses):
+        attention = sorted({t.name for t in self.distill.losses if t.name.startswith("attention")})
+        for role, spec in (("student", self.student), ("teacher", self.teacher)):
+            if attention and spec is not None and spec.attn_implementation == "flash_attention_2":
+                raise RecipeError(f"{role}.attn_implementation: {attention} compare attention probabilities, which "
+                                  "flash_attention_2 never forms; set it to eager (sdpa is replaced by workbench's "
+                                  "recording eager attention for the run)")
+        if self.train.compile and attention:
             raise RecipeError("train.compile: attention losses record maps from an eager attention as it runs; "
                               "train them without compile")
 
