@@ -27,7 +27,7 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(config: str, out, *overrides, recipe="kd_tiny", timeout=900):
+def _launch(config: str, out, *overrides, recipe="kd_tiny", timeout=900, with_log=False):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            f"launch_scripts/accelerate/{config}.yaml", "--main_process_port", str(_port()),
@@ -37,7 +37,8 @@ def _launch(config: str, out, *overrides, recipe="kd_tiny", timeout=900):
     # a library's warning shows once per run, not once per collective (ZeRO-3 made 1,444 lines of them)
     said = [line[line.index("Warning: "):] for line in (done.stdout + done.stderr).splitlines() if "Warning: " in line]
     assert len(said) == len(set(said)), sorted(said)[:5]
-    return json.loads((out / "final_metrics.json").read_text())
+    metrics = json.loads((out / "final_metrics.json").read_text())
+    return (metrics, done.stdout + done.stderr) if with_log else metrics
 
 
 def _losses(out):
@@ -182,7 +183,8 @@ def test_pipeline_two_stages_match_one_process_resume_and_save_a_plain_model(tmp
 
     args = [*_kd_args(tiny_teacher), "parallel.pipeline_stages=2", "parallel.pipeline_microbatches=2"]
     full = tmp_path / "full"
-    metrics = _launch("cpu2_pipeline", full, *args)
+    metrics, said = _launch("cpu2_pipeline", full, *args, with_log=True)
+    assert "teacher: loaded by the last pipeline stage (process 1) alone" in said
     _match(single[0], full, rel=1e-5)
     norms = lambda out: {r["step"]: r["grad_norm"] for r in trainer.read_metrics(out) if "grad_norm" in r}  # noqa: E731
     assert norms(full) == pytest.approx(norms(single[0]), rel=1e-5)
@@ -211,6 +213,20 @@ def test_pipeline_from_the_teacher_cache_with_four_microbatches(tmp_path, tiny_t
     _launch("cpu2_pipeline", tmp_path / "pp", *_kd_args(tiny_teacher), *cache, "parallel.pipeline_stages=2",
             "parallel.pipeline_microbatches=4")
     _match(ref, tmp_path / "pp", rel=1e-5)
+
+
+def test_pipeline_teacher_is_loaded_by_the_last_stage_and_its_errors_stop_every_stage(tmp_path, tiny_teacher):
+    """Another tokenizer than the teacher's (vocabulary 300 against 320): the last stage, the only one that
+    loads the teacher, finds it; both processes stop with the one error line, none waits forever."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch_scripts/accelerate/cpu2_pipeline.yaml",
+           "--main_process_port", str(_port()), "workbench/train.py", "recipe=kd_tiny", *FAST, f"output.dir={tmp_path}",
+           *_kd_args(tiny_teacher), "parallel.pipeline_stages=2", "data.tokenizer=bpe", "data.vocab_size=300"]
+    done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "tokenizer" in errors[0], done.stderr[-3000:]
+    assert "]: Traceback" not in done.stderr  # no process raised (the launcher reports the exit code its own way)
 
 
 def test_pipeline_needs_one_process_per_stage(tmp_path, tiny_teacher, accelerator):

@@ -390,11 +390,35 @@ def _load_teacher(recipe, i: int, spec, tokenizer, student, packed, accelerator)
             if src.cache is not None:  # complete: the model is never loaded
                 log.info("%s: trained from its cache alone (the model is not loaded)", role)
                 return src
+    if recipe.parallel.pipeline_stages > 1 and not recipe.distill.teacher_cache.top_k:
+        return _last_stage_teacher(recipe, spec, role, tokenizer, teacher_tok, student, src, accelerator)
     with unpartitioned_loading():  # placed (replicated or partitioned) by the trainer
         src.model = M.load_model(spec, tokenizer, role, seed=recipe.train.seed, device=accelerator.device)
     if src.cross is None:
         src.kd_vocab = M.check_same_vocabulary(teacher_tok, tokenizer, src.model, student)
     log.info("%s: %.2fM parameters", role, M.count_parameters(src.model) / 1e6)
+    return src
+
+
+def _last_stage_teacher(recipe, spec, role, tokenizer, teacher_tok, student, src, accelerator):
+    """Under pipeline stages the last one alone computes the loss, so it alone loads the teacher; its
+    vocabulary check (or any loading error) reaches every stage, so all stop alike."""
+    from accelerate.utils import broadcast_object_list
+
+    from workbench import models as M
+
+    last = accelerator.num_processes - 1
+    found = [None, None]  # kd_vocab, error
+    if accelerator.process_index == last:
+        try:
+            src.model = M.load_model(spec, tokenizer, role, seed=recipe.train.seed, device=accelerator.device)
+            found[0] = M.check_same_vocabulary(teacher_tok, tokenizer, src.model, student)
+        except WorkbenchError as e:
+            found[1] = str(e)
+    src.kd_vocab, error = broadcast_object_list(found, from_process=last)
+    if error:
+        raise RecipeError(error)
+    log.info("%s: loaded by the last pipeline stage (process %d) alone", role, last)
     return src
 
 

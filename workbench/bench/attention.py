@@ -6,9 +6,9 @@ tokens (batch 1).
     python -m workbench.bench.attention                  # appends to BENCHMARKS.md
     python -m workbench.bench.attention --models tiny --lengths 256 --no-record
 
-Each measurement runs in its own process: on a CPU the peak resident set cannot be reset, so the memory
-column is that process's peak RSS minus its RSS with the model loaded (the activations, attention
-matrices and gradients the pass holds).
+Each measurement runs in its own process; the memory column is its peak resident set during the passes
+(reset after loading, Linux's clear_refs) minus its resident set with the model loaded: the activations,
+attention matrices and gradients the passes hold.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -26,12 +25,19 @@ from workbench.bench import _report
 IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 
 
-def _rss_mib() -> float:
+def _status_mib(key: str) -> float:
+    """VmRSS (resident now) or VmHWM (peak resident since the last reset) of this process, in MiB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _reset_peak() -> None:
+    """Linux: writing 5 to clear_refs resets the peak resident set (VmHWM) to the current one."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def _one(path: str, impl: str, T: int, reps: int) -> dict:
@@ -41,7 +47,8 @@ def _one(path: str, impl: str, T: int, reps: int) -> dict:
 
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl, dtype=torch.float32)
     ids = torch.randint(0, model.config.vocab_size, (1, T))
-    base = _rss_mib()
+    base = _status_mib("VmRSS")
+    _reset_peak()  # the peak of loading the model does not count
     model.eval()
     with torch.no_grad():
         model(input_ids=ids)  # warm-up
@@ -57,7 +64,7 @@ def _one(path: str, impl: str, T: int, reps: int) -> dict:
         model(input_ids=ids, labels=ids).loss.backward()
         model.zero_grad(set_to_none=True)
     train = (time.perf_counter() - t) / reps
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mib("VmHWM")
     return {"forward_tok_s": T / fwd, "train_tok_s": T / train, "extra_mib": peak - base}
 
 
@@ -114,7 +121,7 @@ def main(argv=None) -> int:
                 rows.append((name, T, impl, json.loads(done.stdout.strip().splitlines()[-1])))
     lines = [f"### Attention implementations, batch 1 ({time.strftime('%Y-%m-%d')})", "",
              f"Machine: {_report.machine()}. fp32, mean of {args.reps} passes after one warm-up; training = "
-             "forward + backward of the cross-entropy; memory = the process's peak RSS over the loaded model.", "",
+             "forward + backward of the cross-entropy; memory = the passes' peak RSS over the loaded model's.", "",
              "| model | tokens | attention | forward tokens/s | training tokens/s | vs eager (train) | peak extra MiB |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     eager = {(n, T): r for n, T, impl, r in rows if impl == "eager"}
