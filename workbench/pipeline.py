@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from workbench import distributed as dist
 from workbench.config import Recipe, RecipeError
 from workbench.data import PackedData, make_batch, mask_labels, stream_indices
-from workbench.losses import LogitObjective, ModelOutputs, Objective, shift_labels
+from workbench.losses import ModelOutputs, Objective, shift_labels
 from workbench.models import forward_for_losses
 
 log = logging.getLogger(__name__)
