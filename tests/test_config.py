@@ -285,6 +285,13 @@ def test_more_pipeline_stages_than_blocks_is_an_error_before_loading():
 
     with pytest.raises(RecipeError, match="5 stages for a student of 4 blocks"):
         validate(load_recipe("kd_tiny", ["parallel.pipeline_stages=5", "parallel.pipeline_microbatches=4"]))
+    with pytest.raises(RecipeError, match=r"pipeline_blocks: \[2, 1\] sum to 3, but the student has 4 blocks"):
+        validate(load_recipe("kd_tiny", ["parallel.pipeline_stages=2", "parallel.pipeline_blocks=[2, 1]"]))
+    with pytest.raises(RecipeError, match="pipeline_blocks: one count >= 1 per stage"):
+        load_recipe("kd_tiny", ["parallel.pipeline_stages=2", "parallel.pipeline_blocks=[4]"])
+    from workbench.pipeline import stage_layers
+
+    assert stage_layers(6, 2, [4, 2]) == [range(0, 4), range(4, 6)] and stage_layers(5, 2) == [range(0, 3), range(3, 5)]
 
 
 def test_attention_losses_name_the_attention_they_need():

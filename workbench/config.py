@@ -490,12 +490,18 @@ class ParallelConfig:
     pipeline_microbatches: int = 4
     """GPipe micro-batches per step (with pipeline_stages > 1): the step's micro_batch_size x grad_accum_steps
     sequences are split into this many; the idle share of each stage is about (N - 1) / (M + N - 1)."""
+    pipeline_blocks: Optional[list[int]] = None
+    """Decoder blocks per stage, first to last (they sum to the student's blocks); null: as even as the
+    count allows. Give the last stage fewer when its output layer and loss are costly (a large vocabulary)."""
 
     def __post_init__(self) -> None:
         _check(self.powersgd_rank >= 1, "powersgd_rank", "must be >= 1")
         _check(self.powersgd_warmup_steps >= 0, "powersgd_warmup_steps", "must be >= 0")
         _check(self.pipeline_stages >= 1, "pipeline_stages", "must be >= 1")
         _check(self.pipeline_microbatches >= 1, "pipeline_microbatches", "must be >= 1")
+        if self.pipeline_blocks is not None:
+            _check(len(self.pipeline_blocks) == self.pipeline_stages and min(self.pipeline_blocks) >= 1,
+                   "pipeline_blocks", f"one count >= 1 per stage ({self.pipeline_stages} stages)")
 
 
 @dataclass

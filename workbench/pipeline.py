@@ -41,13 +41,17 @@ log = logging.getLogger(__name__)
 _SHARDS = "model-{:05d}-of-{:05d}.safetensors"
 
 
-def stage_layers(n_layers: int, stages: int) -> list[range]:
-    """The decoder blocks of each stage: contiguous, as even as the count allows (earlier stages get the
-    extra block: the last one also runs the output layer and the loss)."""
+def stage_layers(n_layers: int, stages: int, blocks: list[int] | None = None) -> list[range]:
+    """The decoder blocks of each stage: contiguous; `blocks` per stage, or as even as the count allows
+    (earlier stages get the extra block: the last one also runs the output layer and the loss)."""
     if stages > n_layers:
         raise RecipeError(f"parallel.pipeline_stages: {stages} stages for a student of {n_layers} blocks; each "
                           "stage needs at least one")
-    cuts = np.cumsum([0] + [n_layers // stages + (i < n_layers % stages) for i in range(stages)])
+    if blocks is not None and sum(blocks) != n_layers:
+        raise RecipeError(f"parallel.pipeline_blocks: {list(blocks)} sum to {sum(blocks)}, but the student has "
+                          f"{n_layers} blocks")
+    counts = blocks or [n_layers // stages + (i < n_layers % stages) for i in range(stages)]
+    cuts = np.cumsum([0] + list(counts))
     return [range(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
@@ -204,7 +208,7 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
     out = recipe.output_dir
     rank, n_stages, device = accelerator.process_index, par.pipeline_stages, accelerator.device
     last_rank = n_stages - 1
-    layers = stage_layers(student.config.num_hidden_layers, n_stages)
+    layers = stage_layers(student.config.num_hidden_layers, n_stages, par.pipeline_blocks)
     stage = Stage(student, rank, n_stages, layers[rank], accelerator.autocast).to(device)
     del student  # the other stages' blocks go with it
     if not stage.last:

@@ -137,7 +137,7 @@ def validate(recipe: Recipe, _chain: tuple[str, ...] = ()) -> None:
     if recipe.parallel.pipeline_stages > 1 and models.num_layers(recipe.student) is not None:
         from workbench.pipeline import stage_layers
 
-        stage_layers(models.num_layers(recipe.student), recipe.parallel.pipeline_stages)
+        stage_layers(models.num_layers(recipe.student), recipe.parallel.pipeline_stages, recipe.parallel.pipeline_blocks)
     if recipe.student.tiny and recipe.train.mixed_precision == "fp16" and recipe.student.dtype != "float32":
         raise RecipeError("student.dtype: fp16 mixed precision needs float32 master weights")
 

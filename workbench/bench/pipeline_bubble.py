@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--microbatches", default="1,2,4,8")
     ap.add_argument("--student", default="llama-teacher-5m", help="a tiny config (workbench.models.TINY_CONFIGS)")
+    ap.add_argument("--blocks", default=None, help="blocks per stage, e.g. 4,2 (default: even)")
     ap.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     args = ap.parse_args(argv)
     common = [f"train.max_steps={args.steps}", "train.micro_batch_size=8", "train.warmup_steps=2", "train.log_every=5",
@@ -43,7 +44,8 @@ def main(argv=None) -> int:
     rows = []
     for M in [int(m) for m in args.microbatches.split(",")]:
         out = root / f"m{M}"
-        _report.launch("cpu2_pipeline", "sft_tiny", *common, "parallel.pipeline_stages=2",
+        split = [f"parallel.pipeline_blocks=[{args.blocks}]"] if args.blocks else []
+        _report.launch("cpu2_pipeline", "sft_tiny", *common, "parallel.pipeline_stages=2", *split,
                        f"parallel.pipeline_microbatches={M}", f"output.dir={out}", threads=1)
         tok = _steady(out, "tokens_per_s")
         step = _steady(out, "parallel/step_seconds")
@@ -54,9 +56,10 @@ def main(argv=None) -> int:
     from workbench.models import TINY_CONFIGS
 
     blocks = TINY_CONFIGS[args.student]["num_hidden_layers"]
+    per_stage = args.blocks.split(",") if args.blocks else [str((blocks + 1) // 2), str(blocks // 2)]
     lines = [f"### GPipe pipeline bubble, 2 stages on CPU processes ({time.strftime('%Y-%m-%d')})", "",
              f"Machine: {_report.machine()}. `sft_tiny`, student `{args.student}` ({blocks} blocks, "
-             f"{(blocks + 1) // 2} and {blocks // 2} per stage), "
+             f"{' and '.join(per_stage)} per stage), "
              f"8 x 256 tokens per step, {args.steps} steps (means over the logged windows after the first), "
              "torch.distributed.pipelining ScheduleGPipe over gloo, one thread per process "
              f"(`cpu2_pipeline.yaml`). One process, one thread, same batches: {one:,.0f} tokens/s.", "",
