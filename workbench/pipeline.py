@@ -210,7 +210,7 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
     last_rank = n_stages - 1
     layers = stage_layers(student.config.num_hidden_layers, n_stages, par.pipeline_blocks)
     stage = Stage(student, rank, n_stages, layers[rank], accelerator.autocast).to(device)
-    del student  # the other stages' blocks go with it
+    del student  # (the caller still holds the whole model: every stage loads it whole, then trains its share)
     if not stage.last:
         teacher = None
     elif teacher is not None and teacher_cache is None:
