@@ -31,9 +31,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from workbench import distributed as dist
+from workbench import trainer as T
 from workbench.config import Recipe, RecipeError
 from workbench.data import PackedData, make_batch, mask_labels, stream_indices
-from workbench.losses import ModelOutputs, Objective, shift_labels
+from workbench.losses import ModelOutputs, Objective, logit_loss_on, shift_labels
 from workbench.models import forward_for_losses
 
 log = logging.getLogger(__name__)
@@ -143,10 +144,7 @@ class _LastStageLoss:
         out = ModelOutputs(final_hidden=hidden, head_weight=head.weight, head_bias=head.bias)
         rows = {"labels": labels}
         if self.eval:
-            from workbench.losses import logit_loss_on
-            from workbench.trainer import _CE
-
-            total, _ = logit_loss_on(_CE, out, None, rows)
+            total, _ = logit_loss_on(T._CE, out, None, rows)
             self.sums.append(total.detach().reshape(1))
             return total
         teacher = None
@@ -198,8 +196,6 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
     trainer.TrainResult like trainer.train (metrics on every process)."""
     from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
-    from workbench import trainer as T
-
     check_launch(recipe, accelerator)
     if getattr(data.train, "positions", None) is not None:
         raise RecipeError("parallel.pipeline_stages: packed documents kept apart (restarting positions) do not pass "
@@ -222,8 +218,7 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
     # shapes given, not inferred: torch's runtime inference would run the loss (a teacher forward) once more
     # at the first step and again at every switch between training and evaluation
     mb, H = per_step // M, stage.config.hidden_size
-    dtype = stage.blocks[0].input_layernorm.weight.dtype if hasattr(stage.blocks[0], "input_layernorm") else torch.float32
-    hidden = torch.empty(mb, data.seq_len, H, dtype=dtype, device="meta", requires_grad=True)  # (gradients flow back)
+    hidden = torch.empty(mb, data.seq_len, H, dtype=next(stage.blocks.parameters()).dtype, device="meta", requires_grad=True)  # (gradients flow back)
     ids_meta = torch.empty(mb, data.seq_len, dtype=torch.long, device="meta")
     pipe = PipelineStage(stage, rank, n_stages, device, input_args=(ids_meta,) if stage.first else (hidden,),
                          output_args=(hidden,))
@@ -305,9 +300,7 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
 
             last = step == cfg.max_steps
             if step % cfg.log_every == 0 or last:
-                flags = _all_sum([float(bad)])
-                if flags[0]:
-                    T._diverged(f"non-finite loss or gradient norm at or before step {step}", out)
+                T._check_finite(torch.tensor(bad), accelerator, step, out)
                 sums = _from_last(torch.cat([run_sums, torch.tensor([run_tokens])]) if stage.last else None, last_rank)
                 tokens = max(float(sums[-1]), 1.0)
                 fractions = _gather_floats(busy_s / max(wall_s, 1e-9))
@@ -332,7 +325,7 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
             stop = stopper.agreed(accelerator, step, cfg.log_every)
             state["elapsed"] = time.perf_counter() - t_start
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (stop and not last):
-                _check_weights(stage, step, out)
+                T._check_finite(torch.tensor(False), accelerator, step, out, stage)  # never save a poisoned model
                 extra = {f"stage_{rank}.pt": {"model": stage.state_dict(), "optimizer": optimizer.state_dict(),
                                               "scheduler": scheduler.state_dict()}}
                 T.save_checkpoint(accelerator, out, state, cfg.keep_checkpoints, extra, student_files=(stage, tokenizer))
@@ -344,14 +337,13 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
         log.warning("interrupted at step %d; checkpoint saved in %s; rerun with resume=true", state["step"], out)
         metrics.close()
         return T.TrainResult(state["step"], True, {})
-    _check_weights(stage, state["step"], out)
+    T._check_finite(torch.tensor(False), accelerator, state["step"], out, stage)
     student_ppl = _val_ppl(schedule, stage, loss, data, per_step, 0, device, last_rank)
     if not math.isfinite(student_ppl):
         T._diverged(f"the validation perplexity after step {state['step']} is {student_ppl}", out)
     final = {
         "recipe": recipe.name, "step": state["step"], "student_val_ppl": student_ppl, "teacher_val_ppl": teacher_ppl,
-        "train_tokens": state["tokens"], "val_tokens": _val_tokens(data),
-        "data_key": data.key, "val_key": data.val.fingerprint() if hasattr(data.val, "fingerprint") else None,
+        "train_tokens": state["tokens"], **T.validation_identity(data),
         "train_seconds": round(state["elapsed"], 1), "pipeline_stages": n_stages, "pipeline_microbatches": M,
         **T._peak_memory(device),
     }
@@ -382,12 +374,6 @@ def _from_last(value, last_rank: int):
     box = [value]
     torch.distributed.broadcast_object_list(box, src=last_rank)
     return box[0]
-
-
-def _all_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return t.tolist()
 
 
 def _gather_floats(x: float) -> list[float]:
@@ -425,19 +411,6 @@ def _clip(stage: Stage, max_norm: float) -> float:
         if coef < 1.0:
             torch._foreach_mul_(all_grads, coef)
     return norm
-
-
-def _check_weights(stage: Stage, step: int, out: Path) -> None:
-    from workbench import trainer as T
-
-    bad = _all_sum([float(T._nonfinite_weights(stage, torch.device("cpu")))])[0]
-    if bad:
-        T._diverged(f"non-finite weights at or before step {step}", out)
-
-
-def _val_tokens(data) -> int:
-    targets = getattr(data.val, "targets", None)
-    return int(targets.sum()) if targets is not None else int(data.val.size)
 
 
 @torch.no_grad()
@@ -508,8 +481,6 @@ def save_sharded(stage: Stage, tokenizer, path: Path, accelerator) -> None:
 
 def _resume(out: Path, rank: int, stage: Stage, optimizer, scheduler) -> dict | None:
     """The newest checkpoint whose files for this stage load (every stage agrees on the same one)."""
-    from workbench import trainer as T
-
     found = T.checkpoints(out)
     ok = []
     for ckpt in found:

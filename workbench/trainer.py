@@ -353,9 +353,7 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
         "student_val_ppl": student_ppl,
         "teacher_val_ppl": teacher_ppl,
         "train_tokens": state["tokens"],
-        "val_tokens": int(data.val.targets.sum()) if getattr(data.val, "targets", None) is not None else int(data.val.size),
-        "data_key": data.key,
-        "val_key": data.val.fingerprint() if isinstance(data.val, Blocks) else None,
+        **validation_identity(data),
         "train_seconds": round(state["elapsed"], 1),
         **_peak_memory(accelerator.device),
     }
@@ -452,6 +450,14 @@ def _normalised(run_sums, run_tokens, accelerator) -> dict[str, float]:
         else:
             rec[f"train/{name}"] = value
     return {"train/loss": total, **rec}
+
+
+def validation_identity(data: PackedData) -> dict:
+    """What the final metrics say of the data: the validation tokens scored, and the keys of the training
+    data and of the validation blocks (the report checks that runs it compares saw the same)."""
+    targets = getattr(data.val, "targets", None)
+    return {"val_tokens": int(targets.sum()) if targets is not None else int(data.val.size), "data_key": data.key,
+            "val_key": data.val.fingerprint() if isinstance(data.val, Blocks) else None}
 
 
 def _check_finite(bad: torch.Tensor, accelerator, step: int, out: Path, model=None) -> None:
