@@ -9,7 +9,9 @@
 cached first if needed; the default is recipe:pretrain_tiny_teacher). --draft is a model directory, or a
 peft adapter directory (loaded unmerged over its base; --merge merges it). --compare also decodes with the
 teacher alone and prints the speed-up (and, at temperature 0, checks the tokens are identical). --chat
-sends each prompt as a user message in the teacher's chat template.
+sends each prompt as a user message in the teacher's chat template. --compile runs every decoding step
+after the prompt through torch.compile over a static KV cache (as gpt-fast does; same tokens, see BENCHMARKS.md
+for when it pays).
 """
 
 from __future__ import annotations
@@ -92,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draft-vocab-from", metavar="RECIPE", default="kd_tiny",
                     help="recipe whose training data is counted for --draft-vocab (default: %(default)s)")
     ap.add_argument("--compare", action="store_true", help="also decode with the teacher alone")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile both models' decoding steps over a static KV cache (the first batch "
+                         "compiles: worth it for many prompts)")
     ap.add_argument("--json", help="write the statistics to this file")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -177,14 +182,15 @@ def decode_prompts(teacher, draft, tok, prompts, args, draft_len, adaptive, devi
         g = torch.Generator(device=device).manual_seed(args.seed + i)
         out = speculative_generate(teacher, draft, batch.input_ids, args.max_new_tokens,
                                    attention_mask=batch.attention_mask, draft_len=draft_len, adaptive=adaptive,
-                                   max_draft_len=args.max_draft_len, generator=g, **common)
+                                   max_draft_len=args.max_draft_len, generator=g, compile=args.compile, **common)
         runs["speculative"].add(out.stats)
         P = batch.input_ids.shape[1]
         texts += tok.batch_decode(out.sequences[:, P:], skip_special_tokens=True)
         if args.compare:
             alone = target_generate(teacher, batch.input_ids, args.max_new_tokens,
                                     attention_mask=batch.attention_mask,
-                                    generator=torch.Generator(device=device).manual_seed(args.seed + i), **common)
+                                    generator=torch.Generator(device=device).manual_seed(args.seed + i),
+                                    compile=args.compile, **common)
             runs["teacher_alone"].add(alone.stats)
             same = same and torch.equal(alone.sequences, out.sequences)
     for prompt, text in zip(prompts, texts):

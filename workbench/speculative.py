@@ -5,7 +5,8 @@ The acceptance rule is the exact one of Leviathan et al. (2023) and Chen et al. 
 token is distributed exactly as if the target had sampled it alone (greedy: the same tokens as greedy
 decoding of the target). Both models keep KV caches. Batches of any size work (Hugging Face's assisted
 generation refuses batch > 1): rows accept different numbers of drafts, and what a row rejected stays
-in its cache as a masked hole until the cache is compacted.
+in its cache as a masked hole until the cache is compacted. `compile=True` runs both models' decoding
+steps through torch.compile over a static KV cache (as gpt-fast does): see `_StaticKVStream`.
 
     out = speculative_generate(teacher, student, input_ids, 64, draft_len=4)
     out.sequences, out.stats.acceptance_rate, out.stats.tokens_per_target_call
@@ -14,6 +15,7 @@ in its cache as a masked hole until the cache is compacted.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -85,22 +87,24 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
                          attention_mask: torch.Tensor | None = None, draft_len: int = 4, adaptive: bool = False,
                          max_draft_len: int = 12, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                          eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                         generator: torch.Generator | None = None) -> SpecOutput:
+                         generator: torch.Generator | None = None, compile: bool = False) -> SpecOutput:
     """Continue `input_ids` [B, P] (left-padded where `attention_mask` [B, P] has zeros) by up to
     `max_new_tokens` tokens of `target`, drafted `draft_len` at a time by `draft`. temperature 0 is greedy;
     temperature/top_k/top_p shape both models' distributions identically. `adaptive` re-picks the draft
     length after every verification from the measured acceptance rate and draft/target cost. draft=None
     (or draft_len=0) decodes with the target alone. On the CPU, models with SDPA attention run with
-    grouped-query heads handed to torch as they are (see `gqa_sdpa_attention`) while generating."""
+    grouped-query heads handed to torch as they are (see `gqa_sdpa_attention`) while generating.
+    `compile`: every step after each model's first forward runs compiled, on a static cache (the first call
+    per shape compiles; later calls with the same batch size and prompt-length bucket reuse the graphs)."""
     with gqa_sdpa_attention(target, draft):
         return _generate(target, draft, input_ids, max_new_tokens, attention_mask=attention_mask,
                          draft_len=draft_len, adaptive=adaptive, max_draft_len=max_draft_len,
                          temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-                         pad_token_id=pad_token_id, generator=generator)
+                         pad_token_id=pad_token_id, generator=generator, compile=compile)
 
 
 def _generate(target, draft, input_ids, max_new_tokens, *, attention_mask, draft_len, adaptive, max_draft_len,
-              temperature, top_k, top_p, eos_token_id, pad_token_id, generator) -> SpecOutput:
+              temperature, top_k, top_p, eos_token_id, pad_token_id, generator, compile) -> SpecOutput:
     B, P = input_ids.shape
     dev = input_ids.device
     eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
@@ -118,8 +122,17 @@ def _generate(target, draft, input_ids, max_new_tokens, *, attention_mask, draft
     start = clock()
 
     # all but the last prompt token go into each model's first forward (no separate prefill call)
-    tgt = _KVStream(target, input_ids[:, :-1], mask[:, :-1])
-    drf = None if draft is None else _KVStream(draft, input_ids[:, :-1], mask[:, :-1])
+    if compile:
+        k_max = max(draft_len, max_draft_len if adaptive else 0) if draft is not None else 0
+        # the longest a cache gets: prompt + new tokens + one round's drafts and lag; a bucket of 128 so
+        # that prompts of similar length share the compiled graphs
+        max_len = -(-(P + max_new_tokens + k_max + 2) // 128) * 128
+        target_sizes = range(1, k_max + 2) if adaptive else [k_max + 1]
+        tgt = _StaticKVStream(target, input_ids[:, :-1], mask[:, :-1], max_len, target_sizes)
+        drf = None if draft is None else _StaticKVStream(draft, input_ids[:, :-1], mask[:, :-1], max_len, [1, 2])
+    else:
+        tgt = _KVStream(target, input_ids[:, :-1], mask[:, :-1])
+        drf = None if draft is None else _KVStream(draft, input_ids[:, :-1], mask[:, :-1])
     last = input_ids[:, -1:]  # [B, 1] newest token: in neither cache yet
     lag = None  # [B] a draft token the draft model has not seen yet (after a full acceptance), or -1
     rows = torch.arange(B, device=dev)  # batch rows still generating
@@ -298,6 +311,107 @@ class _KVStream:
         self.dense = bool(self.mask.all())
 
 
+class _StaticKVStream:
+    """_KVStream for compiled decoding: the cache is a transformers StaticCache of fixed shape [B, heads,
+    max_len, head_dim] and `mask` [B, max_len] marks its real entries (columns from `self.length` on are
+    free). So that the compiled forward sees few shapes, the first feed runs eagerly (the prompt) and every
+    later one is padded with holes to the smallest of `sizes` that fits (the padding is dropped right
+    after), and rows that finish stay in the batch, fed holes, so the batch size never changes. Rejected
+    entries are dropped by moving the cache's write position back (a trailing crop) or, when every row has
+    holes, by moving each row's real entries left in place, as _KVStream does with its dynamic cache."""
+
+    def __init__(self, model, prefix: torch.Tensor, prefix_mask: torch.Tensor, max_len: int, sizes):
+        from transformers import StaticCache
+
+        if any(getattr(layer, "is_sliding", False) for layer in StaticCache(config=model.config, max_cache_len=1).layers):
+            raise NotImplementedError("compiled speculative decoding needs full attention in every layer")
+        self.model, self.sizes = model, sorted(set(sizes))
+        self.forward = _compiled_forward(model)
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.pending = (prefix, prefix_mask)
+        B = prefix.shape[0]
+        self.mask = torch.zeros(B, max_len, dtype=torch.bool, device=prefix.device)
+        self.length = 0  # columns in use
+        self.alive = torch.arange(B, device=prefix.device)  # the rows the caller still feeds, in its order
+
+    def feed(self, ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        n = ids.shape[1]
+        B, dev = self.mask.shape[0], self.mask.device
+        full_ids = torch.zeros(B, n, dtype=ids.dtype, device=dev)
+        full_valid = torch.zeros(B, n, dtype=torch.bool, device=dev)
+        full_ids[self.alive] = ids
+        full_valid[self.alive] = True if valid is None else valid
+        if self.pending is not None:  # the prompt: eager, its length is the caller's
+            (prefix, prefix_mask), self.pending = self.pending, None
+            full_ids = torch.cat([prefix, full_ids], dim=1)
+            full_valid = torch.cat([prefix_mask, full_valid], dim=1)
+            forward, pad = self.model, 0
+        else:
+            size = next((s for s in self.sizes if s >= n), n)
+            forward, pad = self.forward, size - n
+            full_ids = torch.nn.functional.pad(full_ids, (0, pad))
+            full_valid = torch.nn.functional.pad(full_valid, (0, pad))
+        L, m = self.length, full_ids.shape[1]
+        if L + m > self.mask.shape[1]:
+            raise RuntimeError(f"static KV cache of {self.mask.shape[1]} entries is full")
+        self.mask[:, L : L + m] = full_valid
+        positions = (self.mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, L : L + m]
+        logits = forward(input_ids=full_ids, attention_mask=self.mask, position_ids=positions,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=n + pad).logits
+        self.length = L + m
+        if pad:  # the padding columns are the last ones: crop them
+            self.mask[:, self.length - pad : self.length] = False
+            self._set_length(self.length - pad)
+        return logits[self.alive, :n]
+
+    def keep_last(self, fed: int, n_keep: torch.Tensor) -> None:
+        keep = torch.zeros(self.mask.shape[0], dtype=n_keep.dtype, device=n_keep.device)
+        keep[self.alive] = n_keep
+        cols = torch.arange(fed, device=self.mask.device)
+        self.mask[:, self.length - fed : self.length] &= cols[None, :] < keep[:, None]
+        self._compact()
+
+    def select(self, idx: torch.Tensor) -> None:
+        self.alive = self.alive[idx]  # the others stay in the cache, fed holes from now on
+
+    def _set_length(self, length: int) -> None:
+        self.length = length
+        for layer in self.cache.layers:
+            layer.cumulative_length.fill_(length)
+
+    def _compact(self) -> None:
+        L = self.length
+        mask = self.mask[:, :L]
+        used = mask.any(dim=0).nonzero()
+        L = int(used[-1]) + 1 if len(used) else 0  # a plain crop of columns no row uses
+        mask = self.mask[:, :L]
+        drop = int((~mask).sum(dim=1).min()) if L else 0
+        if drop:  # every row has holes: its real entries move left (order kept) into columns [0, L - drop)
+            order = torch.sort(mask.int(), dim=1, stable=True).indices[:, drop:]  # holes first
+            self.mask[:, : L - drop] = mask.gather(1, order)
+            for layer in self.cache.layers:
+                idx = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+                layer.keys[:, :, : L - drop] = layer.keys[:, :, :L].gather(2, idx)
+                layer.values[:, :, : L - drop] = layer.values[:, :, :L].gather(2, idx)
+            L -= drop
+        self.mask[:, L:] = False
+        self._set_length(L)
+
+
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _compiled_forward(model):
+    """model.forward through torch.compile (static shapes), built once per model and kept while it lives."""
+    if model not in _COMPILED:
+        import torch._dynamo
+
+        # one graph per (batch size, cache bucket, step length) and per model: more than dynamo's default 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _COMPILED[model] = torch.compile(model.forward, dynamic=False)
+    return _COMPILED[model]
+
+
 class _DraftTuner:
     """Adaptive draft length. With per-token acceptance rate a and c = (time of one draft forward) /
     (time of one verification), drafting k tokens yields (1 - a^(k+1)) / (1 - a) tokens per round at a
@@ -350,12 +464,13 @@ def _pad_vocab(probs: torch.Tensor, V: int) -> torch.Tensor:
 @torch.no_grad()
 def target_generate(target, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask=None,
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_token_id=None,
-                    pad_token_id=None, generator: torch.Generator | None = None) -> SpecOutput:
+                    pad_token_id=None, generator: torch.Generator | None = None, compile: bool = False) -> SpecOutput:
     """The target alone, token by token with its KV cache and the same sampling code: the baseline
     speculative decoding is measured against (speculative_generate with no draft tokens)."""
     return speculative_generate(target, None, input_ids, max_new_tokens, attention_mask=attention_mask,
                                 draft_len=0, temperature=temperature, top_k=top_k, top_p=top_p,
-                                eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator)
+                                eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator,
+                                compile=compile)
 
 
 def left_padding(tok):
