@@ -278,14 +278,18 @@ class LogitObjective(nn.Module):
 # --------------------------------------------------------------------------------------------- chunking
 
 
-def auto_chunk(vocab: int, budget: int = 1 << 21, min_rows: int = 32) -> int:
+def auto_chunk(vocab: int, hidden: int = 0, budget: int = 1 << 21, min_rows: int = 32) -> int:
     """Tokens per chunk: one [chunk, V] fp32 tensor holds about `budget` elements (8 MiB), but at least
-    `min_rows` rows. Measured on a 2-core CPU (BENCHMARKS.md, "KD step"): chunks of 32 MiB and more are
+    `min_rows` rows, and at least hidden / 16 when the output layer [V, hidden] is fused into the loss. Measured on a 2-core CPU (BENCHMARKS.md, "KD step"): chunks of 32 MiB and more are
     slower, not faster: glibc serves allocations of 32 MiB and up with fresh mmap pages, so each of the
     loss's ~10 temporaries is page-faulted in again per chunk (a 2048 x 4096 loss took 390 ms in one chunk,
     185-210 ms in chunks of 512 rows); below ~32 rows the output layer's products turn memory-bound (every
-    chunk reads the [V, H] weight three times)."""
-    return max(min_rows, budget // max(vocab, 1))
+    chunk reads the [V, H] weight three times). Every chunk reads the student's [V, H] output layer twice,
+    the teacher's once and reads and writes the fp32 [V, H] gradient: at H = 4096, V = 128,256 that is 10 GB
+    of memory traffic per chunk, so 32-row chunks made the loss 1.66x slower than dense (BENCHMARKS.md,
+    "KD loss", --liger); hidden / 16 rows keep the chunk's temporaries (~10 x rows x V x 4 bytes) at about
+    0.6 of the weight's own size."""
+    return max(min_rows, budget // max(vocab, 1), hidden // 16)
 
 
 class _ChunkedLogitLoss(torch.autograd.Function):
@@ -366,7 +370,7 @@ def chunked_logit_loss(
     bounds: list[tuple[int, int]] | None = None,  # explicit chunk row ranges instead (covering all rows)
 ) -> tuple[torch.Tensor, torch.Tensor]:  # total [], per-term sums [n_parts]
     vocab = weight.shape[0] if weight is not None else x.shape[-1]
-    chunk = chunk or auto_chunk(vocab)
+    chunk = chunk or auto_chunk(vocab, weight.shape[1] if weight is not None else 0)
     return _ChunkedLogitLoss.apply(x, weight, bias, teacher_chunk, fn, rows, chunk, torch.is_grad_enabled(), bounds)
 
 

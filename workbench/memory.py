@@ -171,8 +171,8 @@ def estimate(recipe: Recipe, launch: str = "single", gpus: int = 1, nodes: int =
     # logits: chunks of [tokens, vocab] fp32 for student and teacher, plus the final hidden states
     from workbench.losses import auto_chunk
 
-    chunk = recipe.distill.chunk_size or auto_chunk(s.vocab)
     fused = recipe.distill.fused and not zero >= 3
+    chunk = recipe.distill.chunk_size or auto_chunk(s.vocab, s.hidden if fused else 0)
     tokens = b * seq
     gpu["logits"] = (min(chunk, tokens) * s.vocab * 4 * 6 if fused else tokens * s.vocab * (act_bytes + 4 * 3))
     specs = [] if recipe.distill.teacher_cache.top_k else recipe.teacher_specs

@@ -38,11 +38,12 @@ def _rss_kib() -> int:
 OBJECTIVES = {"kl_ce": "0.5 forward KL (T=2) + 0.5 CE", "jsd": "generalised JSD (beta 0.5, T=1)"}
 
 
-def _one(variant: str, vocab: int, tokens: int, hidden: int, t_hidden: int, reps: int, objective: str) -> dict:
+def _one(variant: str, vocab: int, tokens: int, hidden: int, t_hidden: int, reps: int, objective: str,
+         chunk: int = 0) -> dict:
     import torch
 
     from workbench.config import LossTerm
-    from workbench.losses import LogitObjective, chunked_logit_loss
+    from workbench.losses import LogitObjective, auto_chunk, chunked_logit_loss
 
     torch.manual_seed(0)
     fn = LogitObjective([LossTerm("forward_kl", 0.5, 2.0), LossTerm("cross_entropy", 0.5)] if objective == "kl_ce"
@@ -65,7 +66,7 @@ def _one(variant: str, vocab: int, tokens: int, hidden: int, t_hidden: int, reps
                 t_logits = ht @ Wt.T
             total, _ = fn(s_logits, t_logits, rows)
         else:
-            total, _ = chunked_logit_loss(fn, x, rows, lambda a, b: ht[a:b] @ Wt.T, W, None)
+            total, _ = chunked_logit_loss(fn, x, rows, lambda a, b: ht[a:b] @ Wt.T, W, None, chunk=chunk)
         total.backward()
         value = total.item()
         W.grad = None
@@ -79,13 +80,14 @@ def _one(variant: str, vocab: int, tokens: int, hidden: int, t_hidden: int, reps
         times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return {"variant": variant, "vocab": vocab, "peak_mib": (peak - before) / 1024,
-            "seconds": sorted(times)[len(times) // 2], "loss": value}
+            "seconds": sorted(times)[len(times) // 2], "loss": value,
+            "chunk": None if variant == "dense" else chunk or auto_chunk(vocab, hidden)}
 
 
-def _measure(variant, vocab, tokens, hidden, t_hidden, reps, objective) -> dict:
+def _measure(variant, vocab, tokens, hidden, t_hidden, reps, objective, chunk=0) -> dict:
     cmd = [sys.executable, "-m", "workbench.bench.kd_loss_memory", "--child", variant, "--vocab", str(vocab),
            "--tokens", str(tokens), "--hidden", str(hidden), "--teacher-hidden", str(t_hidden), "--reps", str(reps),
-           "--objective", objective]
+           "--objective", objective, "--chunk", str(chunk)]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -100,6 +102,8 @@ def main(argv=None) -> int:
     ap.add_argument("--objective", choices=sorted(OBJECTIVES), default="kl_ce")
     ap.add_argument("--liger", action="store_true", help="hidden 4096 both sides, vocab 128,256, JSD, 2,048 tokens "
                                                           "(unless --tokens says otherwise), one repetition")
+    ap.add_argument("--chunk", type=int, nargs="*", default=[0],
+                    help="rows per chunk of ours, one measurement each (0: auto_chunk's choice)")
     ap.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     ap.add_argument("--child", choices=["dense", "ours"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -110,14 +114,15 @@ def main(argv=None) -> int:
         args.reps = args.reps if "--reps" in given else 1
     if args.child:
         print(json.dumps(_one(args.child, args.vocab[0], args.tokens, args.hidden, args.teacher_hidden, args.reps,
-                              args.objective)))
+                              args.objective, args.chunk[0])))
         return 0
 
     rows = []
     for v in args.vocab:
         d = _measure("dense", v, args.tokens, args.hidden, args.teacher_hidden, args.reps, args.objective)
-        o = _measure("ours", v, args.tokens, args.hidden, args.teacher_hidden, args.reps, args.objective)
-        rows.append((v, d, o))
+        for c in args.chunk:
+            o = _measure("ours", v, args.tokens, args.hidden, args.teacher_hidden, args.reps, args.objective, c)
+            rows.append((v, d, o))
     machine = _report.machine()
     lines = [
         f"### KD loss: chunked + fused vs dense ({time.strftime('%Y-%m-%d')})",
@@ -126,12 +131,12 @@ def main(argv=None) -> int:
         f"{args.teacher_hidden}; objective {OBJECTIVES[args.objective]}; forward + backward, median of "
         f"{args.reps}; peak = rise of peak RSS over the RSS before the loss, fresh process each.",
         "",
-        "| vocab | dense peak MiB | ours peak MiB | memory ratio (dense/ours) | dense s | ours s | time ratio (ours/dense) | same loss |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| vocab | rows per chunk | dense peak MiB | ours peak MiB | memory ratio (dense/ours) | dense s | ours s | time ratio (ours/dense) | same loss |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for v, d, o in rows:
         same = abs(d["loss"] - o["loss"]) <= 1e-3 * max(1.0, abs(d["loss"]))
-        lines.append(f"| {v:,} | {d['peak_mib']:.0f} | {o['peak_mib']:.0f} | {d['peak_mib'] / max(o['peak_mib'], 1e-9):.1f}x "
+        lines.append(f"| {v:,} | {o['chunk']} | {d['peak_mib']:.0f} | {o['peak_mib']:.0f} | {d['peak_mib'] / max(o['peak_mib'], 1e-9):.1f}x "
                      f"| {d['seconds']:.2f} | {o['seconds']:.2f} | {o['seconds'] / d['seconds']:.2f} | {same} |")
     text = "\n".join(lines)
     _report.publish(text, record=not args.no_record)
