@@ -323,11 +323,11 @@ class _StaticKVStream:
     def __init__(self, model, prefix: torch.Tensor, prefix_mask: torch.Tensor, max_len: int, sizes):
         from transformers import StaticCache
 
-        if any(getattr(layer, "is_sliding", False) for layer in StaticCache(config=model.config, max_cache_len=1).layers):
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)  # allocated on the first feed
+        if any(getattr(layer, "is_sliding", False) for layer in self.cache.layers):
             raise NotImplementedError("compiled speculative decoding needs full attention in every layer")
         self.model, self.sizes = model, sorted(set(sizes))
         self.forward = _compiled_forward(model)
-        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self.pending = (prefix, prefix_mask)
         B = prefix.shape[0]
         self.mask = torch.zeros(B, max_len, dtype=torch.bool, device=prefix.device)
@@ -380,9 +380,7 @@ class _StaticKVStream:
             layer.cumulative_length.fill_(length)
 
     def _compact(self) -> None:
-        L = self.length
-        mask = self.mask[:, :L]
-        used = mask.any(dim=0).nonzero()
+        used = self.mask[:, : self.length].any(dim=0).nonzero()
         L = int(used[-1]) + 1 if len(used) else 0  # a plain crop of columns no row uses
         mask = self.mask[:, :L]
         drop = int((~mask).sum(dim=1).min()) if L else 0
