@@ -576,3 +576,29 @@ def test_compiled_training_step_gives_the_eager_losses(tmp_path, tiny_teacher, a
         a = [r[key] for r in trainer.read_metrics(tmp_path / "eager") if key in r]
         b = [r[key] for r in trainer.read_metrics(tmp_path / "compiled") if key in r]
         assert len(a) == 3 and b == pytest.approx(a, rel=1e-4), key
+
+
+def test_trl_reads_our_blocks_in_our_order_and_takes_our_steps(tmp_path, tiny_teacher, accelerator):
+    """workbench.bench.vs_trl feeds TRL's GKDTrainer our trainer's blocks in our order: with the same
+    student, objective, optimizer and schedule, both frameworks take the same steps (equal losses per
+    step), so what the benchmark compares is the code, not which data each student happened to see."""
+    import copy
+
+    pytest.importorskip("trl.experimental.gkd")
+    from conftest import FAST
+    from workbench.bench import vs_trl
+
+    small = [o for o in FAST if o.startswith("data.")] + ["student.tiny=llama-2layer-64", "train.log_every=1",
+                                                           "train.max_steps=4"]
+    _, recipe, tok, packed, teacher, student = vs_trl._setup(str(tmp_path / "ours"), 3, tiny_teacher, small)
+    theirs = copy.deepcopy(student)
+    trainer.train(recipe, accelerator, student, tok, packed, teacher=teacher, kd_vocab=len(tok))
+    ours = [r["train/loss"] for r in trainer.read_metrics(tmp_path / "ours") if "train/loss" in r]
+    trl = vs_trl.trl_trainer(recipe, theirs, teacher, tok, packed, 4, 0.0, str(tmp_path / "trl"))
+    trl.args.logging_steps = 1
+    trl.train()
+    got = [r["loss"] for r in trl.state.log_history if "loss" in r]
+    assert len(ours) == 4 and got == pytest.approx(ours, rel=1e-4)
+    # later steps too: the weights moved alike
+    assert trainer.evaluate_perplexity(theirs, packed.val, 8, 2, accelerator) == pytest.approx(
+        trainer.evaluate_perplexity(student, packed.val, 8, 2, accelerator), rel=1e-4)

@@ -5,6 +5,7 @@ at temperature 1). Same student initialisation, optimizer (AdamW, betas 0.9/0.95
 cosine schedule with warm-up and minimum, gradient clipping, batch size.
 
     python -m workbench.bench.vs_trl                       # 100 steps, lambda 0 and 0.5, appends to BENCHMARKS.md
+    python -m workbench.bench.vs_trl --seeds 0 1 2         # each seed: both frameworks, back to back
     python -m workbench.bench.vs_trl --steps 10 --lambdas 0 --no-record
 
 Each run is a fresh process. Peak memory is the rise of the process's memory during training over what
@@ -12,6 +13,11 @@ it held just before (the resident set's high-water mark on a CPU; allocated CUDA
 load the same models and data first. Time is the optimisation loop's (TRL: train_runtime; ours: the
 loop, without the teacher's evaluation before it and the save after it); tokens/s counts the training
 data's tokens (steps x batch x 256). Perplexity: our evaluation of each trained student, held-out blocks.
+Both read the same blocks in the same order (ours, fed to TRL with a sequential sampler); with them, the
+two trajectories agree step by step at first (losses within 1e-4 over 12 steps) and then drift apart as
+float rounding grows. A seed sets the student's initialisation and that order (`train.seed`); with several
+seeds the summary gives each framework's perplexity as mean and standard deviation, and the speed ratio
+of each seed's pair of runs (run back to back, so the machine's drift touches both alike).
 """
 
 from __future__ import annotations
@@ -88,8 +94,10 @@ def _high_water_mark() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
-def _setup(out: str):
-    """Teacher, a seeded student, tokenizer, packed data and the recipe both sides train with."""
+def _setup(out: str, seed: int = 0, teacher: str | None = None, overrides=()):
+    """Teacher, a seeded student, tokenizer, packed data and the recipe both sides train with. `teacher`:
+    a model directory instead of the cached `pretrain_tiny_teacher`; `overrides` go last (tests shrink
+    the data and the student with them)."""
     from accelerate import Accelerator
 
     from workbench import data as D
@@ -98,11 +106,12 @@ def _setup(out: str):
     from workbench.train import ensure_trained
 
     accelerator = Accelerator()
+    teacher = teacher or ensure_trained("pretrain_tiny_teacher", accelerator)
     recipe = load_recipe("kd_tiny", [f"output.dir={out}", "output.overwrite=true", "eval.report=false",
-                                     "output.tensorboard=false", "train.eval_every=0", "train.checkpoint_every=0",
+                                     "output.tensorboard=false", "train.eval_every=0", "train.checkpoint_every=0", f"train.seed={seed}",
                                      f"train.micro_batch_size={BATCH}", f"train.lr={LR}", f"train.warmup_steps={WARMUP}",
                                      "distill.losses=[{name: jsd, weight: 1.0, beta: 0.5}]", "teacher.recipe=null",
-                                     "teacher.name_or_path=" + str(ensure_trained("pretrain_tiny_teacher", accelerator))])
+                                     f"teacher.name_or_path={teacher}", *overrides])
     corpus = D.load_corpus(recipe.data)
     tok = D.load_tokenizer(recipe.data, corpus, pretrained=recipe.teacher.name_or_path)
     packed = D.load_packed(recipe.data, tok, corpus)
@@ -111,13 +120,13 @@ def _setup(out: str):
     return accelerator, recipe, tok, packed, teacher, student
 
 
-def _child(framework: str, steps: int, lmbda: float, out: str) -> dict:
+def _child(framework: str, steps: int, lmbda: float, out: str, seed: int = 0) -> dict:
     import dataclasses
 
     from workbench import trainer as T
     from workbench.config import OnPolicyConfig
 
-    accelerator, recipe, tok, packed, teacher, student = _setup(out)
+    accelerator, recipe, tok, packed, teacher, student = _setup(out, seed)
     onp = OnPolicyConfig(method="gkd", lmbda=lmbda, prompt_tokens=PROMPT, max_new_tokens=NEW, temperature=1.0)
     recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, max_steps=steps),
                                  distill=dataclasses.replace(recipe.distill, onpolicy=onp))
@@ -128,7 +137,7 @@ def _child(framework: str, steps: int, lmbda: float, out: str) -> dict:
         else:
             seconds = _train_trl(recipe, student, teacher, tok, packed, steps, lmbda, out)
     ppl = T.evaluate_perplexity(student, packed.val, BATCH, 0, accelerator)
-    return {"framework": framework, "lambda": lmbda, "steps": steps, "seconds": seconds,
+    return {"framework": framework, "lambda": lmbda, "seed": seed, "steps": steps, "seconds": seconds,
             "tokens_per_s": steps * BATCH * SEQ / seconds, "peak_rise_mib": mem.rise_mib, "val_ppl": ppl,
             "memory_kind": "CUDA allocated" if accelerator.device.type == "cuda" else "resident set"}
 
@@ -153,7 +162,13 @@ def trl_trainer(recipe, student, teacher, tok, packed, steps: int, lmbda: float,
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    blocks = torch.from_numpy(packed.train.astype("int64"))
+    from workbench.data import stream_indices
+
+    # our trainer's blocks in its order (its seeded permutation), read in turn: the frameworks then differ
+    # in their code alone, not in which data each student happened to see (which moves 100-step perplexity
+    # by more than 20% here)
+    order = stream_indices(len(packed.train), recipe.train.seed, 0, steps * BATCH)
+    blocks = torch.from_numpy(packed.train[order].astype("int64"))
     ds = Dataset.from_dict({"input_ids": blocks.tolist()})
 
     def collate(rows):  # every token is a target, as in our trainer; the first PROMPT tokens are the prompt
@@ -162,7 +177,7 @@ def trl_trainer(recipe, student, teacher, tok, packed, steps: int, lmbda: float,
                 "prompts": ids[:, :PROMPT], "prompt_attention_mask": torch.ones_like(ids[:, :PROMPT])}
 
     args = GKDConfig(**trl_training_args(recipe.train, steps, out), logging_steps=10, lmbda=lmbda, beta=0.5,
-                     temperature=1.0, max_new_tokens=NEW, max_length=SEQ)
+                     temperature=1.0, max_new_tokens=NEW, max_length=SEQ, train_sampling_strategy="sequential")
     return GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds, data_collator=collate,
                       processing_class=tok)
 
@@ -171,42 +186,71 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--lambdas", type=float, nargs="*", default=[0.0, 0.5])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed of each pair of runs")
     ap.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
-    ap.add_argument("--child", nargs=3, metavar=("FRAMEWORK", "LAMBDA", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=4, metavar=("FRAMEWORK", "LAMBDA", "OUT", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print("RESULT " + json.dumps(_child(args.child[0], args.steps, float(args.child[1]), args.child[2])))
+        fw, lmbda, out, seed = args.child
+        print("RESULT " + json.dumps(_child(fw, args.steps, float(lmbda), out, int(seed))))
         return 0
     results = []
     for lmbda in args.lambdas:
-        for fw in ("trl", "ours"):
-            out = str(_report.REPO / "outputs" / "bench_vs_trl" / f"{fw}-{lmbda:g}")
-            cmd = [sys.executable, "-m", "workbench.bench.vs_trl", "--steps", str(args.steps), "--child", fw, str(lmbda), out]
-            done = subprocess.run(cmd, cwd=_report.REPO, capture_output=True, text=True)
-            if done.returncode:
-                raise RuntimeError(f"{fw} lambda={lmbda} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-            results.append(json.loads(done.stdout.split("RESULT ", 1)[1].splitlines()[0]))
-            print(results[-1], flush=True)
+        for seed in args.seeds:
+            for fw in ("trl", "ours"):
+                out = str(_report.REPO / "outputs" / "bench_vs_trl" / f"{fw}-{lmbda:g}-{seed}")
+                cmd = [sys.executable, "-m", "workbench.bench.vs_trl", "--steps", str(args.steps), "--child", fw,
+                       str(lmbda), out, str(seed)]
+                done = subprocess.run(cmd, cwd=_report.REPO, capture_output=True, text=True)
+                if done.returncode:
+                    raise RuntimeError(f"{fw} lambda={lmbda} seed={seed} failed:\n{done.stdout[-2000:]}\n"
+                                       f"{done.stderr[-4000:]}")
+                results.append(json.loads(done.stdout.split("RESULT ", 1)[1].splitlines()[0]))
+                print(results[-1], flush=True)
+    _report.publish(table(results, args.steps), record=not args.no_record)
+    return 0
+
+
+def table(results: list[dict], steps: int) -> str:
+    """The BENCHMARKS.md section: a row per run (each of ours beside the TRL run of its seed), and with
+    several seeds a summary per lambda (perplexity mean +- sd, speed and memory ratios per seed pair)."""
+    import statistics
+
     import trl
 
     lines = [f"### Ours vs TRL GKDTrainer ({time.strftime('%Y-%m-%d')})", "",
              f"Machine: {_report.machine()}, trl {trl.__version__}. Teacher `pretrain_tiny_teacher` (5.5M), student "
-             f"`llama-student-1m` (1.3M, same initialisation), {args.steps} steps x {BATCH} x {SEQ} tokens of the "
+             f"`llama-student-1m` (1.3M, same initialisation), {steps} steps x {BATCH} x {SEQ} tokens of the "
              "embedded corpus; generalised JSD (beta 0.5); lambda > 0: continuations of 64-token prompts, 64 new "
              f"tokens at temperature 1. Peak memory: rise during training ({results[0]['memory_kind']}). Fresh "
-             "process per run.", "",
-             "| lambda | trainer | wall s | tokens/s | peak memory rise MiB | validation ppl | speed ours/TRL | "
-             "memory TRL/ours |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for lmbda in args.lambdas:
-        trl_r, ours = [next(r for r in results if r["lambda"] == lmbda and r["framework"] == f) for f in ("trl", "ours")]
+             "process per run; both read the same blocks in the same order, set with the student's initialisation by "
+             "the seed.", "",
+             "| lambda | seed | trainer | wall s | tokens/s | peak memory rise MiB | validation ppl | speed ours/TRL | "
+             "memory TRL/ours |", "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    pairs = {}  # (lambda, seed) -> (trl, ours)
+    for r in results:
+        pairs.setdefault((r["lambda"], r["seed"]), {})[r["framework"]] = r
+    for (lmbda, seed), p in pairs.items():
+        trl_r, ours = p["trl"], p["ours"]
         for r in (trl_r, ours):
             ratio = (f"{ours['tokens_per_s'] / trl_r['tokens_per_s']:.2f}x | "
                      f"{trl_r['peak_rise_mib'] / max(ours['peak_rise_mib'], 1e-9):.2f}x") if r is ours else " | "
-            lines.append(f"| {lmbda:g} | {'TRL GKDTrainer' if r is trl_r else 'workbench'} | {r['seconds']:.1f} | "
+            lines.append(f"| {lmbda:g} | {seed} | {'TRL GKDTrainer' if r is trl_r else 'workbench'} | {r['seconds']:.1f} | "
                          f"{r['tokens_per_s']:,.0f} | {r['peak_rise_mib']:.0f} | {r['val_ppl']:.2f} | {ratio} |")
-    text = "\n".join(lines)
-    _report.publish(text, record=not args.no_record)
-    return 0
+    lambdas = sorted({lm for lm, _ in pairs})
+    if len(pairs) > len(lambdas):  # several seeds
+        lines += ["", "| lambda | seeds | ppl TRL (mean +- sd) | ppl ours (mean +- sd) | speed ours/TRL per seed "
+                  "(min-max) | memory TRL/ours per seed (min-max) |", "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for lmbda in lambdas:
+            ps = [p for (lm, _), p in pairs.items() if lm == lmbda]
+            ppl = {fw: [p[fw]["val_ppl"] for p in ps] for fw in ("trl", "ours")}
+            speed = [p["ours"]["tokens_per_s"] / p["trl"]["tokens_per_s"] for p in ps]
+            mem = [p["trl"]["peak_rise_mib"] / max(p["ours"]["peak_rise_mib"], 1e-9) for p in ps]
+            sd = {fw: statistics.stdev(v) if len(v) > 1 else 0.0 for fw, v in ppl.items()}
+            lines.append(f"| {lmbda:g} | {len(ps)} | {statistics.mean(ppl['trl']):.1f} +- {sd['trl']:.1f} | "
+                         f"{statistics.mean(ppl['ours']):.1f} +- {sd['ours']:.1f} | {min(speed):.2f}-{max(speed):.2f}x | "
+                         f"{min(mem):.2f}-{max(mem):.2f}x |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
