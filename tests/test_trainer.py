@@ -602,3 +602,40 @@ def test_trl_reads_our_blocks_in_our_order_and_takes_our_steps(tmp_path, tiny_te
     # later steps too: the weights moved alike
     assert trainer.evaluate_perplexity(theirs, packed.val, 8, 2, accelerator) == pytest.approx(
         trainer.evaluate_perplexity(student, packed.val, 8, 2, accelerator), rel=1e-4)
+
+
+_HEAP_PROBE = """
+import ctypes, sys, torch
+from workbench.trainer import keep_freed_memory
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                 "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+xs = [torch.ones(1 << 18) for _ in range(48)]  # 48 x 1 MiB, held together
+del xs
+print(libc.mallinfo2().fordblks >> 20)  # MiB of freed memory the heap still holds
+"""
+
+
+def test_freed_step_memory_stays_in_the_heap(tmp_path, tiny_teacher, accelerator, monkeypatch):
+    """trainer.keep_freed_memory: 1 MiB tensors come from glibc's heap and stay there once freed (by
+    default they are mmapped and unmapped, so the next step page-faults them in again: 26,000 faults per
+    teacher forward in the vs_trl loop); train() sets it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallinfo2  # noqa: B018
+    except (OSError, AttributeError):
+        pytest.skip("needs glibc >= 2.33")
+    held = {}
+    for mode in ("default", "keep"):
+        out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, check=True)
+        held[mode] = int(out.stdout.split()[-1])
+    assert held["keep"] >= 40 and held["default"] < 8, held
+    calls = []
+    monkeypatch.setattr(trainer, "keep_freed_memory", lambda: calls.append(1))
+    run(_kd(tmp_path, tiny_teacher, "train.max_steps=1", "train.eval_every=0", "train.checkpoint_every=0"), accelerator)
+    assert calls

@@ -154,6 +154,7 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
     out = recipe.output_dir
     world = accelerator.num_processes
     accelerator.free_memory()  # forget models/optimizers of an earlier run in this process (a teacher's)
+    keep_freed_memory()
     # this run's accumulation (an earlier run in the process, e.g. the teacher's, may have had another)
     accelerator.gradient_accumulation_steps = cfg.grad_accum_steps * dist.backward_passes_per_micro_batch(recipe)
     accelerator.step = 0
@@ -487,6 +488,23 @@ def _diverged(what: str, out: Path) -> None:
     where = f"the last checkpoint, {good}, is finite" if good else "no checkpoint was saved"
     raise TrainingDiverged(f"{what}: lower train.lr, raise train.warmup_steps, use train.mixed_precision=no, "
                            f"or check the data; nothing non-finite was saved, {where}")
+
+
+def keep_freed_memory(trim_bytes: int = 1 << 30) -> bool:
+    """glibc malloc: serve every allocation under 32 MiB from the heap, and keep up to `trim_bytes` of
+    freed heap instead of handing it back to the OS. By default glibc moves its mmap threshold with each
+    large free and trims the heap's top whenever it passes twice that, so the memory a step frees
+    (activations, loss chunks) was returned and page-faulted in again by the next step: in the vs_trl
+    setting 26,000 minor faults and 103 ms per teacher forward in the loop, against 0 and 81 ms without
+    them. Process-wide; a no-op (False) without glibc. CUDA memory has its own caching allocator."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, trim_bytes))
 
 
 def _peak_memory(device) -> dict:
