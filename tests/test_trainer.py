@@ -606,13 +606,13 @@ def test_trl_reads_our_blocks_in_our_order_and_takes_our_steps(tmp_path, tiny_te
 
 _HEAP_PROBE = """
 import ctypes, sys, torch
-from workbench.trainer import keep_freed_memory
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                  "fsmblks", "uordblks", "fordblks", "keepcost")]
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Info
 if sys.argv[1] == "keep":
+    from workbench.trainer import keep_freed_memory
     assert keep_freed_memory()
 xs = [torch.ones(1 << 18) for _ in range(48)]  # 48 x 1 MiB, held together
 del xs
