@@ -294,14 +294,11 @@ class _KVStream:
         self._compact()
 
     def _compact(self) -> None:
-        used = self.mask.any(dim=0).nonzero()
-        tail = self.mask.shape[1] - (int(used[-1]) + 1 if len(used) else 0)
-        if tail:  # columns rejected by every row: a plain crop
-            self.cache.crop(-tail)
-            self.mask = self.mask[:, : self.mask.shape[1] - tail]
-        drop = int((~self.mask).sum(dim=1).min()) if self.mask.numel() else 0
+        L, drop, order = _compaction_plan(self.mask)
+        if L < self.mask.shape[1]:  # columns rejected by every row: a plain crop
+            self.cache.crop(L - self.mask.shape[1])
+            self.mask = self.mask[:, :L]
         if drop:  # every row has holes: move each row's real entries right (order kept), cut `drop` columns
-            order = torch.sort(self.mask.int(), dim=1, stable=True).indices[:, drop:]  # holes first
             self.mask = self.mask.gather(1, order)
             for layer in self.cache.layers:
                 if not hasattr(layer, "keys") or getattr(layer, "is_sliding", False):
@@ -309,6 +306,18 @@ class _KVStream:
                 idx = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
                 layer.keys, layer.values = layer.keys.gather(2, idx), layer.values.gather(2, idx)
         self.dense = bool(self.mask.all())
+
+
+def _compaction_plan(mask: torch.Tensor) -> tuple[int, int, torch.Tensor | None]:
+    """How to drop the holes of a KV cache whose real entries are `mask` [B, S]: (L, drop, order). L:
+    the columns in use (past the last one any row uses, nothing is real); drop: the fewest holes a row
+    has among them (0: some row has none); order [B, L - drop] (None when drop is 0): each row's column
+    indices with `drop` of its holes left out, holes first and real entries in their order."""
+    used = mask.any(dim=0).nonzero()
+    L = int(used[-1]) + 1 if len(used) else 0
+    drop = int((~mask[:, :L]).sum(dim=1).min()) if L else 0
+    order = torch.sort(mask[:, :L].int(), dim=1, stable=True).indices[:, drop:] if drop else None
+    return L, drop, order
 
 
 class _StaticKVStream:
@@ -380,13 +389,9 @@ class _StaticKVStream:
             layer.cumulative_length.fill_(length)
 
     def _compact(self) -> None:
-        used = self.mask[:, : self.length].any(dim=0).nonzero()
-        L = int(used[-1]) + 1 if len(used) else 0  # a plain crop of columns no row uses
-        mask = self.mask[:, :L]
-        drop = int((~mask).sum(dim=1).min()) if L else 0
+        L, drop, order = _compaction_plan(self.mask[:, : self.length])  # columns from L on: a plain crop
         if drop:  # every row has holes: its real entries move left (order kept) into columns [0, L - drop)
-            order = torch.sort(mask.int(), dim=1, stable=True).indices[:, drop:]  # holes first
-            self.mask[:, : L - drop] = mask.gather(1, order)
+            self.mask[:, : L - drop] = self.mask[:, :L].gather(1, order)
             for layer in self.cache.layers:
                 idx = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
                 layer.keys[:, :, : L - drop] = layer.keys[:, :, :L].gather(2, idx)
