@@ -639,3 +639,19 @@ def test_freed_step_memory_stays_in_the_heap(tmp_path, tiny_teacher, accelerator
     monkeypatch.setattr(trainer, "keep_freed_memory", lambda: calls.append(1))
     run(_kd(tmp_path, tiny_teacher, "train.max_steps=1", "train.eval_every=0", "train.checkpoint_every=0"), accelerator)
     assert calls
+
+
+def test_vs_trl_summarises_seeds_by_pair():
+    """vs_trl's table: one row per run, and with several seeds each framework's perplexity as mean +- sd
+    and the speed / memory ratios of each seed's own pair (min-max), not of pooled means."""
+    pytest.importorskip("trl")
+    from workbench.bench.vs_trl import table
+
+    def r(fw, seed, tps, mib, ppl):
+        return {"framework": fw, "lambda": 0.0, "seed": seed, "seconds": 1.0, "tokens_per_s": tps,
+                "peak_rise_mib": mib, "val_ppl": ppl, "memory_kind": "resident set"}
+
+    runs = [r("trl", 0, 100, 300, 10), r("ours", 0, 150, 100, 12), r("trl", 1, 200, 300, 20), r("ours", 1, 220, 150, 14)]
+    text = table(runs, 5)
+    assert text.count("| workbench |") == 2 and "| 0 | 1 | TRL GKDTrainer |" in text
+    assert "| 0 | 2 | 15.0 +- 7.1 | 13.0 +- 1.4 | 1.10-1.50x | 2.00-3.00x |" in text

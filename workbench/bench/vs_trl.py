@@ -227,7 +227,7 @@ def table(results: list[dict], steps: int) -> str:
              "the seed.", "",
              "| lambda | seed | trainer | wall s | tokens/s | peak memory rise MiB | validation ppl | speed ours/TRL | "
              "memory TRL/ours |", "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    pairs = {}  # (lambda, seed) -> (trl, ours)
+    pairs = {}  # (lambda, seed) -> {"trl": result, "ours": result}
     for r in results:
         pairs.setdefault((r["lambda"], r["seed"]), {})[r["framework"]] = r
     for (lmbda, seed), p in pairs.items():
