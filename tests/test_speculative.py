@@ -206,6 +206,32 @@ def test_expected_tokens_per_call():
     assert expected_tokens_per_call(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
 
 
+def test_adaptive_draft_length_prices_each_verification_length_as_measured():
+    """On a CPU verifying 4 tokens costs far more than 3 (1.54 vs 1.14 target steps, measured on SmolLM2):
+    a tuner that prices every verification the same drafts 3 tokens at acceptance 0.6, one that prices
+    each length as measured drafts 2. The round that holds the prompt's prefill is not timed."""
+    from workbench.speculative import _DraftTuner
+
+    verify = {2: 1.07, 3: 1.14, 4: 1.54, 5: 1.59}  # seconds of a verification of n tokens
+    draft = 0.1
+    tuner = _DraftTuner(4, 8)
+    # the first round: prefill of a long prompt inside both models' first forward
+    assert tuner.update(accepted=0, proposed=0, draft_seconds=5.0, target_seconds=30.0, drafted=4, timed=False) == 4
+    assert tuner.verify == {} and tuner.draft is None
+    k = 4
+    for _ in range(40):  # acceptance 0.6 every round
+        k = tuner.update(accepted=round(0.6 * k * 10), proposed=k * 10, draft_seconds=draft * k,
+                         target_seconds=verify.get(k + 1, 1.6), drafted=k)
+    assert k == 2, (k, tuner.verify)
+    assert set(tuner.verify) >= {3, 4, 5}  # the lengths it tried, each priced as measured
+    # same acceptance, a verification that costs the same at every length: 3 drafts pay best
+    flat = _DraftTuner(4, 8)
+    for _ in range(40):
+        k = flat.update(accepted=round(0.6 * k * 10), proposed=k * 10, draft_seconds=draft * k, target_seconds=1.0,
+                        drafted=k)
+    assert k == 3
+
+
 def test_bad_inputs_are_refused(target):
     ids, mask = _ragged_prompts()
     with pytest.raises(ValueError, match="left-padded"):

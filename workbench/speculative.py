@@ -211,7 +211,7 @@ def _generate(target, draft, input_ids, max_new_tokens, *, attention_mask, draft
         stats.target_seconds += t2 - t1
         if tuner is not None:
             k = tuner.update(accepted=sum(n_host), proposed=k * len(rows), draft_seconds=t1 - t0,
-                             target_seconds=t2 - t1, drafted=k)
+                             target_seconds=t2 - t1, drafted=k, timed=stats.target_calls > 1)
         if len(keep) < len(rows):  # finished rows leave the batch (and both caches)
             idx = torch.tensor(keep, dtype=torch.long, device=dev)
             rows, last, lag = rows[idx], last[idx], None if lag is None else lag[idx]
@@ -416,31 +416,50 @@ def _compiled_forward(model):
 
 
 class _DraftTuner:
-    """Adaptive draft length. With per-token acceptance rate a and c = (time of one draft forward) /
-    (time of one verification), drafting k tokens yields (1 - a^(k+1)) / (1 - a) tokens per round at a
-    cost of k c + 1 (Leviathan et al., 2023, eq. 1 and theorem 3.8); pick the k maximising their ratio,
-    with a and c estimated as exponential moving averages of what was measured."""
+    """Adaptive draft length. With per-token acceptance rate a, drafting k tokens yields
+    (1 - a^(k+1)) / (1 - a) tokens per round (Leviathan et al., 2023, eq. 1) at a cost of k draft forwards
+    and one verification of k + 1 tokens; pick the k maximising their ratio. a, the time of a draft forward
+    and the time of a verification of each length are exponential moving averages of what was measured.
+    A verification is not assumed to cost the same at every length: on a CPU, 4 tokens cost about 1.5 target
+    steps where 3 cost 1.15 (matrix-multiply kernels change with the row count), so a length never measured
+    is priced optimistically (as the longest measured one below it; in proportion to the shortest one
+    measured when none is below), so it gets tried once and is then priced as measured."""
 
     def __init__(self, k: int, k_max: int, momentum: float = 0.8):
         self.k, self.k_max, self.m = k, k_max, momentum
-        self.a, self.c = None, None
+        self.a, self.draft = None, None  # acceptance rate, seconds per draft forward
+        self.verify: dict[int, float] = {}  # tokens verified -> seconds
 
-    def update(self, accepted: int, proposed: int, draft_seconds: float, target_seconds: float, drafted: int) -> int:
+    def _ema(self, old, new):
+        return new if old is None else self.m * old + (1 - self.m) * new
+
+    def update(self, accepted: int, proposed: int, draft_seconds: float, target_seconds: float, drafted: int,
+               timed: bool = True) -> int:
+        """One round: `drafted` draft forwards took draft_seconds, a verification of drafted + 1 tokens
+        target_seconds. timed=False: the times include something else (the prompt's prefill) and are
+        not used."""
         if proposed:
-            a = accepted / proposed
-            self.a = a if self.a is None else self.m * self.a + (1 - self.m) * a
-        if drafted and target_seconds > 0:
-            c = draft_seconds / drafted / target_seconds
-            self.c = c if self.c is None else self.m * self.c + (1 - self.m) * c
-        if self.a is None or self.c is None:
+            self.a = self._ema(self.a, accepted / proposed)
+        if timed and target_seconds > 0:
+            self.verify[drafted + 1] = self._ema(self.verify.get(drafted + 1), target_seconds)
+            if drafted:
+                self.draft = self._ema(self.draft, draft_seconds / drafted)
+        if self.a is None or self.draft is None:
             return max(self.k, 1)
         a = min(self.a, 0.999)
-
-        def speed(k: int) -> float:
-            return expected_tokens_per_call(a, k) / (k * self.c + 1)
-
-        self.k = max(range(1, self.k_max + 1), key=speed)
+        self.k = max(range(1, self.k_max + 1), key=lambda k: expected_tokens_per_call(a, k) / self.cost(k))
         return self.k
+
+    def cost(self, k: int) -> float:
+        """Seconds of a round drafting k tokens, as far as measured."""
+        n = k + 1
+        below = [m for m in self.verify if m <= n]
+        if below:  # as measured, or as the longest measured below (costs only grow with n)
+            verify = self.verify[max(below)]
+        else:  # shorter than any measured: priced as if cost were proportional to n (a lower bound)
+            m = min(self.verify)
+            verify = self.verify[m] * n / m
+        return k * self.draft + verify
 
 
 class _Clock:
