@@ -499,13 +499,17 @@ def test_the_speculative_benchmark_measures_its_baseline_twice_and_keeps_the_fas
 
     monkeypatch.setattr(SB, "_hf", slow_first_baseline)
     SB.main(["--teacher", str(tiny_teacher), "--drafts", str(draft), "--baseline", str(draft), "--prompts", "3",
-             "--max-new-tokens", "4", "--draft-len", "2", "--batch", "3", "--no-record"])
-    cells = [line.split(" | ") for line in capsys.readouterr().out.splitlines()
-             if line.startswith("| teacher alone, HF generate")]
+             "--max-new-tokens", "4", "--draft-len", "2,3", "--batch", "3", "--no-record"])
+    out = capsys.readouterr().out
+    cells = [line.split(" | ") for line in out.splitlines() if line.startswith("| teacher alone, HF generate")]
     rows = {(c[0].strip("| "), c[2]): c for c in cells}  # (method, batch)
     assert len(seen) == 2
     assert rows[("teacher alone, HF generate, again", "1")][4] == "1.00x"
     assert float(rows[("teacher alone, HF generate", "1")][4].rstrip("x")) < 0.1  # the slow one is not the base
+    # several draft lengths: a fixed-k row for each (the first also leads the HF and batched rows)
+    assert "| ours, k=2 |" in out and "| ours, k=3 |" in out and "| HF assisted, k=2 |" in out
+    with pytest.raises(SystemExit):
+        SB.main(["--draft-len", "2,x", "--no-record"])
 
 
 def test_grouped_query_heads_are_not_repeated_on_the_cpu_and_logits_stay_sdpas(target, monkeypatch):

@@ -145,7 +145,8 @@ def run(args) -> str:
         drafts[restricted] = restrict_draft_vocab(copy.deepcopy(drafts[names[0]]), keep)
         paths[restricted] = paths[names[0]]
         names.append(restricted)
-    N, k = args.max_new_tokens, args.draft_len
+    N, ks = args.max_new_tokens, args.draft_len
+    k = ks[0]  # the draft length of the HF, batched, sampled and cost rows (and adaptive's start)
 
     _ours(teacher, drafts[names[0]], tok, prompts[:2], rendered, 8, draft_len=k)  # warm-up
     _hf(teacher, tok, prompts[:2], rendered, 8)
@@ -155,10 +156,11 @@ def run(args) -> str:
     rows.append(("teacher alone, HF generate", "-", 1, base, None, tokens / max(calls, 1), True))
     seqs, s = _ours(teacher, None, tok, prompts, rendered, N, draft_len=0)
     rows.append(("teacher alone, ours", "-", 1, s.tokens_per_second, None, s.tokens_per_target_call, seqs == ref))
-    fixed = {}  # draft name -> stats of the fixed-k run
+    fixed = {}  # draft name -> stats of the fixed-k run (the first k)
     for name, draft in drafts.items():
-        for label, kw in ((f"ours, k={k}", dict(draft_len=k)),
-                          ("ours, adaptive k", dict(draft_len=k, adaptive=True, max_draft_len=args.max_draft_len))):
+        runs = [(f"ours, k={j}", dict(draft_len=j)) for j in ks]
+        for label, kw in runs + [("ours, adaptive k", dict(draft_len=k, adaptive=True,
+                                                             max_draft_len=args.max_draft_len))]:
             seqs, s = _ours(teacher, draft, tok, prompts, rendered, N, **kw)
             fixed.setdefault(name, s)
             rows.append((label, name, 1, s.tokens_per_second, s.acceptance_rate, s.tokens_per_target_call, seqs == ref))
@@ -199,7 +201,7 @@ def run(args) -> str:
     for method, draft, b, tps, acc, tpc, same in rows:
         lines.append(f"| {method} | {draft} | {b} | {tps:.1f} | {tps / base:.2f}x | "
                      f"{'-' if acc is None else f'{acc:.3f}'} | {'-' if tpc is None else f'{tpc:.2f}'} | {same} |")
-    greedy = {r[1]: r[5] for r in rows if r[0] == f"ours, k={k}" and r[2] == 1}
+    greedy = {(r[1], j): r[5] for j in ks for r in rows if r[0] == f"ours, k={j}" and r[2] == 1}
     lines += ["", f"Sampling at temperature 1 (ours, k={k}): " + "; ".join(
         f"`{n}` acceptance rate {sampled[n].acceptance_rate:.3f}, tokens per target call "
         f"{sampled[n].tokens_per_target_call:.2f}" for n in names) + "."]
@@ -208,9 +210,9 @@ def run(args) -> str:
                      f"data (FR-Spec); the target still verifies over all {V:,}.")
     for n in names:
         if n not in (args.baseline, restricted):
-            lines.append(f"Distilled `{n}` vs undistilled `{args.baseline}`, tokens per target call at k={k}: greedy "
-                         f"{greedy[n] / greedy[args.baseline]:.2f}x, sampled "
-                         f"{sampled[n].tokens_per_target_call / sampled[args.baseline].tokens_per_target_call:.2f}x.")
+            lines.append(f"Distilled `{n}` vs undistilled `{args.baseline}`, tokens per target call: greedy " + ", ".join(
+                f"{greedy[n, j] / greedy[args.baseline, j]:.2f}x at k={j}" for j in ks) + f"; sampled at k={k} "
+                f"{sampled[n].tokens_per_target_call / sampled[args.baseline].tokens_per_target_call:.2f}x.")
     lines.append(f"Accepted drafts per verification, greedy, k={k}: " + "; ".join(
         f"`{n}` {fixed[n].accepted_hist}" for n in names) + ".")
     alone = rows[1][3]  # tokens/s of our teacher-alone loop
@@ -226,6 +228,16 @@ def run(args) -> str:
                      f"{draft_ms * alone / 1e3:.2f} of a teacher step.")
     lines.append("Speculative decoding pays off when the draft is far cheaper than its target.")
     return "\n".join(lines) + "\n"
+
+
+def _lengths(text: str) -> list[int]:
+    try:
+        ks = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of draft lengths: {text!r}") from None
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError("draft lengths must be at least 1")
+    return ks
 
 
 def _millions(model) -> str:
@@ -250,7 +262,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--context", type=int, default=300, help="characters of held-out file before 'def name('")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--draft-len", type=int, default=4)
+    ap.add_argument("--draft-len", type=_lengths, default=[4],
+                    help="tokens drafted per verification, or several (2,4): a fixed-k row for each; the first "
+                         "is used by the HF, batched, sampled and cost rows (default: 4)")
     ap.add_argument("--max-draft-len", type=int, default=12)
     ap.add_argument("--batch", type=int, default=8, help="batch size of the batched rows")
     ap.add_argument("--prompts-from", metavar="RECIPE",
