@@ -210,11 +210,11 @@ def test_adaptive_draft_length_prices_each_verification_length_as_measured():
     """On a CPU verifying 4 tokens costs far more than 3 (1.54 vs 1.14 target steps, measured on SmolLM2):
     a tuner that prices every verification the same drafts 3 tokens at acceptance 0.6, one that prices
     each length as measured drafts 2. The round that holds the prompt's prefill is not timed."""
-    from workbench.speculative import _DraftTuner
+    from workbench.speculative import DraftTuner
 
     verify = {2: 1.07, 3: 1.14, 4: 1.54, 5: 1.59}  # seconds of a verification of n tokens
     draft = 0.1
-    tuner = _DraftTuner(4, 8)
+    tuner = DraftTuner(4, 8)
     # the first round: prefill of a long prompt inside both models' first forward
     assert tuner.update(accepted=0, proposed=0, draft_seconds=5.0, target_seconds=30.0, drafted=4, timed=False) == 4
     assert tuner.verify == {} and tuner.draft is None
@@ -225,11 +225,31 @@ def test_adaptive_draft_length_prices_each_verification_length_as_measured():
     assert k == 2, (k, tuner.verify)
     assert set(tuner.verify) >= {3, 4, 5}  # the lengths it tried, each priced as measured
     # same acceptance, a verification that costs the same at every length: 3 drafts pay best
-    flat = _DraftTuner(4, 8)
+    flat = DraftTuner(4, 8)
     for _ in range(40):
         k = flat.update(accepted=round(0.6 * k * 10), proposed=k * 10, draft_seconds=draft * k, target_seconds=1.0,
                         drafted=k)
     assert k == 3
+
+
+def test_a_tuner_passed_as_adaptive_carries_its_measurements_across_calls(target):
+    """adaptive=DraftTuner(...): the second prompt starts from the length and costs the first one measured
+    (a fresh tuner per call starts at draft_len again and re-learns k every prompt); output unchanged."""
+    from workbench.speculative import DraftTuner
+
+    draft = _perturbed(target, 0.3, seed=1)
+    ids, mask = _ragged_prompts()
+    ref = target_generate(target, ids[:1, 2:], 16, eos_token_id=EOS, pad_token_id=PAD).sequences
+    tuner = DraftTuner(4, 6)
+    out = speculative_generate(target, draft, ids[:1, 2:], 16, adaptive=tuner, eos_token_id=EOS, pad_token_id=PAD)
+    assert torch.equal(out.sequences, ref)
+    assert tuner.a is not None and tuner.verify  # measured
+    seen = dict(tuner.verify)
+    tuner.k = k_after_first = 2 if tuner.k != 2 else 3  # not the draft_len it was made with
+    out = speculative_generate(target, draft, ids[:1, 2:], 16, adaptive=tuner, eos_token_id=EOS, pad_token_id=PAD)
+    assert torch.equal(out.sequences, ref)
+    assert out.stats.draft_lens[0] == k_after_first  # started where the last call ended, not at 4
+    assert set(seen) <= set(tuner.verify)
 
 
 def test_bad_inputs_are_refused(target):

@@ -170,18 +170,19 @@ def decode_prompts(teacher, draft, tok, prompts, args, draft_len, adaptive, devi
     """Decode `prompts` in batches with speculative decoding (and the teacher alone with --compare);
     print the texts and the statistics, return them."""
     from workbench.data import encode_prompts
-    from workbench.speculative import SpecStats, left_padding, speculative_generate, target_generate
+    from workbench.speculative import DraftTuner, SpecStats, left_padding, speculative_generate, target_generate
 
     left_padding(tok)
     common = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     runs = {"speculative": SpecStats(), **({"teacher_alone": SpecStats()} if args.compare else {})}
     texts, same = [], True
+    tuner = DraftTuner(draft_len, args.max_draft_len) if adaptive else False  # carried from batch to batch
     for i in range(0, len(prompts), args.batch_size):
         batch = encode_prompts(tok, prompts[i : i + args.batch_size], device, rendered=args.chat)
         g = torch.Generator(device=device).manual_seed(args.seed + i)
         out = speculative_generate(teacher, draft, batch.input_ids, args.max_new_tokens,
-                                   attention_mask=batch.attention_mask, draft_len=draft_len, adaptive=adaptive,
+                                   attention_mask=batch.attention_mask, draft_len=draft_len, adaptive=tuner,
                                    max_draft_len=args.max_draft_len, generator=g, compile=args.compile, **common)
         runs["speculative"].add(out.stats)
         P = batch.input_ids.shape[1]

@@ -84,14 +84,17 @@ class SpecOutput:
 
 @torch.no_grad()
 def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens: int, *,
-                         attention_mask: torch.Tensor | None = None, draft_len: int = 4, adaptive: bool = False,
+                         attention_mask: torch.Tensor | None = None, draft_len: int = 4,
+                         adaptive: "bool | DraftTuner" = False,
                          max_draft_len: int = 12, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                          eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
                          generator: torch.Generator | None = None, compile: bool = False) -> SpecOutput:
     """Continue `input_ids` [B, P] (left-padded where `attention_mask` [B, P] has zeros) by up to
     `max_new_tokens` tokens of `target`, drafted `draft_len` at a time by `draft`. temperature 0 is greedy;
     temperature/top_k/top_p shape both models' distributions identically. `adaptive` re-picks the draft
-    length after every verification from the measured acceptance rate and draft/target cost. draft=None
+    length after every verification from the measured acceptance rate and draft/target cost; a
+    `DraftTuner(draft_len, max_draft_len)` passed as `adaptive` carries what it measured from one call to the
+    next (one per target/draft pair: prompts decoded one after another need not find k again). draft=None
     (or draft_len=0) decodes with the target alone. On the CPU, models with SDPA attention run with
     grouped-query heads handed to torch as they are (see `gqa_sdpa_attention`) while generating.
     `compile`: every step after each model's first forward runs compiled, on a static cache (the first call
@@ -105,6 +108,9 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
 
 def _generate(target, draft, input_ids, max_new_tokens, *, attention_mask, draft_len, adaptive, max_draft_len,
               temperature, top_k, top_p, eos_token_id, pad_token_id, generator, compile) -> SpecOutput:
+    tuner = adaptive if isinstance(adaptive, DraftTuner) else None
+    if tuner is not None:  # it carries its own length and bound
+        draft_len, max_draft_len, adaptive = tuner.k, tuner.k_max, True
     B, P = input_ids.shape
     dev = input_ids.device
     eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
@@ -113,7 +119,7 @@ def _generate(target, draft, input_ids, max_new_tokens, *, attention_mask, draft
     if not bool(mask[:, -1].all()):
         raise ValueError("prompts must be left-padded: attention_mask[:, -1] has zeros")
     if draft_len == 0:
-        draft, adaptive = None, False
+        draft, adaptive, tuner = None, False, None
     V = _vocab(target)
     if draft is not None and draft.get_input_embeddings().weight.shape[0] < V:
         raise ValueError(f"the draft embeds {draft.get_input_embeddings().weight.shape[0]} tokens, fewer than "
@@ -137,7 +143,9 @@ def _generate(target, draft, input_ids, max_new_tokens, *, attention_mask, draft
     lag = None  # [B] a draft token the draft model has not seen yet (after a full acceptance), or -1
     rows = torch.arange(B, device=dev)  # batch rows still generating
     out = [[] for _ in range(B)]  # new tokens per row
-    k, tuner = draft_len, _DraftTuner(draft_len, max_draft_len) if adaptive else None
+    k = draft_len
+    if tuner is None and adaptive:
+        tuner = DraftTuner(draft_len, max_draft_len)
     greedy = temperature == 0
 
     while len(rows):
@@ -415,7 +423,7 @@ def _compiled_forward(model):
     return _COMPILED[model]
 
 
-class _DraftTuner:
+class DraftTuner:
     """Adaptive draft length. With per-token acceptance rate a, drafting k tokens yields
     (1 - a^(k+1)) / (1 - a) tokens per round (Leviathan et al., 2023, eq. 1) at a cost of k draft forwards
     and one verification of k + 1 tokens; pick the k maximising their ratio. a, the time of a draft forward
@@ -622,5 +630,5 @@ def frequent_tokens(token_ids, n: int, vocab: int, always=()) -> torch.Tensor:
     return torch.tensor(sorted(keep), dtype=torch.long)
 
 
-__all__ = ["SpecOutput", "SpecStats", "SubsetHead", "expected_tokens_per_call", "frequent_tokens",
+__all__ = ["DraftTuner", "SpecOutput", "SpecStats", "SubsetHead", "expected_tokens_per_call", "frequent_tokens",
            "gqa_sdpa_attention", "left_padding", "restrict_draft_vocab", "speculative_generate", "target_generate"]

@@ -84,8 +84,10 @@ def _hf(teacher, tok, prompts, rendered, max_new, assistant=None, batch=1, num_a
 
 
 def _ours(teacher, draft, tok, prompts, rendered, max_new, batch=1, **kw):
-    from workbench.speculative import SpecStats, speculative_generate
+    from workbench.speculative import DraftTuner, SpecStats, speculative_generate
 
+    if kw.get("adaptive") is True:  # one tuner over all prompts, as HF's schedule carries its length over
+        kw["adaptive"] = DraftTuner(kw.pop("draft_len", 4), kw.pop("max_draft_len", 12))
     total, seqs = SpecStats(), []
     for i in range(0, len(prompts), batch):
         enc = encode_prompts(tok, prompts[i : i + batch], teacher.device, rendered=rendered)
