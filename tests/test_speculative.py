@@ -597,3 +597,18 @@ def test_compiled_decoding_over_a_static_cache_gives_the_eager_tokens():
                                  eos_token_id=STOP, pad_token_id=PAD, compile=True)  # same batch, cache bucket
     assert counters["stats"]["unique_graphs"] == graphs  # the graphs are reused
     assert torch.equal(again.sequences, _greedy(target, ids[:, 1:], mask[:, 1:], 12, eos=STOP))
+
+
+def test_the_verification_cost_benchmark_times_each_length(target, tmp_path, capsys):
+    """bench.verify_cost: one row per verification length, n = 1 is one target step; bad sizes are refused."""
+    from workbench.bench import verify_cost
+
+    target.save_pretrained(tmp_path / "t")
+    assert verify_cost.main(["--target", str(tmp_path / "t"), "--max-len", "3", "--reps", "2", "--context", "5",
+                             "--no-record"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and
+            line[2].isdigit()]
+    assert [r[0] for r in rows] == ["| 1", "| 2", "| 3"]
+    assert rows[0][2] == "1.00" and all(float(r[1]) > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        verify_cost.main(["--max-len", "0", "--no-record"])
