@@ -612,3 +612,6 @@ def test_the_verification_cost_benchmark_times_each_length(target, tmp_path, cap
     assert rows[0][2] == "1.00" and all(float(r[1]) > 0 for r in rows)
     with pytest.raises(SystemExit):
         verify_cost.main(["--max-len", "0", "--no-record"])
+    capsys.readouterr()
+    assert verify_cost.main(["--target", str(tmp_path / "none"), "--no-record"]) == 2  # one line, no traceback
+    assert capsys.readouterr().err.startswith("error: target.name_or_path")

@@ -275,9 +275,15 @@ def main(argv=None) -> int:
                     help="also run the first draft restricted to the N most frequent training tokens (FR-Spec)")
     ap.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     args = ap.parse_args(argv)
-    text = run(args)
-    _report.publish(text, record=not args.no_record)
-    return 0
+    from workbench.config import RecipeError
+
+    try:
+        text = run(args)
+        _report.publish(text, record=not args.no_record)
+        return 0
+    except (RecipeError, FileNotFoundError, OSError) as e:  # a model that is not there: one line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
