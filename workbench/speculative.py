@@ -108,9 +108,9 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
 
 def _generate(target, draft, input_ids, max_new_tokens, *, attention_mask, draft_len, adaptive, max_draft_len,
               temperature, top_k, top_p, eos_token_id, pad_token_id, generator, compile) -> SpecOutput:
-    tuner = adaptive if isinstance(adaptive, DraftTuner) else None
+    tuner = adaptive if isinstance(adaptive, DraftTuner) else DraftTuner(draft_len, max_draft_len) if adaptive else None
     if tuner is not None:  # it carries its own length and bound
-        draft_len, max_draft_len, adaptive = tuner.k, tuner.k_max, True
+        draft_len, max_draft_len = tuner.k, tuner.k_max
     B, P = input_ids.shape
     dev = input_ids.device
     eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
@@ -144,8 +144,6 @@ def _generate(target, draft, input_ids, max_new_tokens, *, attention_mask, draft
     rows = torch.arange(B, device=dev)  # batch rows still generating
     out = [[] for _ in range(B)]  # new tokens per row
     k = draft_len
-    if tuner is None and adaptive:
-        tuner = DraftTuner(draft_len, max_draft_len)
     greedy = temperature == 0
 
     while len(rows):

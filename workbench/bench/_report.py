@@ -28,6 +28,19 @@ def publish(text: str, record: bool) -> None:
         print(f"appended to {append_to_benchmarks(text)}")
 
 
+def run_and_publish(run, args) -> int:
+    """A benchmark's main after its arguments: publish `run(args)` (record unless args.no_record) -> 0; a
+    model or recipe that is not there ends in one `error:` line -> 2."""
+    from workbench.config import RecipeError
+
+    try:
+        publish(run(args), record=not args.no_record)
+        return 0
+    except (RecipeError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def launch(config: str, recipe: str, *overrides: str, threads: int | None = None) -> dict:
     """`accelerate launch --config_file launch_scripts/accelerate/<config>.yaml workbench/train.py
     recipe=<recipe> [overrides]` from the repository root; -> the run's final_metrics.json."""

@@ -212,9 +212,10 @@ def run(args) -> str:
                      f"data (FR-Spec); the target still verifies over all {V:,}.")
     for n in names:
         if n not in (args.baseline, restricted):
-            lines.append(f"Distilled `{n}` vs undistilled `{args.baseline}`, tokens per target call: greedy " + ", ".join(
-                f"{greedy[n, j] / greedy[args.baseline, j]:.2f}x at k={j}" for j in ks) + f"; sampled at k={k} "
-                f"{sampled[n].tokens_per_target_call / sampled[args.baseline].tokens_per_target_call:.2f}x.")
+            at_each_k = ", ".join(f"{greedy[n, j] / greedy[args.baseline, j]:.2f}x at k={j}" for j in ks)
+            lines.append(f"Distilled `{n}` vs undistilled `{args.baseline}`, tokens per target call: greedy "
+                         f"{at_each_k}; sampled at k={k} "
+                         f"{sampled[n].tokens_per_target_call / sampled[args.baseline].tokens_per_target_call:.2f}x.")
     lines.append(f"Accepted drafts per verification, greedy, k={k}: " + "; ".join(
         f"`{n}` {fixed[n].accepted_hist}" for n in names) + ".")
     alone = rows[1][3]  # tokens/s of our teacher-alone loop
@@ -275,15 +276,7 @@ def main(argv=None) -> int:
                     help="also run the first draft restricted to the N most frequent training tokens (FR-Spec)")
     ap.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     args = ap.parse_args(argv)
-    from workbench.config import RecipeError
-
-    try:
-        text = run(args)
-        _report.publish(text, record=not args.no_record)
-        return 0
-    except (RecipeError, FileNotFoundError, OSError) as e:  # a model that is not there: one line
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return _report.run_and_publish(run, args)
 
 
 if __name__ == "__main__":

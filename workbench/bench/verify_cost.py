@@ -98,14 +98,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if min(args.context, args.max_len, args.reps) < 1:
         ap.error("--context, --max-len and --reps must be at least 1")
-    from workbench.config import RecipeError
-
-    try:
-        _report.publish(run(args), record=not args.no_record)
-        return 0
-    except (RecipeError, FileNotFoundError, OSError) as e:  # a model that is not there: one line
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return _report.run_and_publish(run, args)
 
 
 if __name__ == "__main__":
