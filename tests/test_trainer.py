@@ -655,3 +655,19 @@ def test_vs_trl_summarises_seeds_by_pair():
     text = table(runs, 5)
     assert text.count("| workbench |") == 2 and "| 0 | 1 | TRL GKDTrainer |" in text
     assert "| 0 | 2 | 15.0 +- 7.1 | 13.0 +- 1.4 | 1.10-1.50x | 2.00-3.00x |" in text
+
+
+@pytest.mark.parametrize("precision,checkpointing", [("no", False), ("bf16", True)])
+def test_trl_runs_in_our_precision_and_checkpointing(precision, checkpointing):
+    """TRL's configs default to bf16 autocast and gradient checkpointing; vs_trl / vs_gold set TRL to the
+    recipe's own (fp32 and none by default), so the benchmark compares trainers, not precisions."""
+    pytest.importorskip("trl.experimental.gkd")
+    from trl.experimental.gkd import GKDConfig
+
+    from workbench.bench.vs_trl import trl_training_args
+    from workbench.config import TrainConfig
+
+    args = GKDConfig(**trl_training_args(TrainConfig(mixed_precision=precision, gradient_checkpointing=checkpointing),
+                                         5, "/tmp/unused"))
+    assert args.bf16 is (precision == "bf16") and args.fp16 is False
+    assert args.gradient_checkpointing is checkpointing

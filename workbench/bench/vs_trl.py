@@ -144,8 +144,12 @@ def _child(framework: str, steps: int, lmbda: float, out: str, seed: int = 0) ->
 
 def trl_training_args(t, steps: int, out: str) -> dict:
     """TRL (transformers TrainingArguments) settings equal to our TrainConfig `t`: batch, optimizer,
-    cosine schedule with warm-up and minimum, clipping, seeds; no saving, logging or progress bar."""
-    return dict(output_dir=out, max_steps=steps, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
+    cosine schedule with warm-up and minimum, clipping, seeds, precision and gradient checkpointing; no saving,
+    logging or progress bar. (TRL's configs default to bf16 autocast and gradient checkpointing, where
+    transformers' TrainingArguments and our recipes default to neither: left at TRL's defaults, the two
+    would compare precisions and a memory-for-time trade, not trainers.)"""
+    return dict(bf16=t.mixed_precision == "bf16", fp16=t.mixed_precision == "fp16",
+                gradient_checkpointing=t.gradient_checkpointing, output_dir=out, max_steps=steps, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
                 learning_rate=t.lr, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio},
                 warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, adam_beta1=t.betas[0], adam_beta2=t.betas[1],
                 max_grad_norm=t.grad_clip, save_strategy="no", report_to=[], seed=t.seed, data_seed=t.seed,
