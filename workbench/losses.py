@@ -192,10 +192,14 @@ class LogitDivergence(nn.Module):
         else:  # a teacher may mask tokens with -inf logits; in place: t needs no gradient
             s = None if self.closed_form else F.log_softmax(student_logits.float() / T, dim=-1)
             with torch.no_grad():
-                t = F.log_softmax(teacher.float() / T, dim=-1).clamp_(min=_NEG)
+                t = F.log_softmax(teacher.float() if T == 1.0 else teacher.float() / T, dim=-1).clamp_(min=_NEG)
         # rows that do not count are selected away, not multiplied by 0: whatever the teacher holds there
-        # (NaN, +inf) must not reach the value or, through 0 * NaN, the gradient
-        t = t.masked_fill(~valid[:, None], 0.0)
+        # (NaN, +inf) must not reach the value or, through 0 * NaN, the gradient. A dense teacher's t is
+        # this call's own tensor (zeroed in place, on its invalid rows only); a top-k teacher's is not
+        if isinstance(teacher, TopKTeacher):
+            t = t.masked_fill(~valid[:, None], 0.0)
+        elif not bool(valid.all()):
+            t[~valid] = 0.0
         if s is None:  # dense teacher, closed form
             return _ClosedFormDivergence.apply(student_logits, t, valid, self.kind, T, self.beta,
                                                torch.is_grad_enabled())
@@ -217,23 +221,33 @@ class _ClosedFormDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, t, valid, kind, T, beta, grad_mode):
         # z [N, V] student logits (any float dtype); t [N, V] fp32 teacher log-probabilities at T, finite
-        # (log 0 = _NEG), 0 on invalid rows; valid [N] bool
-        s = F.log_softmax(z.float() / T, dim=-1)
+        # (log 0 = _NEG), 0 on invalid rows, and the caller's own: it is overwritten; valid [N] bool.
+        # Every step is a pass over [N, V] (memory-bound on a CPU), so each reuses a buffer in place where
+        # it can and the row sums are dot products (torch.linalg.vecdot), not a product then a sum.
+        s = F.log_softmax(z.float() if T == 1.0 else z.float() / T, dim=-1)
         ps, pt = s.exp(), t.exp()
+        g = None
         if kind == "forward_kl":
-            rows = (pt * (t - s)).sum(-1)
-            g = pt.neg() if grad_mode else None
+            rows = torch.linalg.vecdot(pt, t.sub_(s))  # sum p_t (t - s)
+            if grad_mode:  # (g - p_s sum(g)) T with g = -p_t
+                g = ps.mul_(pt.sum(-1, keepdim=True)).sub_(pt)
+                if T != 1.0:
+                    g.mul_(T)
         else:
             # the mixture in probability space, floored at the smallest normal float (where both vanish, m
             # only ever multiplies a vanishing p): one log instead of logaddexp's exp, log1p and max
-            m = (pt * beta).add_(ps, alpha=1.0 - beta).clamp_min_(torch.finfo(torch.float32).tiny).log_()
-            d = s - m
-            rows = beta * (pt * t.sub(m)).sum(-1) + (1.0 - beta) * (ps * d).sum(-1)
-            g = d.mul_(ps).mul_(1.0 - beta) if grad_mode else None
+            m = torch.lerp(ps, pt, beta).clamp_min_(torch.finfo(torch.float32).tiny).log_()
+            teacher_part = torch.linalg.vecdot(pt, t.sub_(m))  # sum p_t (t - m)
+            d = s.sub_(m)
+            student_part = torch.linalg.vecdot(ps, d)  # sum p_s (s - m)
+            rows = beta * teacher_part + (1.0 - beta) * student_part
+            if grad_mode:  # g = (1 - b) p_s d, sum(g) = (1 - b) student_part: (g - p_s sum(g)) T
+                g = d.sub_(student_part[:, None]).mul_(ps).mul_((1.0 - beta) * T)
         total = torch.where(valid, rows, 0.0).sum() * (T * T)
         if g is not None:
-            g = g.sub_(ps * g.sum(-1, keepdim=True)).mul_(T)  # T^2 / T
-            g = g.masked_fill_(~valid[:, None], 0.0).to(z.dtype)
+            if not bool(valid.all()):
+                g[~valid] = 0.0
+            g = g.to(z.dtype)
             ctx.save_for_backward(g)
         return total
 
