@@ -655,6 +655,8 @@ def test_vs_trl_summarises_seeds_by_pair():
     text = table(runs, 5)
     assert text.count("| workbench |") == 2 and "| 0 | 1 | TRL GKDTrainer |" in text
     assert "| 0 | 2 | 15.0 +- 7.1 | 13.0 +- 1.4 | 1.10-1.50x | 2.00-3.00x |" in text
+    # the table says in which precision TRL ran
+    assert "Both in fp32" in text and "TRL at its own defaults: bf16" in table(runs, 5, trl_defaults=True)
 
 
 @pytest.mark.parametrize("precision,checkpointing", [("no", False), ("bf16", True)])

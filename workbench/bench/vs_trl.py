@@ -120,7 +120,7 @@ def _setup(out: str, seed: int = 0, teacher: str | None = None, overrides=()):
     return accelerator, recipe, tok, packed, teacher, student
 
 
-def _child(framework: str, steps: int, lmbda: float, out: str, seed: int = 0) -> dict:
+def _child(framework: str, steps: int, lmbda: float, out: str, seed: int = 0, trl_defaults: bool = False) -> dict:
     import dataclasses
 
     from workbench import trainer as T
@@ -135,7 +135,7 @@ def _child(framework: str, steps: int, lmbda: float, out: str, seed: int = 0) ->
             seconds = T.train(recipe, accelerator, student, tok, packed, teacher=teacher,
                               kd_vocab=len(tok)).metrics["train_seconds"]
         else:
-            seconds = _train_trl(recipe, student, teacher, tok, packed, steps, lmbda, out)
+            seconds = _train_trl(recipe, student, teacher, tok, packed, steps, lmbda, out, trl_defaults)
     ppl = T.evaluate_perplexity(student, packed.val, BATCH, 0, accelerator)
     return {"framework": framework, "lambda": lmbda, "seed": seed, "steps": steps, "seconds": seconds,
             "tokens_per_s": steps * BATCH * SEQ / seconds, "peak_rise_mib": mem.rise_mib, "val_ppl": ppl,
@@ -156,13 +156,17 @@ def trl_training_args(t, steps: int, out: str) -> dict:
                 dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
 
 
-def _train_trl(recipe, student, teacher, tok, packed, steps: int, lmbda: float, out: str) -> float:
+def _train_trl(recipe, student, teacher, tok, packed, steps: int, lmbda: float, out: str,
+               trl_defaults: bool = False) -> float:
     """Train `student` with TRL's GKDTrainer; -> its train_runtime (seconds)."""
-    return trl_trainer(recipe, student, teacher, tok, packed, steps, lmbda, out).train().metrics["train_runtime"]
+    return trl_trainer(recipe, student, teacher, tok, packed, steps, lmbda, out,
+                       trl_defaults).train().metrics["train_runtime"]
 
 
-def trl_trainer(recipe, student, teacher, tok, packed, steps: int, lmbda: float, out: str):
-    """TRL's GKDTrainer set up as our trainer is: same data, settings, student and teacher."""
+def trl_trainer(recipe, student, teacher, tok, packed, steps: int, lmbda: float, out: str,
+                trl_defaults: bool = False):
+    """TRL's GKDTrainer set up as our trainer is: same data, settings, student and teacher. `trl_defaults`:
+    precision and gradient checkpointing left at TRL's own defaults (bf16 autocast, checkpointing on)."""
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
@@ -180,7 +184,11 @@ def trl_trainer(recipe, student, teacher, tok, packed, steps: int, lmbda: float,
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
                 "prompts": ids[:, :PROMPT], "prompt_attention_mask": torch.ones_like(ids[:, :PROMPT])}
 
-    args = GKDConfig(**trl_training_args(recipe.train, steps, out), logging_steps=10, lmbda=lmbda, beta=0.5,
+    kwargs = trl_training_args(recipe.train, steps, out)
+    if trl_defaults:
+        for key in ("bf16", "fp16", "gradient_checkpointing"):
+            kwargs.pop(key)
+    args = GKDConfig(**kwargs, logging_steps=10, lmbda=lmbda, beta=0.5,
                      temperature=1.0, max_new_tokens=NEW, max_length=SEQ, train_sampling_strategy="sequential")
     return GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds, data_collator=collate,
                       processing_class=tok)
@@ -192,11 +200,14 @@ def main(argv=None) -> int:
     ap.add_argument("--lambdas", type=float, nargs="*", default=[0.0, 0.5])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed of each pair of runs")
     ap.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
+    ap.add_argument("--trl-defaults", action="store_true",
+                    help="TRL at its own precision and checkpointing defaults (bf16 autocast, gradient checkpointing) "
+                         "instead of the recipe's (fp32, none)")
     ap.add_argument("--child", nargs=4, metavar=("FRAMEWORK", "LAMBDA", "OUT", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         fw, lmbda, out, seed = args.child
-        print("RESULT " + json.dumps(_child(fw, args.steps, float(lmbda), out, int(seed))))
+        print("RESULT " + json.dumps(_child(fw, args.steps, float(lmbda), out, int(seed), args.trl_defaults)))
         return 0
     results = []
     for lmbda in args.lambdas:
@@ -204,18 +215,18 @@ def main(argv=None) -> int:
             for fw in ("trl", "ours"):
                 out = str(_report.REPO / "outputs" / "bench_vs_trl" / f"{fw}-{lmbda:g}-{seed}")
                 cmd = [sys.executable, "-m", "workbench.bench.vs_trl", "--steps", str(args.steps), "--child", fw,
-                       str(lmbda), out, str(seed)]
+                       str(lmbda), out, str(seed)] + (["--trl-defaults"] if args.trl_defaults else [])
                 done = subprocess.run(cmd, cwd=_report.REPO, capture_output=True, text=True)
                 if done.returncode:
                     raise RuntimeError(f"{fw} lambda={lmbda} seed={seed} failed:\n{done.stdout[-2000:]}\n"
                                        f"{done.stderr[-4000:]}")
                 results.append(json.loads(done.stdout.split("RESULT ", 1)[1].splitlines()[0]))
                 print(results[-1], flush=True)
-    _report.publish(table(results, args.steps), record=not args.no_record)
+    _report.publish(table(results, args.steps, args.trl_defaults), record=not args.no_record)
     return 0
 
 
-def table(results: list[dict], steps: int) -> str:
+def table(results: list[dict], steps: int, trl_defaults: bool = False) -> str:
     """The BENCHMARKS.md section: a row per run (each of ours beside the TRL run of its seed), and with
     several seeds a summary per lambda (perplexity mean +- sd, speed and memory ratios per seed pair)."""
     import statistics
@@ -228,7 +239,9 @@ def table(results: list[dict], steps: int) -> str:
              "embedded corpus; generalised JSD (beta 0.5); lambda > 0: continuations of 64-token prompts, 64 new "
              f"tokens at temperature 1. Peak memory: rise during training ({results[0]['memory_kind']}). Fresh "
              "process per run; both read the same blocks in the same order, set with the student's initialisation by "
-             "the seed.", "",
+             "the seed. " + ("TRL at its own defaults: bf16 autocast and gradient checkpointing; ours in fp32 without."
+                             if trl_defaults else "Both in fp32 without gradient checkpointing (the recipe's settings)."),
+             "",
              "| lambda | seed | trainer | wall s | tokens/s | peak memory rise MiB | validation ppl | speed ours/TRL | "
              "memory TRL/ours |", "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     pairs = {}  # (lambda, seed) -> {"trl": result, "ours": result}
