@@ -275,3 +275,35 @@ def test_slurm_script_is_valid_bash_and_names_real_configs():
     text = script.read_text()
     assert "resume=true" in text and "--signal=TERM" in text
     assert (REPO / "launch_scripts" / "accelerate" / "zero3.yaml").exists()
+
+
+def test_optimizer_is_torchs_fused_adamw_and_updates_as_the_plain_one():
+    """make_optimizer takes torch's fused AdamW (transformers' Trainer default) for floating CPU parameters;
+    five updates land where the unfused AdamW's do, to float rounding."""
+    import types
+
+    import torch
+    from accelerate import Accelerator
+
+    from workbench import distributed as dist
+
+    torch.manual_seed(0)
+    shapes = [(64, 32), (32,), (16, 64)]
+    a = [torch.randn(s, requires_grad=True) for s in shapes]
+    b = [p.detach().clone().requires_grad_() for p in a]
+    cfg = types.SimpleNamespace(lr=1e-2, betas=(0.9, 0.95))
+    groups = [{"params": a[::2], "weight_decay": 0.1}, {"params": a[1:2], "weight_decay": 0.0}]
+    ours = dist.make_optimizer(groups, cfg, Accelerator(cpu=True))
+    assert ours.defaults["fused"] is True
+    plain = torch.optim.AdamW([{"params": b[::2], "weight_decay": 0.1}, {"params": b[1:2], "weight_decay": 0.0}],
+                              lr=1e-2, betas=(0.9, 0.95), fused=False, foreach=False)
+    for _ in range(5):
+        for p, q in zip(a, b):
+            p.grad = torch.randn(p.shape)
+            q.grad = p.grad.clone()
+        ours.step()
+        plain.step()
+    for p, q in zip(a, b):
+        assert not torch.equal(p, torch.zeros_like(p))
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    assert dist._can_fuse_adamw([{"params": [torch.zeros(2, dtype=torch.float64, device="meta")]}]) is False

@@ -166,12 +166,21 @@ def make_optimizer(param_groups, cfg, accelerator):
     of GPU processes. On machines without GPUs, DeepSpeed's offload path with DeepSpeedCPUAdam does not
     reproduce a single-process run (measured with 2 gloo processes, DeepSpeed 0.19.8: the first update
     already differs, while DeepSpeedCPUAdam alone matches torch's AdamW), so CPU processes keep torch's
-    AdamW on the offloaded fp32 partitions, which matches exactly."""
+    AdamW on the offloaded fp32 partitions, which matches exactly. Fused where the parameters allow it."""
     if offloads_optimizer(accelerator) and torch.cuda.is_available():
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), adamw_mode=True)
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=_can_fuse_adamw(param_groups))
+
+
+def _can_fuse_adamw(param_groups) -> bool:
+    """torch's fused AdamW (one kernel over all tensors; what transformers' Trainer uses by default) where
+    it applies: floating-point parameters on the CPU or a CUDA device. Under the profiler on 2 CPU cores the
+    `vs_trl` student's unfused update took 7.7 ms a step, TRL's fused one 2.9 ms; the update is the same
+    formula to float rounding (tests compare it)."""
+    params = [p for g in param_groups for p in g["params"]]
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def place_teacher(teacher, recipe: Recipe, accelerator):
