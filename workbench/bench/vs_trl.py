@@ -2,7 +2,8 @@
 data, steps and settings: generalised JSD (beta 0.5, no temperature, no cross-entropy), lambda = 0
 (off-policy) and lambda > 0 (student-generated continuations of 64-token prompts, 64 new tokens, sampled
 at temperature 1). Same student initialisation, optimizer (AdamW, betas 0.9/0.95, weight decay 0.1),
-cosine schedule with warm-up and minimum, gradient clipping, batch size.
+cosine schedule with warm-up and minimum, gradient clipping, batch size, precision (fp32) and no
+gradient checkpointing (`--trl-defaults`: TRL at its own, bf16 autocast and checkpointing).
 
     python -m workbench.bench.vs_trl                       # 100 steps, lambda 0 and 0.5, appends to BENCHMARKS.md
     python -m workbench.bench.vs_trl --seeds 0 1 2         # each seed: both frameworks, back to back
@@ -149,7 +150,8 @@ def trl_training_args(t, steps: int, out: str) -> dict:
     transformers' TrainingArguments and our recipes default to neither: left at TRL's defaults, the two
     would compare precisions and a memory-for-time trade, not trainers.)"""
     return dict(bf16=t.mixed_precision == "bf16", fp16=t.mixed_precision == "fp16",
-                gradient_checkpointing=t.gradient_checkpointing, output_dir=out, max_steps=steps, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
+                gradient_checkpointing=t.gradient_checkpointing,
+                output_dir=out, max_steps=steps, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
                 learning_rate=t.lr, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio},
                 warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, adam_beta1=t.betas[0], adam_beta2=t.betas[1],
                 max_grad_norm=t.grad_clip, save_strategy="no", report_to=[], seed=t.seed, data_seed=t.seed,
