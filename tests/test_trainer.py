@@ -673,3 +673,5 @@ def test_trl_runs_in_our_precision_and_checkpointing(precision, checkpointing):
                                          5, "/tmp/unused"))
     assert args.bf16 is (precision == "bf16") and args.fp16 is False
     assert args.gradient_checkpointing is checkpointing
+    theirs = GKDConfig(**trl_training_args(TrainConfig(), 5, "/tmp/unused", trl_defaults=True))  # --trl-defaults
+    assert theirs.bf16 is True and theirs.gradient_checkpointing is True

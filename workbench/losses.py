@@ -53,6 +53,12 @@ def _mix(la: torch.Tensor, lb: torch.Tensor, w: float) -> torch.Tensor:
     return torch.logaddexp(la + math.log(w), lb + math.log1p(-w))
 
 
+def _log_softmax_at(logits: torch.Tensor, T: float) -> torch.Tensor:
+    """fp32 log_softmax(logits / T) over the last dimension; no division (a full pass and a copy) at T = 1."""
+    x = logits.float()
+    return F.log_softmax(x if T == 1.0 else x / T, dim=-1)
+
+
 def forward_kl(s, t, **_):
     """KL(teacher || student): mass-covering (Hinton)."""
     return _kl(t, s)
@@ -187,12 +193,12 @@ class LogitDivergence(nn.Module):
         T = self.temperature
         valid = labels != self.ignore_index  # [N]
         if isinstance(teacher, TopKTeacher):  # an empty bucket is -inf
-            s = F.log_softmax(student_logits.float() / T, dim=-1)  # finite: the student's logits are
+            s = _log_softmax_at(student_logits, T)  # finite: the student's logits are
             s, t = _bucketise(s, teacher.indices).clamp(min=_NEG), teacher.logp.float().clamp(min=_NEG)
         else:  # a teacher may mask tokens with -inf logits; in place: t needs no gradient
-            s = None if self.closed_form else F.log_softmax(student_logits.float() / T, dim=-1)
+            s = None if self.closed_form else _log_softmax_at(student_logits, T)
             with torch.no_grad():
-                t = F.log_softmax(teacher.float() if T == 1.0 else teacher.float() / T, dim=-1).clamp_(min=_NEG)
+                t = _log_softmax_at(teacher, T).clamp_(min=_NEG)
         # rows that do not count are selected away, not multiplied by 0: whatever the teacher holds there
         # (NaN, +inf) must not reach the value or, through 0 * NaN, the gradient. A dense teacher's t is
         # this call's own tensor (zeroed in place, on its invalid rows only); a top-k teacher's is not
@@ -224,7 +230,7 @@ class _ClosedFormDivergence(torch.autograd.Function):
         # (log 0 = _NEG), 0 on invalid rows, and the caller's own: it is overwritten; valid [N] bool.
         # Every step is a pass over [N, V] (memory-bound on a CPU), so each reuses a buffer in place where
         # it can and the row sums are dot products (torch.linalg.vecdot), not a product then a sum.
-        s = F.log_softmax(z.float() if T == 1.0 else z.float() / T, dim=-1)
+        s = _log_softmax_at(z, T)
         ps, pt = s.exp(), t.exp()
         g = None
         if kind == "forward_kl":

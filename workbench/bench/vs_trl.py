@@ -143,14 +143,16 @@ def _child(framework: str, steps: int, lmbda: float, out: str, seed: int = 0, tr
             "memory_kind": "CUDA allocated" if accelerator.device.type == "cuda" else "resident set"}
 
 
-def trl_training_args(t, steps: int, out: str) -> dict:
+def trl_training_args(t, steps: int, out: str, trl_defaults: bool = False) -> dict:
     """TRL (transformers TrainingArguments) settings equal to our TrainConfig `t`: batch, optimizer,
     cosine schedule with warm-up and minimum, clipping, seeds, precision and gradient checkpointing; no saving,
     logging or progress bar. (TRL's configs default to bf16 autocast and gradient checkpointing, where
     transformers' TrainingArguments and our recipes default to neither: left at TRL's defaults, the two
-    would compare precisions and a memory-for-time trade, not trainers.)"""
-    return dict(bf16=t.mixed_precision == "bf16", fp16=t.mixed_precision == "fp16",
-                gradient_checkpointing=t.gradient_checkpointing,
+    would compare precisions and a memory-for-time trade, not trainers.) `trl_defaults`: precision and
+    checkpointing left to TRL (bf16 autocast, checkpointing on)."""
+    ours = {} if trl_defaults else dict(bf16=t.mixed_precision == "bf16", fp16=t.mixed_precision == "fp16",
+                                        gradient_checkpointing=t.gradient_checkpointing)
+    return dict(**ours,
                 output_dir=out, max_steps=steps, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
                 learning_rate=t.lr, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio},
                 warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, adam_beta1=t.betas[0], adam_beta2=t.betas[1],
@@ -186,12 +188,8 @@ def trl_trainer(recipe, student, teacher, tok, packed, steps: int, lmbda: float,
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
                 "prompts": ids[:, :PROMPT], "prompt_attention_mask": torch.ones_like(ids[:, :PROMPT])}
 
-    kwargs = trl_training_args(recipe.train, steps, out)
-    if trl_defaults:
-        for key in ("bf16", "fp16", "gradient_checkpointing"):
-            kwargs.pop(key)
-    args = GKDConfig(**kwargs, logging_steps=10, lmbda=lmbda, beta=0.5,
-                     temperature=1.0, max_new_tokens=NEW, max_length=SEQ, train_sampling_strategy="sequential")
+    args = GKDConfig(**trl_training_args(recipe.train, steps, out, trl_defaults), logging_steps=10, lmbda=lmbda,
+                     beta=0.5, temperature=1.0, max_new_tokens=NEW, max_length=SEQ, train_sampling_strategy="sequential")
     return GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds, data_collator=collate,
                       processing_class=tok)
 
