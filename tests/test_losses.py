@@ -401,9 +401,9 @@ def test_auto_chunk_bounds_chunk_memory():
     assert losses.auto_chunk(4096) == 512 and losses.auto_chunk(10**9) == 32
     assert losses.auto_chunk(128_256) == 32 and losses.auto_chunk(128_256) * 128_256 * 4 < 32 << 20
     assert math.isclose(losses.auto_chunk(32_000) * 32_000, 1 << 21, rel_tol=0.01)
-    # a fused output layer of width H: at least H / 16 rows, so a chunk's traffic over the [V, H] weights
-    # and their gradient is amortised (H = 4096, V = 128,256: 256 rows)
-    assert losses.auto_chunk(128_256, 4096) == 256 and losses.auto_chunk(128_256, 256) == 32
+    # a fused output layer of width H: at least H / 32 rows, so a chunk's traffic over the [V, H] weights
+    # and their gradient is amortised (H = 4096, V = 128,256: 128 rows)
+    assert losses.auto_chunk(128_256, 4096) == 128 and losses.auto_chunk(128_256, 256) == 32
     assert losses.auto_chunk(4096, 4096) == 512
 
 
@@ -503,22 +503,26 @@ def test_tvd_scales_by_t_so_its_gradient_keeps_its_size():
     torch.testing.assert_close(a, 4 * b)
 
 
-def test_chunked_loss_allocates_no_gradient_buffers_under_no_grad(monkeypatch):
+@pytest.mark.parametrize("name", ["cross_entropy", "reverse_kl"])  # closed form / through autograd
+def test_chunked_loss_allocates_no_gradient_buffers_under_no_grad(name, monkeypatch):
     """Evaluation (torch.no_grad) with an output layer that requires grad: no [V, H] fp32 gradient buffer
     and no per-chunk gradient pass."""
-    h, W = torch.randn(8, 4, requires_grad=True), torch.randn(10, 4, requires_grad=True)
+    h, W, t = torch.randn(8, 4, requires_grad=True), torch.randn(10, 4, requires_grad=True), torch.randn(8, 10)
+    fn, teacher, labels = _objective(name), (lambda a, b: t[a:b]), {"labels": torch.zeros(8, dtype=torch.long)}
     calls = []
     real_zeros = torch.zeros_like
     monkeypatch.setattr(torch, "zeros_like", lambda x, **kw: calls.append(tuple(x.shape)) or real_zeros(x, **kw))
     real_grad = torch.autograd.grad
     monkeypatch.setattr(torch.autograd, "grad", lambda *a, **kw: calls.append("grad") or real_grad(*a, **kw))
+    formed = []
+    real_closed = losses._closed_form
+    monkeypatch.setattr(losses, "_closed_form", lambda *a: formed.append(a[-1]) or real_closed(*a))
     with torch.no_grad():
-        total, _ = losses.chunked_logit_loss(_objective("cross_entropy"), h, {"labels": torch.zeros(8, dtype=torch.long)},
-                                             weight=W, chunk=3)
+        total, _ = losses.chunked_logit_loss(fn, h, labels, teacher, weight=W, chunk=3)
     assert calls == [] and total.item() > 0
-    total, _ = losses.chunked_logit_loss(_objective("cross_entropy"), h, {"labels": torch.zeros(8, dtype=torch.long)},
-                                         weight=W, chunk=3)
-    assert (10, 4) in calls and "grad" in calls  # with grad, both are there
+    total, _ = losses.chunked_logit_loss(fn, h, labels, teacher, weight=W, chunk=3)
+    assert (10, 4) in calls  # with grad, the gradient buffer is there
+    assert ("grad" in calls) == (name == "reverse_kl")  # and autograd only where no closed form exists
 
 
 def test_attention_kl_is_teacher_to_student_on_peaked_maps():
@@ -557,3 +561,121 @@ def test_a_second_backward_through_the_chunked_loss_is_refused():
     total.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward pass"):
         total.backward()
+
+
+# --------------------------------------------------------------------------------------------- closed-form chunks
+
+
+@pytest.mark.parametrize("names", [("jsd",), ("forward_kl",), ("cross_entropy",), ("forward_kl", "cross_entropy"),
+                                   ("cross_entropy", "jsd", "forward_kl")])
+@pytest.mark.parametrize("fused_teacher", [True, False])
+def test_closed_form_chunks_equal_the_dense_reference(names, fused_teacher, monkeypatch):
+    """Objectives of cross-entropy and closed-form divergences skip autograd inside a chunk (value and
+    gradient formed in place, in the chunk's own logits): equal to the dense formula through autograd,
+    values and gradients, with masked rows and -inf teacher logits; a teacher given as rows of the
+    caller's tensor (not fresh) is left untouched."""
+    torch.manual_seed(3)
+    N, H, Ht, V = 23, 8, 5, 41
+    h = torch.randn(N, H, requires_grad=True)
+    W = torch.randn(V, H, requires_grad=True)
+    b = torch.randn(V, requires_grad=True)
+    ht, Wt = torch.randn(N, Ht), torch.randn(V, Ht)
+    t_all = ht @ Wt.T
+    t_all[:, 7] = float("-inf")
+    t_all[4] = float("nan")  # an ignored row: must not reach value or gradient
+    kept = t_all.clone()
+    labels = torch.randint(0, V, (N,))
+    labels[[4, 9]] = -100
+    fn = losses.LogitObjective([LossTerm(n, weight=0.3 + 0.2 * i, temperature=1.0 + 0.5 * i)
+                                for i, n in enumerate(names)])
+    if fused_teacher:
+        def teacher(a, z):
+            return t_all[a:z].clone()
+        teacher.fresh = True
+    else:
+        def teacher(a, z):
+            return t_all[a:z]
+    calls = []
+    real_grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **kw: calls.append(1) or real_grad(*a, **kw))
+    total, parts = losses.chunked_logit_loss(fn, h, {"labels": labels}, teacher, W, b, chunk=6)
+    total.mul(0.7).backward()
+    assert calls == []  # no autograd inside the chunks
+    got = [h.grad.clone(), W.grad.clone(), b.grad.clone()]
+    assert torch.equal(t_all.nan_to_num(), kept.nan_to_num())
+    for p in (h, W, b):
+        p.grad = None
+    keep = labels != -100
+    for m in fn.losses:  # the reference: autograd through the textbook formulas
+        m.closed_form = False
+    ref_total, ref_parts = fn((h @ W.T + b)[keep], t_all[keep], {"labels": labels[keep]})
+    ref_total.mul(0.7).backward()
+    torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(parts, ref_parts, rtol=1e-5, atol=1e-5)
+    for g, p in zip(got, (h, W, b)):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_closed_form_chunks_over_given_logits_leave_them_untouched():
+    """Over materialised logits (no output layer to fuse) the chunk is a view of the caller's tensor: the
+    closed form must not overwrite it."""
+    s, t, labels = _data(N=17, V=23)
+    x = s.clone().requires_grad_()
+    fn = _objective("forward_kl", "cross_entropy")
+    total, _ = losses.chunked_logit_loss(fn, x, {"labels": labels}, lambda a, b: t[a:b], chunk=5)
+    (g,) = torch.autograd.grad(total, x)
+    assert torch.equal(x.detach(), s)
+    ref, _ = fn(s.clone().requires_grad_(), t, {"labels": labels})
+    torch.testing.assert_close(total, ref)
+
+
+def _peak_live_full_size(run, rows: int, vocab: int) -> int:
+    """The most tensors of at least rows x vocab fp32 elements alive at once while `run` executes
+    (counted at the dispatcher: every op's outputs, freed when their storage is)."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    live, peak, seen = [0], [0], set()
+
+    def gone(key):
+        seen.discard(key)
+        live[0] -= 1
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(o, torch.Tensor) and o.untyped_storage().nbytes() >= rows * vocab * 4:
+                    key = o.untyped_storage().data_ptr()
+                    if key not in seen:
+                        seen.add(key)
+                        live[0] += 1
+                        peak[0] = max(peak[0], live[0])
+                        weakref.finalize(o.untyped_storage(), gone, key)
+            return out
+
+    with Count():
+        run()
+    return peak[0]
+
+
+def test_a_fused_jsd_chunk_holds_four_full_size_tensors():
+    """Liger's setting in miniature (one chunk of rows x a wide vocabulary): the fused generalised JSD
+    holds at most four [rows, V] fp32 tensors at once (student and teacher logits, overwritten by their
+    log-probabilities, p_s and the mixture); through autograd it held seven."""
+    torch.manual_seed(0)
+    N, H, V = 32, 4, 1 << 19  # scratch blocks of 8 rows: smaller than a full-size tensor
+    h = torch.randn(N, H, requires_grad=True)
+    W = torch.randn(V, H, requires_grad=True)
+    ht, Wt = torch.randn(N, H), torch.randn(V, H)
+    labels = torch.randint(0, V, (N,))
+    fn = losses.LogitObjective([LossTerm("jsd", 1.0, beta=0.5)])
+    rows = losses._teacher_rows(losses.ModelOutputs(final_hidden=ht, head_weight=Wt), N, None)
+
+    def run():
+        total, _ = losses.chunked_logit_loss(fn, h, {"labels": labels}, rows, W, None, chunk=N)
+        total.backward()
+
+    assert _peak_live_full_size(run, N, V) <= 4

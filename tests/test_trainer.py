@@ -297,8 +297,14 @@ def test_resume_continues_bit_for_bit(tmp_path, tiny_teacher, accelerator, monke
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path, accelerator, monkeypatch):
     from workbench import losses
 
-    real = losses.CrossEntropy.forward
+    real, real_vg = losses.CrossEntropy.forward, losses.CrossEntropy.value_and_grad
     monkeypatch.setattr(losses.CrossEntropy, "forward", lambda self, s, t, y: real(self, s, t, y) * float("nan"))
+
+    def value_and_grad(self, *a, **kw):  # the closed-form path of the chunked loss
+        value, g = real_vg(self, *a, **kw)
+        return value * float("nan"), g
+
+    monkeypatch.setattr(losses.CrossEntropy, "value_and_grad", value_and_grad)
     with pytest.raises(FloatingPointError, match="non-finite loss or gradient norm at or before step 1"):
         run(fast_recipe("sft_tiny", tmp_path), accelerator)
     assert trainer.checkpoints(tmp_path) == []  # nothing poisoned was saved

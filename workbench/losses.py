@@ -165,6 +165,20 @@ class CrossEntropy(nn.Module):
     ) -> torch.Tensor:  # [] fp32
         return F.cross_entropy(student_logits.float(), labels, ignore_index=self.ignore_index, reduction="sum")
 
+    def value_and_grad(self, z, teacher, labels, want_grad=True, own_z=False, own_t=False):
+        """forward() and its gradient with respect to z [N, V] fp32 (softmax - one-hot on valid rows) without
+        autograd; with own_z both are formed in z's storage (overwritten). -> (value [], gradient or None)."""
+        valid = labels != self.ignore_index
+        idx = labels.clamp(min=0)[:, None]
+        logp = _log_softmax_(z if own_z else z.clone(), 1.0)
+        value = -torch.where(valid, logp.gather(-1, idx).squeeze(-1), 0.0).sum()
+        if not want_grad:
+            return value, None
+        g = logp.exp_().scatter_add_(-1, idx, torch.full(idx.shape, -1.0, dtype=logp.dtype))
+        if not bool(valid.all()):
+            g[~valid] = 0.0
+        return value, g
+
 
 class LogitDivergence(nn.Module):
     """T^2 * D(p_teacher^T, p_student^T) summed over valid tokens, D one of DIVERGENCES (T * D for tvd).
@@ -213,6 +227,101 @@ class LogitDivergence(nn.Module):
         scale = T if self.kind == "tvd" else T * T
         return torch.where(valid, rows, 0.0).sum() * scale
 
+    def value_and_grad(self, z, teacher, labels, want_grad=True, own_z=False, own_t=False):
+        """forward() and its gradient with respect to z [N, V] fp32, without autograd, for the closed-form
+        divergences against a dense teacher [N, V]. own_z / own_t: z / teacher are the caller's to overwrite
+        (the log-softmaxes are then formed in place, and the gradient in z's storage), so a chunk needs no
+        [N, V] tensor beside its student and teacher logits but the divergence's own one or two."""
+        T = self.temperature
+        valid = labels != self.ignore_index
+        # both sides by the same log-softmax (equal logits give exactly equal log-probabilities)
+        s = _log_softmax_(z if own_z else z.clone(), T)
+        if teacher.dtype != torch.float32:
+            teacher = teacher.float()  # a copy: ours
+        elif not own_t:
+            teacher = teacher.clone()
+        t = _log_softmax_(teacher, T).clamp_(min=_NEG)
+        if not bool(valid.all()):
+            t[~valid] = 0.0
+        return _closed_form(s, t, valid, self.kind, T, self.beta, want_grad)
+
+
+# Row sums over [N, V] go a block of rows at a time through one reused scratch block (out=): a temporary
+# per block (torch.logsumexp's, vecdot's product) is not reused by glibc but page-faulted in anew, so the
+# resident set grew by a block per call (measured: +16 MiB per call at V = 128k, 0.5 GB over one chunk).
+
+
+def _scratch(x: torch.Tensor, n: int = 1, elements: int = 1 << 22) -> torch.Tensor:
+    """n scratch blocks [n, rows, V] for x [N, V], of about `elements` elements each (at least one row)."""
+    rows = min(x.shape[0], max(1, elements // max(x.shape[-1], 1)))
+    return x.new_empty((n, rows, x.shape[-1]), dtype=torch.float32)
+
+
+def _blocks(x: torch.Tensor, buf: torch.Tensor):
+    """(row slice of x, the scratch block's matching rows) for each block of buf's size."""
+    step = buf.shape[1]
+    for a in range(0, x.shape[0], step):
+        n = min(step, x.shape[0] - a)
+        yield slice(a, a + n), buf[:, :n]
+
+
+def _log_softmax_(x: torch.Tensor, T: float, buf: torch.Tensor | None = None) -> torch.Tensor:
+    """log_softmax(x / T) over the last dimension, in place in x (fp32, the caller's own): no [N, V]
+    output beside it, only the scratch block (a row of -inf gives NaN, as F.log_softmax)."""
+    if T != 1.0:
+        x.div_(T)
+    for r, b in _blocks(x, _scratch(x) if buf is None else buf):
+        top = x[r].amax(-1, keepdim=True)
+        top = torch.where(top.isinf(), 0.0, top)
+        lse = torch.sub(x[r], top, out=b[0]).exp_().sum(-1, keepdim=True).log_().add_(top)
+        x[r].sub_(lse)
+    return x
+
+
+def _rowdot(x: torch.Tensor, y: torch.Tensor, buf: torch.Tensor | None = None) -> torch.Tensor:
+    """sum(x * y, -1) for [N, V] fp32 tensors, a block of rows at a time (torch.linalg.vecdot forms the
+    whole product first: one more [N, V] tensor)."""
+    out = x.new_empty(x.shape[0], dtype=torch.float32)
+    for r, b in _blocks(x, _scratch(x) if buf is None else buf):
+        torch.sum(torch.mul(x[r], y[r], out=b[0]), -1, out=out[r])
+    return out
+
+
+def _closed_form(s, t, valid, kind, T, beta, grad_mode):
+    """The value and gradient of _ClosedFormDivergence. s [N, V]: the student's fp32 log-probabilities at T,
+    t: the teacher's (finite, 0 on invalid rows); both the caller's own: overwritten (the gradient is
+    returned in s's storage). -> (sum over valid rows of T^2 * D [], dL/dz [N, V] fp32 or None).
+    Every step is a pass over [N, V] (memory-bound on a CPU), so each reuses a buffer in place where it
+    can and the row sums go over blocks of rows (_rowdot): at most two [N, V] tensors beside s and t (JSD;
+    forward KL one), and two scratch blocks."""
+    g, buf = None, _scratch(s, 2)
+    if kind == "forward_kl":
+        pt = t.exp()
+        rows = _rowdot(pt, t.sub_(s), buf)  # sum p_t (t - s)
+        if grad_mode:  # (g - p_s sum(g)) T with g = -p_t
+            g = s.exp_().mul_(pt.sum(-1, keepdim=True)).sub_(pt)
+            if T != 1.0:
+                g.mul_(T)
+    else:
+        ps = s.exp()
+        # the mixture in probability space, in p_t's buffer, floored at the smallest normal float (where both
+        # vanish, m only ever multiplies a vanishing p): one log instead of logaddexp's exp, log1p and max
+        m = t.exp()
+        m = torch.lerp(ps, m, beta, out=m).clamp_min_(torch.finfo(torch.float32).tiny).log_()
+        # sum p_t (t - m), a few rows at a time: p_t again from t, so no second full-size buffer holds it
+        teacher_part = t.new_empty(t.shape[0])
+        for r, b in _blocks(t, buf):
+            torch.sum(torch.exp(t[r], out=b[0]).mul_(torch.sub(t[r], m[r], out=b[1])), -1, out=teacher_part[r])
+        d = s.sub_(m)
+        student_part = _rowdot(ps, d, buf)  # sum p_s (s - m)
+        rows = beta * teacher_part + (1.0 - beta) * student_part
+        if grad_mode:  # g = (1 - b) p_s d, sum(g) = (1 - b) student_part: (g - p_s sum(g)) T
+            g = d.sub_(student_part[:, None]).mul_(ps).mul_((1.0 - beta) * T)
+    total = torch.where(valid, rows, 0.0).sum() * (T * T)
+    if g is not None and not bool(valid.all()):
+        g[~valid] = 0.0
+    return total, g
+
 
 class _ClosedFormDivergence(torch.autograd.Function):
     """sum over valid rows of T^2 * D(p_t, p_s), D forward KL or generalised JSD, with the gradient with
@@ -228,33 +337,9 @@ class _ClosedFormDivergence(torch.autograd.Function):
     def forward(ctx, z, t, valid, kind, T, beta, grad_mode):
         # z [N, V] student logits (any float dtype); t [N, V] fp32 teacher log-probabilities at T, finite
         # (log 0 = _NEG), 0 on invalid rows, and the caller's own: it is overwritten; valid [N] bool.
-        # Every step is a pass over [N, V] (memory-bound on a CPU), so each reuses a buffer in place where
-        # it can and the row sums are dot products (torch.linalg.vecdot), not a product then a sum.
-        s = _log_softmax_at(z, T)
-        ps, pt = s.exp(), t.exp()
-        g = None
-        if kind == "forward_kl":
-            rows = torch.linalg.vecdot(pt, t.sub_(s))  # sum p_t (t - s)
-            if grad_mode:  # (g - p_s sum(g)) T with g = -p_t
-                g = ps.mul_(pt.sum(-1, keepdim=True)).sub_(pt)
-                if T != 1.0:
-                    g.mul_(T)
-        else:
-            # the mixture in probability space, floored at the smallest normal float (where both vanish, m
-            # only ever multiplies a vanishing p): one log instead of logaddexp's exp, log1p and max
-            m = torch.lerp(ps, pt, beta).clamp_min_(torch.finfo(torch.float32).tiny).log_()
-            teacher_part = torch.linalg.vecdot(pt, t.sub_(m))  # sum p_t (t - m)
-            d = s.sub_(m)
-            student_part = torch.linalg.vecdot(ps, d)  # sum p_s (s - m)
-            rows = beta * teacher_part + (1.0 - beta) * student_part
-            if grad_mode:  # g = (1 - b) p_s d, sum(g) = (1 - b) student_part: (g - p_s sum(g)) T
-                g = d.sub_(student_part[:, None]).mul_(ps).mul_((1.0 - beta) * T)
-        total = torch.where(valid, rows, 0.0).sum() * (T * T)
+        total, g = _closed_form(_log_softmax_at(z, T), t, valid, kind, T, beta, grad_mode)
         if g is not None:
-            if not bool(valid.all()):
-                g[~valid] = 0.0
-            g = g.to(z.dtype)
-            ctx.save_for_backward(g)
+            ctx.save_for_backward(g.to(z.dtype))
         return total
 
     @staticmethod
@@ -294,22 +379,45 @@ class LogitObjective(nn.Module):
         parts = torch.stack(parts)
         return (parts * parts.new_tensor(self.weights)).sum(), parts
 
+    def fusable(self, teacher) -> bool:
+        """Whether value_and_grad applies: every term is cross-entropy or a closed-form divergence, and
+        the teacher (if any term needs one) is dense logits."""
+        return all(isinstance(m, CrossEntropy) or m.closed_form for m in self.losses) and (
+            not self.needs_teacher or isinstance(teacher, torch.Tensor))
+
+    def value_and_grad(self, z, teacher, rows, want_grad=True, own_z=False, own_t=False):
+        """forward() and the gradient of its total with respect to z [N, V] fp32, without autograd (see
+        fusable()). own_z / own_t: z / teacher may be overwritten (the last term takes z's storage for its
+        gradient; the teacher is only taken when one term reads it). -> (total [], parts, dtotal/dz or None)."""
+        parts, grad = [], None
+        readers = sum(m.needs_teacher for m in self.losses)
+        for i, (w, loss) in enumerate(zip(self.weights, self.losses)):
+            last = i == len(self.losses) - 1
+            labels = rows.get("ce_labels", rows["labels"]) if isinstance(loss, CrossEntropy) else rows["labels"]
+            value, g = loss.value_and_grad(z, teacher if loss.needs_teacher else None, labels, want_grad,
+                                           own_z=own_z and last, own_t=own_t and readers == 1)
+            parts.append(value)
+            if g is not None:
+                grad = g.mul_(w) if grad is None else grad.add_(g, alpha=w)
+        parts = torch.stack(parts)
+        return (parts * parts.new_tensor(self.weights)).sum(), parts, grad
+
 
 # --------------------------------------------------------------------------------------------- chunking
 
 
 def auto_chunk(vocab: int, hidden: int = 0, budget: int = 1 << 21, min_rows: int = 32) -> int:
     """Tokens per chunk: one [chunk, V] fp32 tensor holds about `budget` elements (8 MiB), but at least
-    `min_rows` rows, and at least hidden / 16 when the output layer [V, hidden] is fused into the loss. Measured on a 2-core CPU (BENCHMARKS.md, "KD step"): chunks of 32 MiB and more are
-    slower, not faster: glibc serves allocations of 32 MiB and up with fresh mmap pages, so each of the
-    loss's ~10 temporaries is page-faulted in again per chunk (a 2048 x 4096 loss took 390 ms in one chunk,
-    185-210 ms in chunks of 512 rows); below ~32 rows the output layer's products turn memory-bound (every
-    chunk reads the [V, H] weight three times). Every chunk reads the student's [V, H] output layer twice,
-    the teacher's once and reads and writes the fp32 [V, H] gradient: at H = 4096, V = 128,256 that is 10 GB
-    of memory traffic per chunk, so 32-row chunks made the loss 1.66x slower than dense (BENCHMARKS.md,
-    "KD loss", --liger); hidden / 16 rows keep the chunk's temporaries (~10 x rows x V x 4 bytes) at about
-    0.6 of the weight's own size."""
-    return max(min_rows, budget // max(vocab, 1), hidden // 16)
+    `min_rows` rows, and at least hidden / 32 when the output layer [V, hidden] is fused into the loss.
+    Measured on a 2-core CPU (BENCHMARKS.md, "KD step"): chunks of 32 MiB and more are slower, not faster:
+    glibc serves allocations of 32 MiB and up with fresh mmap pages, so each of the loss's temporaries is
+    page-faulted in again per chunk (a 2048 x 4096 loss took 390 ms in one chunk, 185-210 ms in chunks of
+    512 rows); below ~32 rows the output layer's products turn memory-bound. Every chunk reads the student's
+    [V, H] output layer twice, the teacher's once and reads and writes the fp32 [V, H] gradient: at H = 4096,
+    V = 128,256 that is 10 GB of memory traffic per chunk, so 32-row chunks are slower than the dense loss
+    (1.23x its time on an Intel Xeon), while 128 rows (hidden / 32) took 0.72x its time at 6.6x less memory
+    and 256 rows 0.76x at 5.8x (BENCHMARKS.md, "KD loss", --liger, 3,072 tokens)."""
+    return max(min_rows, budget // max(vocab, 1), hidden // 32)
 
 
 class _ChunkedLogitLoss(torch.autograd.Function):
@@ -335,18 +443,29 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need[2] else None
         total = x.new_zeros((), dtype=torch.float32)
         parts = x.new_zeros(n_parts, dtype=torch.float32)
+        fast = getattr(fn, "fusable", None) is not None and fn.fusable(teacher_chunk(0, 0))
         # bounds: the chunks' row ranges when rows must stay together (a cross-tokenizer group)
         for a, b in bounds or ((a, min(a + chunk, x.shape[0])) for a in range(0, x.shape[0], chunk)):
             h = x[a:b]  # [c, H] or [c, V]
             with torch.no_grad():
                 logits = h if weight is None else F.linear(h, weight, bias)  # [c, V]
-            with torch.enable_grad():
-                logits = logits.detach().requires_grad_(any(need))
-                tot, p = fn(logits, teacher_chunk(a, b), {k: v[a:b] for k, v in rows.items()})
+            teacher = teacher_chunk(a, b)
+            chunk_rows = {k: v[a:b] for k, v in rows.items()}
+            if fast and logits.dtype == torch.float32:  # gradient in closed form, buffers reused in place
+                with torch.no_grad():
+                    tot, p, g = fn.value_and_grad(logits, teacher, chunk_rows, any(need), own_z=weight is not None,
+                                                  own_t=getattr(teacher_chunk, "fresh", False))
+                del logits, teacher
+            else:
+                with torch.enable_grad():
+                    logits = logits.detach().requires_grad_(any(need))
+                    tot, p = fn(logits, teacher, chunk_rows)
+                del teacher
+                if any(need):
+                    (g,) = torch.autograd.grad(tot, logits, allow_unused=True)  # [c, V]
+                    if g is None:  # the objective does not depend on these rows
+                        g = torch.zeros_like(logits)
             if any(need):
-                (g,) = torch.autograd.grad(tot, logits, allow_unused=True)  # [c, V]
-                if g is None:  # the objective does not depend on these rows
-                    g = torch.zeros_like(logits)
                 if weight is None:
                     grad_x[a:b] = g
                 else:
@@ -601,7 +720,9 @@ def _teacher_rows(teacher, n: int, vocab: int | None) -> Callable[[int, int], ob
         w, bias = teacher.head_weight, teacher.head_bias
         if vocab is not None and w.shape[0] != vocab:
             w, bias = w[:vocab], (bias[:vocab] if bias is not None else None)
-        return lambda a, b: F.linear(h[a:b], w, bias)
+        rows = lambda a, b: F.linear(h[a:b], w, bias)  # noqa: E731
+        rows.fresh = True  # a new tensor per call: the loss may overwrite it
+        return rows
     logits = teacher.logits.reshape(n, -1)
     if vocab is not None and logits.shape[-1] != vocab:
         logits = logits[:, :vocab]
