@@ -431,7 +431,10 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         # weight: [V, H] student output layer; bias: [V] or None
         # teacher_chunk(a, b) -> teacher rows a:b (logits, TopKTeacher, dict of them, or None)
         # rows: dict of per-row tensors [N, ...] (labels, ...), sliced along with x
-        # fn(logits [c, V], teacher rows, rows) -> (total [], parts [fn.n_parts])
+        # fn(logits [c, V], teacher rows, rows) -> (total [], parts [fn.n_parts]), through autograd; or, when
+        # fn.fusable(teacher rows) (cross-entropy and closed-form divergences, dense teacher) and the logits
+        # are fp32, fn.value_and_grad, which may overwrite the chunk's logits, and the teacher's rows when
+        # teacher_chunk.fresh says each call returns a new tensor
         # grad_mode: torch.is_grad_enabled() of the caller (inside forward it is always off). needs_input_grad
         # says whether the inputs require grad, not whether a graph is recorded: under torch.no_grad()
         # (evaluation) no backward will come, so no gradient is formed or stored
