@@ -167,14 +167,19 @@ def _objective(*names):
     return losses.LogitObjective([LossTerm(n, weight=0.3 + 0.1 * i, temperature=1.0 + i) for i, n in enumerate(names)])
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 100])
-def test_chunked_fused_equals_dense(chunk):
-    torch.manual_seed(0)
-    N, H, Ht, V = 11, 6, 9, 29
+def _fused_inputs(seed, N, H, Ht, V):
+    """Student hidden states and output layer (weight, bias; trainable), teacher hidden states and layer."""
+    torch.manual_seed(seed)
     h = torch.randn(N, H, requires_grad=True)
     W = torch.randn(V, H, requires_grad=True)
     b = torch.randn(V, requires_grad=True)
-    ht, Wt = torch.randn(N, Ht), torch.randn(V, Ht)
+    return h, W, b, torch.randn(N, Ht), torch.randn(V, Ht)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 100])
+def test_chunked_fused_equals_dense(chunk):
+    N, V = 11, 29
+    h, W, b, ht, Wt = _fused_inputs(0, N, 6, 9, V)
     labels = torch.randint(0, V, (N,))
     labels[3] = -100
     fn = _objective("cross_entropy", "forward_kl", "jsd", "tvd")
@@ -574,12 +579,8 @@ def test_closed_form_chunks_equal_the_dense_reference(names, fused_teacher, monk
     gradient formed in place, in the chunk's own logits): equal to the dense formula through autograd,
     values and gradients, with masked rows and -inf teacher logits; a teacher given as rows of the
     caller's tensor (not fresh) is left untouched."""
-    torch.manual_seed(3)
-    N, H, Ht, V = 23, 8, 5, 41
-    h = torch.randn(N, H, requires_grad=True)
-    W = torch.randn(V, H, requires_grad=True)
-    b = torch.randn(V, requires_grad=True)
-    ht, Wt = torch.randn(N, Ht), torch.randn(V, Ht)
+    N, V = 23, 41
+    h, W, b, ht, Wt = _fused_inputs(3, N, 8, 5, V)
     t_all = ht @ Wt.T
     t_all[:, 7] = float("-inf")
     t_all[4] = float("nan")  # an ignored row: must not reach value or gradient
