@@ -59,6 +59,14 @@ def _log_softmax_at(logits: torch.Tensor, T: float) -> torch.Tensor:
     return F.log_softmax(x if T == 1.0 else x / T, dim=-1)
 
 
+def _owned(x: torch.Tensor, owned: bool) -> torch.Tensor:
+    """x as an fp32 tensor this caller may overwrite: x itself when it is fp32 and already the caller's
+    (`owned`), else an fp32 copy."""
+    if x.dtype != torch.float32:
+        return x.float()
+    return x if owned else x.clone()
+
+
 def forward_kl(s, t, **_):
     """KL(teacher || student): mass-covering (Hinton)."""
     return _kl(t, s)
@@ -170,7 +178,7 @@ class CrossEntropy(nn.Module):
         autograd; with own_z both are formed in z's storage (overwritten). -> (value [], gradient or None)."""
         valid = labels != self.ignore_index
         idx = labels.clamp(min=0)[:, None]
-        logp = _log_softmax_(z if own_z else z.clone(), 1.0)
+        logp = _log_softmax_(_owned(z, own_z), 1.0)
         value = -torch.where(valid, logp.gather(-1, idx).squeeze(-1), 0.0).sum()
         if not want_grad:
             return value, None
@@ -235,12 +243,8 @@ class LogitDivergence(nn.Module):
         T = self.temperature
         valid = labels != self.ignore_index
         # both sides by the same log-softmax (equal logits give exactly equal log-probabilities)
-        s = _log_softmax_(z if own_z else z.clone(), T)
-        if teacher.dtype != torch.float32:
-            teacher = teacher.float()  # a copy: ours
-        elif not own_t:
-            teacher = teacher.clone()
-        t = _log_softmax_(teacher, T).clamp_(min=_NEG)
+        s = _log_softmax_(_owned(z, own_z), T)
+        t = _log_softmax_(_owned(teacher, own_t), T).clamp_(min=_NEG)
         if not bool(valid.all()):
             t[~valid] = 0.0
         return _closed_form(s, t, valid, self.kind, T, self.beta, want_grad)
@@ -374,10 +378,14 @@ class LogitObjective(nn.Module):
             t = teacher
             if isinstance(teacher, dict):  # one top-k teacher per temperature
                 t = teacher[loss.temperature] if loss.needs_teacher else None
-            labels = rows.get("ce_labels", rows["labels"]) if isinstance(loss, CrossEntropy) else rows["labels"]
-            parts.append(loss(student_logits, t, labels))
+            parts.append(loss(student_logits, t, self._labels(loss, rows)))
         parts = torch.stack(parts)
         return (parts * parts.new_tensor(self.weights)).sum(), parts
+
+    @staticmethod
+    def _labels(loss: nn.Module, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A term's targets: "ce_labels" for cross-entropy when given, else "labels"."""
+        return rows.get("ce_labels", rows["labels"]) if isinstance(loss, CrossEntropy) else rows["labels"]
 
     def fusable(self, teacher) -> bool:
         """Whether value_and_grad applies: every term is cross-entropy or a closed-form divergence, and
@@ -393,9 +401,8 @@ class LogitObjective(nn.Module):
         readers = sum(m.needs_teacher for m in self.losses)
         for i, (w, loss) in enumerate(zip(self.weights, self.losses)):
             last = i == len(self.losses) - 1
-            labels = rows.get("ce_labels", rows["labels"]) if isinstance(loss, CrossEntropy) else rows["labels"]
-            value, g = loss.value_and_grad(z, teacher if loss.needs_teacher else None, labels, want_grad,
-                                           own_z=own_z and last, own_t=own_t and readers == 1)
+            value, g = loss.value_and_grad(z, teacher if loss.needs_teacher else None, self._labels(loss, rows),
+                                           want_grad, own_z=own_z and last, own_t=own_t and readers == 1)
             parts.append(value)
             if g is not None:
                 grad = g.mul_(w) if grad is None else grad.add_(g, alpha=w)
@@ -446,7 +453,7 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need[2] else None
         total = x.new_zeros((), dtype=torch.float32)
         parts = x.new_zeros(n_parts, dtype=torch.float32)
-        fast = getattr(fn, "fusable", None) is not None and fn.fusable(teacher_chunk(0, 0))
+        fusable = getattr(fn, "fusable", None)  # LogitObjective's closed-form path (other fns: autograd)
         # bounds: the chunks' row ranges when rows must stay together (a cross-tokenizer group)
         for a, b in bounds or ((a, min(a + chunk, x.shape[0])) for a in range(0, x.shape[0], chunk)):
             h = x[a:b]  # [c, H] or [c, V]
@@ -454,7 +461,7 @@ class _ChunkedLogitLoss(torch.autograd.Function):
                 logits = h if weight is None else F.linear(h, weight, bias)  # [c, V]
             teacher = teacher_chunk(a, b)
             chunk_rows = {k: v[a:b] for k, v in rows.items()}
-            if fast and logits.dtype == torch.float32:  # gradient in closed form, buffers reused in place
+            if fusable is not None and fusable(teacher) and logits.dtype == torch.float32:  # closed form, in place
                 with torch.no_grad():
                     tot, p, g = fn.value_and_grad(logits, teacher, chunk_rows, any(need), own_z=weight is not None,
                                                   own_t=getattr(teacher_chunk, "fresh", False))
