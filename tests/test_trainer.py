@@ -507,6 +507,37 @@ def test_sequence_level_kd_trains_on_the_teachers_own_completions_generated_once
     assert mixed.fingerprint != again.fingerprint  # packed apart from the teacher-only rows
 
 
+def test_greedy_sequence_kd_completions_are_shared_by_every_seed_sampled_ones_are_not(tmp_path, tiny_teacher,
+                                                                                   accelerator, monkeypatch):
+    """Greedy completions depend neither on train.seed nor on the temperature: a second seed reads the first
+    one's cache (the SmolLM2 draft's took 13 minutes to generate); sampled ones are drawn with the run's seed."""
+    from workbench import data as D
+
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = D.with_teacher_completions
+
+    def spy(corpus, load, tok, cfg, key, seed=0):
+        calls.append((key, seed))
+        return real(corpus, load, tok, cfg, key, seed)
+
+    monkeypatch.setattr(D, "with_teacher_completions", spy)
+    args = ["teacher.recipe=null", f"teacher.name_or_path={tiny_teacher}", "data.dataset=stdlib_functions",
+            "data.seq_len=256", "data.max_documents=6", "train.max_steps=1",
+            "distill.losses=[{name: cross_entropy, weight: 1.0}]"]
+    for i, extra in enumerate(["train.seed=0", "train.seed=1", "train.seed=2 distill.sequence_kd.temperature=0.5"]):
+        run(fast_recipe("kd_tiny", tmp_path / f"g{i}", *args, "distill.sequence_kd={mode: greedy, max_new_tokens: 4}",
+                        *extra.split()), accelerator)
+    assert len({key for key, _ in calls}) == 1 and {seed for _, seed in calls} == {0}
+    assert len(list((D.cache_root() / "seqkd").glob("*.jsonl"))) == 1
+    calls.clear()
+    for seed in (0, 1):
+        run(fast_recipe("kd_tiny", tmp_path / f"s{seed}", *args, f"train.seed={seed}",
+                        "distill.sequence_kd={mode: sample, max_new_tokens: 4}"), accelerator)
+    assert [seed for _, seed in calls] == [0, 1] and len({key for key, _ in calls}) == 2
+    assert len(list((D.cache_root() / "seqkd").glob("*.jsonl"))) == 3
+
+
 def test_a_pruned_student_is_cut_on_the_datas_rows_with_or_without_sequence_kd(tmp_path, tiny_teacher, accelerator,
                                                                              monkeypatch):
     """Sequence KD changes the training targets, not the cut: the student pruned from the teacher is the one

@@ -413,8 +413,17 @@ class SequenceKDConfig:
     teacher's (the word-level losses then see the reference too); false: the teacher's completions only."""
 
     def generation_key(self) -> dict:
-        """What the cached completions depend on (keep_data only chooses which rows train)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "keep_data"}
+        """What the cached completions depend on (keep_data only chooses which rows train; greedy ones do not
+        depend on the temperature)."""
+        key = {k: v for k, v in dataclasses.asdict(self).items() if k != "keep_data"}
+        if self.mode == "greedy":
+            key["temperature"] = 1.0
+        return key
+
+    def generation_seed(self, seed: int) -> int:
+        """The seed sampled completions are drawn with; greedy ones do not depend on it, so every seed of a
+        greedy run reads the completions seed 0 cached."""
+        return seed if self.mode == "sample" else 0
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 1 and self.batch_size >= 1, "max_new_tokens", "and batch_size must be >= 1")

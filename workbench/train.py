@@ -255,10 +255,11 @@ def _run(recipe: Recipe, accelerator) -> dict:
         skd = recipe.distill.sequence_kd
         data_corpus = corpus
         if skd.mode != "off":  # the teacher's completions as the training targets (generated once, cached)
-            key = D._hash([_model_id(teacher_spec, recipe.train.seed), corpus.fingerprint, skd.generation_key(), recipe.train.seed])
+            seed = skd.generation_seed(recipe.train.seed)
+            key = D._hash([_model_id(teacher_spec, recipe.train.seed), corpus.fingerprint, skd.generation_key(), seed])
             load = lambda: M.load_model(teacher_spec, tokenizer, "teacher", device=accelerator.device).to(  # noqa: E731
                 accelerator.device)
-            corpus = D.with_teacher_completions(corpus, load, tokenizer, skd, key, recipe.train.seed)
+            corpus = D.with_teacher_completions(corpus, load, tokenizer, skd, key, seed)
         packed = D.load_packed(recipe.data, tokenizer, corpus)
         calibration = packed  # a pruned student is cut on the data's own rows, with or without sequence KD
         if student_spec.prune is not None and corpus is not data_corpus:
