@@ -615,3 +615,57 @@ def test_the_verification_cost_benchmark_times_each_length(target, tmp_path, cap
     capsys.readouterr()
     assert verify_cost.main(["--target", str(tmp_path / "none"), "--no-record"]) == 2  # one line, no traceback
     assert capsys.readouterr().err.startswith("error: target.name_or_path")
+
+
+def test_the_draft_acceptance_benchmark_counts_what_speculative_generate_counts(tiny_teacher, tmp_path, capsys):
+    """Each draft's tokens per target call is the one speculative_generate's own stats give over the same
+    prompts; each pair's ratio divides the two, and several pairs get their mean, sd and minimum."""
+    import statistics
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workbench.bench import draft_acceptance as DA
+    from workbench.bench.speculative import held_out_prompts
+    from workbench.speculative import SpecStats, left_padding
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
+    tok = left_padding(AutoTokenizer.from_pretrained(tiny_teacher))
+    drafts = {}
+    for name, noise in (("same", 0.0), ("near", 0.02), ("far", 0.2)):
+        model = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(noise * torch.randn(p.shape, generator=g))
+        model.save_pretrained(tmp_path / name)
+        drafts[name] = str(tmp_path / name)
+    DA.main(["--teacher", str(tiny_teacher), "--distilled", f"{drafts['same']},{drafts['near']}", "--baseline",
+             drafts["far"], "--prompts", "3", "--max-new-tokens", "8", "--modes", "greedy:3,sample:2", "--no-record"])
+    out = capsys.readouterr().out
+    cells = {line.split(" | ")[0].strip("| *`"): [c.strip(" |*x") for c in line.split(" | ")[1:]]
+             for line in out.splitlines() if line.startswith("| ")}
+    prompts, rendered = held_out_prompts(3, 300, None, tok)
+    want = {}
+    for name, path in drafts.items():
+        draft = AutoModelForCausalLM.from_pretrained(path).eval()
+        for mode, k, temp in (("greedy", 3, 0.0), ("sample", 2, 1.0)):
+            st = SpecStats()
+            for i, p in enumerate(prompts):
+                ids = tok(p, return_tensors="pt").input_ids
+                st.add(speculative_generate(teacher, draft, ids, 8, draft_len=k, temperature=temp,
+                                            generator=torch.Generator().manual_seed(i), eos_token_id=tok.eos_token_id,
+                                            pad_token_id=tok.pad_token_id).stats)
+            want[name, mode] = st.tokens_per_target_call
+    for name, path in drafts.items():
+        assert [float(c) for c in cells[path]] == pytest.approx([round(want[name, "greedy"], 3),
+                                                                  round(want[name, "sample"], 3)], abs=1e-9)
+    assert want["same", "greedy"] > want["far", "greedy"]  # the teacher's own weights draft its tokens
+    ratios = [[want[n, m] / want["far", m] for n in ("same", "near")] for m in ("greedy", "sample")]
+    assert float(cells[f"{drafts['same']}` / `{drafts['far']}"][0]) == pytest.approx(round(ratios[0][0], 2))
+    assert float(cells[f"{drafts['near']}` / `{drafts['far']}"][1]) == pytest.approx(round(ratios[1][1], 2))
+    summary = cells["ratio over 2 pairs: mean +- sd (min)"][0]
+    assert summary.startswith(f"{statistics.mean(ratios[0]):.2f}x +- {statistics.stdev(ratios[0]):.2f} ")
+    for bad in (["--modes", "beam:2"], ["--modes", "greedy:0"], ["--baseline", f"{drafts['far']},{drafts['far']},x"]):
+        with pytest.raises(SystemExit):
+            DA.main(["--teacher", str(tiny_teacher), "--distilled", f"{drafts['same']},{drafts['near']}",
+                     "--baseline", drafts["far"], *bad, "--no-record"])
