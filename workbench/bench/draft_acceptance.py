@@ -104,7 +104,7 @@ def run(args) -> str:
         del draft
     task = (f"held-out rows of `{args.prompts_from}`'s data (chat template)" if args.prompts_from
             else f"held-out prompts ending in `def name(` (at most {args.context} characters)")
-    drafts = ", ".join(f"`{n}` (`{p}`, {sizes[n]})" for n, p in paths.items())
+    drafts = ", ".join(f"`{n}` ({'' if p == n else f'`{p}`, '}{sizes[n]})" for n, p in paths.items())
     lines = [f"### Draft acceptance: distilled vs undistilled drafts, tokens per target call ({time.strftime('%Y-%m-%d')})",
              "", f"Machine: {_report.machine()}. Target `{args.teacher}` ({_millions(teacher)} parameters), "
              f"{args.dtype} on {dev.type}; drafts {drafts}. {len(prompts)} {task}, batch 1, up to "
