@@ -22,7 +22,7 @@ import time
 import torch
 
 from workbench.bench import _report
-from workbench.bench.speculative import _draft_path, _millions, _ours, held_out_prompts
+from workbench.bench.speculative import _draft_path, _millions, _ours, prompts_for, task_words
 
 
 def _modes(text: str) -> list[tuple[str, int]]:
@@ -52,14 +52,10 @@ def pairs_of(distilled: list[str], baseline: list[str]) -> list[tuple[str, str]]
     return list(zip(distilled, baseline))
 
 
-def measure(teacher, drafts: dict, tok, prompts, rendered, max_new: int, modes) -> dict:
-    """-> {(draft name, mode): SpecStats} over all prompts at batch 1."""
-    stats = {}
-    for name, draft in drafts.items():
-        for kind, k in modes:
-            stats[name, (kind, k)] = _ours(teacher, draft, tok, prompts, rendered, max_new, draft_len=k,
-                                           temperature=0.0 if kind == "greedy" else 1.0)[1]
-    return stats
+def measure(teacher, draft, tok, prompts, rendered, max_new: int, modes) -> dict:
+    """-> {mode: SpecStats} of one draft over all prompts at batch 1."""
+    return {(kind, k): _ours(teacher, draft, tok, prompts, rendered, max_new, draft_len=k,
+                             temperature=0.0 if kind == "greedy" else 1.0)[1] for kind, k in modes}
 
 
 def table(pairs, stats, modes) -> list[str]:
@@ -80,30 +76,21 @@ def table(pairs, stats, modes) -> list[str]:
 
 
 def run(args) -> str:
-    from transformers import AutoTokenizer
-
     from workbench.speculate import load_decoder
-    from workbench.speculative import left_padding
 
     pairs = pairs_of(args.distilled, args.baseline)
     paths = {n: _draft_path(n) for pair in pairs for n in pair}
     dev = torch.device(args.device)
     teacher = load_decoder(args.teacher, "teacher", device=dev, dtype=args.dtype)
-    tok = left_padding(AutoTokenizer.from_pretrained(teacher.config._name_or_path))
-    data = None
-    if args.prompts_from:
-        from workbench.config import load_recipe
-
-        data = load_recipe(args.prompts_from).data
-    prompts, rendered = held_out_prompts(args.prompts, args.context, data, tok)
+    tok, _, prompts, rendered = prompts_for(teacher, args)
     stats, sizes = {}, {}
     for name, path in paths.items():  # one draft in memory at a time
         draft = load_decoder(path, "draft", device=dev, dtype=args.dtype)
         sizes[name] = _millions(draft)
-        stats.update(measure(teacher, {name: draft}, tok, prompts, rendered, args.max_new_tokens, args.modes))
+        for mode, st in measure(teacher, draft, tok, prompts, rendered, args.max_new_tokens, args.modes).items():
+            stats[name, mode] = st
         del draft
-    task = (f"held-out rows of `{args.prompts_from}`'s data (chat template)" if args.prompts_from
-            else f"held-out prompts ending in `def name(` (at most {args.context} characters)")
+    task = task_words(args)
     drafts = ", ".join(f"`{n}` ({'' if p == n else f'`{p}`, '}{sizes[n]})" for n, p in paths.items())
     lines = [f"### Draft acceptance: distilled vs undistilled drafts, tokens per target call ({time.strftime('%Y-%m-%d')})",
              "", f"Machine: {_report.machine()}. Target `{args.teacher}` ({_millions(teacher)} parameters), "

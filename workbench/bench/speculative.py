@@ -113,11 +113,30 @@ def _draft_path(name: str) -> str:
     return str(local) if (local / "config.json").is_file() else f"recipe:{name}"
 
 
-def run(args) -> str:
+def prompts_for(teacher, args):
+    """The teacher's tokenizer (left padding), the data the prompts come from (args.prompts_from's, or None:
+    the embedded corpus) and args.prompts held-out prompts -> (tok, data, prompts, rendered)."""
     from transformers import AutoTokenizer
 
-    from workbench.speculate import load_decoder
     from workbench.speculative import left_padding
+
+    tok = left_padding(AutoTokenizer.from_pretrained(teacher.config._name_or_path))
+    data = None
+    if args.prompts_from:
+        from workbench.config import load_recipe
+
+        data = load_recipe(args.prompts_from).data
+    return (tok, data, *held_out_prompts(args.prompts, args.context, data, tok))
+
+
+def task_words(args) -> str:
+    """What the prompts are, for a benchmark's section."""
+    return (f"held-out rows of `{args.prompts_from}`'s data (chat template)" if args.prompts_from
+            else f"held-out prompts ending in `def name(` (at most {args.context} characters)")
+
+
+def run(args) -> str:
+    from workbench.speculate import load_decoder
 
     dev = torch.device(args.device)
     names = [n.strip() for n in args.drafts.split(",") if n.strip()]
@@ -128,13 +147,7 @@ def run(args) -> str:
     draft_dtype = args.draft_dtype or args.dtype
     drafts = {n: load_decoder(p, "draft", device=dev, dtype=draft_dtype, quantize=args.draft_quant)
               for n, p in paths.items()}
-    tok = left_padding(AutoTokenizer.from_pretrained(teacher.config._name_or_path))
-    data = None
-    if args.prompts_from:
-        from workbench.config import load_recipe
-
-        data = load_recipe(args.prompts_from).data
-    prompts, rendered = held_out_prompts(args.prompts, args.context, data, tok)
+    tok, data, prompts, rendered = prompts_for(teacher, args)
     restricted = None  # the name of the frequent-token variant of the first draft
     if args.draft_vocab:  # FR-Spec: the first draft again, proposing only the domain's most frequent tokens
         from workbench.config import DataConfig
@@ -190,8 +203,7 @@ def run(args) -> str:
     drafts_held = "" if (draft_dtype, args.draft_quant) == (args.dtype, "none") else (
         f" (drafts: {draft_dtype}" + ("" if args.draft_quant == "none" else f", {args.draft_quant}") + ")")
     where = "the embedded default" if args.teacher == TINY_TEACHER else f"`{args.teacher}` as the target"
-    task = (f"held-out rows of `{args.prompts_from}`'s data (chat template)" if args.prompts_from
-            else f"held-out prompts ending in `def name(` (at most {args.context} characters)")
+    task = task_words(args)
     lines = [f"### Speculative decoding on {where} ({time.strftime('%Y-%m-%d')})", "",
              f"Machine: {_report.machine()}. Teacher `{args.teacher}` ({_millions(teacher)} parameters); drafts "
              f"{', '.join(described(n) for n in names)} ({_millions(drafts[names[0]])} each, same size and steps; "
