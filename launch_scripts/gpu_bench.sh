@@ -10,8 +10,16 @@
 #                assisted generation, distilled vs undistilled draft); either alone as two calls if one is
 #                too long: the models stay in ~/.cache/workbench and /tmp/gpu_runs while the machine stays up
 # Packages the machine lacks come from .whl/ when present (launch_scripts/gpu_wheels.sh fetches them on a
-# machine with PyPI); with none there, the machine's own are used. Logs and results (nf4_bench.md/json,
-# qlora_memory.md) go to $OUT (default gpu_out/); fold the .md sections into BENCHMARKS.md afterwards.
+# machine with PyPI); with none there, the machine's own are used. One log (log.txt: every step's output),
+# steps.txt (exit status and seconds per step), gpu.txt and the results (nf4_bench.md/json, qlora_memory.md)
+# go to $OUT (default gpu_out/); fold the .md sections into BENCHMARKS.md afterwards.
+# Environment knobs, for a lease shorter than the full run:
+#   LIMIT_<step>=SECONDS        stop that step after so long (e.g. LIMIT_tests=120); the next step still runs
+#   SPEC_TEACHER_STEPS=N SPEC_DRAFT_STEPS=N   spec_train scaled down: the teacher trained for N steps into
+#                               /tmp/gpu_runs/teacher, the drafts distilled from it for N steps (default: the
+#                               recipes' own 2000 / 1500 steps, the teacher cached as recipe:pretrain_gpu_teacher)
+#   SPEC_DTYPES="bfloat16"      the dtypes spec_bench measures (default "bfloat16 float32")
+#   SPEC_PROMPTS=N              held-out prompts spec_bench decodes (default 64)
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$REPO/gpu_out}
@@ -32,27 +40,38 @@ torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers._
     | tee -a "$OUT/gpu.txt"
 
 status=0
-step() {  # step NAME COMMAND...: runs it, logs to $OUT/NAME.log, reports its exit status and seconds
-    local name=$1 start=$SECONDS
+step() {  # step NAME COMMAND...: runs it (at most $LIMIT_NAME s), logs to $OUT/log.txt, reports status and seconds
+    local name=$1 start=$SECONDS limit_var="LIMIT_$1"
     shift
-    echo "== $name: $*"
-    "$@" 2>&1 | tee "$OUT/$name.log"
+    echo "== $name: $*" | tee -a "$OUT/log.txt"
+    timeout --kill-after=10 "${!limit_var:-0}" "$@" 2>&1 | tee -a "$OUT/log.txt"
     local rc=${PIPESTATUS[0]}
     echo "== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$OUT/steps.txt"
     [ "$rc" = 0 ] || status=1
     return "$rc"
 }
 RUNS=/tmp/gpu_runs  # spec_train's models; spec_bench reads them (a later call on the same, still warm machine)
+TEACHER=recipe:pretrain_gpu_teacher
+DRAFT_ARGS=()
+if [ -n "${SPEC_TEACHER_STEPS:-}" ]; then
+    TEACHER=$RUNS/teacher/model
+    DRAFT_ARGS=(teacher.recipe=null "teacher.name_or_path=$TEACHER" "train.max_steps=${SPEC_DRAFT_STEPS:-1500}")
+fi
 run_step() {
     case $1 in
-        spec_train) step spec_train bash -c "python3 -m workbench.train recipe=kd_gpu_draft \
-                        output.dir=$RUNS/kd_gpu_draft && python3 -m workbench.train recipe=sft_gpu_draft \
-                        output.dir=$RUNS/sft_gpu_draft" ;;
+        spec_train)
+            if [ -n "${SPEC_TEACHER_STEPS:-}" ] && [ ! -f "$TEACHER/config.json" ]; then
+                step spec_teacher python3 -m workbench.train recipe=pretrain_gpu_teacher output.dir=$RUNS/teacher \
+                    train.max_steps=$SPEC_TEACHER_STEPS eval.report=false || return 1
+            fi
+            step spec_train bash -c "python3 -m workbench.train recipe=kd_gpu_draft output.dir=$RUNS/kd_gpu_draft \
+                ${DRAFT_ARGS[*]} && python3 -m workbench.train recipe=sft_gpu_draft output.dir=$RUNS/sft_gpu_draft \
+                ${DRAFT_ARGS[*]:2}" ;;
         spec_bench)
-            for dtype in bfloat16 float32; do
-                step "spec_$dtype" python3 -m workbench.bench.speculative --teacher recipe:pretrain_gpu_teacher \
+            for dtype in ${SPEC_DTYPES:-bfloat16 float32}; do
+                step "spec_$dtype" python3 -m workbench.bench.speculative --teacher "$TEACHER" \
                     --drafts "$RUNS/kd_gpu_draft/model,$RUNS/sft_gpu_draft/model" \
-                    --baseline "$RUNS/sft_gpu_draft/model" --dtype $dtype --no-record
+                    --baseline "$RUNS/sft_gpu_draft/model" --dtype $dtype --prompts "${SPEC_PROMPTS:-64}" --no-record
             done ;;
         *) echo "unknown step '$1' (tests, nf4, quick, qlora, spec = spec_train + spec_bench)" >&2; exit 2 ;;
     esac

@@ -3,11 +3,12 @@
 
     python -m workbench.kernels.bench.bench_nf4 [--quick] [--out DIR]
 
-Per (K x N weight, M rows): microseconds (median), ratio to cuBLAS bf16 and to bitsandbytes, and achieved
+Per (K x N weight, M rows, pass): microseconds (median), ratio to cuBLAS bf16 and to bitsandbytes, and achieved
 bandwidth (bytes a kernel must move: packed weights + scales + activations + output) as a fraction of a
 measured device-to-device copy. Small M is timed as CUDA-graph replays of launches over R rotated weight
 copies (more than the L2 holds), large M with triton.testing.do_bench, which flushes the L2 before every
-run. For each kernel a few tile configurations are tried and the fastest is reported with its config.
+run. From M = 512 on, the input gradient (grad_out [M, N] @ W -> [M, K]: our transposed fused kernel vs cuBLAS
+bf16 vs bitsandbytes' dequantise-then-matmul, which is what its backward does) is timed too. For each kernel a few tile configurations are tried and the fastest is reported with its config.
 Writes nf4_bench.md / nf4_bench.json to --out (default $OUT or the current directory).
 """
 
@@ -21,8 +22,9 @@ import time
 
 import torch
 
-SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336)]  # (K in_features, N out_features)
-MS = [1, 4, 8, 16, 64, 512, 4096]
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]  # (K in_features, N out_features)
+MS = [1, 2, 4, 8, 16, 512, 4096]  # decode, speculative verification (2-16), prefill / training
+DGRAD_MIN_M = 512  # from this M on, the input gradient (x @ W, the transposed kernel) is timed as well
 
 
 def _copy_bandwidth() -> float:
@@ -105,14 +107,63 @@ def _configs(M: int, K: int, N: int):
                                      (128, 64, 128, 4, 3)]]
 
 
+def _bench_one(K, N, M, mode, quant, nf4, dense, copy_bw) -> dict | None:
+    """One (shape, M, pass): cuBLAS bf16, bitsandbytes and the fastest of our configs; None if all failed."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    from workbench.kernels.gemv import nf4_gemv
+    from workbench.kernels.matmul import nf4_matmul
+
+    small = M <= 64
+    W0 = F.dequantize_4bit(*quant[0]).float()
+    if mode == "fwd":
+        x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+        ref = x.float() @ W0.t()
+        t_cublas = _time([lambda W=W: torch.matmul(x, W.t()) for W in dense], small)
+        t_bnb = _time([lambda q=q, s=s: bnb.matmul_4bit(x, q.t(), quant_state=s) for q, s in quant], small)
+        cands = _configs(M, K, N)
+    else:  # input gradient: g [M, N] @ W [N, K]; bitsandbytes' backward dequantises W, then one matmul
+        x = torch.randn(M, N, dtype=torch.bfloat16, device="cuda")
+        ref = x.float() @ W0
+        t_cublas = _time([lambda W=W: torch.matmul(x, W) for W in dense], small)
+        t_bnb = _time([lambda q=q, s=s: torch.matmul(x, F.dequantize_4bit(q, s).to(torch.bfloat16))
+                       for q, s in quant], small)
+        cands = [(kind, dict(cfg, transpose=True)) for kind, cfg in _configs(M, N, K)]
+    best = None
+    for kind, cfg in cands:
+        fn = nf4_gemv if kind == "gemv" else nf4_matmul
+        try:
+            y = fn(x, nf4[0], **cfg)
+            err = ((y.float() - ref).norm() / ref.norm()).item()
+            if not err < 2e-2:
+                print(f"  K={K} N={N} M={M} {mode} {kind} {cfg}: WRONG (rel err {err:.3g})", flush=True)
+                continue
+            t = _time([lambda w=w: fn(x, w, **cfg) for w in nf4], small)
+        except Exception as e:  # a config the compiler or the GPU refuses: report and go on
+            print(f"  K={K} N={N} M={M} {mode} {kind} {cfg}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+        if best is None or t < best[0]:
+            best = (t, kind, cfg, err)
+    if best is None:
+        return None
+    t, kind, cfg, err = best
+    moved = nf4[0].nbytes() + M * K * 2 + M * N * 2
+    row = dict(K=K, N=N, M=M, mode=mode, ours_us=t, cublas_us=t_cublas, bnb_us=t_bnb, kernel=kind, config=cfg,
+               rel_err=err, bandwidth_frac=moved / (t * 1e-6) / copy_bw,
+               speedup_vs_cublas=t_cublas / t, speedup_vs_bnb=t_bnb / t)
+    print(f"K={K:5d} N={N:5d} M={M:4d} {mode:5s} ours {t:8.1f} us ({kind})  cuBLAS bf16 {t_cublas:8.1f}  "
+          f"bnb {t_bnb:8.1f}  x{row['speedup_vs_cublas']:.2f} vs cuBLAS  x{row['speedup_vs_bnb']:.2f} vs bnb  "
+          f"{100 * row['bandwidth_frac']:.0f}% of copy BW", flush=True)
+    return row
+
+
 def run(shapes, ms, out_dir: str, rotate_bytes: int = 256 << 20) -> list[dict]:
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
     import triton
 
     from workbench.kernels import NF4Weight
-    from workbench.kernels.gemv import nf4_gemv
-    from workbench.kernels.matmul import nf4_matmul
 
     copy_bw = _copy_bandwidth()
     props = torch.cuda.get_device_properties(0)
@@ -128,37 +179,10 @@ def run(shapes, ms, out_dir: str, rotate_bytes: int = 256 << 20) -> list[dict]:
         nf4 = [NF4Weight.from_bnb(q, s) for q, s in quant]
         dense = Ws[:Rd]
         for M in ms:
-            x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
-            small = M <= 64
-            ref = x.float() @ F.dequantize_4bit(*quant[0]).float().t()
-            t_cublas = _time([lambda W=W: torch.matmul(x, W.t()) for W in dense], small)
-            t_bnb = _time([lambda q=q, s=s: bnb.matmul_4bit(x, q.t(), quant_state=s) for q, s in quant], small)
-            best = None
-            for kind, cfg in _configs(M, K, N):
-                fn = nf4_gemv if kind == "gemv" else nf4_matmul
-                try:
-                    y = fn(x, nf4[0], **cfg)
-                    err = ((y.float() - ref).norm() / ref.norm()).item()
-                    if not err < 2e-2:
-                        print(f"  K={K} N={N} M={M} {kind} {cfg}: WRONG (rel err {err:.3g})", flush=True)
-                        continue
-                    t = _time([lambda w=w: fn(x, w, **cfg) for w in nf4], small)
-                except Exception as e:  # a config the compiler or the GPU refuses: report and go on
-                    print(f"  K={K} N={N} M={M} {kind} {cfg}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                    continue
-                if best is None or t < best[0]:
-                    best = (t, kind, cfg, err)
-            if best is None:
-                continue
-            t, kind, cfg, err = best
-            moved = nf4[0].nbytes() + M * K * 2 + M * N * 2
-            row = dict(K=K, N=N, M=M, ours_us=t, cublas_us=t_cublas, bnb_us=t_bnb, kernel=kind, config=cfg,
-                       rel_err=err, bandwidth_frac=moved / (t * 1e-6) / copy_bw,
-                       speedup_vs_cublas=t_cublas / t, speedup_vs_bnb=t_bnb / t)
-            rows.append(row)
-            print(f"K={K:5d} N={N:5d} M={M:4d}  ours {t:8.1f} us ({kind})  cuBLAS bf16 {t_cublas:8.1f}  "
-                  f"bnb {t_bnb:8.1f}  x{row['speedup_vs_cublas']:.2f} vs cuBLAS  x{row['speedup_vs_bnb']:.2f} vs bnb  "
-                  f"{100 * row['bandwidth_frac']:.0f}% of copy BW", flush=True)
+            for mode in ("fwd", "dgrad") if M >= DGRAD_MIN_M else ("fwd",):
+                row = _bench_one(K, N, M, mode, quant, nf4, dense, copy_bw)
+                if row is not None:
+                    rows.append(row)
         del Ws, quant, nf4, dense
         torch.cuda.empty_cache()
     versions = dict(torch=torch.__version__, triton=triton.__version__, bitsandbytes=bnb.__version__,
@@ -178,10 +202,10 @@ def _markdown(rows, versions, copy_bw) -> str:
              f"GPU: {versions['gpu']}; torch {versions['torch']} (CUDA {versions['cuda']}), triton {versions['triton']}, "
              f"bitsandbytes {versions['bitsandbytes']}. Measured copy bandwidth {copy_bw / 1e12:.2f} TB/s (read+write). "
              "M <= 64: CUDA-graph replays over rotated weight copies; larger M: do_bench with L2 flush. Median us.", "",
-             "| K x N | M | ours us | kernel | cuBLAS bf16 us | bnb us | vs cuBLAS | vs bnb | % copy BW |",
-             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| K x N | M | pass | ours us | kernel | cuBLAS bf16 us | bnb us | vs cuBLAS | vs bnb | % copy BW |",
+             "| --- | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['K']}x{r['N']} | {r['M']} | {r['ours_us']:.1f} | {r['kernel']} | {r['cublas_us']:.1f} | "
+        lines.append(f"| {r['K']}x{r['N']} | {r['M']} | {r['mode']} | {r['ours_us']:.1f} | {r['kernel']} | {r['cublas_us']:.1f} | "
                      f"{r['bnb_us']:.1f} | {r['speedup_vs_cublas']:.2f}x | {r['speedup_vs_bnb']:.2f}x | "
                      f"{100 * r['bandwidth_frac']:.0f}% |")
     return "\n".join(lines) + "\n"
