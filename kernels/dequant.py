@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .matmul import _decode, _scales
 from .nf4_weight import NF4Weight, dequantize_reference
 
 
@@ -50,6 +51,52 @@ def _dequant_kernel(
         tl.store(out_ptr + i, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
     else:
         tl.store(out_ptr + i, prod.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dequant_bytes_kernel(
+    packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset, code_ptr,  # as _dequant_kernel
+    out_ptr,  # [2 * nbytes] output dtype
+    nbytes,  # packed bytes (a multiple of BLOCKSIZE / 2)
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BYTES: tl.constexpr,
+    DECODE: tl.constexpr,
+):
+    """Byte-wise: each program reads BYTES packed bytes once (contiguous), one scale per quantisation block,
+    and writes the 2 * BYTES elements they hold."""
+    j = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES)
+    byte = tl.load(packed_ptr + j, mask=j < nbytes, other=0)
+    hi = _decode(code_ptr, (byte >> 4).to(tl.int32), DECODE)
+    lo = _decode(code_ptr, (byte & 15).to(tl.int32), DECODE)
+    NB: tl.constexpr = 2 * BYTES // BLOCKSIZE
+    blk = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
+    s = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk, blk < 2 * nbytes // BLOCKSIZE, BLOCKSIZE2, NESTED)
+    prod = (tl.join(hi, lo).reshape(NB, BLOCKSIZE) * s[:, None]).reshape(2 * BYTES)
+    i = tl.program_id(0).to(tl.int64) * 2 * BYTES + tl.arange(0, 2 * BYTES)
+    if out_ptr.dtype.element_ty == tl.bfloat16:  # round to nearest even by hand, as _dequant_kernel
+        bits = prod.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        tl.store(out_ptr + i, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=i < 2 * nbytes)
+    else:
+        tl.store(out_ptr + i, prod.to(out_ptr.dtype.element_ty), mask=i < 2 * nbytes)
+
+
+def dequantize_nf4_bytes(w: NF4Weight, dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
+                         bytes_per_program: int = 1024, decode: int = 1, num_warps: int = 4) -> torch.Tensor:
+    """dequantize_nf4 for weights whose element count is a multiple of the block size (every LLM weight):
+    byte-wise, the codes decoded without a per-element table load (decode: matmul._decode's DECODE)."""
+    N, K = w.shape
+    dtype = dtype or w.dtype
+    n = N * K
+    if n % w.blocksize or (2 * bytes_per_program) % w.blocksize:
+        raise ValueError("dequantize_nf4_bytes needs whole quantisation blocks; use dequantize_nf4")
+    if out is None:
+        out = torch.empty(N, K, dtype=dtype, device=w.packed.device)
+    nbytes = n // 2
+    _dequant_bytes_kernel[(triton.cdiv(nbytes, bytes_per_program),)](
+        *w.kernel_args(), out, nbytes, BLOCKSIZE=w.blocksize, BLOCKSIZE2=w.blocksize2, NESTED=w.nested,
+        BYTES=bytes_per_program, DECODE=decode, num_warps=num_warps, enable_fp_fusion=False,
+    )
+    return out
 
 
 def dequantize_nf4(w: NF4Weight, dtype: torch.dtype | None = None, out: torch.Tensor | None = None,

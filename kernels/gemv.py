@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .matmul import _scales
+from .matmul import _decode, _scales
 from .nf4_weight import NF4Weight, dequantize_reference, finish_split
 
 
@@ -26,6 +26,7 @@ def _nf4_gemv_kernel(
     N, K, stride_xm,
     M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DECODE: tl.constexpr = 0,  # how 4-bit codes become values (matmul._decode)
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -44,8 +45,8 @@ def _nf4_gemv_kernel(
         col_ok = (k0 // 2 + j) < K // 2  # in bytes: contiguous, so the packed loads vectorise
         byte = tl.load(packed_ptr + rn[:, None].to(tl.int64) * (K // 2) + k0 // 2 + j[None, :],
                        mask=row_ok[:, None] & col_ok[None, :], other=0)
-        hi = tl.load(code_ptr + (byte >> 4).to(tl.int32))  # [BLOCK_N, BLOCK_K / 2] weights of columns 2j
-        lo = tl.load(code_ptr + (byte & 15).to(tl.int32))  # columns 2j + 1
+        hi = _decode(code_ptr, (byte >> 4).to(tl.int32), DECODE)  # [BLOCK_N, BLOCK_K / 2] weights of columns 2j
+        lo = _decode(code_ptr, (byte & 15).to(tl.int32), DECODE)  # columns 2j + 1
         blk = rn[:, None].to(tl.int64) * (K // BLOCKSIZE) + k0 // BLOCKSIZE + b[None, :]
         s = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk,
                     row_ok[:, None] & ((k0 + b * BLOCKSIZE) < K)[None, :], BLOCKSIZE2, NESTED)  # [BLOCK_N, BK/64]

@@ -31,6 +31,36 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 FP32_PRECISION = "tf32x3" if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 3) else "ieee"
 
 @triton.jit
+def _decode(code_ptr, nib, DECODE: tl.constexpr):
+    """float32 NF4 values of 4-bit codes `nib` (int32, any shape). DECODE 0: gather from the 16-entry table
+    in global memory (one load per element); 1: a 4-level select tree over the table's 16 values (scalar
+    loads, then 15 selects per element, no per-element memory access); 2: tl.gather from the table held in
+    registers; 3: the code itself as a float (WRONG values: a diagnostic, the kernel without its decode)."""
+    if DECODE == 0:
+        v = tl.load(code_ptr + nib)
+    elif DECODE == 1:
+        b0 = (nib & 1) != 0
+        b1 = (nib & 2) != 0
+        b2 = (nib & 4) != 0
+        v0 = tl.where(b1, tl.where(b0, tl.load(code_ptr + 3), tl.load(code_ptr + 2)),
+                      tl.where(b0, tl.load(code_ptr + 1), tl.load(code_ptr + 0)))
+        v1 = tl.where(b1, tl.where(b0, tl.load(code_ptr + 7), tl.load(code_ptr + 6)),
+                      tl.where(b0, tl.load(code_ptr + 5), tl.load(code_ptr + 4)))
+        v2 = tl.where(b1, tl.where(b0, tl.load(code_ptr + 11), tl.load(code_ptr + 10)),
+                      tl.where(b0, tl.load(code_ptr + 9), tl.load(code_ptr + 8)))
+        v3 = tl.where(b1, tl.where(b0, tl.load(code_ptr + 15), tl.load(code_ptr + 14)),
+                      tl.where(b0, tl.load(code_ptr + 13), tl.load(code_ptr + 12)))
+        v = tl.where((nib & 8) != 0, tl.where(b2, v3, v2), tl.where(b2, v1, v0))
+    elif DECODE == 2:
+        tab = tl.load(code_ptr + tl.arange(0, 16))
+        flat = nib.reshape(nib.numel)
+        v = tl.gather(tab, flat, 0).reshape(nib.shape)
+    else:
+        v = nib.to(tl.float32)
+    return v
+
+
+@triton.jit
 def _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk, mask, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr):
     """float32 absmax of quantisation blocks `blk` (any shape)."""
     # one return: Triton's compiler (unlike its interpreter) also builds statements after a constexpr
@@ -47,7 +77,7 @@ def _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk, mask, BLOCKSIZE2: t
 def _w_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset, code_ptr,
             rows, k0, N, K,
             ROWS: tl.constexpr, COLS: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
-            NESTED: tl.constexpr, ALIGNED: tl.constexpr):
+            NESTED: tl.constexpr, ALIGNED: tl.constexpr, DECODE: tl.constexpr = 0):
     """W[rows, k0:k0+COLS] dequantised to float32, [ROWS, COLS]; zeros outside W."""
     if ALIGNED:  # K % BLOCKSIZE == 0 and k0 % BLOCKSIZE == 0: bytes of a row are contiguous
         j = tl.arange(0, COLS // 2)
@@ -55,8 +85,8 @@ def _w_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset, code_ptr,
         col_ok = (k0 // 2 + j)[None, :] < K // 2  # in bytes: contiguous, so the loads vectorise
         byte = tl.load(packed_ptr + rows[:, None].to(tl.int64) * (K // 2) + k0 // 2 + j[None, :],
                        mask=row_ok & col_ok, other=0)
-        hi = tl.load(code_ptr + (byte >> 4).to(tl.int32))
-        lo = tl.load(code_ptr + (byte & 15).to(tl.int32))
+        hi = _decode(code_ptr, (byte >> 4).to(tl.int32), DECODE)
+        lo = _decode(code_ptr, (byte & 15).to(tl.int32), DECODE)
         vals = tl.join(hi, lo).reshape(ROWS, COLS)  # element 2j is the high nibble of byte j
         b = tl.arange(0, COLS // BLOCKSIZE)
         blk = rows[:, None].to(tl.int64) * (K // BLOCKSIZE) + k0 // BLOCKSIZE + b[None, :]
@@ -85,6 +115,7 @@ def _nf4_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCK_RED: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
     ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    DECODE: tl.constexpr = 0,  # how 4-bit codes become values (see _decode)
 ):
     C = K if TRANS else N  # output columns
     R = N if TRANS else K  # reduction length
@@ -108,10 +139,10 @@ def _nf4_matmul_kernel(
                     mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
         if TRANS:  # W rows are the reduction: tile [BLOCK_RED, BLOCK_COLS] = W[rr, rc]
             w = _w_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset, code_ptr, rr, pid_c * BLOCK_COLS,
-                        N, K, BLOCK_RED, BLOCK_COLS, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED)
+                        N, K, BLOCK_RED, BLOCK_COLS, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED, DECODE)
         else:  # W rows are the output columns: tile W[rc, rr], transposed for the product
             w = tl.trans(_w_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset, code_ptr, rc, r0,
-                                 N, K, BLOCK_COLS, BLOCK_RED, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED))
+                                 N, K, BLOCK_COLS, BLOCK_RED, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED, DECODE))
         if DOT_F32:
             acc = tl.dot(a.to(tl.float32), w, acc, input_precision="ieee")
         else:

@@ -4,6 +4,7 @@
 # Steps:  tests  the kernel tests on CUDA (bit-exact dequant vs bitsandbytes, GEMM/GEMV, autograd, LoRA)
 #         nf4    kernels/bench/bench_nf4.py: every shape and M (ours vs cuBLAS bf16 vs bitsandbytes)
 #         quick  bench_nf4 --quick (one shape, M in {1, 16, 512})
+#         probe  kernels/bench/decode_probe.py: where the kernels' time goes (each code decode, dequant routes)
 #         qlora  workbench/bench/qlora_memory.py --gpu: one QLoRA step's peak memory, bnb vs our kernels
 #         spec   spec_train (trains pretrain_gpu_teacher, kd_gpu_draft, sft_gpu_draft) then spec_bench
 #                (workbench/bench/speculative.py on the GPU, bf16 and fp32: teacher alone vs ours vs HF
@@ -73,7 +74,7 @@ run_step() {
                     --drafts "$RUNS/kd_gpu_draft/model,$RUNS/sft_gpu_draft/model" \
                     --baseline "$RUNS/sft_gpu_draft/model" --dtype $dtype --prompts "${SPEC_PROMPTS:-64}" --no-record
             done ;;
-        *) echo "unknown step '$1' (tests, nf4, quick, qlora, spec = spec_train + spec_bench)" >&2; exit 2 ;;
+        *) echo "unknown step '$1' (tests, nf4, quick, probe, qlora, spec = spec_train + spec_bench)" >&2; exit 2 ;;
     esac
 }
 for s in "${@:-tests nf4 qlora}"; do
@@ -82,6 +83,7 @@ for s in "${@:-tests nf4 qlora}"; do
             tests) step tests python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/test_kernels.py" "$REPO/tests/test_memory.py" -k "kernel or nf4 or gpu" ;;
             nf4) step nf4 python3 -m workbench.kernels.bench.bench_nf4 --out "$OUT" ;;
             quick) step quick python3 -m workbench.kernels.bench.bench_nf4 --quick --out "$OUT" ;;
+            probe) step probe python3 -m workbench.kernels.bench.decode_probe --out "$OUT" ;;
             qlora) step qlora python3 -m workbench.bench.qlora_memory --gpu --no-record --out "$OUT" ;;
             spec) run_step spec_train && run_step spec_bench ;;
             *) run_step "$name" ;;

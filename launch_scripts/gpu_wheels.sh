@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .whl && mkdir -p .whl
 pins=()
-for name in bitsandbytes transformers peft datasets dill multiprocess huggingface_hub tokenizers; do
+for name in bitsandbytes transformers peft datasets dill multiprocess tokenizers; do
     pins+=("$(grep -i "^${name}==" launch_scripts/constraints.txt)")
 done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
