@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .matmul import _decode, _scales
+from .matmul import DEFAULT_DECODE, _decode, _scales
 from .nf4_weight import NF4Weight, dequantize_reference, finish_split
 
 
@@ -84,7 +84,7 @@ def _nf4_gemv_kernel(
 def default_config(N: int, K: int) -> dict:
     n_tiles = triton.cdiv(N, 32)
     split = max(1, min(K // 1024, triton.cdiv(4 * 132, n_tiles)))
-    return dict(BLOCK_N=32, BLOCK_K=256, SPLIT=split, num_warps=4, num_stages=3)
+    return dict(BLOCK_N=32, BLOCK_K=256, SPLIT=split, num_warps=4, num_stages=3, DECODE=DEFAULT_DECODE)
 
 
 def nf4_gemv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, **config) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""The NF4 linear layer on our kernels: an autograd Function (forward: skinny GEMV or fused GEMM; input
-gradient: the transposed fused GEMM; the frozen 4-bit weight gets no gradient) and `TritonLinear4bit`, a
+"""The NF4 linear layer on our kernels: an autograd Function (forward: skinny GEMV or fused GEMM for few
+rows, our dequantisation then cuBLAS for many; input gradient likewise, transposed; the frozen 4-bit weight
+gets no gradient) and `TritonLinear4bit`, a
 `bnb.nn.Linear4bit` whose forward uses it. `replace_linear4bit(model)` switches every NF4 layer of a loaded
 model (peft-wrapped or not) in place: same Params4bit storage, same QuantState, so saving, peft and merging
 behave exactly as with bitsandbytes."""
@@ -11,11 +12,27 @@ import os
 import bitsandbytes as bnb
 import torch
 
+from .dequant import dequantize_nf4_bytes
 from .gemv import nf4_gemv
 from .matmul import nf4_matmul
 from .nf4_weight import NF4Weight
 
 GEMV_MAX_ROWS = 4
+# From this many rows on, dequantise the weight once (byte-wise kernel, bit-identical to bitsandbytes') and
+# hand the product to cuBLAS, as bitsandbytes does, instead of the fused kernel, which decodes each weight
+# tile once per row tile. Measured on an H200 (BENCHMARKS.md, 2026-12-04): at M=512 the fused kernel took
+# 110 us even with no decode at all (4096x4096) against 42.6 us for our dequantisation + cuBLAS; at M=16
+# the fused kernel (21.1 us) beat the route (17.2 + 13.6 us). 64 lies between the two measured sizes.
+DEQUANT_MIN_ROWS = 64
+
+
+def _dense(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    N, K = w.shape
+    if (N * K) % w.blocksize == 0 and 2048 % w.blocksize == 0:
+        return dequantize_nf4_bytes(w, dtype, bytes_per_program=1024, decode=0, num_warps=4)
+    from .dequant import dequantize_nf4
+
+    return dequantize_nf4(w, dtype)
 
 
 def _check_device(x: torch.Tensor) -> None:
@@ -29,7 +46,18 @@ def nf4_linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) 
     rows = x.numel() // x.shape[-1]
     if rows <= GEMV_MAX_ROWS and w.shape[1] % w.blocksize == 0:
         return nf4_gemv(x, w, bias)
+    if rows >= DEQUANT_MIN_ROWS:
+        return torch.nn.functional.linear(x, _dense(w, x.dtype), bias)
     return nf4_matmul(x, w, bias)
+
+
+def nf4_linear_grad_input(grad_out: torch.Tensor, w: NF4Weight) -> torch.Tensor:
+    """grad_out [..., N] @ W -> [..., K]: the transposed fused GEMM for few rows, dequantise + cuBLAS for
+    many (the dense weight is made again here rather than kept from the forward: memory over time)."""
+    rows = grad_out.numel() // grad_out.shape[-1]
+    if rows >= DEQUANT_MIN_ROWS:
+        return grad_out @ _dense(w, grad_out.dtype)
+    return nf4_matmul(grad_out, w, transpose=True)
 
 
 class NF4LinearFunction(torch.autograd.Function):
@@ -45,7 +73,7 @@ class NF4LinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = nf4_matmul(grad_out, ctx.w, transpose=True)  # [..., N] @ W -> [..., K]
+            grad_x = nf4_linear_grad_input(grad_out, ctx.w)  # [..., N] @ W -> [..., K]
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, None, grad_bias, None

@@ -30,6 +30,13 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # abort in LLVM on tf32x3 at these tiles, so they keep "ieee".
 FP32_PRECISION = "tf32x3" if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 3) else "ieee"
 
+# How the fused kernels turn 4-bit codes into values by default (see _decode). Measured on an H200
+# (kernels/bench/decode_probe.py, BENCHMARKS.md 2026-12-04): tl.gather from registers took the GEMV at
+# M=1 from 24.4 to 14.6 us (4096x4096) and the M=16 GEMM from 91.8 to 21.1 us against a table load per
+# element; the select tree was slower than either. Triton without tl.gather keeps the table load.
+DEFAULT_DECODE = 2 if hasattr(tl, "gather") else 0
+
+
 @triton.jit
 def _decode(code_ptr, nib, DECODE: tl.constexpr):
     """float32 NF4 values of 4-bit codes `nib` (int32, any shape). DECODE 0: gather from the 16-entry table
@@ -161,10 +168,13 @@ def default_config(M: int, cols: int, red: int) -> dict:
     if M <= 16:
         n_tiles = triton.cdiv(cols, 64)
         split = max(1, min(16, 264 // max(n_tiles, 1), red // 512))
-        return dict(BLOCK_M=16, BLOCK_COLS=64, BLOCK_RED=128, GROUP_M=1, SPLIT=split, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=16, BLOCK_COLS=64, BLOCK_RED=128, GROUP_M=1, SPLIT=split, num_warps=4, num_stages=3,
+                    DECODE=DEFAULT_DECODE)
     if M <= 64:
-        return dict(BLOCK_M=64, BLOCK_COLS=64, BLOCK_RED=64, GROUP_M=8, SPLIT=1, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_COLS=128, BLOCK_RED=64, GROUP_M=8, SPLIT=1, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_COLS=64, BLOCK_RED=64, GROUP_M=8, SPLIT=1, num_warps=4, num_stages=3,
+                    DECODE=DEFAULT_DECODE)
+    return dict(BLOCK_M=128, BLOCK_COLS=128, BLOCK_RED=64, GROUP_M=8, SPLIT=1, num_warps=8, num_stages=3,
+                DECODE=DEFAULT_DECODE)
 
 
 def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, transpose: bool = False,

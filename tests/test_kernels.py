@@ -46,6 +46,52 @@ def test_dequant_is_bit_identical_to_bitsandbytes(shape, nested, dtype):
     assert torch.equal(dequantize_reference(w).view(torch.uint8), ref.view(torch.uint8))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("shape, per_program", [((64, 128), 256), ((96, 192), 1024), ((40, 320), 96)])
+def test_bytewise_dequant_is_bit_identical_to_bitsandbytes(shape, per_program, nested, dtype):
+    # per_program 1024 > the weight's 4,608 bytes / 5: the last program is partial; 96 is no power of two... of
+    # bytes, but a whole number of 64-element blocks, which is all the kernel needs
+    packed, state = _weight(*shape, dtype, nested)
+    ref = F.dequantize_4bit(packed, state)
+    w = NF4Weight.from_bnb(packed, state)
+    for decode in (0, 1, 2):
+        if per_program == 96 and decode:
+            continue  # Triton tensors need power-of-two lengths: 96 bytes only for the table-load check below
+        got = dequant.dequantize_nf4_bytes(w, bytes_per_program=per_program if per_program != 96 else 128,
+                                           decode=decode)
+        assert got.dtype == ref.dtype and got.shape == ref.shape
+        assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8)), decode
+    with pytest.raises(ValueError, match="whole quantisation blocks"):
+        dequant.dequantize_nf4_bytes(NF4Weight.from_bnb(*_weight(3, 65, dtype, nested)))
+
+
+@pytest.mark.parametrize("decode", [1, 2])
+def test_every_code_decode_gives_the_table_loads_result(decode):
+    # _decode's select tree and register gather return the same float32 values as a table load per element,
+    # so the GEMV and the fused GEMM (forward and transposed) give the same bits
+    packed, state = _weight(64, 256, torch.bfloat16, True, seed=3)
+    w = NF4Weight.from_bnb(packed, state)
+    x1 = torch.randn(2, 256, dtype=torch.bfloat16, device=DEVICE)
+    x16 = torch.randn(16, 256, dtype=torch.bfloat16, device=DEVICE)
+    g16 = torch.randn(16, 64, dtype=torch.bfloat16, device=DEVICE)
+    assert torch.equal(gemv.nf4_gemv(x1, w, DECODE=decode), gemv.nf4_gemv(x1, w, DECODE=0))
+    assert torch.equal(matmul.nf4_matmul(x16, w, DECODE=decode), matmul.nf4_matmul(x16, w, DECODE=0))
+    assert torch.equal(matmul.nf4_matmul(g16, w, transpose=True, DECODE=decode),
+                       matmul.nf4_matmul(g16, w, transpose=True, DECODE=0))
+    # the diagnostic decode 3 (no table) is wrong, so the comparison above can fail
+    assert not torch.equal(gemv.nf4_gemv(x1, w, DECODE=3), gemv.nf4_gemv(x1, w, DECODE=0))
+
+
+def test_fused_kernels_decode_from_registers_by_default():
+    import triton.language as tl
+
+    expected = 2 if hasattr(tl, "gather") else 0
+    assert matmul.default_config(16, 4096, 4096)["DECODE"] == expected
+    assert matmul.default_config(512, 4096, 4096)["DECODE"] == expected
+    assert gemv.default_config(4096, 4096)["DECODE"] == expected
+
+
 def _tol(dtype):
     return {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
 
@@ -110,6 +156,35 @@ def test_triton_layer_forward_and_input_gradient_match_bitsandbytes(rows):
     assert _rel(x2.grad, x.grad) < 1e-5
     assert _rel(ours.bias.grad, ref.bias.grad) < 1e-6
     assert ours.weight.grad is None  # the 4-bit base stays frozen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_rows_dequantise_once_then_matmul_forward_and_backward(dtype, monkeypatch):
+    # from DEQUANT_MIN_ROWS rows on, the layer dequantises (bit-exact) and multiplies densely, as bitsandbytes
+    # does, rather than run the fused kernel that decodes every weight tile once per row tile
+    from workbench.kernels import linear
+
+    rows = linear.DEQUANT_MIN_ROWS
+    ref = _layer(48, 128, dtype, seed=1)
+    ours = _layer(48, 128, dtype, seed=1)
+    replace_linear4bit(ours)
+    calls = []
+    monkeypatch.setattr(linear, "nf4_matmul", lambda *a, **k: calls.append(k) or matmul.nf4_matmul(*a, **k))
+    x = torch.randn(2, rows // 2, 128, dtype=dtype, device=DEVICE, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y_ref, y = ref(x), ours(x2)
+    W = F.dequantize_4bit(ref.weight.data, ref.weight.quant_state).to(dtype)  # one rounding either way
+    assert torch.equal(y.detach(), torch.nn.functional.linear(x2.detach(), W, ours.bias.to(dtype)))
+    assert _rel(y, y_ref) < _tol(dtype)
+    g = torch.randn_like(y)
+    y_ref.backward(g)
+    y.backward(g)
+    assert torch.equal(x2.grad, g @ W)
+    assert _rel(x2.grad, x.grad) < _tol(dtype)
+    assert calls == []  # neither pass used the fused kernel
+    ours(x2[:, :2].detach())  # 4 rows: the GEMV; 5..63 rows: the fused kernel
+    ours(x2[:, :5].detach())
+    assert len(calls) == 1
 
 
 def test_qlora_benchmark_step_trains_alike_on_both_kernels(tmp_path):

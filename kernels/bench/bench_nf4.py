@@ -7,8 +7,9 @@ Per (K x N weight, M rows, pass): microseconds (median), ratio to cuBLAS bf16 an
 bandwidth (bytes a kernel must move: packed weights + scales + activations + output) as a fraction of a
 measured device-to-device copy. Small M is timed as CUDA-graph replays of launches over R rotated weight
 copies (more than the L2 holds), large M with triton.testing.do_bench, which flushes the L2 before every
-run. From M = 512 on, the input gradient (grad_out [M, N] @ W -> [M, K]: our transposed fused kernel vs cuBLAS
-bf16 vs bitsandbytes' dequantise-then-matmul, which is what its backward does) is timed too. For each kernel a few tile configurations are tried and the fastest is reported with its config.
+run. From M = 512 on, the input gradient (grad_out [M, N] @ W -> [M, K] vs cuBLAS bf16 vs bitsandbytes'
+dequantise-then-matmul, which is what its backward does) is timed too. From kernels.linear.DEQUANT_MIN_ROWS
+rows on, "ours" is what the layer runs there: our byte-wise dequantisation, then cuBLAS. For each kernel a few tile configurations are tried and the fastest is reported with its config.
 Writes nf4_bench.md / nf4_bench.json to --out (default $OUT or the current directory).
 """
 
@@ -113,26 +114,30 @@ def _bench_one(K, N, M, mode, quant, nf4, dense, copy_bw) -> dict | None:
     import bitsandbytes.functional as F
 
     from workbench.kernels.gemv import nf4_gemv
+    from workbench.kernels.linear import DEQUANT_MIN_ROWS, nf4_linear, nf4_linear_grad_input
     from workbench.kernels.matmul import nf4_matmul
 
     small = M <= 64
+    route = M >= DEQUANT_MIN_ROWS  # what the layer runs there: our dequantisation, then cuBLAS
     W0 = F.dequantize_4bit(*quant[0]).float()
     if mode == "fwd":
         x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
         ref = x.float() @ W0.t()
         t_cublas = _time([lambda W=W: torch.matmul(x, W.t()) for W in dense], small)
         t_bnb = _time([lambda q=q, s=s: bnb.matmul_4bit(x, q.t(), quant_state=s) for q, s in quant], small)
-        cands = _configs(M, K, N)
+        cands = [("dequant+cuBLAS", {})] if route else _configs(M, K, N)
     else:  # input gradient: g [M, N] @ W [N, K]; bitsandbytes' backward dequantises W, then one matmul
         x = torch.randn(M, N, dtype=torch.bfloat16, device="cuda")
         ref = x.float() @ W0
         t_cublas = _time([lambda W=W: torch.matmul(x, W) for W in dense], small)
         t_bnb = _time([lambda q=q, s=s: torch.matmul(x, F.dequantize_4bit(q, s).to(torch.bfloat16))
                        for q, s in quant], small)
-        cands = [(kind, dict(cfg, transpose=True)) for kind, cfg in _configs(M, N, K)]
+        cands = [("dequant+cuBLAS", {})] if route else \
+            [(kind, dict(cfg, transpose=True)) for kind, cfg in _configs(M, N, K)]
     best = None
     for kind, cfg in cands:
-        fn = nf4_gemv if kind == "gemv" else nf4_matmul
+        fn = {"gemv": nf4_gemv, "matmul": nf4_matmul,
+              "dequant+cuBLAS": nf4_linear if mode == "fwd" else nf4_linear_grad_input}[kind]
         try:
             y = fn(x, nf4[0], **cfg)
             err = ((y.float() - ref).norm() / ref.norm()).item()

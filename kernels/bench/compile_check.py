@@ -132,7 +132,7 @@ def _fake_weight(N: int, K: int, dtype: torch.dtype, nested: bool):
 
 def default_cases():
     """(label, thunk) for what the layer, its backward and dequantisation launch with their default tiles."""
-    from workbench.kernels.dequant import dequantize_nf4
+    from workbench.kernels.dequant import dequantize_nf4, dequantize_nf4_bytes
     from workbench.kernels.linear import nf4_linear
     from workbench.kernels.matmul import nf4_matmul
 
@@ -143,9 +143,13 @@ def default_cases():
             w = _fake_weight(4096, 4096, dtype, nested)
             tag = f"{dt} {'nested' if nested else 'plain'}"
             cases.append((f"dequant {tag}", lambda w=w: dequantize_nf4(w)))
-            for M in (1, 2, 3, 4, 16, 64, 512):
+            cases.append((f"dequant bytes {tag}", lambda w=w: dequantize_nf4_bytes(w, decode=0)))
+            for M in (1, 2, 3, 4, 16):
                 x = torch.zeros(M, 4096, dtype=dtype)
                 cases.append((f"forward M={M} {tag}", lambda x=x, w=w: nf4_linear(x, w)))
+            for M in (64, 512):  # nf4_linear dequantises + cuBLAS here; the fused kernel serves 5..63 rows
+                x = torch.zeros(M, 4096, dtype=dtype)
+                cases.append((f"forward M={M} {tag}", lambda x=x, w=w: nf4_matmul(x, w)))
             for M in (16, 512):
                 g = torch.zeros(M, 4096, dtype=dtype)
                 cases.append((f"backward M={M} {tag}", lambda g=g, w=w: nf4_matmul(g, w, transpose=True)))
