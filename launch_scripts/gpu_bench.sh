@@ -6,6 +6,8 @@
 #         quick  bench_nf4 --quick (one shape, M in {1, 16, 512})
 #         probe  kernels/bench/decode_probe.py: where the kernels' time goes (each code decode, dequant routes)
 #         qlora  workbench/bench/qlora_memory.py --gpu: one QLoRA step's peak memory, bnb vs our kernels
+#         loss   workbench/bench/kd_loss_memory.py --liger --gpu: the KD loss at Liger's setting, dense vs ours
+#                vs liger_kernel's LigerFusedLinearJSD (issue 17)
 #         spec   spec_train (trains pretrain_gpu_teacher, kd_gpu_draft, sft_gpu_draft) then spec_bench
 #                (workbench/bench/speculative.py on the GPU, bf16 and fp32: teacher alone vs ours vs HF
 #                assisted generation, distilled vs undistilled draft); either alone as two calls if one is
@@ -74,7 +76,7 @@ run_step() {
                     --drafts "$RUNS/kd_gpu_draft/model,$RUNS/sft_gpu_draft/model" \
                     --baseline "$RUNS/sft_gpu_draft/model" --dtype $dtype --prompts "${SPEC_PROMPTS:-64}" --no-record
             done ;;
-        *) echo "unknown step '$1' (tests, nf4, quick, probe, qlora, spec = spec_train + spec_bench)" >&2; exit 2 ;;
+        *) echo "unknown step '$1' (tests, nf4, quick, probe, qlora, loss, spec = spec_train + spec_bench)" >&2; exit 2 ;;
     esac
 }
 for s in "${@:-tests nf4 qlora}"; do
@@ -85,6 +87,7 @@ for s in "${@:-tests nf4 qlora}"; do
             quick) step quick python3 -m workbench.kernels.bench.bench_nf4 --quick --out "$OUT" ;;
             probe) step probe python3 -m workbench.kernels.bench.decode_probe --out "$OUT" ;;
             qlora) step qlora python3 -m workbench.bench.qlora_memory --gpu --no-record --out "$OUT" ;;
+            loss) step loss python3 -m workbench.bench.kd_loss_memory --liger --gpu --no-record ;;
             spec) run_step spec_train && run_step spec_bench ;;
             *) run_step "$name" ;;
         esac

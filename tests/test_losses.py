@@ -680,3 +680,15 @@ def test_a_fused_jsd_chunk_holds_four_full_size_tensors():
         total.backward()
 
     assert _peak_live_full_size(run, N, V) <= 4
+
+
+def test_kd_loss_memory_bench_compares_equal_losses_and_refuses_gpu_without_one(capsys):
+    from workbench.bench import kd_loss_memory as bench
+
+    for objective in ("kl_ce", "jsd"):
+        dense = bench._one("dense", 512, 64, 32, 48, 1, objective)
+        ours = bench._one("ours", 512, 64, 32, 48, 1, objective, chunk=16)
+        assert dense["loss"] == pytest.approx(ours["loss"], rel=1e-5), objective
+    if not torch.cuda.is_available():
+        assert bench.main(["--gpu", "--vocab", "512", "--tokens", "64", "--no-record"]) == 2
+        assert capsys.readouterr().err.strip() == "error: --gpu needs a CUDA GPU"

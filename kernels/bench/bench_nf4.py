@@ -9,7 +9,8 @@ measured device-to-device copy. Small M is timed as CUDA-graph replays of launch
 copies (more than the L2 holds), large M with triton.testing.do_bench, which flushes the L2 before every
 run. From M = 512 on, the input gradient (grad_out [M, N] @ W -> [M, K] vs cuBLAS bf16 vs bitsandbytes'
 dequantise-then-matmul, which is what its backward does) is timed too. From kernels.linear.DEQUANT_MIN_ROWS
-rows on, "ours" is what the layer runs there: our byte-wise dequantisation, then cuBLAS. For each kernel a few tile configurations are tried and the fastest is reported with its config.
+rows on, "ours" is what the layer runs there: our byte-wise dequantisation, then cuBLAS. Below that, a few
+tile configurations of each kernel are tried and the fastest is reported with its config.
 Writes nf4_bench.md / nf4_bench.json to --out (default $OUT or the current directory).
 """
 
