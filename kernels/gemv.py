@@ -27,6 +27,7 @@ def _nf4_gemv_kernel(
     M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
     DECODE: tl.constexpr = 0,  # how 4-bit codes become values (matmul._decode)
+    ACC2D: tl.constexpr = False,  # scale the codes, accumulate [BLOCK_N, BLOCK_K / 2] and reduce once at the end
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -37,10 +38,16 @@ def _nf4_gemv_kernel(
     b = tl.arange(0, BLOCK_K // BLOCKSIZE)
     per_split = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
     k_start = split * per_split
-    acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if ACC2D:  # no cross-lane reduction inside the loop: two multiplies and two FMAs per byte and row
+        acc0 = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
+        acc3 = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
+    else:  # per-block sums of code * x, then one multiply by the block's scale
+        acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(k_start, tl.minimum(k_start + per_split, K), BLOCK_K):
         col_ok = (k0 // 2 + j) < K // 2  # in bytes: contiguous, so the packed loads vectorise
         byte = tl.load(packed_ptr + rn[:, None].to(tl.int64) * (K // 2) + k0 // 2 + j[None, :],
@@ -50,12 +57,20 @@ def _nf4_gemv_kernel(
         blk = rn[:, None].to(tl.int64) * (K // BLOCKSIZE) + k0 // BLOCKSIZE + b[None, :]
         s = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk,
                     row_ok[:, None] & ((k0 + b * BLOCKSIZE) < K)[None, :], BLOCKSIZE2, NESTED)  # [BLOCK_N, BK/64]
+        if ACC2D:
+            sf = tl.broadcast_to(s[:, :, None], (BLOCK_N, BLOCK_K // BLOCKSIZE, BLOCKSIZE // 2))
+            sf = sf.reshape(BLOCK_N, BLOCK_K // 2)
+            hi = hi * sf
+            lo = lo * sf
         for m in tl.static_range(M):
             xk = tl.load(x_ptr + m * stride_xm + k0 + kk, mask=(k0 + kk) < K, other=0.0).to(tl.float32)
             xe, xo = tl.split(xk.reshape(BLOCK_K // 2, 2))  # columns 2j and 2j + 1
             part = hi * xe[None, :] + lo * xo[None, :]  # [BLOCK_N, BLOCK_K / 2]
-            per_block = tl.sum(part.reshape(BLOCK_N, BLOCK_K // BLOCKSIZE, BLOCKSIZE // 2), axis=2)
-            contrib = tl.sum(per_block * s, axis=1)
+            if ACC2D:
+                contrib = part
+            else:
+                per_block = tl.sum(part.reshape(BLOCK_N, BLOCK_K // BLOCKSIZE, BLOCKSIZE // 2), axis=2)
+                contrib = tl.sum(per_block * s, axis=1)
             if m == 0:
                 acc0 += contrib
             elif m == 1:
@@ -73,6 +88,8 @@ def _nf4_gemv_kernel(
             acc = acc2
         else:
             acc = acc3
+        if ACC2D:
+            acc = tl.sum(acc, axis=1)
         if SPLIT == 1:
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + rn, mask=row_ok, other=0.0).to(tl.float32)

@@ -60,11 +60,23 @@ def nf4_linear_grad_input(grad_out: torch.Tensor, w: NF4Weight) -> torch.Tensor:
     return nf4_matmul(grad_out, w, transpose=True)
 
 
+def _nf4_weight(weight, quant_state) -> NF4Weight:
+    """NF4Weight.from_bnb, kept on the QuantState while the weight's storage is the same: building it reads
+    the nested offset to the host (a device sync per layer per call) and makes a float32 code table."""
+    key = (weight.data_ptr(), quant_state.absmax.data_ptr(), weight.device)
+    cached = getattr(quant_state, "_workbench_nf4", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    w = NF4Weight.from_bnb(weight, quant_state)
+    quant_state._workbench_nf4 = (key, w)
+    return w
+
+
 class NF4LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, quant_state):
         # x [..., K] compute dtype; weight: Params4bit (packed, frozen); bias [N] or None
-        w = NF4Weight.from_bnb(weight, quant_state)
+        w = _nf4_weight(weight, quant_state)
         ctx.w = w
         ctx.has_bias = bias is not None
         return nf4_linear(x, w, bias)

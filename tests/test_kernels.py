@@ -124,6 +124,20 @@ def test_gemv_matches_reference(M, nested):
             assert got.shape == (1, M, 40) and _rel(got, ref) < _tol(dtype)
 
 
+@pytest.mark.parametrize("M", [1, 3])
+def test_gemv_with_a_two_dimensional_accumulator_matches_reference(M):
+    # ACC2D (a decode_probe variant): scaled codes times x summed in [BLOCK_N, BLOCK_K / 2], reduced at the end
+    for dtype in (torch.float32, torch.bfloat16):
+        packed, state = _weight(40, 320, dtype, True, seed=M)
+        w = NF4Weight.from_bnb(packed, state)
+        x = torch.randn(M, 320, dtype=dtype, device=DEVICE)
+        ref = gemv.reference(x, w)
+        for split in (1, 2):
+            got = gemv.nf4_gemv(x, w, SPLIT=split, BLOCK_K=128, ACC2D=True)
+            assert _rel(got, ref) < _tol(dtype)
+            assert _rel(got, gemv.nf4_gemv(x, w, SPLIT=split, BLOCK_K=128)) < _tol(dtype)
+
+
 def test_gemv_rejects_what_it_cannot_do():
     packed, state = _weight(8, 70, torch.float32, True)
     w = NF4Weight.from_bnb(packed, state)
@@ -185,6 +199,27 @@ def test_many_rows_dequantise_once_then_matmul_forward_and_backward(dtype, monke
     ours(x2[:, :2].detach())  # 4 rows: the GEMV; 5..63 rows: the fused kernel
     ours(x2[:, :5].detach())
     assert len(calls) == 1
+
+
+def test_the_layer_builds_its_kernel_view_of_the_weight_once(monkeypatch):
+    # NF4Weight.from_bnb syncs the device (the nested offset, to the host) and copies the code table: once
+    # per weight, not per call; a new weight storage (re-quantised, moved) builds it again
+    from workbench.kernels import linear
+
+    built = []
+    real = NF4Weight.from_bnb
+    monkeypatch.setattr(linear.NF4Weight, "from_bnb", classmethod(lambda cls, *a: built.append(1) or real(*a)))
+    layer = _layer(48, 128, torch.float32)
+    replace_linear4bit(layer)
+    x = torch.randn(3, 128, device=DEVICE)
+    y1, y2 = layer(x), layer(x)
+    assert len(built) == 1 and torch.equal(y1, y2)
+    other = _layer(48, 128, torch.float32, seed=5)
+    layer.weight, layer.bias = other.weight, other.bias  # another Params4bit with its own QuantState
+    y3 = layer(x)
+    assert len(built) == 2 and _rel(y3, other(x)) < 1e-5
+    layer.weight.data = layer.weight.data.clone()  # same QuantState, new storage
+    assert torch.equal(layer(x), y3) and len(built) == 3
 
 
 def test_qlora_benchmark_step_trains_alike_on_both_kernels(tmp_path):

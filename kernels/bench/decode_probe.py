@@ -1,6 +1,7 @@
 """Where the NF4 kernels' time goes on a CUDA GPU: the same kernels with each way of turning 4-bit codes into
 values (kernels/matmul.py `_decode`: 0 table load per element, the shipped default; 1 select tree; 2
-tl.gather from registers; 3 no decode at all, wrong values, the floor the rest of the kernel sets), and the
+tl.gather from registers; 3 no decode at all, wrong values, the floor the rest of the kernel sets; at M=1
+also ACC2D, which accumulates scaled codes times x in two dimensions and reduces once at the end), and the
 dequantise-then-cuBLAS route for large M with our byte-wise dequantisation against bitsandbytes'.
 
     python -m workbench.kernels.bench.decode_probe [--out DIR]
@@ -82,11 +83,18 @@ def run(out_dir: str, shapes=((4096, 4096), (8192, 8192))) -> str:
             row(shape, f"M={M} bitsandbytes", bnb_t, moved, cublas)
             kind_cfgs = _configs(M, K, N)
             fn = nf4_gemv if kind_cfgs[0][0] == "gemv" else nf4_matmul
+            if M == 1:  # smaller tiles too: the shipped ones take 112-180 registers per thread (sm_90 ptxas)
+                kind_cfgs = kind_cfgs + [("gemv", dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT=sp, num_warps=wp, num_stages=3))
+                                         for bn, bk, sp, wp in [(8, 256, 2, 2), (4, 512, 1, 2), (8, 512, 1, 4)]]
             for d, label in DECODES.items():
-                b = _best(fn, x, nf4, [dict(c, DECODE=d) for _, c in kind_cfgs], True, ref, exact_check=d != 3)
-                if b:
-                    row(shape, f"M={M} ours, decode {d} ({label})", b[0], moved, cublas,
-                        f"{kind_cfgs[0][0]} {({k: v for k, v in b[1].items() if k != 'DECODE'})}")
+                if d == 1:
+                    continue  # the select tree: slower than the table load on the H200 (2026-12-04)
+                for acc in (False, True) if M == 1 else (False,):  # ACC2D: 255 registers and a stack at M=4
+                    b = _best(fn, x, nf4, [dict(c, DECODE=d, **({"ACC2D": True} if acc else {})) for _, c in kind_cfgs],
+                              True, ref, exact_check=d != 3)
+                    if b:
+                        row(shape, f"M={M} ours, decode {d} ({label}){', ACC2D' if acc else ''}", b[0], moved, cublas,
+                            f"{kind_cfgs[0][0]} {({k: v for k, v in b[1].items() if k not in ('DECODE', 'ACC2D')})}")
         # dequantisation alone, then the large-M route: dequantise into a workspace + cuBLAS
         ws = torch.empty(N, K, dtype=torch.bfloat16, device="cuda")
         dq_moved = nf4[0].nbytes() + N * K * 2
