@@ -13,6 +13,7 @@ benchmark of record.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -49,6 +50,7 @@ def run(out_dir: str, shapes=((4096, 4096), (8192, 8192))) -> str:
     import bitsandbytes.functional as F
 
     from workbench.kernels import NF4Weight
+    from workbench.kernels.nf4_weight import absmax_reference
     from workbench.kernels.dequant import dequantize_nf4, dequantize_nf4_bytes
     from workbench.kernels.gemv import nf4_gemv
     from workbench.kernels.matmul import nf4_matmul
@@ -71,6 +73,7 @@ def run(out_dir: str, shapes=((4096, 4096), (8192, 8192))) -> str:
         Ws = [torch.randn(N, K, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(R)]
         quant = [F.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True) for W in Ws]
         nf4 = [NF4Weight.from_bnb(q, s) for q, s in quant]
+        flat = [dataclasses.replace(w, absmax=absmax_reference(w), absmax2=None, code2=None, offset=0.0) for w in nf4]
         dense = Ws[: max(2, min(8, -(-(256 << 20) // (N * K * 2))))]
         W0 = F.dequantize_4bit(*quant[0])
         for M in (1, 16):
@@ -86,6 +89,15 @@ def run(out_dir: str, shapes=((4096, 4096), (8192, 8192))) -> str:
             if M == 1:  # smaller tiles too: the shipped ones take 112-180 registers per thread (sm_90 ptxas)
                 kind_cfgs = kind_cfgs + [("gemv", dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT=sp, num_warps=wp, num_stages=3))
                                          for bn, bk, sp, wp in [(8, 256, 2, 2), (4, 512, 1, 2), (8, 512, 1, 4)]]
+            # the scales decoded once ahead (float32 absmax, 4.5 bits per weight instead of 4.127): no dependent
+            # load chain (uint8 absmax -> code2 table -> absmax2) inside the loop
+            for acc in (False, True) if M == 1 else (False,):
+                b = _best(fn, x, flat, [dict(c, DECODE=2, **({"ACC2D": True} if acc else {})) for _, c in kind_cfgs],
+                          True, ref)
+                if b:
+                    row(shape, f"M={M} ours, decode 2, float32 scales{', ACC2D' if acc else ''}", b[0],
+                        flat[0].nbytes() + M * (K + N) * 2, cublas,
+                        f"{kind_cfgs[0][0]} {({k: v for k, v in b[1].items() if k not in ('DECODE', 'ACC2D')})}")
             for d, label in DECODES.items():
                 if d == 1:
                     continue  # the select tree: slower than the table load on the H200 (2026-12-04)

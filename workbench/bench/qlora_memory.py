@@ -12,6 +12,7 @@ x 2048 tokens, bf16 compute. Prints a Markdown section (and writes it to --out w
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -73,6 +74,14 @@ def gpu_step(kernel: str, workdir: str, device: str = "cuda", tokens: int = 2048
     from workbench.models import _keep_bnb_layout
 
     cuda = torch.device(device).type == "cuda"
+    # what an earlier call left allocated is not this step's: on the H200 (2026-12-04) the second model
+    # measured (ours) showed 0.39-0.40 GiB more than the first at both peak and rest, a constant offset
+    # about the size of the first model's 4-bit blocks, freed only by the cycle collector
+    gc.collect()
+    base = 0
+    if cuda:
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
     model = AutoModelForCausalLM.from_pretrained(
         workdir, dtype=torch.bfloat16, device_map={"": device},
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -100,9 +109,10 @@ def gpu_step(kernel: str, workdir: str, device: str = "cuda", tokens: int = 2048
     if cuda:
         torch.cuda.synchronize()
     out = dict(kernel=kernel, step_s=time.perf_counter() - t0, loss=loss.item(), our_layers=ours,
-               peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-               weights_gib=torch.cuda.memory_allocated() / 2**30 if cuda else None)
-    del model, opt
+               peak_gib=(torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else None,
+               weights_gib=(torch.cuda.memory_allocated() - base) / 2**30 if cuda else None)
+    del model, opt, loss
+    gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     return out
