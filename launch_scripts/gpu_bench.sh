@@ -23,6 +23,8 @@
 #                               recipes' own 2000 / 1500 steps, the teacher cached as recipe:pretrain_gpu_teacher)
 #   SPEC_DTYPES="bfloat16"      the dtypes spec_bench measures (default "bfloat16 float32")
 #   SPEC_PROMPTS=N              held-out prompts spec_bench decodes (default 64)
+#   SPEC_COMPILE=1              spec_bench also measures ours compiled (torch.compile + CUDA graphs over a
+#                               static KV cache: python -m workbench.bench.speculative --compile)
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$REPO/gpu_out}
@@ -75,6 +77,12 @@ run_step() {
                 step "spec_$dtype" python3 -m workbench.bench.speculative --teacher "$TEACHER" \
                     --drafts "$RUNS/kd_gpu_draft/model,$RUNS/sft_gpu_draft/model" \
                     --baseline "$RUNS/sft_gpu_draft/model" --dtype $dtype --prompts "${SPEC_PROMPTS:-64}" --no-record
+                if [ -n "${SPEC_COMPILE:-}" ]; then
+                    step "spec_${dtype}_compiled" python3 -m workbench.bench.speculative --teacher "$TEACHER" \
+                        --drafts "$RUNS/kd_gpu_draft/model,$RUNS/sft_gpu_draft/model" \
+                        --baseline "$RUNS/sft_gpu_draft/model" --dtype $dtype --prompts "${SPEC_PROMPTS:-64}" \
+                        --compile --no-record
+                fi
             done ;;
         *) echo "unknown step '$1' (tests, nf4, quick, probe, qlora, loss, spec = spec_train + spec_bench)" >&2; exit 2 ;;
     esac

@@ -669,3 +669,15 @@ def test_the_draft_acceptance_benchmark_counts_what_speculative_generate_counts(
         with pytest.raises(SystemExit):
             DA.main(["--teacher", str(tiny_teacher), "--distilled", f"{drafts['same']},{drafts['near']}",
                      "--baseline", drafts["far"], *bad, "--no-record"])
+
+
+def test_bench_compiled_rows_run_once_untimed_first(monkeypatch):
+    # --compile: the first run of a row compiles its graphs; only a second, warm run is reported
+    from workbench.bench import speculative as bench
+
+    calls = []
+    monkeypatch.setattr(bench, "_ours_run", lambda *a, **kw: calls.append(kw["compile"]) or (len(calls), kw))
+    assert bench._ours(None, None, None, [], False, 4, draft_len=2)[0] == 1 and calls == [False]
+    monkeypatch.setattr(bench, "_COMPILE", True)
+    calls.clear()
+    assert bench._ours(None, None, None, [], False, 4, draft_len=2)[0] == 2 and calls == [True, True]

@@ -417,7 +417,10 @@ def _compiled_forward(model):
 
         # one graph per (batch size, cache bucket, step length) and per model: more than dynamo's default 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _COMPILED[model] = torch.compile(model.forward, dynamic=False)
+        # on a GPU also replay each step as a CUDA graph: at batch 1 a step is bound by kernel launches and
+        # Python (H200, 2026-12-04: 4.25 ms per step of an 8M-parameter 2-layer draft, 11.7 ms for 16 layers)
+        cuda = next(model.parameters()).is_cuda
+        _COMPILED[model] = torch.compile(model.forward, dynamic=False, mode="reduce-overhead" if cuda else None)
     return _COMPILED[model]
 
 
