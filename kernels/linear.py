@@ -12,7 +12,7 @@ import os
 import bitsandbytes as bnb
 import torch
 
-from .dequant import dequantize_nf4_bytes
+from .dequant import dequantize_nf4, dequantize_nf4_bytes
 from .gemv import nf4_gemv
 from .matmul import nf4_matmul
 from .nf4_weight import NF4Weight
@@ -26,12 +26,14 @@ GEMV_MAX_ROWS = 4
 DEQUANT_MIN_ROWS = 64
 
 
-def _dense(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
-    N, K = w.shape
-    if (N * K) % w.blocksize == 0 and 2048 % w.blocksize == 0:
-        return dequantize_nf4_bytes(w, dtype, bytes_per_program=1024, decode=0, num_warps=4)
-    from .dequant import dequantize_nf4
+DEQUANT_BYTES_PER_PROGRAM = 1024
 
+
+def _dense(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight in `dtype`, bit-identical to bitsandbytes' dequantisation."""
+    N, K = w.shape
+    if (N * K) % w.blocksize == 0 and (2 * DEQUANT_BYTES_PER_PROGRAM) % w.blocksize == 0:
+        return dequantize_nf4_bytes(w, dtype, bytes_per_program=DEQUANT_BYTES_PER_PROGRAM)
     return dequantize_nf4(w, dtype)
 
 
