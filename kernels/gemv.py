@@ -21,13 +21,15 @@ from .nf4_weight import NF4Weight, dequantize_reference, finish_split
 def _nf4_gemv_kernel(
     x_ptr,  # [M, K] activations, row stride stride_xm
     packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset, code_ptr,  # W [N, K] NF4
-    out_ptr,  # [M, N] output dtype, or float32 [SPLIT, M, N] partials when SPLIT > 1
+    out_ptr,  # [M, N] output dtype, or float32 [SPLIT, M, N] partials when SPLIT > 1 (unless FIXUP)
     bias_ptr,  # [N] or a dummy
+    ws_ptr, cnt_ptr,  # FIXUP: float32 [M, N] and int32 [N tiles] workspaces, zero on entry and on exit
     N, K, stride_xm,
     M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
     DECODE: tl.constexpr = 0,  # how 4-bit codes become values (matmul._decode)
     ACC2D: tl.constexpr = False,  # scale the codes, accumulate [BLOCK_N, BLOCK_K / 2] and reduce once at the end
+    FIXUP: tl.constexpr = False,  # SPLIT > 1 in one launch: atomic partial sums, the last program writes out
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -94,8 +96,23 @@ def _nf4_gemv_kernel(
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + rn, mask=row_ok, other=0.0).to(tl.float32)
             tl.store(out_ptr + m * N + rn, acc.to(out_ptr.dtype.element_ty), mask=row_ok)
+        elif FIXUP:
+            tl.atomic_add(ws_ptr + m * N + rn, acc, mask=row_ok, sem="relaxed")
         else:
             tl.store(out_ptr + (split * M + m) * N + rn, acc, mask=row_ok)
+    if SPLIT > 1 and FIXUP:
+        # release: this program's partial sums are visible before its arrival is; acquire: the last to
+        # arrive sees everyone's, reads them back atomically (at L2, not a stale L1) and leaves the
+        # workspace zero (no other program touches these entries again in this launch)
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT - 1:
+            for m in tl.static_range(M):
+                total = tl.atomic_add(ws_ptr + m * N + rn, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=row_ok)
+                tl.store(ws_ptr + m * N + rn, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=row_ok)
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + rn, mask=row_ok, other=0.0).to(tl.float32)
+                tl.store(out_ptr + m * N + rn, total.to(out_ptr.dtype.element_ty), mask=row_ok)
+            tl.store(cnt_ptr + pid_n, 0)
 
 
 def default_config(N: int, K: int) -> dict:
@@ -122,17 +139,37 @@ def nf4_gemv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, **
     if cfg["BLOCK_K"] % w.blocksize:
         raise ValueError("BLOCK_K must be a multiple of the quantisation block size")
     split = cfg.pop("SPLIT")
+    fixup = split > 1 and cfg.get("FIXUP", False)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    dst = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    dst = out if split == 1 or fixup else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), split)
-    _nf4_gemv_kernel[grid](
-        x2, *w.kernel_args(), dst, bias if bias is not None else w.code, N, K, x2.stride(0),
-        M=M, SPLIT=split, BLOCKSIZE=w.blocksize, BLOCKSIZE2=w.blocksize2, NESTED=w.nested,
-        HAS_BIAS=bias is not None and split == 1, **cfg,
-    )
-    if split > 1:
+    ws, cnt = _fixup_workspace(x.device, M * N, grid[0]) if fixup else (w.code, w.code)
+    try:
+        _nf4_gemv_kernel[grid](
+            x2, *w.kernel_args(), dst, bias if bias is not None else w.code, ws, cnt, N, K, x2.stride(0),
+            M=M, SPLIT=split, BLOCKSIZE=w.blocksize, BLOCKSIZE2=w.blocksize2, NESTED=w.nested,
+            HAS_BIAS=bias is not None and (split == 1 or fixup), **cfg,
+        )
+    except BaseException:
+        _WORKSPACES.pop(x.device, None)  # a launch that did not finish may leave it non-zero
+        raise
+    if split > 1 and not fixup:
         finish_split(dst, out, bias)
     return out.reshape(*lead, N)
+
+
+_WORKSPACES: dict = {}  # device -> (float32 partial sums, int32 arrival counters), zero between calls
+
+
+def _fixup_workspace(device: torch.device, elems: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FIXUP's zeroed workspaces on `device`, grown as needed (each launch leaves them zero again)."""
+    ws, cnt = _WORKSPACES.get(device, (None, None))
+    if ws is None or ws.numel() < elems or cnt.numel() < tiles:
+        size = max(elems, 0 if ws is None else ws.numel())
+        ws = torch.zeros(size, dtype=torch.float32, device=device)
+        cnt = torch.zeros(max(tiles, 0 if cnt is None else cnt.numel()), dtype=torch.int32, device=device)
+        _WORKSPACES[device] = (ws, cnt)
+    return ws, cnt
 
 
 def reference(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Where the NF4 kernels' time goes on a CUDA GPU: the same kernels with each way of turning 4-bit codes into
 values (kernels/matmul.py `_decode`: 0 table load per element, the shipped default; 1 select tree; 2
 tl.gather from registers; 3 no decode at all, wrong values, the floor the rest of the kernel sets; at M=1
-also ACC2D, which accumulates scaled codes times x in two dimensions and reduces once at the end), and the
+also ACC2D, which accumulates scaled codes times x in two dimensions and reduces once at the end, and
+FIXUP, split-K in one launch), and the
 dequantise-then-cuBLAS route for large M with our byte-wise dequantisation against bitsandbytes'.
 
     python -m workbench.kernels.bench.decode_probe [--out DIR]
@@ -98,6 +99,14 @@ def run(out_dir: str, shapes=((4096, 4096), (8192, 8192))) -> str:
                     row(shape, f"M={M} ours, decode 2, float32 scales{', ACC2D' if acc else ''}", b[0],
                         flat[0].nbytes() + M * (K + N) * 2, cublas,
                         f"{kind_cfgs[0][0]} {({k: v for k, v in b[1].items() if k not in ('DECODE', 'ACC2D')})}")
+            if M == 1:  # split-K in one launch (atomic partial sums; the last program writes out) vs two
+                for acc in (False, True):
+                    cfgs = [dict(c, DECODE=2, FIXUP=True, **({"ACC2D": True} if acc else {}))
+                            for _, c in kind_cfgs if c["SPLIT"] > 1]
+                    b = _best(fn, x, nf4, cfgs, True, ref)
+                    if b:
+                        row(shape, f"M=1 ours, decode 2, split-K in one launch{', ACC2D' if acc else ''}", b[0],
+                            moved, cublas, f"gemv {({k: v for k, v in b[1].items() if k not in ('DECODE', 'ACC2D', 'FIXUP')})}")
             for d, label in DECODES.items():
                 if d == 1:
                     continue  # the select tree: slower than the table load on the H200 (2026-12-04)
