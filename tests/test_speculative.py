@@ -681,3 +681,26 @@ def test_bench_compiled_rows_run_once_untimed_first(monkeypatch):
     monkeypatch.setattr(bench, "_COMPILE", True)
     calls.clear()
     assert bench._ours(None, None, None, [], False, 4, draft_len=2)[0] == 2 and calls == [True, True]
+
+
+def test_feeding_a_dense_cache_reads_nothing_back_from_the_device(monkeypatch):
+    # bool(tensor) waits for the device; a draft step over a cache without holes needs none
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from workbench.speculative import _KVStream
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=50)).eval()
+    ids = torch.randint(0, 50, (2, 6))
+    stream = _KVStream(model, ids[:, :-1], torch.ones(2, 5, dtype=torch.bool))
+    with torch.no_grad():
+        first = stream.feed(ids[:, -1:])  # the prompt: its mask may hold left padding, so it is checked
+        reads = []
+        real = torch.Tensor.__bool__
+        monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(1) or real(t))
+        nxt = stream.feed(first.argmax(-1))
+        monkeypatch.undo()
+        assert reads == [] and nxt.shape == (2, 1, 50)
+        stream.feed(first.argmax(-1), torch.tensor([[True], [False]]))  # a hole: now it must look
+        assert not stream.dense

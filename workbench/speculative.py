@@ -273,12 +273,16 @@ class _KVStream:
         """Append ids [B, n] (valid [B, n]: False marks a hole) to the cache; -> logits [B, n, V] of
         those positions."""
         n = ids.shape[1]
+        # no holes by construction: skip reading that back from the device, a sync that would make the host
+        # wait for every queued kernel at each draft step instead of queueing the next one
+        known_dense = valid is None
         valid = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid
         if self.pending is not None:
             (prefix, prefix_mask), self.pending = self.pending, None
             ids, valid = torch.cat([prefix, ids], dim=1), torch.cat([prefix_mask, valid], dim=1)
+            known_dense = False
         self.mask = torch.cat([self.mask, valid], dim=1)
-        if self.dense and bool(valid.all()):
+        if self.dense and (known_dense or bool(valid.all())):
             return self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=n).logits
         self.dense = False
         positions = (self.mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, -ids.shape[1]:]
