@@ -24,7 +24,8 @@
 #   SPEC_DTYPES="bfloat16"      the dtypes spec_bench measures (default "bfloat16 float32")
 #   SPEC_PROMPTS=N              held-out prompts spec_bench decodes (default 64)
 #   SPEC_COMPILE=1              spec_bench also measures ours compiled (torch.compile + CUDA graphs over a
-#                               static KV cache: python -m workbench.bench.speculative --compile)
+#                               static KV cache: WORKBENCH_CUDA_GRAPHS=1 python -m workbench.bench.speculative
+#                               --compile; its 'same tokens' column in float32 checks the graphs' tokens)
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$REPO/gpu_out}
@@ -78,7 +79,7 @@ run_step() {
                     --drafts "$RUNS/kd_gpu_draft/model,$RUNS/sft_gpu_draft/model" \
                     --baseline "$RUNS/sft_gpu_draft/model" --dtype $dtype --prompts "${SPEC_PROMPTS:-64}" --no-record
                 if [ -n "${SPEC_COMPILE:-}" ]; then
-                    step "spec_${dtype}_compiled" python3 -m workbench.bench.speculative --teacher "$TEACHER" \
+                    step "spec_${dtype}_compiled" env WORKBENCH_CUDA_GRAPHS=1 python3 -m workbench.bench.speculative --teacher "$TEACHER" \
                         --drafts "$RUNS/kd_gpu_draft/model,$RUNS/sft_gpu_draft/model" \
                         --baseline "$RUNS/sft_gpu_draft/model" --dtype $dtype --prompts "${SPEC_PROMPTS:-64}" \
                         --compile --no-record

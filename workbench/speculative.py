@@ -14,6 +14,7 @@ steps through torch.compile over a static KV cache (as gpt-fast does): see `_Sta
 
 from __future__ import annotations
 
+import os
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -421,10 +422,11 @@ def _compiled_forward(model):
 
         # one graph per (batch size, cache bucket, step length) and per model: more than dynamo's default 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        # on a GPU also replay each step as a CUDA graph: at batch 1 a step is bound by kernel launches and
-        # Python (H200, 2026-12-04: 4.25 ms per step of an 8M-parameter 2-layer draft, 11.7 ms for 16 layers)
-        cuda = next(model.parameters()).is_cuda
-        _COMPILED[model] = torch.compile(model.forward, dynamic=False, mode="reduce-overhead" if cuda else None)
+        # WORKBENCH_CUDA_GRAPHS=1: on a GPU also replay each step as a CUDA graph (at batch 1 a step is bound
+        # by kernel launches and Python: H200, 2026-12-04, 4.25 ms per step of an 8M-parameter 2-layer draft,
+        # 11.7 ms for 16 layers). Opt-in until a GPU run has checked its tokens against eager decoding.
+        graphs = next(model.parameters()).is_cuda and os.environ.get("WORKBENCH_CUDA_GRAPHS") == "1"
+        _COMPILED[model] = torch.compile(model.forward, dynamic=False, mode="reduce-overhead" if graphs else None)
     return _COMPILED[model]
 
 

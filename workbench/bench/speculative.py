@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import time
 from pathlib import Path
@@ -231,7 +232,8 @@ def run(args) -> str:
              f"Machine: {_report.machine()}. Teacher `{args.teacher}` ({_millions(teacher)} parameters); drafts "
              f"{', '.join(described(n) for n in names)} ({_millions(drafts[names[0]])} each, same size and steps; "
              f"`{args.baseline}` without distillation). {len(prompts)} {task}, greedy, up to {N} new tokens each; {args.dtype} on {dev.type}{drafts_held}"
-             + (", ours compiled (torch.compile over a static KV cache" + (", CUDA graphs" if dev.type == "cuda" else "")
+             + (", ours compiled (torch.compile over a static KV cache"
+                + (", CUDA graphs" if dev.type == "cuda" and os.environ.get("WORKBENCH_CUDA_GRAPHS") == "1" else "")
                 + f"; adaptive k up to {args.max_draft_len}), HF's rows as HF runs them" if args.compile else "")
              + ". Speed-up is tokens/s over the faster of the two 'teacher alone, HF generate' rows at batch 1 "
              "(measured first and again after the draft rows" + (", or 'teacher alone, ours' if faster" if args.compile
@@ -314,8 +316,9 @@ def main(argv=None) -> int:
     ap.add_argument("--draft-vocab", type=int, metavar="N",
                     help="also run the first draft restricted to the N most frequent training tokens (FR-Spec)")
     ap.add_argument("--compile", action="store_true",
-                    help="our rows decode through torch.compile over a static KV cache (CUDA graphs on a GPU; "
-                         "adaptive k then drafts at most k + 2); HF's rows stay as HF runs them by default")
+                    help="our rows decode through torch.compile over a static KV cache (adaptive k then drafts "
+                         "at most k + 2; CUDA graphs on a GPU with WORKBENCH_CUDA_GRAPHS=1); HF's rows stay as "
+                         "HF runs them by default")
     ap.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     args = ap.parse_args(argv)
     return _report.run_and_publish(run, args)
