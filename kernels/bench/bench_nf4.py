@@ -25,7 +25,7 @@ import time
 import torch
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]  # (K in_features, N out_features)
-MS = [1, 2, 4, 8, 16, 512, 4096]  # decode, speculative verification (2-16), prefill / training
+MS = [1, 2, 4, 8, 16, 64, 512, 4096]  # decode, speculative verification (2-16), prefill / training
 DGRAD_MIN_M = 512  # from this M on, the input gradient (x @ W, the transposed kernel) is timed as well
 
 

@@ -139,7 +139,7 @@ def run(out_dir: str, shapes=((4096, 4096), (8192, 8192))) -> str:
                     f"bit-exact vs bnb: {exact}; vs column: bnb dequant")
                 if exact and (best_dq is None or t < best_dq[0]):
                     best_dq = (t, d, nbytes, warps)
-        for M in (512, 4096):
+        for M in (64, 512, 4096):  # 64: where kernels.linear switches from the fused kernel to the route
             x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
             moved = nf4[0].nbytes() + M * (K + N) * 2
             cublas = _bench_time([lambda W=W: torch.matmul(x, W.t()) for W in dense])
@@ -154,9 +154,9 @@ def run(out_dir: str, shapes=((4096, 4096), (8192, 8192))) -> str:
                                                                 decode=d, num_warps=warps).t())
                 row(shape, f"M={M} ours: byte-wise dequant + cuBLAS", _bench_time(
                     [lambda w=w: route(w) for w in nf4]), moved, cublas, f"decode {d}, {nbytes} B/program")
-            if M == 512:
+            if M <= 512:
                 ref = x.float() @ W0.float().t()
-                for d in (1, 3):
+                for d in (2, 3):
                     b = _best(nf4_matmul, x, nf4, [dict(c, DECODE=d) for _, c in _configs(M, K, N)[:2]], False, ref,
                               exact_check=d != 3)
                     if b:
