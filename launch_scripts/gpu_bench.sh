@@ -56,7 +56,7 @@ step() {  # step NAME COMMAND...: runs it (at most $LIMIT_NAME s), logs to $OUT/
     [ "$rc" = 0 ] || status=1
     return "$rc"
 }
-RUNS=/tmp/gpu_runs  # spec_train's models; spec_bench reads them (a later call on the same, still warm machine)
+RUNS=${GPU_RUNS:-/tmp/gpu_runs}  # spec_train's models; spec_bench reads them (a later call, same warm machine)
 TEACHER=recipe:pretrain_gpu_teacher
 DRAFT_ARGS=()
 if [ -n "${SPEC_TEACHER_STEPS:-}" ]; then
