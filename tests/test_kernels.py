@@ -125,35 +125,25 @@ def test_gemv_matches_reference(M, nested):
 
 
 @pytest.mark.parametrize("M", [1, 3])
-def test_gemv_with_a_two_dimensional_accumulator_matches_reference(M):
-    # ACC2D (a decode_probe variant): scaled codes times x summed in [BLOCK_N, BLOCK_K / 2], reduced at the end
-    for dtype in (torch.float32, torch.bfloat16):
-        packed, state = _weight(40, 320, dtype, True, seed=M)
-        w = NF4Weight.from_bnb(packed, state)
-        x = torch.randn(M, 320, dtype=dtype, device=DEVICE)
-        ref = gemv.reference(x, w)
-        for split in (1, 2):
-            got = gemv.nf4_gemv(x, w, SPLIT=split, BLOCK_K=128, ACC2D=True)
-            assert _rel(got, ref) < _tol(dtype)
-            assert _rel(got, gemv.nf4_gemv(x, w, SPLIT=split, BLOCK_K=128)) < _tol(dtype)
-
-
-@pytest.mark.parametrize("M", [1, 3])
-def test_gemv_split_in_one_launch_matches_two_and_leaves_its_workspace_zero(M):
-    # FIXUP (a decode_probe variant): partial sums added atomically, the last program of a tile writes the
+@pytest.mark.parametrize("variant", [dict(ACC2D=True), dict(FIXUP=True), dict(FIXUP=True, ACC2D=True)])
+def test_gemv_probe_variants_match_the_shipped_path(M, variant):
+    # decode_probe's variants. ACC2D: scaled codes times x summed in [BLOCK_N, BLOCK_K / 2], reduced at the end.
+    # FIXUP: split-K in one launch, partial sums added atomically; the last program of a tile writes the
     # output (+ bias) and zeroes the workspace and its counter for the next call
     for dtype in (torch.float32, torch.bfloat16):
         packed, state = _weight(40, 320, dtype, True, seed=M)
         w = NF4Weight.from_bnb(packed, state)
         x = torch.randn(M, 320, dtype=dtype, device=DEVICE)
         bias = torch.randn(40, dtype=dtype, device=DEVICE)
-        two = gemv.nf4_gemv(x, w, bias, SPLIT=3, BLOCK_K=64, BLOCK_N=16)
-        for _ in range(2):  # the second call starts from the workspace the first left
-            one = gemv.nf4_gemv(x, w, bias, SPLIT=3, BLOCK_K=64, BLOCK_N=16, FIXUP=True)
-            assert _rel(one, two) < (1e-6 if dtype == torch.float32 else _tol(dtype))
-            assert _rel(one, gemv.reference(x, w, bias)) < _tol(dtype)
-        ws, cnt = gemv._WORKSPACES[x.device]
-        assert not ws.any() and not cnt.any()
+        for split in (1, 3):
+            shipped = gemv.nf4_gemv(x, w, bias, SPLIT=split, BLOCK_K=64, BLOCK_N=16)
+            for _ in range(2):  # FIXUP: the second call starts from the workspace the first left
+                got = gemv.nf4_gemv(x, w, bias, SPLIT=split, BLOCK_K=64, BLOCK_N=16, **variant)
+                assert _rel(got, gemv.reference(x, w, bias)) < _tol(dtype)
+                assert _rel(got, shipped) < (1e-6 if dtype == torch.float32 else _tol(dtype))
+        if "FIXUP" in variant:
+            ws, cnt = gemv._WORKSPACES[x.device]
+            assert not ws.any() and not cnt.any()
 
 
 def test_gemv_rejects_what_it_cannot_do():
