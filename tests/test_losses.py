@@ -692,3 +692,31 @@ def test_kd_loss_memory_bench_compares_equal_losses_and_refuses_gpu_without_one(
     if not torch.cuda.is_available():
         assert bench.main(["--gpu", "--vocab", "512", "--tokens", "64", "--no-record"]) == 2
         assert capsys.readouterr().err.strip() == "error: --gpu needs a CUDA GPU"
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # Liger's masked lanes, interpreted
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_our_fused_jsd_equals_liger_kernels_fused_linear_jsd(beta):
+    # Liger-Kernel's LigerFusedLinearJSD (Triton, run by the interpreter here) on the same hidden states and
+    # output layers: same beta convention (0 forward KL, 1 reverse KL), its mean over tokens = our sum / tokens,
+    # and the same gradients for the student's hidden states and output layer
+    pytest.importorskip("liger_kernel")
+    from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
+
+    from workbench.losses import LogitObjective, chunked_logit_loss
+
+    torch.manual_seed(0)
+    tokens, vocab, hidden, t_hidden = 24, 200, 16, 24
+    h, ht = torch.randn(tokens, hidden), torch.randn(tokens, t_hidden)
+    W, Wt = torch.randn(vocab, hidden) * 0.3, torch.randn(vocab, t_hidden) * 0.3
+    labels = torch.randint(0, vocab, (tokens,))
+    x1, W1 = h.clone().requires_grad_(), W.clone().requires_grad_()
+    ours, _ = chunked_logit_loss(LogitObjective([LossTerm("jsd", 1.0, beta=beta)]), x1, {"labels": labels},
+                                 lambda a, b: ht[a:b] @ Wt.T, W1, None, chunk=8)
+    ours.backward()
+    x2, W2 = h.clone().requires_grad_(), W.clone().requires_grad_()
+    liger = LigerFusedLinearJSD(jsd_beta=beta, temperature=1.0)(x2, W2, ht, Wt, labels)
+    liger.backward()
+    assert (ours / tokens).item() == pytest.approx(liger.item(), rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(x1.grad / tokens, x2.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(W1.grad / tokens, W2.grad, rtol=1e-4, atol=1e-7)

@@ -88,7 +88,9 @@ def _one(variant: str, vocab: int, tokens: int, hidden: int, t_hidden: int, reps
                 t_logits = ht @ Wt.T
             total, _ = fn(s_logits, t_logits, rows)
         elif liger is not None:
-            total = liger(x, W, ht, Wt)
+            # labels only mask ignore_index (-100): none here. Liger returns the mean over tokens, our
+            # objective the sum (the trainer divides by the batch's tokens): scaled to ours for the comparison
+            total = liger(x, W, ht, Wt, labels) * tokens
         else:
             total, _ = chunked_logit_loss(fn, x, rows, teacher_rows, W, None, chunk=chunk)
         total.backward()
@@ -196,11 +198,12 @@ def main(argv=None) -> int:
                                     "over the allocation before the loss, fresh process each")
     if with_liger:
         lines += ["", "| vocab | Liger peak MiB | ours peak MiB | ours / Liger memory | Liger s | ours s | "
-                      "ours / Liger time | Liger loss | ours loss |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                      "ours / Liger time | Liger loss per token | ours loss per token |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for v, _, o, lg in rows:
             lines.append(f"| {v:,} | {lg['peak_mib']:.0f} | {o['peak_mib']:.0f} | {o['peak_mib'] / max(lg['peak_mib'], 1e-9):.2f} "
                          f"| {lg['seconds']:.3f} | {o['seconds']:.3f} | {o['seconds'] / lg['seconds']:.2f} | "
-                         f"{lg['loss']:.5f} | {o['loss']:.5f} |")
+                         f"{lg['loss'] / args.tokens:.6f} | {o['loss'] / args.tokens:.6f} |")
     text = "\n".join(lines)
     _report.publish(text, record=not args.no_record)
     return 0
