@@ -185,6 +185,15 @@ def test_memory_cli_prints_what_zero_pp_saves(capsys):
     assert "between nodes" in out
 
 
+def test_memory_cli_without_the_checkouts_launch_configs_says_so_in_one_line(capsys, monkeypatch, tmp_path):
+    # workbench installed from a wheel has no launch_scripts/: ZeRO++ reads its hpZ group size from there
+    monkeypatch.setattr(memory, "REPO", tmp_path)
+    assert memory.main(["recipe=kd_13b_to_7b", "launch=zero3_pp", "gpus=8", "nodes=2"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert "zero3_pp.json not found" in captured.err and "launch_scripts" in captured.err
+
+
 def test_zero_pp_config_is_one_deepspeed_parses_with_the_three_features():
     import json
 

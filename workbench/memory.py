@@ -197,6 +197,9 @@ def hpz_partition_size(path: Path | None = None) -> int:
     import json
 
     path = path or REPO / "launch_scripts" / "deepspeed" / "zero3_pp.json"
+    if not path.is_file():  # e.g. workbench installed from a wheel: the launch configs live in the checkout
+        raise ValueError(f"{path} not found: the launch configs are in the repository's launch_scripts/ "
+                         "(run from a clone of it)")
     return int(json.loads(path.read_text())["zero_optimization"].get("zero_hpz_partition_size", 1))
 
 
@@ -305,12 +308,13 @@ def main(argv: list[str] | None = None) -> int:
         if gpus < 1 or nodes < 1:
             raise RecipeError(f"gpus and nodes must be at least 1 (got gpus={gpus}, nodes={nodes})")
         est = estimate(recipe, opts["launch"], gpus, nodes)
+        comm = format_communication(recipe, opts["launch"], gpus, nodes) if opts["launch"] in ZERO3_LAUNCHES else None
     except (RecipeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_estimate(est, recipe, opts["launch"], gpus, nodes))
-    if opts["launch"] in ZERO3_LAUNCHES:
-        print(format_communication(recipe, opts["launch"], gpus, nodes))
+    if comm is not None:
+        print(comm)
     return 0
 
 
