@@ -24,9 +24,7 @@ GEMV_MAX_ROWS = 4
 # 110 us even with no decode at all (4096x4096) against 42.6 us for our dequantisation + cuBLAS; at M=16
 # the fused kernel (21.1 us) beat the route (17.2 + 13.6 us). 64 lies between the two measured sizes.
 DEQUANT_MIN_ROWS = 64
-
-
-DEQUANT_BYTES_PER_PROGRAM = 1024
+DEQUANT_BYTES_PER_PROGRAM = 1024  # of the byte-wise dequantisation: the fastest measured on the H200
 
 
 def _dense(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor:

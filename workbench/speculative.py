@@ -415,6 +415,14 @@ class _StaticKVStream:
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def cuda_graphs(model) -> bool:
+    """Whether compiled decoding of `model` replays CUDA graphs: on a GPU with WORKBENCH_CUDA_GRAPHS=1 (at
+    batch 1 a step is bound by kernel launches and Python: H200, 2026-12-04, 4.25 ms per step of an
+    8M-parameter 2-layer draft, 11.7 ms for 16 layers). Opt-in until a GPU run has checked its tokens
+    against eager decoding."""
+    return next(model.parameters()).is_cuda and os.environ.get("WORKBENCH_CUDA_GRAPHS") == "1"
+
+
 def _compiled_forward(model):
     """model.forward through torch.compile (static shapes), built once per model and kept while it lives."""
     if model not in _COMPILED:
@@ -422,11 +430,8 @@ def _compiled_forward(model):
 
         # one graph per (batch size, cache bucket, step length) and per model: more than dynamo's default 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        # WORKBENCH_CUDA_GRAPHS=1: on a GPU also replay each step as a CUDA graph (at batch 1 a step is bound
-        # by kernel launches and Python: H200, 2026-12-04, 4.25 ms per step of an 8M-parameter 2-layer draft,
-        # 11.7 ms for 16 layers). Opt-in until a GPU run has checked its tokens against eager decoding.
-        graphs = next(model.parameters()).is_cuda and os.environ.get("WORKBENCH_CUDA_GRAPHS") == "1"
-        _COMPILED[model] = torch.compile(model.forward, dynamic=False, mode="reduce-overhead" if graphs else None)
+        _COMPILED[model] = torch.compile(model.forward, dynamic=False,
+                                         mode="reduce-overhead" if cuda_graphs(model) else None)
     return _COMPILED[model]
 
 

@@ -21,29 +21,9 @@ import time
 
 import torch
 
-from .bench_nf4 import _bench_time, _configs, _copy_bandwidth, _graph_time
+from .bench_nf4 import _bench_time, _best, _configs, _copy_bandwidth, _graph_time
 
 DECODES = {0: "table load", 1: "select tree", 2: "tl.gather", 3: "none (floor)"}
-
-
-def _best(fn, x, ws, cfgs, small, ref, exact_check=True):
-    """(microseconds, config, rel err) of the fastest config that runs (and is right, unless decode 3)."""
-    best = None
-    for cfg in cfgs:
-        try:
-            y = fn(x, ws[0], **cfg)
-            err = ((y.float() - ref).norm() / ref.norm()).item()
-            if exact_check and not err < 2e-2:
-                print(f"  {cfg}: WRONG (rel err {err:.3g})", flush=True)
-                continue
-            t = _graph_time([lambda w=w: fn(x, w, **cfg) for w in ws]) if small else \
-                _bench_time([lambda w=w: fn(x, w, **cfg) for w in ws])
-        except Exception as e:  # noqa: BLE001 - a config the compiler refuses: report, go on
-            print(f"  {cfg}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-            continue
-        if best is None or t < best[0]:
-            best = (t, cfg, err)
-    return best
 
 
 def run(out_dir: str, shapes=((4096, 4096), (8192, 8192))) -> str:
@@ -90,32 +70,28 @@ def run(out_dir: str, shapes=((4096, 4096), (8192, 8192))) -> str:
             if M == 1:  # smaller tiles too: the shipped ones take 112-180 registers per thread (sm_90 ptxas)
                 kind_cfgs = kind_cfgs + [("gemv", dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT=sp, num_warps=wp, num_stages=3))
                                          for bn, bk, sp, wp in [(8, 256, 2, 2), (4, 512, 1, 2), (8, 512, 1, 4)]]
-            # the scales decoded once ahead (float32 absmax, 4.5 bits per weight instead of 4.127): no dependent
-            # load chain (uint8 absmax -> code2 table -> absmax2) inside the loop
-            for acc in (False, True) if M == 1 else (False,):
-                b = _best(fn, x, flat, [dict(c, DECODE=2, **({"ACC2D": True} if acc else {})) for _, c in kind_cfgs],
-                          True, ref)
+
+            def variant(what, weights, moved_bytes, acc=False, cfgs=kind_cfgs, exact=True, **flags):
+                """The fastest of `cfgs` with the kernel flags `flags` (DECODE, FIXUP; ACC2D with acc), one row."""
+                flags.update({"ACC2D": True} if acc else {})
+                what += ", ACC2D" if acc else ""
+                b = _best(fn, x, weights, [dict(c, **flags) for _, c in cfgs], True, ref, label=f"M={M} {what}",
+                          exact_check=exact)
                 if b:
-                    row(shape, f"M={M} ours, decode 2, float32 scales{', ACC2D' if acc else ''}", b[0],
-                        flat[0].nbytes() + M * (K + N) * 2, cublas,
-                        f"{kind_cfgs[0][0]} {({k: v for k, v in b[1].items() if k not in ('DECODE', 'ACC2D')})}")
-            if M == 1:  # split-K in one launch (atomic partial sums; the last program writes out) vs two
-                for acc in (False, True):
-                    cfgs = [dict(c, DECODE=2, FIXUP=True, **({"ACC2D": True} if acc else {}))
-                            for _, c in kind_cfgs if c["SPLIT"] > 1]
-                    b = _best(fn, x, nf4, cfgs, True, ref)
-                    if b:
-                        row(shape, f"M=1 ours, decode 2, split-K in one launch{', ACC2D' if acc else ''}", b[0],
-                            moved, cublas, f"gemv {({k: v for k, v in b[1].items() if k not in ('DECODE', 'ACC2D', 'FIXUP')})}")
-            for d, label in DECODES.items():
-                if d == 1:
-                    continue  # the select tree: slower than the table load on the H200 (2026-12-04)
-                for acc in (False, True) if M == 1 else (False,):  # ACC2D: 255 registers and a stack at M=4
-                    b = _best(fn, x, nf4, [dict(c, DECODE=d, **({"ACC2D": True} if acc else {})) for _, c in kind_cfgs],
-                              True, ref, exact_check=d != 3)
-                    if b:
-                        row(shape, f"M={M} ours, decode {d} ({label}){', ACC2D' if acc else ''}", b[0], moved, cublas,
-                            f"{kind_cfgs[0][0]} {({k: v for k, v in b[1].items() if k not in ('DECODE', 'ACC2D')})}")
+                    tile = {k: v for k, v in b[1].items() if k not in flags}
+                    row(shape, f"M={M} ours, {what}", b[0], moved_bytes, cublas, f"{cfgs[0][0]} {tile}")
+
+            accs = (False, True) if M == 1 else (False,)  # ACC2D: 255 registers and a stack at M=4
+            for acc in accs:
+                # the scales decoded once ahead (float32 absmax, 4.5 bits per weight instead of 4.127): no
+                # dependent load chain (uint8 absmax -> code2 table -> absmax2) inside the loop
+                variant("decode 2, float32 scales", flat, flat[0].nbytes() + M * (K + N) * 2, acc, DECODE=2)
+                if M == 1:  # split-K in one launch (atomic partial sums; the last program writes out) vs two
+                    variant("decode 2, split-K in one launch", nf4, moved, acc, DECODE=2, FIXUP=True,
+                            cfgs=[kc for kc in kind_cfgs if kc[1]["SPLIT"] > 1])
+                for d, label in DECODES.items():
+                    if d != 1:  # the select tree: slower than the table load on the H200 (2026-12-04)
+                        variant(f"decode {d} ({label})", nf4, moved, acc, exact=d != 3, DECODE=d)
         # dequantisation alone, then the large-M route: dequantise into a workspace + cuBLAS
         ws = torch.empty(N, K, dtype=torch.bfloat16, device="cuda")
         dq_moved = nf4[0].nbytes() + N * K * 2

@@ -178,12 +178,14 @@ def main(argv=None) -> int:
                          gpu=args.gpu)
             rows.append((v, d, o, lg))
     machine = _report.machine()
+    peak = ("bf16 on the GPU, one untimed step first; peak = torch.cuda.max_memory_allocated over the allocation "
+            "before the loss" if args.gpu else "peak = rise of peak RSS over the RSS before the loss")
     lines = [
         f"### KD loss: chunked + fused vs dense ({time.strftime('%Y-%m-%d')})",
         "",
         f"Machine: {machine}. {args.tokens} tokens, student width {args.hidden}, teacher width "
         f"{args.teacher_hidden}; objective {OBJECTIVES[args.objective]}; forward + backward, median of "
-        f"{args.reps}; peak = rise of peak RSS over the RSS before the loss, fresh process each.",
+        f"{args.reps}; {peak}, fresh process each.",
         "",
         "| vocab | rows per chunk | dense peak MiB | ours peak MiB | memory ratio (dense/ours) | dense s | ours s | time ratio (ours/dense) | same loss |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
@@ -192,10 +194,6 @@ def main(argv=None) -> int:
         same = abs(d["loss"] - o["loss"]) <= (1e-2 if args.gpu else 1e-3) * max(1.0, abs(d["loss"]))
         lines.append(f"| {v:,} | {o['chunk']} | {d['peak_mib']:.0f} | {o['peak_mib']:.0f} | {d['peak_mib'] / max(o['peak_mib'], 1e-9):.1f}x "
                      f"| {d['seconds']:.2f} | {o['seconds']:.2f} | {o['seconds'] / d['seconds']:.2f} | {same} |")
-    if args.gpu:
-        lines[2] = lines[2].replace("peak = rise of peak RSS over the RSS before the loss, fresh process each",
-                                    "bf16 on the GPU, one untimed step first; peak = torch.cuda.max_memory_allocated "
-                                    "over the allocation before the loss, fresh process each")
     if with_liger:
         lines += ["", "| vocab | Liger peak MiB | ours peak MiB | ours / Liger memory | Liger s | ours s | "
                       "ours / Liger time | Liger loss per token | ours loss per token |",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 import time
 from pathlib import Path
@@ -151,6 +150,7 @@ def task_words(args) -> str:
 
 def run(args) -> str:
     from workbench.speculate import load_decoder
+    from workbench.speculative import cuda_graphs
 
     dev = torch.device(args.device)
     names = [n.strip() for n in args.drafts.split(",") if n.strip()]
@@ -185,7 +185,7 @@ def run(args) -> str:
     # teacher's first HF row 58.8 tokens/s against 87.2 when rerun; the first draft's k=4 row 60.8 against
     # 129.6 for its adaptive row at the same acceptance)
     _hf(teacher, tok, prompts[:2], rendered, N)
-    for draft in drafts.values():
+    for draft in drafts.values() if not args.compile else ():  # compiled, every row runs once untimed first
         _ours(teacher, draft, tok, prompts[:2], rendered, N, draft_len=k)
     rows = []  # (method, draft, batch, tokens/s, acceptance, tokens per target call, identical)
     ref, tokens, sec, calls = _hf(teacher, tok, prompts, rendered, N)
@@ -233,7 +233,7 @@ def run(args) -> str:
              f"{', '.join(described(n) for n in names)} ({_millions(drafts[names[0]])} each, same size and steps; "
              f"`{args.baseline}` without distillation). {len(prompts)} {task}, greedy, up to {N} new tokens each; {args.dtype} on {dev.type}{drafts_held}"
              + (", ours compiled (torch.compile over a static KV cache"
-                + (", CUDA graphs" if dev.type == "cuda" and os.environ.get("WORKBENCH_CUDA_GRAPHS") == "1" else "")
+                + (", CUDA graphs" if cuda_graphs(teacher) else "")
                 + f"; adaptive k up to {args.max_draft_len}), HF's rows as HF runs them" if args.compile else "")
              + ". Speed-up is tokens/s over the faster of the two 'teacher alone, HF generate' rows at batch 1 "
              "(measured first and again after the draft rows" + (", or 'teacher alone, ours' if faster" if args.compile
