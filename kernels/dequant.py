@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .matmul import _decode, _scales
+from .matmul import _decode, _scales, check_decode
 from .nf4_weight import NF4Weight, dequantize_reference
 
 
@@ -92,6 +92,7 @@ def dequantize_nf4_bytes(w: NF4Weight, dtype: torch.dtype | None = None, out: to
     n = N * K
     if n % w.blocksize or (2 * bytes_per_program) % w.blocksize:
         raise ValueError("dequantize_nf4_bytes needs whole quantisation blocks; use dequantize_nf4")
+    check_decode(decode)
     if out is None:
         out = torch.empty(N, K, dtype=dtype, device=w.packed.device)
     nbytes = n // 2

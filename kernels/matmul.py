@@ -37,6 +37,16 @@ FP32_PRECISION = "tf32x3" if tuple(int(v) for v in triton.__version__.split(".")
 DEFAULT_DECODE = 2 if hasattr(tl, "gather") else 0
 
 
+DECODES = {0: "table load", 1: "select tree", 2: "tl.gather", 3: "none (wrong values: a diagnostic)"}
+
+
+def check_decode(decode, allowed=DECODES) -> None:
+    """ValueError unless `decode` is one of `allowed` (a kernel would read an unknown one as another)."""
+    if decode not in allowed:
+        raise ValueError(f"DECODE={decode!r}: expected one of {sorted(allowed)} "
+                         f"({', '.join(f'{k}: {v}' for k, v in sorted(allowed.items()))})")
+
+
 @triton.jit
 def _decode(code_ptr, nib, DECODE: tl.constexpr):
     """float32 NF4 values of 4-bit codes `nib` (int32, any shape). DECODE 0: gather from the 16-entry table
@@ -198,6 +208,7 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, 
     aligned = K % w.blocksize == 0 and (cfg["BLOCK_COLS" if transpose else "BLOCK_RED"] % w.blocksize == 0)
     if not aligned and "num_stages" not in config:
         cfg["num_stages"] = 1  # the gathering tile: 3 stages need up to 229 KB of shared memory on sm_90
+    check_decode(cfg["DECODE"])
     split = cfg.pop("SPLIT")
     out = torch.empty(M, cols, dtype=x.dtype, device=x.device)
     dst = out if split == 1 else torch.empty(split, M, cols, dtype=torch.float32, device=x.device)

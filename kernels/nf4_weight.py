@@ -13,7 +13,7 @@ Layout of a weight W [N, K] (out_features x in_features), flattened row-major, i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +32,7 @@ class NF4Weight:
     code2: torch.Tensor | None = None  # [256] float32, nested only
     offset: float = 0.0  # added to the decoded absmax, nested only
     blocksize2: int = 256
+    _byte_table: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def nested(self) -> bool:
@@ -56,12 +57,21 @@ class NF4Weight:
                        offset=float(quant_state.offset), blocksize2=s2.blocksize, **common)
         return cls(absmax=quant_state.absmax.float(), **common)
 
-    def kernel_args(self) -> tuple:
+    def kernel_args(self, byte_table: bool = False) -> tuple:
         """(packed, absmax, absmax2, code2, offset, code) as the kernels take them; the nested-only
-        tensors are replaced by the code table (never read) when the absmax is not nested."""
+        tensors are replaced by the code table (never read) when the absmax is not nested. byte_table:
+        `byte_table()` in place of the code table."""
         dummy = self.code
         return (self.packed, self.absmax, self.absmax2 if self.nested else dummy,
-                self.code2 if self.nested else dummy, self.offset, self.code)
+                self.code2 if self.nested else dummy, self.offset, self.byte_table() if byte_table else self.code)
+
+    def byte_table(self) -> torch.Tensor:
+        """float32 [512]: entry b is the value of packed byte b's high nibble (its first element), entry 256 + b
+        that of its low nibble; built once per weight."""
+        if self._byte_table is None or self._byte_table.device != self.code.device:
+            b = torch.arange(256, device=self.code.device)
+            self._byte_table = torch.cat([self.code[b >> 4], self.code[b & 15]]).float().contiguous()
+        return self._byte_table
 
     def n_blocks(self) -> int:
         N, K = self.shape

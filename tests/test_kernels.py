@@ -66,7 +66,7 @@ def test_bytewise_dequant_is_bit_identical_to_bitsandbytes(shape, per_program, n
         dequant.dequantize_nf4_bytes(NF4Weight.from_bnb(*_weight(3, 65, dtype, nested)))
 
 
-@pytest.mark.parametrize("decode", [1, 2])
+@pytest.mark.parametrize("decode", [1, 2, 4])
 def test_every_code_decode_gives_the_table_loads_result(decode):
     # _decode's select tree and register gather return the same float32 values as a table load per element,
     # so the GEMV and the fused GEMM (forward and transposed) give the same bits
@@ -76,11 +76,37 @@ def test_every_code_decode_gives_the_table_loads_result(decode):
     x16 = torch.randn(16, 256, dtype=torch.bfloat16, device=DEVICE)
     g16 = torch.randn(16, 64, dtype=torch.bfloat16, device=DEVICE)
     assert torch.equal(gemv.nf4_gemv(x1, w, DECODE=decode), gemv.nf4_gemv(x1, w, DECODE=0))
+    if decode == 4:  # the byte table: the GEMV's alone
+        with pytest.raises(ValueError, match="DECODE=4"):
+            matmul.nf4_matmul(x16, w, DECODE=4)
+        return
     assert torch.equal(matmul.nf4_matmul(x16, w, DECODE=decode), matmul.nf4_matmul(x16, w, DECODE=0))
     assert torch.equal(matmul.nf4_matmul(g16, w, transpose=True, DECODE=decode),
                        matmul.nf4_matmul(g16, w, transpose=True, DECODE=0))
     # the diagnostic decode 3 (no table) is wrong, so the comparison above can fail
     assert not torch.equal(gemv.nf4_gemv(x1, w, DECODE=3), gemv.nf4_gemv(x1, w, DECODE=0))
+
+
+def test_byte_table_holds_both_nibbles_values_of_every_byte():
+    w = NF4Weight.from_bnb(*_weight(8, 128, torch.bfloat16, True))
+    table = w.byte_table()
+    assert table.shape == (512,) and table.dtype == torch.float32
+    for b in (0, 0x0F, 0x70, 0x8E, 0xF1, 0xFF):
+        assert table[b] == w.code[b >> 4] and table[256 + b] == w.code[b & 15]
+    assert w.byte_table() is table  # built once per weight
+
+
+def test_an_unknown_decode_is_refused_not_read_as_another():
+    # the kernels branch on DECODE at compile time; an unknown value fell through to the last branch
+    # (decode 3: the codes as numbers, wrong values) without a word
+    w = NF4Weight.from_bnb(*_weight(8, 128, torch.bfloat16, True))
+    x = torch.randn(1, 128, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(ValueError, match="DECODE=5"):
+        gemv.nf4_gemv(x, w, DECODE=5)
+    with pytest.raises(ValueError, match="DECODE=4"):
+        dequant.dequantize_nf4_bytes(w, decode=4)
+    with pytest.raises(ValueError, match="DECODE=7"):
+        matmul.nf4_matmul(x.expand(16, 128), w, DECODE=7)
 
 
 def test_fused_kernels_decode_from_registers_by_default():
@@ -125,7 +151,8 @@ def test_gemv_matches_reference(M, nested):
 
 
 @pytest.mark.parametrize("M", [1, 3])
-@pytest.mark.parametrize("variant", [dict(ACC2D=True), dict(FIXUP=True), dict(FIXUP=True, ACC2D=True)])
+@pytest.mark.parametrize("variant", [dict(ACC2D=True), dict(FIXUP=True), dict(FIXUP=True, ACC2D=True),
+                                     dict(DECODE=4), dict(DECODE=4, FIXUP=True)])
 def test_gemv_probe_variants_match_the_shipped_path(M, variant):
     # decode_probe's variants. ACC2D: scaled codes times x summed in [BLOCK_N, BLOCK_K / 2], reduced at the end.
     # FIXUP: split-K in one launch, partial sums added atomically; the last program of a tile writes the

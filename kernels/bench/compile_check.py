@@ -93,6 +93,26 @@ def compile_only(arch: int = 90):
         vars(driver).update(saved)
 
 
+def _instructions(sass: str) -> list[tuple[int, str, str]]:
+    """(address, opcode with modifiers, operands) of every SASS instruction."""
+    out = []
+    for m in re.finditer(r"/\*([0-9a-f]{4,6})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", sass):
+        out.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    return out
+
+
+def main_loop(sass: str) -> Counter:
+    """Instructions of the kernel's longest loop (the body between a backward branch and its target), by
+    opcode without modifiers; empty if the kernel has no loop."""
+    ins = _instructions(sass)
+    loops = [(int(t.group(1), 16), a) for a, op, args in ins
+             if op.startswith("BRA") and (t := re.search(r"0x([0-9a-f]+)", args)) and int(t.group(1), 16) < a]
+    if not loops:
+        return Counter()
+    lo, hi = max(loops, key=lambda p: p[1] - p[0])
+    return Counter(op.split(".")[0] for a, op, _ in ins if lo <= a <= hi)
+
+
 def resources(kernel) -> dict:
     """Registers, local and shared memory, tensor-core and global-load instruction counts of a compiled kernel."""
     with tempfile.TemporaryDirectory() as d:
@@ -110,11 +130,13 @@ def resources(kernel) -> dict:
         base[op.split(".")[0]] += n
     meta = kernel.metadata
     loads = {op: n for op, n in ops.items() if op.split(".")[0] in ("LDG", "LDGSTS")}  # LDG.E.64, LDGSTS.E.128..
+    loop = main_loop(sass)
     return dict(regs=field("REG"), spill_bytes=field("LOCAL"), stack=field("STACK"),
                 shared=max(field("SHARED"), meta.shared), tensor_core=base["HGMMA"] + base["HMMA"],
                 hgmma=base["HGMMA"], global_loads=sum(loads.values()),
                 byte_loads=sum(n for op, n in loads.items() if op.endswith(".U8")),
-                sass_instructions=sum(ops.values()), num_warps=meta.num_warps, num_stages=meta.num_stages)
+                sass_instructions=sum(ops.values()), loop_instructions=sum(loop.values()), loop_ops=dict(loop),
+                num_warps=meta.num_warps, num_stages=meta.num_stages)
 
 
 def _fake_weight(N: int, K: int, dtype: torch.dtype, nested: bool):

@@ -6,9 +6,12 @@ FIXUP, split-K in one launch), and the
 dequantise-then-cuBLAS route for large M with our byte-wise dequantisation against bitsandbytes'.
 
     python -m workbench.kernels.bench.decode_probe [--out DIR]
+    python -m workbench.kernels.bench.decode_probe --sass [--no-record]    # no GPU needed
 
 Writes decode_probe.md to --out (default $OUT or the current directory). Diagnostic: bench_nf4 is the
-benchmark of record.
+benchmark of record. --sass compiles the GEMV and the small-M GEMM for sm_90 on this machine (Triton's
+compiler and ptxas, kernels/bench/compile_check.py) and counts the machine instructions of their main loop
+per 4-bit code, for each decode, next to a model of the shared-memory bank conflicts of the lookups.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 
 from .bench_nf4 import _bench_time, _best, _configs, _copy_bandwidth, _graph_time
 
-DECODES = {0: "table load", 1: "select tree", 2: "tl.gather", 3: "none (floor)"}
+from ..gemv import GEMV_DECODES as DECODES
 
 
 def run(out_dir: str, shapes=((4096, 4096), (8192, 8192))) -> str:
@@ -90,7 +93,9 @@ def run(out_dir: str, shapes=((4096, 4096), (8192, 8192))) -> str:
                     variant("decode 2, split-K in one launch", nf4, moved, acc, DECODE=2, FIXUP=True,
                             cfgs=[kc for kc in kind_cfgs if kc[1]["SPLIT"] > 1])
                 for d, label in DECODES.items():
-                    if d != 1:  # the select tree: slower than the table load on the H200 (2026-12-04)
+                    # the select tree: slower than the table load on the H200 (2026-12-04); the byte table is
+                    # the GEMV's alone
+                    if d != 1 and (d != 4 or fn is nf4_gemv):
                         variant(f"decode {d} ({label})", nf4, moved, acc, exact=d != 3, DECODE=d)
         # dequantisation alone, then the large-M route: dequantise into a workspace + cuBLAS
         ws = torch.empty(N, K, dtype=torch.bfloat16, device="cuda")
@@ -146,10 +151,84 @@ def run(out_dir: str, shapes=((4096, 4096), (8192, 8192))) -> str:
     return md
 
 
+def lds_wavefronts(words: torch.Tensor, banks: int = 32) -> float:
+    """Mean shared-memory wavefronts per warp-wide load, `words` [loads, 32 lanes] of 4-byte word addresses:
+    per load, the most distinct words any one bank must serve (lanes reading the same word share it)."""
+    bank = words % banks
+    key = torch.unique(bank * (1 << 20) + words + torch.arange(len(words))[:, None] * (1 << 30))  # distinct
+    load, b = key // (1 << 30), (key % (1 << 30)) // (1 << 20)
+    per = torch.zeros(len(words), banks, dtype=torch.long).index_put_((load, b), torch.ones_like(load), accumulate=True)
+    return per.max(1).values.float().mean().item()
+
+
+def bank_model(rows: int = 512, K: int = 4096) -> dict:
+    """Modelled wavefronts per warp-wide table lookup in the GEMV, nibble tables (16 entries, decodes 0-2's
+    values) vs the byte table (decode 4), for NF4 weights of N(0, 0.02) quantised by bitsandbytes. Lanes as
+    Triton lays out the GEMV's byte tile at its default tile on sm_90 (TTGIR: 8 contiguous bytes per lane,
+    16 lanes per row, 2 rows per warp); the k-th lookup of a warp reads the k-th byte of each lane."""
+    import bitsandbytes.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    W = (torch.randn(rows, K, generator=g) * 0.02).to(torch.bfloat16)
+    packed = F.quantize_4bit(W, blocksize=64, quant_type="nf4")[0].reshape(rows, K // 2).long()
+    lane = torch.arange(32)
+    loads = [packed[r + lane // 16, (lane % 16) * 8 + k + c] for r in range(0, rows, 2)
+             for c in range(0, K // 2, 128) for k in range(8)]
+    b = torch.stack(loads)
+    return {"nibble table, high nibbles": lds_wavefronts(b >> 4), "nibble table, low nibbles": lds_wavefronts(b & 15),
+            "byte table, high values": lds_wavefronts(b), "byte table, low values": lds_wavefronts(256 + b),
+            "byte table, uniform random bytes": lds_wavefronts(torch.randint(0, 256, b.shape, generator=g))}
+
+
+def sass_table(arch: int = 90) -> str:
+    """Markdown: the main loop's SASS instructions per 4-bit code of the GEMV (M = 1, 2, 4) and the M = 16
+    GEMM at their default tiles, for each decode, and the bank model; compiled here, nothing runs."""
+    import triton
+
+    from workbench.evaluation import machine
+    from workbench.kernels.gemv import default_config as gemv_config, nf4_gemv
+    from workbench.kernels.matmul import default_config as mm_config, nf4_matmul
+
+    from .compile_check import _fake_weight, compile_only, resources
+
+    w = _fake_weight(4096, 4096, torch.bfloat16, True)
+    lines = [f"### NF4 GEMV machine code per 4-bit code, compiled for sm_{arch} without a GPU ({time.strftime('%Y-%m-%d')})",
+             "", f"Machine: {machine()}; triton {triton.__version__} (its ptxas and cuobjdump), torch {torch.__version__}. "
+             "`python -m workbench.kernels.bench.decode_probe --sass`: W 4096 x 4096 bf16 with nested absmax, "
+             "default tiles; the main loop's instructions (a backward branch to its target) over the 4-bit codes one "
+             "thread handles per iteration. FFMA, LDS (shared-memory loads), LDG (global loads), BAR (barriers): "
+             "per code.", "",
+             "| kernel | M | decode | regs | loop instructions | per code | FFMA | LDS | LDG | BAR |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    cases = [("gemv", M, d) for M in (1, 2, 4) for d in (0, 2, 4)] + [("matmul", 16, d) for d in (0, 2)]
+    for kind, M, d in cases:
+        x = torch.zeros(M, 4096, dtype=torch.bfloat16)
+        with compile_only(arch) as launched:
+            (nf4_gemv if kind == "gemv" else nf4_matmul)(x, w, DECODE=d)
+        r = resources(launched[0][1])
+        cfg = gemv_config(4096, 4096) if kind == "gemv" else mm_config(M, 4096, 4096)
+        tile = cfg["BLOCK_N"] * cfg["BLOCK_K"] if kind == "gemv" else cfg["BLOCK_COLS"] * cfg["BLOCK_RED"]
+        codes = tile / (cfg["num_warps"] * 32)
+        ops = r["loop_ops"]
+        lines.append(f"| {kind} | {M} | {d} ({DECODES[d]}) | {r['regs']} | {r['loop_instructions']} | "
+                     f"{r['loop_instructions'] / codes:.2f} | {ops.get('FFMA', 0) / codes:.2f} | "
+                     f"{ops.get('LDS', 0) / codes:.2f} | {ops.get('LDG', 0) / codes:.2f} | {ops.get('BAR', 0)} |")
+    lines += ["", "| table lookups in the GEMV (model) | wavefronts per warp-wide load |", "| --- | ---: |"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in bank_model().items()]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--sass", action="store_true", help="machine code per 4-bit code, compiled here (no GPU)")
+    ap.add_argument("--no-record", action="store_true", help="with --sass: do not append to BENCHMARKS.md")
     args = ap.parse_args(argv)
+    if args.sass:
+        from workbench.bench._report import publish
+
+        publish(sass_table(), record=not args.no_record)
+        return 0
     if not torch.cuda.is_available():
         print("decode_probe needs a CUDA GPU", file=sys.stderr)
         return 2
