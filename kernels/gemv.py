@@ -3,8 +3,8 @@
 Memory-bound: each program streams BLOCK_N rows of packed bytes over its share of K (split-K across
 programs keeps every SM busy when N is small) and never forms the dense weight. Per 64-element
 quantisation block it accumulates code * x in float32 (a chain of FMAs per thread, `_fma_combine`) and
-multiplies by the block's absmax once into a [BLOCK_N, BLOCK_K / 64] accumulator that is reduced across
-threads only after the loop; the M rows reuse the decoded codes. DECODE 4 ("byte table") turns each packed
+multiplies by the block's absmax once into a [BLOCK_N, BLOCK_K / 64] accumulator, summed over the blocks
+only after the loop; the M rows reuse the decoded codes. DECODE 4 ("byte table") turns each packed
 byte into both of its codes' values with one lookup in a 512-entry table (`NF4Weight.byte_table`), where
 the other decodes split the nibbles and look each up. Split partials (float32) are summed by the wrapper.
 """
@@ -170,7 +170,8 @@ def nf4_gemv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, **
     ws, cnt = _fixup_workspace(x.device, M * N, grid[0]) if fixup else (w.code, w.code)
     try:
         _nf4_gemv_kernel[grid](
-            x2, *w.kernel_args(byte_table=cfg["DECODE"] == 4), dst, bias if bias is not None else w.code, ws, cnt, N, K, x2.stride(0),
+            x2, *w.kernel_args(byte_table=cfg["DECODE"] == 4), dst, bias if bias is not None else w.code, ws, cnt,
+            N, K, x2.stride(0),
             M=M, SPLIT=split, BLOCKSIZE=w.blocksize, BLOCKSIZE2=w.blocksize2, NESTED=w.nested,
             HAS_BIAS=bias is not None and (split == 1 or fixup), **cfg,
         )

@@ -94,8 +94,8 @@ def run(out_dir: str, shapes=((4096, 4096), (8192, 8192))) -> str:
                             cfgs=[kc for kc in kind_cfgs if kc[1]["SPLIT"] > 1])
                 for d, label in DECODES.items():
                     # the select tree: slower than the table load on the H200 (2026-12-04); the byte table is
-                    # the GEMV's alone
-                    if d != 1 and (d != 4 or fn is nf4_gemv):
+                    # the GEMV's alone, tried with its 1-D accumulator only (each variant costs compile time)
+                    if d != 1 and (d != 4 or (fn is nf4_gemv and not acc)):
                         variant(f"decode {d} ({label})", nf4, moved, acc, exact=d != 3, DECODE=d)
         # dequantisation alone, then the large-M route: dequantise into a workspace + cuBLAS
         ws = torch.empty(N, K, dtype=torch.bfloat16, device="cuda")
