@@ -152,7 +152,7 @@ def test_gemv_matches_reference(M, nested):
 
 @pytest.mark.parametrize("M", [1, 3])
 @pytest.mark.parametrize("variant", [dict(ACC2D=True), dict(FIXUP=True), dict(FIXUP=True, ACC2D=True),
-                                     dict(DECODE=4), dict(DECODE=4, FIXUP=True)])
+                                     dict(DECODE=4, FIXUP=True)])  # split 1 below: FIXUP off, decode 4 alone
 def test_gemv_probe_variants_match_the_shipped_path(M, variant):
     # decode_probe's variants. ACC2D: scaled codes times x summed in [BLOCK_N, BLOCK_K / 2], reduced at the end.
     # FIXUP: split-K in one launch, partial sums added atomically; the last program of a tile writes the
