@@ -173,6 +173,21 @@ def test_gemv_probe_variants_match_the_shipped_path(M, variant):
             assert not ws.any() and not cnt.any()
 
 
+@pytest.mark.parametrize("M", [1, 3])
+def test_gemv_fma_chain_matches_reference(M):
+    # CHAIN (the compiled default: per-block sums through gemv._fma_combine) is off under the interpreter,
+    # which runs its Python combine ~80x slower than tl.sum; here it runs on a small weight
+    for dtype in (torch.float32, torch.bfloat16):
+        w = NF4Weight.from_bnb(*_weight(16, 128, dtype, True, seed=M))
+        x = torch.randn(M, 128, dtype=dtype, device=DEVICE)
+        bias = torch.randn(16, dtype=dtype, device=DEVICE)
+        for split in (1, 2):
+            got = gemv.nf4_gemv(x, w, bias, SPLIT=split, BLOCK_K=64, BLOCK_N=16, CHAIN=True)
+            assert _rel(got, gemv.reference(x, w, bias)) < _tol(dtype)
+            summed = gemv.nf4_gemv(x, w, bias, SPLIT=split, BLOCK_K=64, BLOCK_N=16, CHAIN=False)
+            assert _rel(got, summed) < (1e-6 if dtype == torch.float32 else _tol(dtype))
+
+
 def test_gemv_rejects_what_it_cannot_do():
     packed, state = _weight(8, 70, torch.float32, True)
     w = NF4Weight.from_bnb(packed, state)
