@@ -78,19 +78,9 @@ def test_gemv_loop_spends_one_fma_per_code_and_row():
     # 0.59 FADD per code at M=1, decode 2); the block sums are accumulated per block and summed over the
     # blocks after the loop
     code = r"""
-import json, sys, torch
-from workbench.kernels.bench import compile_check as cc
-from workbench.kernels.gemv import default_config, nf4_gemv
-w = cc._fake_weight(4096, 4096, torch.bfloat16, True)
-rows = []
-for M in (1, 2, 4):
-    for d in (2, 3, 4):
-        with cc.compile_only(90) as launched:
-            nf4_gemv(torch.zeros(M, 4096, dtype=torch.bfloat16), w, DECODE=d)
-        r = cc.resources(launched[0][1])
-        cfg = default_config(4096, 4096)
-        rows.append(dict(M=M, decode=d, codes=cfg["BLOCK_N"] * cfg["BLOCK_K"] / (cfg["num_warps"] * 32), **r))
-json.dump(rows, sys.stdout)
+import json, sys
+from workbench.kernels.bench.decode_probe import compiled_loop
+json.dump([dict(compiled_loop("gemv", M, d), M=M) for M in (1, 2, 4) for d in (2, 3, 4)], sys.stdout)
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_DEFAULT_FP_FUSION="1")

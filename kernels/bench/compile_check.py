@@ -101,10 +101,9 @@ def _instructions(sass: str) -> list[tuple[int, str, str]]:
     return out
 
 
-def main_loop(sass: str) -> Counter:
-    """Instructions of the kernel's longest loop (the body between a backward branch and its target), by
-    opcode without modifiers; empty if the kernel has no loop."""
-    ins = _instructions(sass)
+def main_loop(ins: list[tuple[int, str, str]]) -> Counter:
+    """Instructions (`_instructions`) of the kernel's longest loop (the body between a backward branch and
+    its target), by opcode without modifiers; empty if the kernel has no loop."""
     loops = [(int(t.group(1), 16), a) for a, op, args in ins
              if op.startswith("BRA") and (t := re.search(r"0x([0-9a-f]+)", args)) and int(t.group(1), 16) < a]
     if not loops:
@@ -124,13 +123,14 @@ def resources(kernel) -> dict:
         sass = subprocess.run([_tool("cuobjdump"), "--dump-sass", path], capture_output=True, text=True,
                               check=True).stdout
     field = lambda name: int(re.search(rf"\b{name}:(\d+)", usage).group(1))  # noqa: E731
-    ops = Counter(re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)", sass))  # with modifiers
+    ins = _instructions(sass)
+    ops = Counter(op for _, op, _ in ins)  # with modifiers
     base = Counter()
     for op, n in ops.items():
         base[op.split(".")[0]] += n
     meta = kernel.metadata
     loads = {op: n for op, n in ops.items() if op.split(".")[0] in ("LDG", "LDGSTS")}  # LDG.E.64, LDGSTS.E.128..
-    loop = main_loop(sass)
+    loop = main_loop(ins)
     return dict(regs=field("REG"), spill_bytes=field("LOCAL"), stack=field("STACK"),
                 shared=max(field("SHARED"), meta.shared), tensor_core=base["HGMMA"] + base["HMMA"],
                 hgmma=base["HGMMA"], global_loads=sum(loads.values()),

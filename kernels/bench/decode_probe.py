@@ -180,18 +180,30 @@ def bank_model(rows: int = 512, K: int = 4096) -> dict:
             "byte table, uniform random bytes": lds_wavefronts(torch.randint(0, 256, b.shape, generator=g))}
 
 
-def sass_table(arch: int = 90) -> str:
-    """Markdown: the main loop's SASS instructions per 4-bit code of the GEMV (M = 1, 2, 4) and the M = 16
-    GEMM at their default tiles, for each decode, and the bank model; compiled here, nothing runs."""
-    import triton
-
-    from workbench.evaluation import machine
+def compiled_loop(kind: str, M: int, decode: int, arch: int = 90) -> dict:
+    """compile_check.resources of the GEMV ("gemv") or fused GEMM ("matmul") for x [M, 4096] @ W [4096, 4096]
+    bf16 nested at the default tile, compiled for sm_`arch` (nothing runs), with `codes`: the 4-bit codes one
+    thread handles per iteration of the main loop."""
     from workbench.kernels.gemv import default_config as gemv_config, nf4_gemv
     from workbench.kernels.matmul import default_config as mm_config, nf4_matmul
 
     from .compile_check import _fake_weight, compile_only, resources
 
     w = _fake_weight(4096, 4096, torch.bfloat16, True)
+    with compile_only(arch) as launched:
+        (nf4_gemv if kind == "gemv" else nf4_matmul)(torch.zeros(M, 4096, dtype=torch.bfloat16), w, DECODE=decode)
+    cfg = gemv_config(4096, 4096) if kind == "gemv" else mm_config(M, 4096, 4096)
+    tile = cfg["BLOCK_N"] * cfg["BLOCK_K"] if kind == "gemv" else cfg["BLOCK_COLS"] * cfg["BLOCK_RED"]
+    return dict(resources(launched[0][1]), codes=tile / (cfg["num_warps"] * 32))
+
+
+def sass_table(arch: int = 90) -> str:
+    """Markdown: the main loop's SASS instructions per 4-bit code of the GEMV (M = 1, 2, 4) and the M = 16
+    GEMM at their default tiles, for each decode, and the bank model; compiled here, nothing runs."""
+    import triton
+
+    from workbench.evaluation import machine
+
     lines = [f"### NF4 GEMV machine code per 4-bit code, compiled for sm_{arch} without a GPU ({time.strftime('%Y-%m-%d')})",
              "", f"Machine: {machine()}; triton {triton.__version__} (its ptxas and cuobjdump), torch {torch.__version__}. "
              "`python -m workbench.kernels.bench.decode_probe --sass`: W 4096 x 4096 bf16 with nested absmax, "
@@ -202,14 +214,8 @@ def sass_table(arch: int = 90) -> str:
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     cases = [("gemv", M, d) for M in (1, 2, 4) for d in (0, 2, 4)] + [("matmul", 16, d) for d in (0, 2)]
     for kind, M, d in cases:
-        x = torch.zeros(M, 4096, dtype=torch.bfloat16)
-        with compile_only(arch) as launched:
-            (nf4_gemv if kind == "gemv" else nf4_matmul)(x, w, DECODE=d)
-        r = resources(launched[0][1])
-        cfg = gemv_config(4096, 4096) if kind == "gemv" else mm_config(M, 4096, 4096)
-        tile = cfg["BLOCK_N"] * cfg["BLOCK_K"] if kind == "gemv" else cfg["BLOCK_COLS"] * cfg["BLOCK_RED"]
-        codes = tile / (cfg["num_warps"] * 32)
-        ops = r["loop_ops"]
+        r = compiled_loop(kind, M, d, arch)
+        ops, codes = r["loop_ops"], r["codes"]
         lines.append(f"| {kind} | {M} | {d} ({DECODES[d]}) | {r['regs']} | {r['loop_instructions']} | "
                      f"{r['loop_instructions'] / codes:.2f} | {ops.get('FFMA', 0) / codes:.2f} | "
                      f"{ops.get('LDS', 0) / codes:.2f} | {ops.get('LDG', 0) / codes:.2f} | {ops.get('BAR', 0)} |")
