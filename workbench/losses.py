@@ -415,84 +415,112 @@ class LogitObjective(nn.Module):
 
 def auto_chunk(vocab: int, hidden: int = 0, budget: int = 1 << 21, min_rows: int = 32) -> int:
     """Tokens per chunk: one [chunk, V] fp32 tensor holds about `budget` elements (8 MiB), but at least
-    `min_rows` rows, and at least hidden / 32 when the output layer [V, hidden] is fused into the loss.
-    Measured on a 2-core CPU (BENCHMARKS.md, "KD step"): chunks of 32 MiB and more are slower, not faster:
-    glibc serves allocations of 32 MiB and up with fresh mmap pages, so each of the loss's temporaries is
-    page-faulted in again per chunk (a 2048 x 4096 loss took 390 ms in one chunk, 185-210 ms in chunks of
-    512 rows); below ~32 rows the output layer's products turn memory-bound. Every chunk reads the student's
-    [V, H] output layer twice, the teacher's once and reads and writes the fp32 [V, H] gradient: at H = 4096,
-    V = 128,256 that is 10 GB of memory traffic per chunk, so 32-row chunks are slower than the dense loss
-    (1.23x its time on an Intel Xeon), while 128 rows (hidden / 32) took 0.72x its time at 6.6x less memory
-    and 256 rows 0.76x at 5.8x (BENCHMARKS.md, "KD loss", --liger, 3,072 tokens)."""
-    return max(min_rows, budget // max(vocab, 1), hidden // 32)
+    `min_rows` rows, and at least hidden / 16 when the output layer [V, hidden] is fused into the loss
+    (the chunk then holds the student's and the teacher's logits; the objective's temporaries are a
+    block's of auto_chunk(vocab) rows, see _ChunkedLogitLoss). Measured on a 2-core CPU (BENCHMARKS.md,
+    "KD step"): blocks of 32 MiB and more are slower, not faster: glibc serves allocations of 32 MiB and up
+    with fresh mmap pages, so each temporary is page-faulted in again per block (a 2048 x 4096 loss took
+    390 ms in one chunk, 185-210 ms in chunks of 512 rows). The output layer's products want more rows:
+    every chunk reads the student's [V, H] output layer twice, the teacher's once and reads and writes the
+    fp32 [V, H] gradient, and [rows, 4096] x [4096, 128,256] products ran at 105-117 GFLOP/s with 128 rows,
+    140-158 with 256 and 158-169 with 512 (AMD EPYC, 2 cores). At H = 4096, V = 128,256, 3,072 tokens, in
+    blocks of 32 rows: 256 rows (hidden / 16) took 0.86x the dense loss's time at 6.7x less memory, 128 rows
+    0.96x at 7.1x, 384 rows 0.80x at 6.2x (BENCHMARKS.md, "KD loss", --liger; before blocks, 128 rows took
+    1.02x at 6.7x and 256 rows 0.87x at 5.9x)."""
+    return max(min_rows, budget // max(vocab, 1), hidden // 16)
+
+
+def _teacher_block(teacher, r: slice):
+    """Rows r of a chunk's teacher rows (logits, TopKTeacher, dict of them, or None)."""
+    if isinstance(teacher, dict):
+        return {k: v[r] for k, v in teacher.items()}
+    return None if teacher is None else teacher[r]
+
+
+def _block_value_and_grad(fn, z, teacher, rows, want_grad, closed, own_z, own_t, out):
+    """One block's (total [], parts [n]) of fn over logits z [n, V], its gradient written into `out` [n, V]
+    (None: not wanted), which may be z's own storage: by fn.value_and_grad in place when `closed`, else by
+    autograd through fn."""
+    if closed:
+        if out is not None and not own_z and out.dtype == z.dtype:  # the gradient's buffer as z's working copy
+            z, own_z = out.copy_(z), True
+        tot, p, g = fn.value_and_grad(z, teacher, rows, want_grad, own_z=own_z, own_t=own_t)
+    else:
+        with torch.enable_grad():
+            z = z.detach().requires_grad_(want_grad)
+            tot, p = fn(z, teacher, rows)
+            g = torch.autograd.grad(tot, z, allow_unused=True)[0] if want_grad else None
+        if want_grad and g is None:  # the objective does not depend on these rows
+            g = torch.zeros_like(z)
+    if out is not None and g.data_ptr() != out.data_ptr():  # e.g. a multi-term gradient in its own tensor
+        out.copy_(g)
+    return tot.detach(), p.detach()
 
 
 class _ChunkedLogitLoss(torch.autograd.Function):
     """Runs `fn` over row chunks of the student's logits (computed per chunk from hidden states and the
     output layer when `weight` is given) and forms the gradient during the forward pass, so only one
-    chunk of [rows, V] exists at a time. backward() just scales the stored gradients."""
+    chunk of [rows, V] exists at a time. backward() just scales the stored gradients. Within a chunk the
+    objective runs over blocks of rows: the output layer's products want many rows (they are compute-bound
+    from a few hundred), the objective's [rows, V] temporaries few."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, teacher_chunk, fn, rows, chunk, grad_mode, bounds=None):
+    def forward(ctx, x, weight, bias, teacher_chunk, fn, rows, chunk, grad_mode, bounds=None, block=0):
         # x: [N, H] student hidden states (weight given) or [N, V] student logits (weight None)
         # weight: [V, H] student output layer; bias: [V] or None
         # teacher_chunk(a, b) -> teacher rows a:b (logits, TopKTeacher, dict of them, or None)
         # rows: dict of per-row tensors [N, ...] (labels, ...), sliced along with x
         # fn(logits [c, V], teacher rows, rows) -> (total [], parts [fn.n_parts]), through autograd; or, when
         # fn.fusable(teacher rows) (cross-entropy and closed-form divergences, dense teacher) and the logits
-        # are fp32, fn.value_and_grad, which may overwrite the chunk's logits, and the teacher's rows when
-        # teacher_chunk.fresh says each call returns a new tensor
+        # are fp32, fn.value_and_grad, which may overwrite the block's logits, and the teacher's rows when
+        # teacher_chunk.fresh says each call returns a new tensor. fn is row-wise: blocks' totals add up
+        # bounds: the chunks' row ranges when rows must stay together (a cross-tokenizer group; one block each)
+        # block: rows per pass of fn within a chunk (0 or >= the chunk: the whole chunk in one)
         # grad_mode: torch.is_grad_enabled() of the caller (inside forward it is always off). needs_input_grad
         # says whether the inputs require grad, not whether a graph is recorded: under torch.no_grad()
         # (evaluation) no backward will come, so no gradient is formed or stored
-        n_parts = fn.n_parts
         need = [grad_mode and ctx.needs_input_grad[0], grad_mode and weight is not None and ctx.needs_input_grad[1],
                 grad_mode and bias is not None and ctx.needs_input_grad[2]]
+        want = any(need)
         grad_x = torch.zeros_like(x) if need[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need[1] else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need[2] else None
         total = x.new_zeros((), dtype=torch.float32)
-        parts = x.new_zeros(n_parts, dtype=torch.float32)
+        parts = x.new_zeros(fn.n_parts, dtype=torch.float32)
         fusable = getattr(fn, "fusable", None)  # LogitObjective's closed-form path (other fns: autograd)
-        # bounds: the chunks' row ranges when rows must stay together (a cross-tokenizer group)
+        own_t = getattr(teacher_chunk, "fresh", False)
         for a, b in bounds or ((a, min(a + chunk, x.shape[0])) for a in range(0, x.shape[0], chunk)):
             h = x[a:b]  # [c, H] or [c, V]
             with torch.no_grad():
                 logits = h if weight is None else F.linear(h, weight, bias)  # [c, V]
             teacher = teacher_chunk(a, b)
             chunk_rows = {k: v[a:b] for k, v in rows.items()}
-            if fusable is not None and fusable(teacher) and logits.dtype == torch.float32:  # closed form, in place
-                with torch.no_grad():
-                    tot, p, g = fn.value_and_grad(logits, teacher, chunk_rows, any(need), own_z=weight is not None,
-                                                  own_t=getattr(teacher_chunk, "fresh", False))
-                del logits, teacher
-            else:
-                with torch.enable_grad():
-                    logits = logits.detach().requires_grad_(any(need))
-                    tot, p = fn(logits, teacher, chunk_rows)
-                del teacher
-                if any(need):
-                    (g,) = torch.autograd.grad(tot, logits, allow_unused=True)  # [c, V]
-                    if g is None:  # the objective does not depend on these rows
-                        g = torch.zeros_like(logits)
-            if any(need):
-                if weight is None:
-                    grad_x[a:b] = g
-                else:
-                    if need[0]:
-                        if g.dtype == weight.dtype == x.dtype:  # straight into its rows: no [c, H] temporary
-                            torch.mm(g, weight, out=grad_x[a:b])
-                        else:
-                            grad_x[a:b] = (g.to(weight.dtype) @ weight).to(x.dtype)
-                    if need[1]:  # accumulated in place: no [V, H] temporary per chunk (at V = 128k, H = 4096
-                        if g.dtype == h.dtype == torch.float32:  # that is 2 GB written and read each time)
-                            grad_w.addmm_(g.t(), h)
-                        else:
-                            grad_w += (g.t().to(h.dtype) @ h).float()
-                    if need[2]:
-                        grad_b += g.float().sum(0)
-            total += tot.detach()
-            parts += p.detach()
+            closed = fusable is not None and fusable(teacher) and logits.dtype == torch.float32
+            # the gradient's rows: in the chunk's own logits, or straight into grad_x without an output layer
+            g = (logits if weight is not None else grad_x[a:b]) if want else None  # (no weight: want is need[0])
+            step = b - a if bounds or not 0 < block < b - a else block
+            with torch.no_grad():
+                for r in (slice(i, min(i + step, b - a)) for i in range(0, b - a, step)):
+                    whole = step == b - a  # (a cross-tokenizer group's teacher rows are not sliced)
+                    tot, p = _block_value_and_grad(fn, logits[r], teacher if whole else _teacher_block(teacher, r),
+                                                   chunk_rows if whole else {k: v[r] for k, v in chunk_rows.items()},
+                                                   want, closed, weight is not None, own_t, None if g is None else g[r])
+                    total += tot
+                    parts += p
+            del logits, teacher
+            if weight is not None and want:
+                if need[0]:
+                    if g.dtype == weight.dtype == x.dtype:  # straight into its rows: no [c, H] temporary
+                        torch.mm(g, weight, out=grad_x[a:b])
+                    else:
+                        grad_x[a:b] = (g.to(weight.dtype) @ weight).to(x.dtype)
+                if need[1]:  # accumulated in place: no [V, H] temporary per chunk (at V = 128k, H = 4096
+                    if g.dtype == h.dtype == torch.float32:  # that is 2 GB written and read each time)
+                        grad_w.addmm_(g.t(), h)
+                    else:
+                        grad_w += (g.t().to(h.dtype) @ h).float()
+                if need[2]:
+                    grad_b += g.float().sum(0)
         ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_x, grad_w, grad_b)))
         ctx.need, ctx.used = need, False
         ctx.mark_non_differentiable(parts)
@@ -505,7 +533,7 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         ctx.used = True
         saved = ctx.saved_tensors  # scaled in place: a second [V, H] gradient would double the peak
         grads = [s.mul_(g_total.to(s.dtype)) if n else None for s, n in zip(saved, ctx.need)]
-        return grads[0], grads[1], grads[2], None, None, None, None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None, None, None, None
 
 
 def chunked_logit_loss(
@@ -517,10 +545,13 @@ def chunked_logit_loss(
     bias: torch.Tensor | None = None,  # [V]
     chunk: int = 0,  # rows per chunk (0: auto from V)
     bounds: list[tuple[int, int]] | None = None,  # explicit chunk row ranges instead (covering all rows)
+    block: int = 0,  # rows per pass of the closed-form objective within a chunk (0: auto from V)
 ) -> tuple[torch.Tensor, torch.Tensor]:  # total [], per-term sums [n_parts]
     vocab = weight.shape[0] if weight is not None else x.shape[-1]
     chunk = chunk or auto_chunk(vocab, weight.shape[1] if weight is not None else 0)
-    return _ChunkedLogitLoss.apply(x, weight, bias, teacher_chunk, fn, rows, chunk, torch.is_grad_enabled(), bounds)
+    block = block or auto_chunk(vocab)
+    return _ChunkedLogitLoss.apply(x, weight, bias, teacher_chunk, fn, rows, chunk, torch.is_grad_enabled(), bounds,
+                                   block)
 
 
 # --------------------------------------------------------------------------------------------- features
