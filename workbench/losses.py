@@ -545,11 +545,13 @@ def chunked_logit_loss(
     bias: torch.Tensor | None = None,  # [V]
     chunk: int = 0,  # rows per chunk (0: auto from V)
     bounds: list[tuple[int, int]] | None = None,  # explicit chunk row ranges instead (covering all rows)
-    block: int = 0,  # rows per pass of the closed-form objective within a chunk (0: auto from V)
+    block: int = 0,  # rows per pass of the objective within a chunk (0: auto_chunk(V) on a CPU, the chunk on a GPU)
 ) -> tuple[torch.Tensor, torch.Tensor]:  # total [], per-term sums [n_parts]
     vocab = weight.shape[0] if weight is not None else x.shape[-1]
     chunk = chunk or auto_chunk(vocab, weight.shape[1] if weight is not None else 0)
-    block = block or auto_chunk(vocab)
+    # blocks pay on a CPU (small temporaries stay in glibc's heap, the products keep their rows); on a GPU a
+    # block costs its ~40 kernel launches, and [256, V] temporaries are small beside its memory
+    block = block or (auto_chunk(vocab) if x.device.type == "cpu" else chunk)
     return _ChunkedLogitLoss.apply(x, weight, bias, teacher_chunk, fn, rows, chunk, torch.is_grad_enabled(), bounds,
                                    block)
 

@@ -174,10 +174,7 @@ def estimate(recipe: Recipe, launch: str = "single", gpus: int = 1, nodes: int =
     fused = recipe.distill.fused and not zero >= 3
     chunk = recipe.distill.chunk_size or auto_chunk(s.vocab, s.hidden if fused else 0)
     tokens = b * seq
-    # fused: a chunk's student and teacher logits, and the objective's temporaries over a block of rows
-    block = min(chunk, tokens, auto_chunk(s.vocab))
-    gpu["logits"] = ((min(chunk, tokens) * 2 + block * 6) * s.vocab * 4 if fused
-                     else tokens * s.vocab * (act_bytes + 4 * 3))
+    gpu["logits"] = (min(chunk, tokens) * s.vocab * 4 * 6 if fused else tokens * s.vocab * (act_bytes + 4 * 3))
     specs = [] if recipe.distill.teacher_cache.top_k else recipe.teacher_specs
     for i, spec in enumerate(specs):  # each teacher (several: teachers.i)
         name = "teacher" if len(specs) == 1 else f"teachers.{i}"
