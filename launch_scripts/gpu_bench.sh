@@ -91,7 +91,7 @@ run_step() {
 for s in "${@:-tests nf4 qlora}"; do
     for name in $s; do
         case $name in
-            tests) step tests python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/test_kernels.py" "$REPO/tests/test_memory.py" -k "kernel or nf4 or gpu" ;;
+            tests) step tests python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/test_kernels.py" "$REPO/tests/test_memory.py" "$REPO/tests/test_losses.py" -k "kernel or nf4 or gpu" ;;
             nf4) step nf4 python3 -m workbench.kernels.bench.bench_nf4 --out "$OUT" ;;
             quick) step quick python3 -m workbench.kernels.bench.bench_nf4 --quick --out "$OUT" ;;
             probe) step probe python3 -m workbench.kernels.bench.decode_probe --out "$OUT" ;;

@@ -645,14 +645,15 @@ def test_closed_form_chunks_over_given_logits_leave_them_untouched(names, block)
     torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
 
 
-def _peak_live_full_size(run, rows: int, vocab: int) -> int:
+def _peak_live_full_size(run, rows: int, vocab: int, inputs=()) -> int:
     """The most tensors of at least rows x vocab fp32 elements alive at once while `run` executes
-    (counted at the dispatcher: every op's outputs, freed when their storage is)."""
+    (counted at the dispatcher: every op's outputs, freed when their storage is; views of `inputs`, e.g.
+    weight.t(), are not new tensors)."""
     import weakref
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    live, peak, seen = [0], [0], set()
+    live, peak, seen = [0], [0], {t.untyped_storage().data_ptr() for t in inputs}
 
     def gone(key):
         seen.discard(key)
@@ -696,6 +697,76 @@ def test_a_fused_jsd_chunk_holds_four_full_size_tensors(block, most):
         total.backward()
 
     assert _peak_live_full_size(run, N, V) <= most
+
+
+def _bf16_fused_case(device):
+    """A fused JSD + cross-entropy case with bf16 student and teacher output layers and hidden states."""
+    torch.manual_seed(4)
+    N, H, V = 24, 64, 512
+    h = torch.randn(N, H, device=device).bfloat16().requires_grad_()
+    W = (torch.randn(V, H, device=device) * 0.1).bfloat16().requires_grad_()
+    ht, Wt = torch.randn(N, H, device=device).bfloat16(), (torch.randn(V, H, device=device) * 0.1).bfloat16()
+    labels = torch.randint(0, V, (N,), device=device)
+    rows = losses._teacher_rows(losses.ModelOutputs(final_hidden=ht, head_weight=Wt), N, None)
+    return h, W, ht, Wt, labels, _bf16_objective(), rows
+
+
+def _bf16_objective():
+    return losses.LogitObjective([LossTerm("jsd", 0.7, beta=0.5), LossTerm("cross_entropy", 0.3)])
+
+
+def _bf16_reference(h, W, ht, Wt, labels):
+    """The dense objective through autograd on float64 logits from the same bf16 values (the losses work
+    in float32 from there), and its gradients."""
+    hd, Wd = h.detach().double().requires_grad_(), W.detach().double().requires_grad_()
+    fn = _bf16_objective()
+    for m in fn.losses:
+        m.closed_form = False
+    ref, _ = fn(hd @ Wd.T, ht.double() @ Wt.double().T, {"labels": labels})
+    ref.backward()
+    return ref.double(), hd.grad, Wd.grad
+
+
+def test_bf16_output_layers_take_the_closed_form_without_weight_sized_temporaries(monkeypatch):
+    """bf16 output layers (no autocast): the chunk's logits are bf16, the closed form runs on float32 copies
+    a block at a time (no autograd), and the weight gradient is accumulated in float32 straight into its
+    buffer: no [V, H] temporary beside it (a bf16 product and its float32 copy per chunk before). Values and
+    gradients match the dense objective computed in float64 from the same bf16 values."""
+    h, W, ht, Wt, labels, fn, rows = _bf16_fused_case("cpu")
+    calls = []
+    real_grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **kw: calls.append(1) or real_grad(*a, **kw))
+
+    def forward_only():  # the forward forms every gradient; backward only scales them
+        losses.chunked_logit_loss(fn, h, {"labels": labels}, rows, W, None, chunk=8, block=4)
+
+    V, H = W.shape
+    assert _peak_live_full_size(forward_only, H // 2, V, (W, Wt)) == 1  # the float32 gradient buffer alone
+    total, _ = losses.chunked_logit_loss(fn, h, {"labels": labels}, rows, W, None, chunk=8, block=4)
+    total.backward()
+    assert calls == [] and h.grad.dtype == W.grad.dtype == torch.bfloat16
+    ref, gh, gw = _bf16_reference(h, W, ht, Wt, labels)
+    torch.testing.assert_close(total.double(), ref, rtol=2e-2, atol=0.0)
+    for g, r in ((h.grad, gh), (W.grad, gw)):
+        assert ((g.double() - r).norm() / r.norm()).item() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_bf16_output_layers_give_float32_logits_and_match_the_reference():
+    """On a CUDA GPU (sm_80+, torch >= 2.8) 16-bit output layers give float32 logits from the GEMM itself
+    (out_dtype), unrounded, and the weight gradient is accumulated by a float32-output addmm: closer to
+    the float64 reference than bf16 logits allow."""
+    h, W, ht, Wt, labels, fn, rows = _bf16_fused_case("cuda")
+    assert losses.output_logits(h.detach(), W.detach()).dtype == torch.float32
+    exact = h.detach().double() @ W.detach().double().T
+    assert (losses.output_logits(h.detach(), W.detach()).double() - exact).abs().max().item() < 1e-4
+    total, _ = losses.chunked_logit_loss(fn, h, {"labels": labels}, rows, W, None, chunk=8)
+    total.backward()
+    ref, gh, gw = _bf16_reference(h, W, ht, Wt, labels)
+    torch.testing.assert_close(total.double(), ref, rtol=1e-4, atol=0.0)
+    for g, r in ((h.grad, gh), (W.grad, gw)):
+        assert ((g.double() - r).norm() / r.norm()).item() < 1e-2
 
 
 def test_kd_loss_memory_bench_compares_equal_losses_and_refuses_gpu_without_one(capsys):

@@ -18,7 +18,8 @@ the two output layers; --tokens).
 
 --gpu measures on the GPU in bf16 (peak = torch.cuda.max_memory_allocated over the allocation before the
 loss) with 8,192 tokens unless --tokens says otherwise, and adds Liger-Kernel's LigerFusedLinearJSD itself
-(`liger_kernel`, when importable) on the same tensors: the third column is what the issue compares with.
+(`liger_kernel`, when importable) on the same tensors, at its default (bf16 weight-gradient accumulation)
+and with accum_dtype=float32 (ours always accumulates in float32): the Liger table is what issue 17 compares with.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _one(variant: str, vocab: int, tokens: int, hidden: int, t_hidden: int, reps
     import torch
 
     from workbench.config import LossTerm
-    from workbench.losses import LogitObjective, auto_chunk, chunked_logit_loss
+    from workbench.losses import LogitObjective, auto_chunk, chunked_logit_loss, output_logits
 
     torch.manual_seed(0)
     fn = LogitObjective([LossTerm("forward_kl", 0.5, 2.0), LossTerm("cross_entropy", 0.5)] if objective == "kl_ce"
@@ -68,15 +69,17 @@ def _one(variant: str, vocab: int, tokens: int, hidden: int, t_hidden: int, reps
     labels = torch.randint(0, vocab, (tokens,), device=device)
     rows = {"labels": labels}
     liger = None
-    if variant == "liger":  # Liger-Kernel's fused linear JSD (same beta convention: 0 forward KL, 1 reverse)
+    if variant.startswith("liger"):  # Liger-Kernel's fused linear JSD (same beta convention: 0 forward KL, 1 reverse)
         from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
 
         if objective != "jsd":
             raise SystemExit("the liger variant computes the JSD objective only (--objective jsd or --liger)")
-        liger = LigerFusedLinearJSD(jsd_beta=0.5, temperature=1.0)
+        # liger32: its float32 accumulation of the weight gradient, the precision ours keeps
+        liger = LigerFusedLinearJSD(jsd_beta=0.5, temperature=1.0,
+                                    accum_dtype=torch.float32 if variant == "liger32" else None)
 
     def teacher_rows(a, b):  # the teacher's logits for rows a:b, a new tensor each call (as the trainer's)
-        return ht[a:b] @ Wt.T
+        return output_logits(ht[a:b], Wt)
 
     teacher_rows.fresh = True
 
@@ -141,7 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     ap.add_argument("--gpu", action="store_true", help="measure on the CUDA GPU in bf16, with Liger-Kernel's "
                                                        "LigerFusedLinearJSD when importable (8,192 tokens with --liger)")
-    ap.add_argument("--child", choices=["dense", "ours", "liger"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["dense", "ours", "liger", "liger32"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.liger:
         given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
@@ -171,8 +174,8 @@ def main(argv=None) -> int:
     for v in args.vocab:
         d = _measure("dense", v, args.tokens, args.hidden, args.teacher_hidden, args.reps, args.objective,
                      gpu=args.gpu)
-        lg = _measure("liger", v, args.tokens, args.hidden, args.teacher_hidden, args.reps, args.objective,
-                      gpu=True) if with_liger else None
+        lg = [_measure(k, v, args.tokens, args.hidden, args.teacher_hidden, args.reps, args.objective, gpu=True)
+              for k in ("liger", "liger32")] if with_liger else None
         for c in args.chunk:
             o = _measure("ours", v, args.tokens, args.hidden, args.teacher_hidden, args.reps, args.objective, c,
                          gpu=args.gpu)
@@ -195,13 +198,18 @@ def main(argv=None) -> int:
         lines.append(f"| {v:,} | {o['chunk']} | {d['peak_mib']:.0f} | {o['peak_mib']:.0f} | {d['peak_mib'] / max(o['peak_mib'], 1e-9):.1f}x "
                      f"| {d['seconds']:.2f} | {o['seconds']:.2f} | {o['seconds'] / d['seconds']:.2f} | {same} |")
     if with_liger:
-        lines += ["", "| vocab | Liger peak MiB | ours peak MiB | ours / Liger memory | Liger s | ours s | "
-                      "ours / Liger time | Liger loss per token | ours loss per token |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for v, _, o, lg in rows:
-            lines.append(f"| {v:,} | {lg['peak_mib']:.0f} | {o['peak_mib']:.0f} | {o['peak_mib'] / max(lg['peak_mib'], 1e-9):.2f} "
-                         f"| {lg['seconds']:.3f} | {o['seconds']:.3f} | {o['seconds'] / lg['seconds']:.2f} | "
-                         f"{lg['loss'] / args.tokens:.6f} | {o['loss'] / args.tokens:.6f} |")
+        lines += ["", "Liger: LigerFusedLinearJSD at its default (weight gradient accumulated in bf16) and with "
+                      "accum_dtype=float32 (accumulated in float32, as ours always is).", "",
+                  "| vocab | Liger accumulates | rows per chunk (ours) | Liger peak MiB | ours peak MiB | "
+                  "ours / Liger memory | Liger s | ours s | ours / Liger time | Liger loss per token | "
+                  "ours loss per token |",
+                  "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for v, _, o, lgs in rows:
+            for acc, lg in zip(("bf16", "float32"), lgs):
+                lines.append(f"| {v:,} | {acc} | {o['chunk']} | {lg['peak_mib']:.0f} | {o['peak_mib']:.0f} | "
+                             f"{o['peak_mib'] / max(lg['peak_mib'], 1e-9):.2f} | {lg['seconds']:.3f} | "
+                             f"{o['seconds']:.3f} | {o['seconds'] / lg['seconds']:.2f} | "
+                             f"{lg['loss'] / args.tokens:.6f} | {o['loss'] / args.tokens:.6f} |")
     text = "\n".join(lines)
     _report.publish(text, record=not args.no_record)
     return 0
