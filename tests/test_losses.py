@@ -408,6 +408,26 @@ def test_shift_labels_aligns_targets_without_copying_logits():
     assert losses.shift_labels(labels).tolist() == [[2, 3, -100], [5, -100, -100]]
 
 
+def test_in_place_log_softmax_and_row_zeroing():
+    """The closed form's helpers: log_softmax(x / T) written into x itself (torch's fused kernel on its own
+    input), equal to F.log_softmax, -inf logits included (a row of -inf only gives NaN, as there); and
+    zeroing the invalid rows writes those rows alone."""
+    torch.manual_seed(5)
+    x = torch.randn(6, 50) * 3
+    x[1, :7] = float("-inf")
+    x[4] = float("-inf")
+    for T in (1.0, 2.0):
+        y = x.clone()
+        out = losses._log_softmax_(y, T)
+        assert out.data_ptr() == y.data_ptr()
+        torch.testing.assert_close(out, torch.nn.functional.log_softmax(x / T, -1), equal_nan=True)
+    z = torch.full((5, 3), float("nan"))
+    valid = torch.tensor([True, False, True, False, True])
+    assert losses._zero_rows(z, valid) is z
+    assert (z[~valid] == 0).all() and z[valid].isnan().all()
+    assert losses._zero_rows(torch.ones(2, 2), torch.tensor([True, True])).eq(1).all()
+
+
 def test_auto_chunk_bounds_chunk_memory():
     """8 MiB chunks (under glibc's 32 MiB mmap threshold, so temporaries are reused, not page-faulted in
     anew), never fewer than 32 rows (the output layer's products stay compute-bound)."""

@@ -183,9 +183,7 @@ class CrossEntropy(nn.Module):
         if not want_grad:
             return value, None
         g = logp.exp_().scatter_add_(-1, idx, torch.full(idx.shape, -1.0, dtype=logp.dtype))
-        if not bool(valid.all()):
-            g[~valid] = 0.0
-        return value, g
+        return value, _zero_rows(g, valid)
 
 
 class LogitDivergence(nn.Module):
@@ -226,8 +224,8 @@ class LogitDivergence(nn.Module):
         # this call's own tensor (zeroed in place, on its invalid rows only); a top-k teacher's is not
         if isinstance(teacher, TopKTeacher):
             t = t.masked_fill(~valid[:, None], 0.0)
-        elif not bool(valid.all()):
-            t[~valid] = 0.0
+        else:
+            _zero_rows(t, valid)
         if s is None:  # dense teacher, closed form
             return _ClosedFormDivergence.apply(student_logits, t, valid, self.kind, T, self.beta,
                                                torch.is_grad_enabled())
@@ -244,9 +242,7 @@ class LogitDivergence(nn.Module):
         valid = labels != self.ignore_index
         # both sides by the same log-softmax (equal logits give exactly equal log-probabilities)
         s = _log_softmax_(_owned(z, own_z), T)
-        t = _log_softmax_(_owned(teacher, own_t), T).clamp_(min=_NEG)
-        if not bool(valid.all()):
-            t[~valid] = 0.0
+        t = _zero_rows(_log_softmax_(_owned(teacher, own_t), T).clamp_(min=_NEG), valid)
         return _closed_form(s, t, valid, self.kind, T, self.beta, want_grad)
 
 
@@ -269,16 +265,22 @@ def _blocks(x: torch.Tensor, buf: torch.Tensor):
         yield slice(a, a + n), buf[:, :n]
 
 
-def _log_softmax_(x: torch.Tensor, T: float, buf: torch.Tensor | None = None) -> torch.Tensor:
-    """log_softmax(x / T) over the last dimension, in place in x (fp32, the caller's own): no [N, V]
-    output beside it, only the scratch block (a row of -inf gives NaN, as F.log_softmax)."""
+def _log_softmax_(x: torch.Tensor, T: float) -> torch.Tensor:
+    """log_softmax(x / T) over the last dimension, in place in x (fp32, the caller's own): torch's fused
+    kernel writing into its own input (each row is read whole before it is written), so no [N, V] output
+    beside it; the same values as F.log_softmax (a row of -inf gives NaN). 2.5x faster than the blocked
+    max / exp / sum / subtract passes it replaces (4 x [512, 4096]: 6.0 -> 2.4 ms, AMD EPYC)."""
     if T != 1.0:
         x.div_(T)
-    for r, b in _blocks(x, _scratch(x) if buf is None else buf):
-        top = x[r].amax(-1, keepdim=True)
-        top = torch.where(top.isinf(), 0.0, top)
-        lse = torch.sub(x[r], top, out=b[0]).exp_().sum(-1, keepdim=True).log_().add_(top)
-        x[r].sub_(lse)
+    return torch.log_softmax(x, -1, out=x)
+
+
+def _zero_rows(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """x[~valid] = 0 in place, writing those rows only (a boolean-mask assignment is a masked_fill_ that
+    reads and writes all of x: 0.8 ms per [512, 4096] chunk, twice per chunk)."""
+    bad = (~valid).nonzero()[:, 0]
+    if bad.numel():
+        x.index_fill_(0, bad, 0.0)
     return x
 
 
@@ -308,10 +310,11 @@ def _closed_form(s, t, valid, kind, T, beta, grad_mode):
                 g.mul_(T)
     else:
         ps = s.exp()
-        # the mixture in probability space, in p_t's buffer, floored at the smallest normal float (where both
-        # vanish, m only ever multiplies a vanishing p): one log instead of logaddexp's exp, log1p and max
-        m = t.exp()
-        m = torch.lerp(ps, m, beta, out=m).clamp_min_(torch.finfo(torch.float32).tiny).log_()
+        # the mixture m = log(b p_t + (1 - b) p_s) = log b + logaddexp(t, s + log((1 - b) / b)): in log space
+        # (exact where both vanish), 5 passes over [N, V] at b = 0.5 where exp, lerp, floor and log took 9
+        shift = math.log((1.0 - beta) / beta)
+        m = torch.empty_like(s)
+        torch.logaddexp(t, torch.add(s, shift, out=m) if shift else s, out=m).add_(math.log(beta))
         # sum p_t (t - m), a few rows at a time: p_t again from t, so no second full-size buffer holds it
         teacher_part = t.new_empty(t.shape[0])
         for r, b in _blocks(t, buf):
@@ -322,8 +325,8 @@ def _closed_form(s, t, valid, kind, T, beta, grad_mode):
         if grad_mode:  # g = (1 - b) p_s d, sum(g) = (1 - b) student_part: (g - p_s sum(g)) T
             g = d.sub_(student_part[:, None]).mul_(ps).mul_((1.0 - beta) * T)
     total = torch.where(valid, rows, 0.0).sum() * (T * T)
-    if g is not None and not bool(valid.all()):
-        g[~valid] = 0.0
+    if g is not None:
+        _zero_rows(g, valid)
     return total, g
 
 
