@@ -804,9 +804,10 @@ def test_kd_loss_memory_bench_compares_equal_losses_and_refuses_gpu_without_one(
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # Liger's masked lanes, interpreted
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_our_fused_jsd_equals_liger_kernels_fused_linear_jsd(beta):
-    # Liger-Kernel's LigerFusedLinearJSD (Triton, run by the interpreter here) on the same hidden states and
-    # output layers: same beta convention (0 forward KL, 1 reverse KL), its mean over tokens = our sum / tokens,
-    # and the same gradients for the student's hidden states and output layer
+    # Liger-Kernel's LigerFusedLinearJSD (Triton: run by the interpreter on a CPU, compiled on a GPU, where
+    # the tensors go to it) on the same hidden states and output layers: same beta convention (0 forward KL,
+    # 1 reverse KL), its mean over tokens = our sum / tokens, and the same gradients for the student's
+    # hidden states and output layer
     pytest.importorskip("liger_kernel")
     from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
 
@@ -814,9 +815,10 @@ def test_our_fused_jsd_equals_liger_kernels_fused_linear_jsd(beta):
 
     torch.manual_seed(0)
     tokens, vocab, hidden, t_hidden = 24, 200, 16, 24
-    h, ht = torch.randn(tokens, hidden), torch.randn(tokens, t_hidden)
-    W, Wt = torch.randn(vocab, hidden) * 0.3, torch.randn(vocab, t_hidden) * 0.3
-    labels = torch.randint(0, vocab, (tokens,))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    h, ht = torch.randn(tokens, hidden).to(dev), torch.randn(tokens, t_hidden).to(dev)
+    W, Wt = (torch.randn(vocab, hidden) * 0.3).to(dev), (torch.randn(vocab, t_hidden) * 0.3).to(dev)
+    labels = torch.randint(0, vocab, (tokens,)).to(dev)
     x1, W1 = h.clone().requires_grad_(), W.clone().requires_grad_()
     ours, _ = chunked_logit_loss(LogitObjective([LossTerm("jsd", 1.0, beta=beta)]), x1, {"labels": labels},
                                  lambda a, b: ht[a:b] @ Wt.T, W1, None, chunk=8)
