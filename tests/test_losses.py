@@ -787,6 +787,16 @@ def test_gpu_bf16_output_layers_give_float32_logits_and_match_the_reference():
     torch.testing.assert_close(total.double(), ref, rtol=1e-4, atol=0.0)
     for g, r in ((h.grad, gh), (W.grad, gw)):
         assert ((g.double() - r).norm() / r.norm()).item() < 1e-2
+    # float32 output layers under bf16 autocast (the trainer's mixed precision): bf16 products, float32
+    # gradients, close to the same reference
+    h32, W32 = h.detach().float().requires_grad_(), W.detach().float().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        total, _ = losses.chunked_logit_loss(_bf16_objective(), h32, {"labels": labels}, rows, W32, None, chunk=8)
+    total.backward()
+    assert W32.grad.dtype == torch.float32
+    torch.testing.assert_close(total.double(), ref, rtol=2e-2, atol=0.0)
+    for g, r in ((h32.grad, gh), (W32.grad, gw)):
+        assert ((g.double() - r).norm() / r.norm()).item() < 3e-2
 
 
 def test_kd_loss_memory_bench_compares_equal_losses_and_refuses_gpu_without_one(capsys):

@@ -437,12 +437,12 @@ _HALF = (torch.float16, torch.bfloat16)
 _MM_OUT_DTYPE = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
 
 
-def _cuda_out_dtype(*xs: torch.Tensor) -> bool:
-    """Whether torch.mm / addmm can multiply these 16-bit CUDA tensors into float32 (out_dtype=, torch >=
-    2.8 on sm_80+; CPU builds have no kernel for it): products of 16-bit values are exact in float32 and
-    the GEMM accumulates in float32, so nothing is rounded to 16 bits."""
-    return (_MM_OUT_DTYPE and all(x.is_cuda and x.dtype == xs[0].dtype for x in xs) and xs[0].dtype in _HALF
-            and torch.cuda.get_device_capability(xs[0].device)[0] >= 8)
+def _float32_out(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.mm / addmm can multiply 16-bit `dtype` tensors on `device` into float32 (out_dtype=,
+    torch >= 2.8 on CUDA sm_80+; CPU builds have no kernel for it): products of 16-bit values are exact in
+    float32 and the GEMM accumulates in float32, so nothing is rounded to 16 bits."""
+    return (_MM_OUT_DTYPE and device.type == "cuda" and dtype in _HALF
+            and torch.cuda.get_device_capability(device)[0] >= 8)
 
 
 def output_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -450,7 +450,7 @@ def output_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     them unrounded (an objective of nearly equal distributions, as JSD, loses its gradient's precision to
     logits rounded to bf16), else F.linear's, in the operands' dtype (the closed form makes its float32
     copy a block of rows at a time)."""
-    if _cuda_out_dtype(h, weight):
+    if h.dtype == weight.dtype and h.device == weight.device and _float32_out(h.device, h.dtype):
         z = torch.mm(h, weight.t(), out_dtype=torch.float32)
         return z if bias is None else z.add_(bias.float())
     return F.linear(h, weight, bias)
@@ -461,8 +461,11 @@ def _accumulate_grad_w(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -
     place: no [V, H] temporary (a 16-bit product, then its float32 copy, were 3 GB per chunk at V = 128k,
     H = 4096). The sum stays float32 over all chunks: accumulated in bf16 over 32 chunks it was 4x further
     from the exact sum (0.67% vs 0.17% relative error, V 2,048, H 256, 8,192 tokens)."""
-    if _cuda_out_dtype(h) and g.dtype in (torch.float32, h.dtype):
-        torch.addmm(grad_w, g.t().to(h.dtype), h, out_dtype=torch.float32, out=grad_w)
+    low = h.dtype if h.dtype in _HALF else None  # the 16-bit dtype the product runs in on a GPU
+    if low is None and h.is_cuda and torch.is_autocast_enabled("cuda"):  # float32 weights under autocast
+        low = torch.get_autocast_dtype("cuda")
+    if low is not None and _float32_out(h.device, low):
+        torch.addmm(grad_w, g.t().to(low), h.to(low), out_dtype=torch.float32, out=grad_w)
     else:  # float32 operands: the [c, V] and [c, H] copies are a chunk's, the product goes straight in
         grad_w.addmm_(g.t().float(), h.float())
 
