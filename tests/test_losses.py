@@ -778,9 +778,9 @@ def test_gpu_bf16_output_layers_give_float32_logits_and_match_the_reference():
     (out_dtype), unrounded, and the weight gradient is accumulated by a float32-output addmm: closer to
     the float64 reference than bf16 logits allow."""
     h, W, ht, Wt, labels, fn, rows = _bf16_fused_case("cuda")
-    assert losses.output_logits(h.detach(), W.detach()).dtype == torch.float32
-    exact = h.detach().double() @ W.detach().double().T
-    assert (losses.output_logits(h.detach(), W.detach()).double() - exact).abs().max().item() < 1e-4
+    z = losses.output_logits(h.detach(), W.detach())
+    assert z.dtype == torch.float32
+    assert (z.double() - h.detach().double() @ W.detach().double().T).abs().max().item() < 1e-4
     total, _ = losses.chunked_logit_loss(fn, h, {"labels": labels}, rows, W, None, chunk=8)
     total.backward()
     ref, gh, gw = _bf16_reference(h, W, ht, Wt, labels)

@@ -247,8 +247,8 @@ class LogitDivergence(nn.Module):
 
 
 # Row sums over [N, V] go a block of rows at a time through one reused scratch block (out=): a temporary
-# per block (torch.logsumexp's, vecdot's product) is not reused by glibc but page-faulted in anew, so the
-# resident set grew by a block per call (measured: +16 MiB per call at V = 128k, 0.5 GB over one chunk).
+# per block (e.g. vecdot's product) is not reused by glibc but page-faulted in anew, so the resident set
+# grew by a block per call (measured: +16 MiB per call at V = 128k, 0.5 GB over one chunk).
 
 
 def _scratch(x: torch.Tensor, n: int = 1, elements: int = 1 << 22) -> torch.Tensor:
@@ -539,9 +539,9 @@ class _ChunkedLogitLoss(torch.autograd.Function):
             # the gradient's rows: in the chunk's own logits, or straight into grad_x without an output layer
             g = (logits if weight is not None else grad_x[a:b]) if want else None  # (no weight: want is need[0])
             step = b - a if bounds or not 0 < block < b - a else block
+            whole = step == b - a  # one block: the chunk's teacher rows and rows as they are, not sliced
             with torch.no_grad():
                 for r in (slice(i, min(i + step, b - a)) for i in range(0, b - a, step)):
-                    whole = step == b - a  # (a cross-tokenizer group's teacher rows are not sliced)
                     tot, p = _block_value_and_grad(fn, logits[r], teacher if whole else _teacher_block(teacher, r),
                                                    chunk_rows if whole else {k: v[r] for k, v in chunk_rows.items()},
                                                    want, closed, weight is not None, own_t, None if g is None else g[r])
