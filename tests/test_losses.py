@@ -802,6 +802,15 @@ def test_gpu_bf16_output_layers_give_float32_logits_and_match_the_reference():
 def test_kd_loss_memory_bench_compares_equal_losses_and_refuses_gpu_without_one(capsys):
     from workbench.bench import kd_loss_memory as bench
 
+    # sizes it cannot measure end in one line (a negative chunk ran no chunk at all: a zero loss)
+    for bad in (["--chunk", "-5"], ["--vocab", "0"], ["--tokens", "0"], ["--reps", "0"]):
+        with pytest.raises(SystemExit) as e:
+            bench.main([*bad, "--no-record"])
+        assert e.value.code == 2 and "must be" in capsys.readouterr().err.splitlines()[-1]
+    with pytest.raises(ValueError, match="must be >= 0"):
+        losses.chunked_logit_loss(_objective("cross_entropy"), torch.randn(4, 3), {"labels": torch.zeros(4).long()},
+                                  chunk=-2)
+
     for objective in ("kl_ce", "jsd"):
         dense = bench._one("dense", 512, 64, 32, 48, 1, objective)
         ours = bench._one("ours", 512, 64, 32, 48, 1, objective, chunk=16)

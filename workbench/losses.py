@@ -584,6 +584,8 @@ def chunked_logit_loss(
     bounds: list[tuple[int, int]] | None = None,  # explicit chunk row ranges instead (covering all rows)
     block: int = 0,  # rows per pass of the objective within a chunk (0: auto_chunk(V) on a CPU, the chunk on a GPU)
 ) -> tuple[torch.Tensor, torch.Tensor]:  # total [], per-term sums [n_parts]
+    if chunk < 0 or block < 0:  # range() with a negative step runs no chunk: a silent zero loss
+        raise ValueError(f"chunk ({chunk}) and block ({block}) must be >= 0 (0: automatic)")
     vocab = weight.shape[0] if weight is not None else x.shape[-1]
     chunk = chunk or auto_chunk(vocab, weight.shape[1] if weight is not None else 0)
     # blocks pay on a CPU (small temporaries stay in glibc's heap, the products keep their rows); on a GPU a

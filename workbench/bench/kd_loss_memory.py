@@ -146,6 +146,13 @@ def main(argv=None) -> int:
                                                        "LigerFusedLinearJSD when importable (8,192 tokens with --liger)")
     ap.add_argument("--child", choices=["dense", "ours", "liger", "liger32"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    sizes = {"--vocab": args.vocab, "--tokens": [args.tokens], "--hidden": [args.hidden],
+             "--teacher-hidden": [args.teacher_hidden], "--reps": [args.reps]}
+    for flag, values in sizes.items():
+        if not values or min(values) < 1:
+            ap.error(f"{flag} must be at least 1")
+    if min(args.chunk, default=0) < 0:
+        ap.error("--chunk must be >= 0 (0: auto_chunk's choice)")
     if args.liger:
         given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
         args.vocab, args.hidden, args.teacher_hidden, args.objective = [128_256], 4096, 4096, "jsd"
