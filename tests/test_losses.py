@@ -771,6 +771,48 @@ def test_bf16_output_layers_take_the_closed_form_without_weight_sized_temporarie
         assert ((g.double() - r).norm() / r.norm()).item() < 2e-2
 
 
+@pytest.mark.parametrize("addmm_float32_self", [True, False])
+def test_weight_gradient_from_16bit_products_on_either_torch_path(monkeypatch, addmm_float32_self):
+    """The GPU path's logic on a CPU, with torch.mm / addmm(out_dtype=float32) emulated (CPU builds have no
+    such kernel): torch >= 2.10 adds into the float32 buffer by one addmm with out= the buffer; 2.8-2.9
+    (whose addmm refuses a float32 self) by mm products of at most _GRAD_W_ROWS rows each (here 5, so the
+    last slice is ragged). Either way the gradients match the float64 reference as the GPU's do."""
+    real_mm, real_addmm, products = torch.mm, torch.addmm, []
+
+    def mm(a, b, *, out_dtype=None, out=None):
+        if out_dtype is None:
+            return real_mm(a, b) if out is None else real_mm(a, b, out=out)
+        products.append(("mm", *a.shape))
+        return real_mm(a.float(), b.float())  # 16-bit products are exact in float32
+
+    def addmm(c, a, b, *, out_dtype=None, out=None, **kw):
+        if out_dtype is None:
+            return real_addmm(c, a, b, **kw) if out is None else real_addmm(c, a, b, out=out, **kw)
+        assert out is c and c.dtype == torch.float32 and addmm_float32_self
+        products.append(("addmm", *a.shape))
+        return c.addmm_(a.float(), b.float())
+
+    monkeypatch.setattr(losses, "_float32_out", lambda device, dtype: dtype in losses._HALF)
+    monkeypatch.setattr(losses, "_ADDMM_FLOAT32_SELF", addmm_float32_self)
+    monkeypatch.setattr(losses, "_GRAD_W_ROWS", 5)
+    monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(torch, "addmm", addmm)
+    h, W, ht, Wt, labels, fn, rows = _bf16_fused_case("cpu")
+    (N, H), V = h.shape, W.shape[0]
+    total, _ = losses.chunked_logit_loss(fn, h, {"labels": labels}, rows, W, None, chunk=8)
+    total.backward()
+    weight = [p for p in products if p[2] != H]  # g^T [rows of V, 8]; the logits' products are h [8, H]
+    if addmm_float32_self:
+        assert weight == [("addmm", V, 8)] * (N // 8)
+    else:  # every row of the gradient once per chunk, at most 5 at a time, the last slice V % 5 = 2 rows
+        assert {p[0] for p in weight} == {"mm"} and max(p[1] for p in weight) == 5
+        assert sum(p[1] for p in weight) == V * (N // 8) and ("mm", V % 5, 8) in weight
+    ref, gh, gw = _bf16_reference(h, W, ht, Wt, labels)
+    torch.testing.assert_close(total.double(), ref, rtol=1e-4, atol=0.0)
+    for g, r in ((h.grad, gh), (W.grad, gw)):
+        assert ((g.double() - r).norm() / r.norm()).item() < 1e-2
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_bf16_output_layers_give_float32_logits_and_match_the_reference():

@@ -434,7 +434,13 @@ def auto_chunk(vocab: int, hidden: int = 0, budget: int = 1 << 21, min_rows: int
 
 
 _HALF = (torch.float16, torch.bfloat16)
-_MM_OUT_DTYPE = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
+_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+_MM_OUT_DTYPE = _TORCH >= (2, 8)
+# addmm(c, a, b, out_dtype=float32) with a float32 c and 16-bit a, b: allowed from torch 2.10 (its CUDA library's
+# check: "self dtype must match either out_dtype or mat1 dtype"); 2.8's and 2.9's libraries lack that message, and
+# the source before it required self's dtype to equal mat2's, so there the product goes through mm instead
+_ADDMM_FLOAT32_SELF = _TORCH >= (2, 10)
+_GRAD_W_ROWS = 8192  # rows of the weight gradient per float32 product where addmm cannot take a float32 c
 
 
 def _float32_out(device: torch.device, dtype: torch.dtype) -> bool:
@@ -465,7 +471,12 @@ def _accumulate_grad_w(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -
     if low is None and h.is_cuda and torch.is_autocast_enabled("cuda"):  # float32 weights under autocast
         low = torch.get_autocast_dtype("cuda")
     if low is not None and _float32_out(h.device, low):
-        torch.addmm(grad_w, g.t().to(low), h.to(low), out_dtype=torch.float32, out=grad_w)
+        gt, hl = g.t().to(low), h.to(low)
+        if _ADDMM_FLOAT32_SELF:
+            torch.addmm(grad_w, gt, hl, out_dtype=torch.float32, out=grad_w)
+        else:  # torch 2.8-2.9: mm's float32 products, a slice of rows at a time (not one [V, H] temporary)
+            for a in range(0, grad_w.shape[0], _GRAD_W_ROWS):
+                grad_w[a:a + _GRAD_W_ROWS] += torch.mm(gt[a:a + _GRAD_W_ROWS], hl, out_dtype=torch.float32)
     else:  # float32 operands: the [c, V] and [c, H] copies are a chunk's, the product goes straight in
         grad_w.addmm_(g.t().float(), h.float())
 
