@@ -641,6 +641,35 @@ def test_trl_reads_our_blocks_in_our_order_and_takes_our_steps(tmp_path, tiny_te
         trainer.evaluate_perplexity(student, packed.val, 8, 2, accelerator), rel=1e-4)
 
 
+def test_vs_trl_real_teacher_setting_prunes_the_student_and_cuts_the_validation(tmp_path, tiny_teacher, accelerator):
+    """vs_trl --teacher smollm2's set-up, on the tiny teacher: the student both frameworks get is the teacher
+    pruned to `prune_layers` blocks (a checkpoint, not the recipe's tiny model), and `val_blocks` keeps the
+    first held-out blocks with their targets and positions; the table names the pair. Bad sizes: one line."""
+    from conftest import FAST
+    from workbench.bench import vs_trl
+
+    small = [o for o in FAST if o.startswith("data.")] + ["train.max_steps=2"]
+    _, whole, _, full, _, _ = vs_trl._setup(str(tmp_path / "a"), 0, tiny_teacher, small)
+    _, recipe, tok, packed, teacher, student = vs_trl._setup(str(tmp_path / "b"), 0, tiny_teacher, small,
+                                                             prune_layers=1, val_blocks=3)
+    assert whole.student.tiny and len(full.val) > 3
+    assert recipe.student.tiny is None and (Path(recipe.student.name_or_path) / "prune.json").is_file()
+    assert student.config.num_hidden_layers == 1 and teacher.config.num_hidden_layers == 2
+    assert (packed.val.ids == full.val.ids[:3]).all() and len(packed.val) == 3
+    for got, ref in ((packed.val.targets, full.val.targets), (packed.val.positions, full.val.positions)):
+        assert (got is None) == (ref is None) and (got is None or (got == ref[:3]).all())
+    row = dict(framework="trl", seed=0, steps=2, seconds=1.0, tokens_per_s=1.0, peak_rise_mib=2.0, val_ppl=3.0,
+               memory_kind="resident set", teacher="smollm2", teacher_params=134.5e6, student_params=81.4e6,
+               student_layers=15, teacher_layers=30, vocab=49152, val_tokens=32768)
+    text = vs_trl.table([{**row, "lambda": 0.0}, {**row, "framework": "ours", "lambda": 0.0}], 2)
+    assert "SmolLM2-135M-Instruct" in text.splitlines()[0] and "pruned to 15 blocks" in text
+    assert "vocabulary 49,152" in text and "32,768 held-out tokens" in text
+    for bad in (["--student-layers", "0"], ["--steps", "0"], ["--eval-batches", "-1"]):
+        with pytest.raises(SystemExit) as err:
+            vs_trl.main(["--no-record", *bad])
+        assert err.value.code == 2
+
+
 _HEAP_PROBE = """
 import ctypes, sys, torch
 class Info(ctypes.Structure):

