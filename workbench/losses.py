@@ -418,9 +418,12 @@ class LogitObjective(nn.Module):
 
 def auto_chunk(vocab: int, hidden: int = 0, budget: int = 1 << 21, min_rows: int = 32) -> int:
     """Tokens per chunk: one [chunk, V] fp32 tensor holds about `budget` elements (8 MiB), but at least
-    `min_rows` rows, and at least hidden / 16 when the output layer [V, hidden] is fused into the loss
-    (the chunk then holds the student's and the teacher's logits; the objective's temporaries are a
-    block's of auto_chunk(vocab) rows, see _ChunkedLogitLoss). Measured on a 2-core CPU (BENCHMARKS.md,
+    `min_rows` rows, and at least 256 (or hidden / 16 if more) when the output layer [V, hidden] is fused
+    into the loss (the chunk then holds the student's and the teacher's logits; the objective's temporaries
+    are a block's of auto_chunk(vocab) rows, see _ChunkedLogitLoss). The products want a few hundred rows
+    whatever the width: at hidden 576, vocab 49,152 (SmolLM2), 2,048 tokens, JSD forward + gradient took
+    6.0 s in chunks of 42 rows (hidden / 16 and the budget's), 3.9 s of 128, 3.7-3.9 s of 256 or 512
+    (AMD EPYC, 2 cores). Measured on a 2-core CPU (BENCHMARKS.md,
     "KD step"): blocks of 32 MiB and more are slower, not faster: glibc serves allocations of 32 MiB and up
     with fresh mmap pages, so each temporary is page-faulted in again per block (a 2048 x 4096 loss took
     390 ms in one chunk, 185-210 ms in chunks of 512 rows). The output layer's products want more rows:
@@ -430,7 +433,7 @@ def auto_chunk(vocab: int, hidden: int = 0, budget: int = 1 << 21, min_rows: int
     blocks of 32 rows: 256 rows (hidden / 16) took 0.86x the dense loss's time at 6.7x less memory, 128 rows
     0.96x at 7.1x, 384 rows 0.80x at 6.2x (BENCHMARKS.md, "KD loss", --liger; before blocks, 128 rows took
     1.02x at 6.7x and 256 rows 0.87x at 5.9x)."""
-    return max(min_rows, budget // max(vocab, 1), hidden // 16)
+    return max(min_rows, budget // max(vocab, 1), max(256, hidden // 16) if hidden else 0)
 
 
 _HALF = (torch.float16, torch.bfloat16)
