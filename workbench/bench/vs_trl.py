@@ -114,7 +114,8 @@ def _setup(out: str, seed: int = 0, teacher: str | None = None, overrides=(), pr
     from workbench.train import ensure_trained
 
     accelerator = Accelerator()
-    teacher = M.resolve_source(str(teacher) if teacher else None) or ensure_trained("pretrain_tiny_teacher", accelerator)
+    teacher = (M.resolve_source(str(teacher)) if teacher else None) or ensure_trained("pretrain_tiny_teacher",
+                                                                                       accelerator)
     recipe = load_recipe("kd_tiny", [f"output.dir={out}", "output.overwrite=true", "eval.report=false",
                                      "output.tensorboard=false", "train.eval_every=0", "train.checkpoint_every=0", f"train.seed={seed}",
                                      f"train.micro_batch_size={BATCH}", f"train.lr={LR}", f"train.warmup_steps={WARMUP}",
@@ -128,7 +129,6 @@ def _setup(out: str, seed: int = 0, teacher: str | None = None, overrides=(), pr
         packed = dataclasses.replace(packed, val=D.Blocks(*(None if a is None else a[:val_blocks]
                                                             for a in (v.ids, v.targets, v.positions))))
     if prune_layers:
-
         from workbench import prune as P
         from workbench.config import PruneConfig
 
