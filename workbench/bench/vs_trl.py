@@ -253,6 +253,14 @@ def main(argv=None) -> int:
     eval_batches = args.eval_batches if args.eval_batches is not None else 16 if args.teacher == "smollm2" else 0
     setting = dict(teacher=args.teacher, student_layers=args.student_layers if args.teacher != "tiny" else 0,
                    eval_batches=eval_batches)
+    if TEACHERS[args.teacher] and not args.child:  # converted here once for every run; one line if it cannot be
+        from workbench import models as M
+        from workbench.config import WorkbenchError
+
+        try:
+            M.resolve_source(TEACHERS[args.teacher])
+        except WorkbenchError as e:
+            ap.error(str(e))
     if args.child:
         fw, lmbda, out, seed = args.child
         print("RESULT " + json.dumps(_child(fw, args.steps, float(lmbda), out, int(seed), args.trl_defaults,
