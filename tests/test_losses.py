@@ -721,6 +721,52 @@ def test_a_fused_jsd_chunk_holds_four_full_size_tensors(block, most):
     assert _peak_live_full_size(run, N, V) <= most
 
 
+def test_chunks_write_their_logits_into_one_buffer_each(monkeypatch):
+    """The fused loss computes each chunk's student and teacher logits into one buffer per side, reused by
+    every chunk (on a CPU, a fresh [256, 49,152] float32 chunk is page-faulted in again each time: 175,000
+    minor faults per SmolLM2 loss): two new [chunk, V] products per loss, not two per chunk; a ragged last
+    chunk takes the buffer's first rows. Same values and gradients as the dense formula. Under autocast
+    (lower-precision products, no out= form) each chunk's logits are new, as before."""
+    import torch.nn.functional as F
+
+    N, V = 11, 37
+    h, W, b, ht, Wt = _fused_inputs(5, N, 6, 9, V)
+    bt = torch.randn(V)
+    labels = torch.randint(0, V, (N,))
+    labels[2] = -100
+    fn = _objective("jsd", "cross_entropy")
+    new = []
+    real_linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda *a, **kw: new.append(a[0].shape[0]) or real_linear(*a, **kw))
+
+    def loss():
+        rows = losses._teacher_rows(losses.ModelOutputs(final_hidden=ht, head_weight=Wt, head_bias=bt), N, None)
+        return losses.chunked_logit_loss(fn, h, {"labels": labels}, rows, W, b, chunk=4, block=3)
+
+    total, parts = loss()
+    total.backward()
+    assert new == [4, 4]  # 3 chunks (4, 4, 3 rows): the first chunk's student and teacher logits only
+    got = [h.grad.clone(), W.grad.clone(), b.grad.clone()]
+    for p in (h, W, b):
+        p.grad = None
+    ref_total, ref_parts = fn(h @ W.T + b, ht @ Wt.T + bt, {"labels": labels})
+    ref_total.backward()
+    torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(parts, ref_parts, rtol=1e-5, atol=1e-5)
+    for g, p in zip(got, (h, W, b)):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
+    new.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss()
+    assert new == [4, 4, 4, 4, 3, 3]
+    # output_logits itself: the same bits as F.linear, into the buffer's rows, a larger call replacing it
+    reuse = []
+    for n, a in ((4, 0), (3, 4), (6, 2), (2, 9)):
+        z = losses.output_logits(ht[a:a + n], Wt, bt, reuse)
+        assert torch.equal(z, real_linear(ht[a:a + n], Wt, bt)) and z.data_ptr() == reuse[0].data_ptr()
+    assert reuse[0].shape == (6, V)
+
+
 def _bf16_fused_case(device):
     """A fused JSD + cross-entropy case with bf16 student and teacher output layers and hidden states."""
     torch.manual_seed(4)

@@ -454,15 +454,28 @@ def _float32_out(device: torch.device, dtype: torch.dtype) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 8)
 
 
-def output_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def output_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  reuse: list | None = None) -> torch.Tensor:
     """h [n, H] @ weight[V, H]^T (+ bias): float32 logits from 16-bit operands where a CUDA GEMM can give
     them unrounded (an objective of nearly equal distributions, as JSD, loses its gradient's precision to
     logits rounded to bf16), else F.linear's, in the operands' dtype (the closed form makes its float32
-    copy a block of rows at a time)."""
+    copy a block of rows at a time).
+    reuse: a list holding one buffer (empty at first): the logits are written into its first n rows when it
+    has them (else a new buffer is kept there), for callers that need one chunk's logits at a time. On a
+    CPU a [256, 49,152] float32 chunk is 48 MiB, which glibc serves with fresh mmap pages, page-faulted in
+    again by every chunk (SmolLM2's loss over 2,048 tokens: 175,000 minor faults). Not under autocast (its
+    lower-precision products have no out= form)."""
     if h.dtype == weight.dtype and h.device == weight.device and _float32_out(h.device, h.dtype):
         z = torch.mm(h, weight.t(), out_dtype=torch.float32)
         return z if bias is None else z.add_(bias.float())
-    return F.linear(h, weight, bias)
+    if reuse is None or h.dtype != weight.dtype or torch.is_autocast_enabled(h.device.type):
+        return F.linear(h, weight, bias)
+    n = h.shape[0]
+    if not reuse or reuse[0].shape[0] < n or reuse[0].dtype != h.dtype or reuse[0].device != h.device:
+        reuse[:] = [F.linear(h, weight, bias)]
+        return reuse[0]
+    z = reuse[0][:n]
+    return torch.mm(h, weight.t(), out=z) if bias is None else torch.addmm(bias, h, weight.t(), out=z)
 
 
 def _accumulate_grad_w(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
@@ -526,8 +539,9 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         # rows: dict of per-row tensors [N, ...] (labels, ...), sliced along with x
         # fn(logits [c, V], teacher rows, rows) -> (total [], parts [fn.n_parts]), through autograd; or, when
         # fn.fusable(teacher rows) (cross-entropy and closed-form divergences, dense teacher), fn.value_and_grad
-        # (in float32 whatever the logits' dtype), which may overwrite the block's logits, and the teacher's rows when
-        # teacher_chunk.fresh says each call returns a new tensor. fn is row-wise: blocks' totals add up
+        # (in float32 whatever the logits' dtype), which may overwrite the block's logits, and the teacher's rows
+        # when teacher_chunk.fresh says they are the loss's own (not needed after the next call). fn is row-wise:
+        # blocks' totals add up
         # bounds: the chunks' row ranges when rows must stay together (a cross-tokenizer group; one block each)
         # block: rows per pass of fn within a chunk (0 or >= the chunk: the whole chunk in one)
         # grad_mode: torch.is_grad_enabled() of the caller (inside forward it is always off). needs_input_grad
@@ -541,12 +555,13 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need[2] else None
         total = x.new_zeros((), dtype=torch.float32)
         parts = x.new_zeros(fn.n_parts, dtype=torch.float32)
+        reuse = []  # the chunks' logits: one buffer (each chunk's rows are done with before the next)
         fusable = getattr(fn, "fusable", None)  # LogitObjective's closed-form path (other fns: autograd)
         own_t = getattr(teacher_chunk, "fresh", False)
         for a, b in bounds or ((a, min(a + chunk, x.shape[0])) for a in range(0, x.shape[0], chunk)):
             h = x[a:b]  # [c, H] or [c, V]
             with torch.no_grad():
-                logits = h if weight is None else output_logits(h, weight, bias)  # [c, V]
+                logits = h if weight is None else output_logits(h, weight, bias, reuse)  # [c, V]
             teacher = teacher_chunk(a, b)
             chunk_rows = {k: v[a:b] for k, v in rows.items()}
             closed = fusable is not None and fusable(teacher)  # (16-bit logits: float32 a block at a time)
@@ -816,8 +831,9 @@ def _teacher_rows(teacher, n: int, vocab: int | None) -> Callable[[int, int], ob
         w, bias = teacher.head_weight, teacher.head_bias
         if vocab is not None and w.shape[0] != vocab:
             w, bias = w[:vocab], (bias[:vocab] if bias is not None else None)
-        rows = lambda a, b: output_logits(h[a:b], w, bias)  # noqa: E731
-        rows.fresh = True  # a new tensor per call: the loss may overwrite it
+        reuse = []
+        rows = lambda a, b: output_logits(h[a:b], w, bias, reuse)  # noqa: E731
+        rows.fresh = True  # the loss may overwrite the rows: the next call rewrites them (reuse) or a new tensor
         return rows
     logits = teacher.logits.reshape(n, -1)
     if vocab is not None and logits.shape[-1] != vocab:

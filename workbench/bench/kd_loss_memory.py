@@ -51,7 +51,7 @@ def _one(variant: str, vocab: int, tokens: int, hidden: int, t_hidden: int, reps
     import torch
 
     from workbench.config import LossTerm
-    from workbench.losses import LogitObjective, auto_chunk, chunked_logit_loss, output_logits
+    from workbench.losses import LogitObjective, ModelOutputs, _teacher_rows, auto_chunk, chunked_logit_loss
 
     torch.manual_seed(0)
     fn = LogitObjective([LossTerm("forward_kl", 0.5, 2.0), LossTerm("cross_entropy", 0.5)] if objective == "kl_ce"
@@ -78,11 +78,6 @@ def _one(variant: str, vocab: int, tokens: int, hidden: int, t_hidden: int, reps
         liger = LigerFusedLinearJSD(jsd_beta=0.5, temperature=1.0,
                                     accum_dtype=torch.float32 if variant == "liger32" else None)
 
-    def teacher_rows(a, b):  # the teacher's logits for rows a:b, a new tensor each call (as the trainer's)
-        return output_logits(ht[a:b], Wt)
-
-    teacher_rows.fresh = True
-
     def step():
         x = h.clone().requires_grad_()
         if variant == "dense":
@@ -95,6 +90,8 @@ def _one(variant: str, vocab: int, tokens: int, hidden: int, t_hidden: int, reps
             # objective the sum (the trainer divides by the batch's tokens): scaled to ours for the comparison
             total = liger(x, W, ht, Wt, labels) * tokens
         else:
+            # the teacher's logits chunk by chunk, as the trainer's (one buffer per loss call)
+            teacher_rows = _teacher_rows(ModelOutputs(final_hidden=ht, head_weight=Wt), ht.shape[0], None)
             total, _ = chunked_logit_loss(fn, x, rows, teacher_rows, W, None, chunk=chunk)
         total.backward()
         value = total.item()
