@@ -1,6 +1,6 @@
-"""Sampling, GKD and MiniLLM: processors, KV-cache sampling against recomputation, teacher-mixed
-sampling's distribution, MiniLLM's rewards/advantages/weights against a naive loop, the clipped policy
-gradient, and MiniLLM lowering the reverse KL of a tiny pair."""
+"""Sampling, GKD and MiniLLM: processors, KV-cache sampling against recomputation (last-position logits
+only), teacher-mixed sampling's distribution, MiniLLM's rewards/advantages/weights against a naive loop,
+the clipped policy gradient, and MiniLLM lowering the reverse KL of a tiny pair."""
 
 from __future__ import annotations
 
@@ -33,17 +33,40 @@ def test_probs_from_logits_processors():
     assert sampling.probs_from_logits(logits, 0.0).tolist() == [[1.0, 0.0, 0.0, 0.0]]
 
 
+def test_draw_tokens_draws_from_the_rows_distributions(monkeypatch):
+    """Inverse-transform draws (one uniform per row): each row's frequencies match its probabilities (rows
+    unnormalised, with zeros), a one-hot row gives its token, and a token of probability 0 is never drawn,
+    even when the uniform lands on the row's total (the rounding edge: here forced)."""
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3, 0.0], [0.0, 2.0, 0.0, 0.0, 6.0], [0.0, 0.0, 0.0, 1.0, 0.0]])
+    g = torch.Generator().manual_seed(3)
+    n = 40_000
+    got = sampling.draw_tokens(probs.repeat(n, 1), g).view(n, 3)
+    assert got.shape == (n, 3) and got.dtype == torch.long
+    for row in range(3):
+        freq = torch.bincount(got[:, row], minlength=5).double() / n
+        expect = probs[row].double() / probs[row].sum()
+        assert (freq - expect).abs().max().item() < 4 * (0.25 / n) ** 0.5  # 4 sd of the largest variance
+        assert (freq[expect == 0] == 0).all()
+    real_rand = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *a, **kw: real_rand(*a, **kw).fill_(1.0))
+    assert sampling.draw_tokens(probs).view(-1).tolist() == [3, 4, 3]
+
+
 def test_kv_cache_sampling_equals_recomputing_from_scratch():
     model = _llama(0)
     prompts = torch.randint(0, 40, (3, 5))
+    formed = []  # positions of logits each forward forms: the prompt's pass only its last, not [3, 5, V]
+    hook = model.register_forward_hook(lambda m, args, out: formed.append(out.logits.shape[1]))
     got = sampling.sample(model, prompts, 6, temperature=1.3, top_k=10, generator=torch.Generator().manual_seed(7))
+    hook.remove()
+    assert formed == [1] * 6
     # naive: the whole sequence through the model at every step, the same draws
     g = torch.Generator().manual_seed(7)
     ids = prompts
     with torch.no_grad():
         for _ in range(6):
             probs = sampling.probs_from_logits(model(input_ids=ids).logits[:, -1], 1.3, 10)
-            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=g)], 1)
+            ids = torch.cat([ids, sampling.draw_tokens(probs, g)], 1)
     assert torch.equal(got.ids, ids)
     assert got.valid.all() and got.prompt_len == 5
 

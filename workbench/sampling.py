@@ -27,6 +27,20 @@ def probs_from_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int
     return logits.softmax(-1)
 
 
+def draw_tokens(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of probs [B, V] (non-negative, any positive row sum) -> [B, 1], by inverse transform:
+    one uniform per row against the row's cumulative sums (float64), the same distribution as
+    torch.multinomial(probs, 1). multinomial's one-sample path draws an exponential variate per vocabulary
+    entry: 7.8 ms for [8, 49,152] on a 2-core CPU, against 0.64 ms here (0.68 vs 0.09 ms at [8, 4,096]),
+    paid per generated token. A token of probability 0 is never drawn (the last positive one bounds the
+    search where rounding puts the uniform at the row's total)."""
+    cdf = probs.double().cumsum(-1)
+    total = cdf[..., -1:]
+    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=torch.float64)
+    idx = torch.searchsorted(cdf, u * total, right=True)  # the first entry whose cumulative sum passes it
+    return torch.minimum(idx, (cdf < total).sum(-1, keepdim=True))
+
+
 @dataclass
 class Samples:
     ids: torch.Tensor  # [B, P + G] prompt followed by the generated tokens
@@ -55,12 +69,13 @@ def sample(model, prompt_ids: torch.Tensor, max_new_tokens: int, *, temperature:
     valid = []
     try:
         for _ in range(max_new_tokens):
-            logits = [m(input_ids=step_input, past_key_values=c, use_cache=True).logits[:, -1]
+            # logits_to_keep=1: the prompt's pass forms the last position's logits only, not [B, P, V]
+            logits = [m(input_ids=step_input, past_key_values=c, use_cache=True, logits_to_keep=1).logits[:, -1]
                       for m, c in zip(models, caches)]
             probs = probs_from_logits(logits[0], temperature, top_k)
             if len(models) == 2:
                 probs = teacher_mix * probs_from_logits(logits[1], temperature, top_k) + (1 - teacher_mix) * probs
-            nxt = torch.multinomial(probs, 1, generator=generator)  # [B, 1]
+            nxt = draw_tokens(probs, generator)  # [B, 1]
             valid.append(~done)
             if eos_id is not None:
                 done = done | (nxt[:, 0] == eos_id)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workbench.sampling import probs_from_logits
+from workbench.sampling import draw_tokens, probs_from_logits
 
 
 @dataclass
@@ -166,7 +166,7 @@ def _generate(target, draft, input_ids, max_new_tokens, *, attention_mask, draft
                 x = logits.argmax(dim=-1, keepdim=True)
             else:
                 q.append(_pad_vocab(probs_from_logits(logits, temperature, top_k, top_p), V))
-                x = torch.multinomial(q[-1], 1, generator=generator)  # [B, 1] d_i ~ q_i
+                x = draw_tokens(q[-1], generator)  # [B, 1] d_i ~ q_i
             x_valid = None
             drafts.append(x)
             fed_draft += i < k - 1  # d_k itself is not fed to the draft
@@ -253,7 +253,7 @@ def _accept(p: torch.Tensor, q: torch.Tensor, d: torch.Tensor, generator) -> tup
     at = n[:, None, None].expand(-1, 1, p.shape[-1])
     resid = (p.gather(1, at) - q_ext.gather(1, at)).clamp(min=0)[:, 0]  # [B, V]
     resid = torch.where(resid.sum(-1, keepdim=True) > 0, resid, p.gather(1, at)[:, 0])  # p_j == q_j
-    return n, torch.multinomial(resid / resid.sum(-1, keepdim=True), 1, generator=generator)
+    return n, draw_tokens(resid, generator)
 
 
 class _KVStream:
