@@ -95,3 +95,15 @@ def test_divergence_is_one_line_on_the_command_line(tmp_path):
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and done.stderr.count("error:") == 1, done.stderr[-3000:]
     assert "non-finite" in done.stderr and not (tmp_path / "model").exists()
+
+
+def test_divergence_while_sampling_on_policy_is_one_line(capsys, tmp_path, tiny_teacher):
+    """GKD at lambda 1 with a huge learning rate and finiteness checked every 20 steps: the poisoned
+    student's next generation meets NaN probabilities before any check; that is the same one line (not
+    the sampler's traceback), exit status 2, and no model."""
+    line = _one_line_error(capsys, [
+        "recipe=kd_tiny", *FAST, f"output.dir={tmp_path}", "teacher.recipe=null", f"teacher.name_or_path={tiny_teacher}",
+        "train.lr=1e6", "train.warmup_steps=0", "train.max_steps=30", "train.checkpoint_every=0", "train.grad_clip=0",
+        "train.log_every=20", "train.eval_every=100", "distill.onpolicy.method=gkd", "distill.onpolicy.lmbda=1.0",
+        "distill.onpolicy.prompt_tokens=8", "distill.onpolicy.max_new_tokens=8"])
+    assert "non-finite probabilities when sampling" in line and not (tmp_path / "model").exists()

@@ -36,7 +36,8 @@ def test_probs_from_logits_processors():
 def test_draw_tokens_draws_from_the_rows_distributions(monkeypatch):
     """Inverse-transform draws (one uniform per row): each row's frequencies match its probabilities (rows
     unnormalised, with zeros), a one-hot row gives its token, and a token of probability 0 is never drawn,
-    even when the uniform lands on the row's total (the rounding edge: here forced)."""
+    even when the uniform lands on the row's total (the rounding edge: here forced). NaN, infinite and
+    all-zero rows are refused."""
     probs = torch.tensor([[0.1, 0.0, 0.6, 0.3, 0.0], [0.0, 2.0, 0.0, 0.0, 6.0], [0.0, 0.0, 0.0, 1.0, 0.0]])
     g = torch.Generator().manual_seed(3)
     n = 40_000
@@ -50,6 +51,9 @@ def test_draw_tokens_draws_from_the_rows_distributions(monkeypatch):
     real_rand = torch.rand
     monkeypatch.setattr(torch, "rand", lambda *a, **kw: real_rand(*a, **kw).fill_(1.0))
     assert sampling.draw_tokens(probs).view(-1).tolist() == [3, 4, 3]
+    for bad in (float("nan"), float("inf"), 0.0):  # a diverged model's row is refused, not drawn from
+        with pytest.raises(ValueError, match="NaN, infinite or all zero"):
+            sampling.draw_tokens(torch.tensor([[0.5, 0.5], [bad, 0.0 if bad == 0.0 else 1.0]]))
 
 
 def test_kv_cache_sampling_equals_recomputing_from_scratch():

@@ -37,6 +37,7 @@ from workbench.config import LossTerm, Recipe, RecipeError, TrainingDiverged
 from workbench.data import Blocks, PackedData, make_batch, mask_labels, stream_indices
 from workbench.losses import LogitObjective, Objective, logit_loss_on, shift_labels
 from workbench.models import forward_for_losses, use_recording_attention
+from workbench.sampling import UndrawableProbabilities
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +251,7 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
     comm_bytes, logged_step = 0, state["step"]
     interrupted = False
 
-    with stopper:
+    with stopper, bar:  # the bar closed (its line ended) on any way out: an error prints on a line of its own
         while state["step"] < cfg.max_steps:
             step = state["step"]
             jobs = []
@@ -258,8 +259,11 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
                 for k in range(cfg.grad_accum_steps):
                     start = step * per_step + (k * world + accelerator.process_index) * cfg.micro_batch_size
                     blocks = stream_indices(n_train, cfg.seed, start, cfg.micro_batch_size)
-                    jobs += _micro_batch_jobs(blocks, data, onp, cfg.seed, step, k, accelerator, student_inner,
-                                              teacher, tokenizer.eos_token_id, rollouts)
+                    try:
+                        jobs += _micro_batch_jobs(blocks, data, onp, cfg.seed, step, k, accelerator, student_inner,
+                                                  teacher, tokenizer.eos_token_id, rollouts)
+                    except UndrawableProbabilities:  # weights poisoned since the last finiteness check
+                        _diverged(f"non-finite probabilities when sampling from the student at step {step}", out)
             counts = {s: torch.zeros((), dtype=torch.float64, device=accelerator.device) for s in streams}
             for j in jobs:
                 counts[j.stream] += (j.rows["labels"] != -100).sum()
@@ -337,7 +341,6 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
             if stop and not last:
                 interrupted = True
                 break
-    bar.close()
 
     if interrupted:
         log.warning("interrupted at step %d; checkpoint saved in %s; rerun with resume=true", state["step"], out)
