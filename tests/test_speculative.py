@@ -288,6 +288,27 @@ def test_cli_decodes_compares_and_reports(tiny_teacher, tmp_path, capsys):
     assert 0 < stats["speculative"]["acceptance_rate"] <= 1 and stats["speculative"]["tokens_per_target_call"] > 1
 
 
+def test_cli_sampling_from_a_non_finite_draft_is_one_line(tiny_teacher, tmp_path, capsys):
+    """A draft whose weights hold NaN, sampled from (temperature 1): one error line naming the models,
+    exit status 2, no traceback."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workbench import speculate
+
+    draft_dir = tmp_path / "draft"
+    draft = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    with torch.no_grad():
+        draft.get_output_embeddings().weight[3, 0] = float("nan")
+    draft.save_pretrained(draft_dir)
+    AutoTokenizer.from_pretrained(tiny_teacher).save_pretrained(draft_dir)
+    rc = speculate.main(["--teacher", str(tiny_teacher), "--draft", str(draft_dir), "--prompt", "def quick_sort(",
+                         "--max-new-tokens", "6", "--temperature", "1.0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "NaN, infinite or all zero" in lines[0] and str(draft_dir) in lines[0]
+
+
 def test_cli_draft_over_frequent_tokens(tiny_teacher, tmp_path, capsys, caplog):
     """--draft-vocab: the draft proposes only the most frequent tokens of a recipe's training data; the
     output is still the teacher's own."""

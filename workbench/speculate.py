@@ -160,7 +160,13 @@ def main(argv: list[str] | None = None) -> int:
         log.info("draft proposes %d of %d tokens (the most frequent in %s's training data)", len(keep),
                  teacher.get_output_embeddings().weight.shape[0], args.draft_vocab_from)
 
-    result = decode_prompts(teacher, draft, tok, prompts, args, draft_len, adaptive, device)
+    from workbench.sampling import UndrawableProbabilities
+
+    try:
+        result = decode_prompts(teacher, draft, tok, prompts, args, draft_len, adaptive, device)
+    except UndrawableProbabilities as e:  # a model with non-finite weights, when sampling
+        print(f"error: {e} (teacher {args.teacher}, draft {args.draft})", file=sys.stderr)
+        return 2
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
