@@ -468,10 +468,10 @@ def output_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if h.dtype == weight.dtype and h.device == weight.device and _float32_out(h.device, h.dtype):
         z = torch.mm(h, weight.t(), out_dtype=torch.float32)
         return z if bias is None else z.add_(bias.float())
-    if reuse is None or h.dtype != weight.dtype or torch.is_autocast_enabled(h.device.type):
+    if reuse is None or torch.is_autocast_enabled(h.device.type):
         return F.linear(h, weight, bias)
     n = h.shape[0]
-    if not reuse or reuse[0].shape[0] < n or reuse[0].dtype != h.dtype or reuse[0].device != h.device:
+    if not reuse or reuse[0].shape[0] < n:  # (one list per caller and loss call: one dtype and device)
         reuse[:] = [F.linear(h, weight, bias)]
         return reuse[0]
     z = reuse[0][:n]
