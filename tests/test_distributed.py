@@ -307,3 +307,39 @@ def test_optimizer_is_torchs_fused_adamw_and_updates_as_the_plain_one():
         assert not torch.equal(p, torch.zeros_like(p))
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
     assert dist._can_fuse_adamw([{"params": [torch.zeros(2, dtype=torch.float64, device="meta")]}]) is False
+
+
+def test_consolidate_cli_refuses_to_overwrite_and_reports_bad_checkpoints(tmp_path, accelerator, capsys):
+    """A single-process checkpoint consolidates to the weights the run saved; a second run into the same
+    destination is refused (one line, exit 2, the first model untouched) unless --overwrite; a directory
+    that is no checkpoint and a truncated weights file are one error line each, and leave nothing behind."""
+    from safetensors.torch import load_file
+
+    from workbench.consolidate import main as consolidate_main
+
+    run(fast_recipe("sft_tiny", tmp_path / "run", "train.max_steps=2", "train.checkpoint_every=2"), accelerator)
+    ckpt, dst = tmp_path / "run" / "checkpoints" / "step-0000002", tmp_path / "student"
+
+    def one_line_error(argv):
+        assert consolidate_main(argv) == 2
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:") or "Traceback" in ln]
+        assert len(lines) == 1 and lines[0].startswith("error:"), err[-3000:]
+        return lines[0]
+
+    assert consolidate_main([str(ckpt), str(dst)]) == 0
+    got, want = load_file(dst / "model.safetensors"), load_file(tmp_path / "run" / "model" / "model.safetensors")
+    assert got.keys() == want.keys() and all(bool((got[k] == want[k]).all()) for k in want)
+    (dst / "note.txt").write_text("mine")
+    assert "exists and is not empty" in one_line_error([str(ckpt), str(dst)])
+    assert (dst / "note.txt").read_text() == "mine"
+    assert consolidate_main([str(ckpt), str(dst), "--overwrite"]) == 0
+    assert not (dst / "note.txt").exists() and (dst / "config.json").is_file()
+
+    not_a_checkpoint = tmp_path / "run"  # a run directory, not one of its checkpoints
+    assert f"is {not_a_checkpoint} a workbench checkpoint?" in one_line_error([str(not_a_checkpoint), str(tmp_path / "x")])
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    (broken / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes()[:1000])
+    assert "unreadable weights" in one_line_error([str(broken), str(tmp_path / "y")])
+    assert not (tmp_path / "y").exists() and not list(tmp_path.glob(".y*"))

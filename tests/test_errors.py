@@ -85,6 +85,44 @@ def test_a_run_directory_that_holds_a_run_and_another_tokenizer(capsys, tmp_path
     assert "vocabular" in line or "tokenizer" in line, line
 
 
+@pytest.fixture
+def offline(monkeypatch):
+    """No Hub: an id not in the local cache fails at once (as HF_HUB_OFFLINE=1 makes it), not after
+    huggingface_hub's retries on a machine without network access."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["teacher.recipe=null", "teacher.name_or_path=nobody/no-such-model"],
+     "data.tokenizer=auto: cannot load 'nobody/no-such-model': no such local directory, and as a Hub id:"),
+    (["teacher.recipe=null", "teacher.name_or_path=a/b/c"], "cannot load 'a/b/c': no such directory"),
+    (["teacher.recipe=null", "teacher.tiny=llama-2layer-64", "data.tokenizer={bad}"],
+     "data.tokenizer={bad}: cannot load '{bad}': Couldn't instantiate the backend tokenizer"),
+    (["teacher.recipe=null", "teacher.name_or_path={copy}"], "teacher: cannot load '{copy}': "),
+])
+def test_models_that_cannot_be_loaded(capsys, tmp_path, offline, tiny_teacher, args, says):
+    """A misspelt Hub id (offline here), a path that is neither a directory nor a Hub id, a directory whose
+    config.json is not a model's, a model directory copied without its weights: transformers' OSError /
+    ValueError become one line naming the key and the name, not a traceback."""
+    import shutil
+
+    bad, copy = tmp_path / "not_a_model", tmp_path / "no_weights"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "no_such_architecture"}))
+    shutil.copytree(tiny_teacher, copy, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    fill = {"{bad}": str(bad), "{copy}": str(copy)}
+
+    def filled(text):
+        for k, v in fill.items():
+            text = text.replace(k, v)
+        return text
+
+    line = _one_line_error(capsys, ["recipe=kd_tiny", *FAST, f"output.dir={tmp_path / 'out'}", *map(filled, args)])
+    assert filled(says) in line, line
+
+
 def test_divergence_is_one_line_on_the_command_line(tmp_path):
     """Run as a user runs it: the huge learning rate's divergence prints one error line, no traceback,
     exit status 2, and no model."""

@@ -369,6 +369,31 @@ def test_cli_errors(tmp_path, capsys):
     assert speculate.main(["--draft-len", "-1"]) == 2
 
 
+def test_cli_models_that_cannot_be_loaded_are_one_line(tiny_teacher, tmp_path, capsys, monkeypatch):
+    """A draft named like a Hub id that is not there (a relative path to nowhere, offline here), and a
+    draft with another vocabulary than the teacher's: one error line naming the models, exit status 2."""
+    import huggingface_hub.constants
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workbench import speculate
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    other = tmp_path / "other_vocab"
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    tok.add_tokens(["<an_extra_token>"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(other)
+    tok.save_pretrained(other)
+    for draft, says in [("outputs/no-such-run", "draft: cannot load 'outputs/no-such-run': no such local directory"),
+                        (str(other), "vocabularies differ")]:
+        rc = speculate.main(["--teacher", str(tiny_teacher), "--draft", draft, "--max-new-tokens", "4"])
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert rc == 2 and "Traceback" not in err and len(lines) == 1, err[-3000:]
+        assert says in lines[0] and f"--draft {draft}" in lines[0], lines[0]
+
+
 def test_nf4_draft_on_our_triton_kernels(target, tmp_path):
     """A 4-bit draft loaded the way the CLI loads it, its matmuls on our Triton NF4 kernels (Triton's CPU
     interpreter here): still the target's greedy tokens, and the draft agrees with its bnb twin."""

@@ -2,6 +2,9 @@
 
     python -m workbench.consolidate outputs/kd_13b_to_7b/checkpoints/step-0000500 outputs/student-500
 
+The destination must not exist or be empty (--overwrite replaces it); the model is written beside it first
+and moved into place when complete, so an interrupted run leaves no half-written model.
+
 A DeepSpeed ZeRO checkpoint (partitioned over processes) is gathered with DeepSpeed's own
 `zero_to_fp32` tooling; an accelerate checkpoint (single process, DDP) is read from its model.safetensors.
 The student's config and tokenizer come from the checkpoint's student/ folder. Adapter (peft) students are
@@ -10,6 +13,8 @@ saved in peft format at the end of training; this tool handles full-weight stude
 
 from __future__ import annotations
 
+import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -37,7 +42,7 @@ def student_state_dict(checkpoint: Path) -> dict:
     return out
 
 
-def consolidate(checkpoint: Path, out_dir: Path) -> Path:
+def consolidate(checkpoint: Path, out_dir: Path, overwrite: bool = False) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -45,6 +50,8 @@ def consolidate(checkpoint: Path, out_dir: Path) -> Path:
     student_dir = checkpoint / "student"
     if not (student_dir / "config.json").exists():
         raise FileNotFoundError(f"{student_dir}/config.json missing: is {checkpoint} a workbench checkpoint?")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty: choose another destination or pass --overwrite")
     state = student_state_dict(checkpoint)
     config = AutoConfig.from_pretrained(student_dir)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -52,17 +59,35 @@ def consolidate(checkpoint: Path, out_dir: Path) -> Path:
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
         raise ValueError(f"checkpoint does not match the student: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.save_pretrained(out_dir, safe_serialization=True)
-    AutoTokenizer.from_pretrained(student_dir).save_pretrained(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(student_dir).save_pretrained(tmp)
+    if out_dir.is_dir():
+        shutil.rmtree(out_dir)
+    elif out_dir.exists():
+        out_dir.unlink()
+    tmp.rename(out_dir)
     return out_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 2 or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    print(consolidate(Path(argv[0]), Path(argv[1])))
+    ap = argparse.ArgumentParser(prog="python -m workbench.consolidate", description=__doc__.split("\n")[0],
+                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="a checkpoint directory (outputs/<run>/checkpoints/step-NNNNNNN)")
+    ap.add_argument("out", help="the model directory to write")
+    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
+    args = ap.parse_args(argv)
+    from safetensors import SafetensorError
+
+    try:
+        print(consolidate(Path(args.checkpoint), Path(args.out), args.overwrite))
+    except (OSError, ValueError, KeyError) as e:  # missing / unreadable files, a checkpoint of another model
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SafetensorError as e:  # a truncated or corrupt weights file
+        print(f"error: {args.checkpoint}: unreadable weights ({e})", file=sys.stderr)
+        return 2
     return 0
 
 

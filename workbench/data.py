@@ -411,9 +411,10 @@ def load_tokenizer(cfg: DataConfig, corpus: Corpus | None = None, pretrained: st
     if source == "auto":
         source = pretrained or "bpe"
     if source != "bpe":
-        from workbench.models import resolve_source
+        from workbench.models import loading, resolve_source
 
-        tok = AutoTokenizer.from_pretrained(resolve_source(source))
+        with loading(source, f"data.tokenizer={cfg.tokenizer}"):
+            tok = AutoTokenizer.from_pretrained(resolve_source(source))
         if tok.eos_token_id is None:
             raise RecipeError(f"data.tokenizer: tokenizer at '{source}' has no EOS token to separate documents")
         return tok

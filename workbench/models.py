@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -188,6 +189,25 @@ def is_hub_id(name: str) -> bool:
     return not _looks_local(name) and name.count("/") == 1
 
 
+@contextmanager
+def loading(name: str, role: str):
+    """transformers' and huggingface_hub's errors while loading `name` (a model, tokenizer or config for
+    `role`) as one RecipeError line: a directory that does not exist or holds no model, a Hub id that is
+    not in the local cache and cannot be fetched (offline, misspelt, gated)."""
+    from workbench.config import WorkbenchError
+
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        if isinstance(e, WorkbenchError):
+            raise
+        cause = " ".join(line.strip() for line in str(e).split("\n") if line.strip()) or type(e).__name__
+        cause = cause if len(cause) <= 400 else cause[:400] + "..."
+        if not Path(name).expanduser().exists():
+            cause = f"no such local directory, and as a Hub id: {cause}" if is_hub_id(name) else "no such directory"
+        raise RecipeError(f"{role}: cannot load '{name}': {cause}") from None
+
+
 def tiny_config(spec: ModelSpec, tokenizer):
     from transformers import LlamaConfig
 
@@ -245,9 +265,10 @@ def load_model(spec: ModelSpec, tokenizer, role: str, seed: int = 0, device=None
             from transformers import CompressedTensorsConfig
 
             extra["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, revision=spec.revision, dtype=dtype, attn_implementation=spec.attn_implementation,
-            trust_remote_code=spec.trust_remote_code, **extra)
+        with loading(spec.name_or_path, role):
+            model = AutoModelForCausalLM.from_pretrained(
+                source, revision=spec.revision, dtype=dtype, attn_implementation=spec.attn_implementation,
+                trust_remote_code=spec.trust_remote_code, **extra)
         if spec.quantize == "nf4":
             _keep_bnb_layout(model)
     if spec.adapter.method != "none":

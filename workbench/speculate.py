@@ -137,15 +137,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from workbench.models import check_same_vocabulary
 
+    from workbench.config import WorkbenchError
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    teacher = load_decoder(args.teacher, "teacher", device=device, dtype=dtype, quantize=args.target_quant,
-                           kernel=args.kernel)
-    draft = load_decoder(args.draft, "draft", device=device, dtype=dtype, quantize=args.draft_quant,
-                         kernel=args.kernel, merge=args.merge)
-    tok = AutoTokenizer.from_pretrained(teacher.config._name_or_path)
-    draft_tok_dir = draft_dir if (draft_dir / "tokenizer_config.json").is_file() else teacher.config._name_or_path
-    check_same_vocabulary(tok, AutoTokenizer.from_pretrained(draft_tok_dir), teacher, draft)
+    try:
+        teacher = load_decoder(args.teacher, "teacher", device=device, dtype=dtype, quantize=args.target_quant,
+                               kernel=args.kernel)
+        draft = load_decoder(args.draft, "draft", device=device, dtype=dtype, quantize=args.draft_quant,
+                             kernel=args.kernel, merge=args.merge)
+        tok = AutoTokenizer.from_pretrained(teacher.config._name_or_path)
+        draft_tok_dir = draft_dir if (draft_dir / "tokenizer_config.json").is_file() else teacher.config._name_or_path
+        check_same_vocabulary(tok, AutoTokenizer.from_pretrained(draft_tok_dir), teacher, draft)
+    except WorkbenchError as e:
+        print(f"error: {e} (--teacher {args.teacher}, --draft {args.draft})", file=sys.stderr)
+        return 2
     if args.chat:
         if not getattr(tok, "chat_template", None):
             print(f"error: --chat: the teacher's tokenizer ({args.teacher}) has no chat template", file=sys.stderr)

@@ -377,7 +377,10 @@ def _load_teacher(recipe, i: int, spec, tokenizer, student, packed, accelerator)
     from workbench.trainer import TeacherSource
 
     role = "teacher" if not recipe.teachers else f"teachers.{i}"
-    teacher_tok = AutoTokenizer.from_pretrained(spec.name_or_path) if spec.name_or_path else tokenizer
+    teacher_tok = tokenizer
+    if spec.name_or_path:
+        with M.loading(spec.name_or_path, f"{role}.name_or_path"):
+            teacher_tok = AutoTokenizer.from_pretrained(spec.name_or_path)
     terms = [t for t in recipe.distill.losses if t.teacher == i and t.name != "cross_entropy"] or recipe.distill.losses
     src = TeacherSource()
     if any(t.name in CROSS_TOKENIZER_LOSSES for t in terms):  # the teacher in its own tokens
