@@ -367,6 +367,13 @@ def test_cli_errors(tmp_path, capsys):
     assert speculate.main(["--draft", str(tmp_path / "missing")]) == 2
     assert "no draft model" in capsys.readouterr().err
     assert speculate.main(["--draft-len", "-1"]) == 2
+    capsys.readouterr()
+    (tmp_path / "binary").write_bytes(bytes(range(256)))
+    for argv, says in [(["--draft-len", "abc"], "--draft-len: a number of tokens or 'adaptive', not 'abc'"),
+                       (["--prompts-file", str(tmp_path / "binary")], "not UTF-8 text"),
+                       (["--prompts-file", str(tmp_path)], "Is a directory")]:
+        assert speculate.main(argv) == 2
+        assert says in capsys.readouterr().err
 
 
 def test_cli_models_that_cannot_be_loaded_are_one_line(tiny_teacher, tmp_path, capsys, monkeypatch):

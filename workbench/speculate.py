@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         adaptive = args.draft_len == "adaptive"
+        if not adaptive and not args.draft_len.strip().isdigit():
+            raise ValueError(f"--draft-len: a number of tokens or 'adaptive', not {args.draft_len!r}")
         draft_len = 4 if adaptive else int(args.draft_len)
         if draft_len < 0 or args.max_new_tokens < 1 or args.batch_size < 1:
             raise ValueError("--draft-len, --max-new-tokens and --batch-size must be positive")
@@ -123,13 +125,17 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--draft-vocab-from: {e}") from None
         prompts = list(args.prompt or [])
         if args.prompts_file:
-            prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+            try:
+                text = Path(args.prompts_file).read_text()
+            except UnicodeDecodeError:
+                raise ValueError(f"--prompts-file {args.prompts_file}: not UTF-8 text") from None
+            prompts += [line for line in text.splitlines() if line.strip()]
         prompts = prompts or ["def quick_sort("]
         draft_dir = Path(args.draft)
         if not args.draft.startswith("recipe:") and not is_hub_id(args.draft) and not draft_dir.is_dir():
             raise FileNotFoundError(f"no draft model at {draft_dir}: train one first (e.g. accelerate launch "
                                     "workbench/train.py recipe=kd_tiny) or pass --draft")
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
