@@ -99,6 +99,8 @@ def test_list_items_can_be_appended_and_replaced():
         ("train.lr.x=1", "is a value, not a section"),
         ("resume", "is not key=value"),
         ("distill.losses.0.normalize=true", "normalize: applies to hidden_mse only"),
+        ("teacher=5", "teacher: expected a mapping, got 5"),  # the section's name, no trailing dot
+        ("distill.losses.0=5", "distill.losses.0: expected a mapping, got 5"),
     ],
 )
 def test_bad_overrides_name_the_key(override, expected):

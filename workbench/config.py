@@ -888,7 +888,7 @@ def build(cls: type, raw: Any, prefix: str = "") -> Any:
     if dataclasses.is_dataclass(raw):
         return raw
     if not isinstance(raw, dict):
-        raise RecipeError(f"{prefix or cls.__name__}: expected a mapping, got {raw!r}")
+        raise RecipeError(f"{prefix.rstrip('.') or cls.__name__}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
