@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from conftest import fast_recipe
+from conftest import FAST, fast_recipe
 from workbench import hub
 from workbench.config import HubConfig
 from workbench.train import run
@@ -24,6 +24,7 @@ class FakeHub(http.server.ThreadingHTTPServer):
     def __init__(self):
         self.calls: list[dict] = []
         self.repos: dict[str, dict] = {}  # repo_id -> {"private": bool, "branches": {name: {path: bytes}}}
+        self.deny = False  # answer every write 403, as the Hub does for a token without write access
         super().__init__(("127.0.0.1", 0), _Handler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
@@ -54,6 +55,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         path = self.path.split("?")[0]
         call = {"method": "POST", "path": path, "auth": self.headers.get("authorization")}
         srv.calls.append(call)
+        if srv.deny:
+            return self._reply(403, {"error": "You don't have the rights to create a model under this namespace"})
         parts = path.strip("/").split("/")
         if path == "/api/repos/create":
             body = json.loads(raw)
@@ -190,3 +193,33 @@ def test_push_settings_are_validated():
         load_recipe("kd_tiny", ["output.push_to_hub=true"])
     with pytest.raises(RecipeError, match="not 'user-or-org/name'"):
         load_recipe("kd_tiny", ["output.hub.repo_id=no-slash"])
+
+
+def test_a_refused_or_unreachable_push_is_one_line_and_keeps_the_run(kd_dir, tiny_teacher, fake_hub, tmp_path,
+                                                                      monkeypatch, capsys):
+    """The Hub refusing the token (403) or not answering at all: one error line that says how to push
+    later, exit status 2, not huggingface_hub's traceback; at the end of training the model stays saved."""
+    import huggingface_hub.constants
+
+    from workbench import train
+
+    def one_line(code):
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:") or "Traceback" in ln]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), err[-3000:]
+        return lines[0]
+
+    fake_hub.deny = True
+    line = one_line(hub.main([str(kd_dir), "--repo-id", "me/denied"]))
+    assert "pushing to me/denied failed" in line and "don't have the rights" in line
+    assert f"push it later with python -m workbench.hub {kd_dir}" in line
+
+    out = tmp_path / "denied_at_the_end"
+    line = one_line(train.main(["recipe=kd_tiny", *FAST, f"output.dir={out}", "teacher.recipe=null",
+                                f"teacher.name_or_path={tiny_teacher}", "output.push_to_hub=true",
+                                "output.hub.repo_id=me/denied", "eval.report=false"]))
+    assert "pushing to me/denied failed" in line and (out / "model" / "model.safetensors").is_file()
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:1")  # nothing listens there
+    line = one_line(hub.main([str(kd_dir), "--repo-id", "me/nowhere"]))
+    assert "pushing to me/nowhere failed" in line

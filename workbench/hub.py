@@ -21,7 +21,7 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from workbench.config import LOGIT_DIVERGENCES, HubConfig, RecipeError, build  # noqa: E402
+from workbench.config import LOGIT_DIVERGENCES, HubConfig, RecipeError, WorkbenchError, build  # noqa: E402
 from workbench.evaluation import fmt_metric  # noqa: E402
 from workbench.models import is_hub_id  # noqa: E402
 
@@ -113,6 +113,10 @@ def public_recipe(recipe):
         output=dataclasses.replace(recipe.output, dir=None))
 
 
+class HubPushFailed(WorkbenchError):
+    """The Hub refused the upload or could not be reached; the run and its staged folder are kept."""
+
+
 def push(run_dir: str | Path, hub: HubConfig, token: str | None = None, endpoint: str | None = None) -> str | None:
     """Stage the upload folder and, unless hub.dry_run, push it as one commit; returns the commit URL
     (None for a dry run)."""
@@ -125,11 +129,16 @@ def push(run_dir: str | Path, hub: HubConfig, token: str | None = None, endpoint
         log.info("dry run: the upload would be %s -> %s", folder, hub.repo_id)
         return None
     api = HfApi(endpoint=endpoint, token=token)
-    url = api.create_repo(hub.repo_id, private=hub.private, exist_ok=True, repo_type="model")
-    if hub.revision and hub.revision != "main":
-        api.create_branch(hub.repo_id, branch=hub.revision, exist_ok=True)
-    info = api.upload_folder(folder_path=str(folder), repo_id=hub.repo_id, revision=hub.revision,
-                             commit_message=hub.commit_message)
+    try:
+        url = api.create_repo(hub.repo_id, private=hub.private, exist_ok=True, repo_type="model")
+        if hub.revision and hub.revision != "main":
+            api.create_branch(hub.repo_id, branch=hub.revision, exist_ok=True)
+        info = api.upload_folder(folder_path=str(folder), repo_id=hub.repo_id, revision=hub.revision,
+                                 commit_message=hub.commit_message)
+    except Exception as e:  # no network, offline mode, no or a wrong token, no write access: the client's own types
+        cause = " ".join(str(e).split()) or type(e).__name__
+        raise HubPushFailed(f"pushing to {hub.repo_id} failed: {cause[:400]} (the run is saved: push it later with "
+                            f"python -m workbench.hub {run_dir})") from e
     log.info("pushed %s to %s (%s)", folder, url, info.commit_url)
     return info.commit_url
 
@@ -239,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                    "private": False if args.public else None, "dry_run": True if args.dry_run else None}
         hub = build(HubConfig, {**dataclasses.asdict(hub), **{k: v for k, v in changes.items() if v is not None}})
         url = push(args.run, hub)
-    except (FileNotFoundError, FileExistsError, RecipeError) as e:
+    except (FileNotFoundError, FileExistsError, WorkbenchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"staged {Path(args.run) / UPLOAD_DIR}" + (f"; pushed: {url}" if url else " (dry run: nothing pushed)"))
