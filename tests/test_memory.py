@@ -178,6 +178,17 @@ def test_memory_cli_refuses_no_gpus_or_nodes_in_one_line(capsys):
         assert err.startswith("error: gpus and nodes must be at least 1") and "\n" not in err
 
 
+def test_memory_cli_with_a_model_it_cannot_read_says_so_in_one_line(capsys, monkeypatch):
+    """A Hub id neither cached nor reachable (offline here): transformers' two-line message folded into the
+    error line."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert memory.main(["recipe=kd_tiny", "teacher.recipe=null", "teacher.name_or_path=nobody/no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "cannot read the config of 'nobody/no-such-model'" in err, err
+
+
 def test_memory_cli_prints_what_zero_pp_saves(capsys):
     assert memory.main(["recipe=kd_13b_to_7b", "launch=zero3_pp", "gpus=8", "nodes=8"]) == 0
     out = capsys.readouterr().out

@@ -80,7 +80,8 @@ def model_shape(spec: ModelSpec, vocab: int) -> ModelShape:
         try:
             config = AutoConfig.from_pretrained(resolve_source(spec.name_or_path), revision=spec.revision)
         except Exception as e:
-            raise RecipeError(f"cannot read the config of '{spec.name_or_path}' ({e}); give a local path") from e
+            cause = " ".join(str(e).split())[:400]
+            raise RecipeError(f"cannot read the config of '{spec.name_or_path}' ({cause}); give a local path") from e
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     out_layer = model.get_output_embeddings()
