@@ -148,6 +148,26 @@ def test_cli_compares_with_a_baseline_and_refuses_another_tokenizer(kd_run, tmp_
     assert "another tokenizer" in capsys.readouterr().err
 
 
+def test_cli_on_damaged_runs_says_which_file_in_one_line(kd_run, tmp_path, capsys):
+    """A copy of a finished run with its metrics, its recipe or its model's weights damaged: one error line
+    naming the file, exit status 2, no traceback (json's, yaml's and safetensors' before)."""
+    from workbench import evaluate
+
+    kd, _ = kd_run
+    cases = {"final_metrics.json": (b"{not json", "final_metrics.json: not the JSON a finished run writes"),
+             "recipe.yaml": (b"name: [\n", "recipe.yaml: invalid YAML at line 2"),
+             "model/model.safetensors": (None, "student: cannot load")}
+    for name, (content, says) in cases.items():
+        copy = tmp_path / name.replace("/", "_")
+        shutil.copytree(kd, copy)
+        target = copy / name
+        target.write_bytes(content if content is not None else target.read_bytes()[:500])  # (weights: truncated)
+        code = evaluate.main([str(copy), "--out", str(tmp_path / "report"), "--no-speculative"])
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:") or "Traceback" in ln]
+        assert code == 2 and len(lines) == 1 and says in lines[0] and str(copy) in lines[0], err[-3000:]
+
+
 def test_report_of_a_qlora_run_loads_models_as_training_held_them(tiny_teacher, tmp_path, accelerator):
     """A 4-bit teacher and a 4-bit student with its adapter: the report evaluates them in 4-bit (the
     memory the run was sized for), and the adapted student's perplexity is the run's."""

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from workbench.config import EvalConfig, Recipe, build, yaml_load
+from workbench.config import EvalConfig, Recipe, RecipeError, load_recipe
 
 log = logging.getLogger(__name__)
 logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score logs each scorer it builds at INFO
@@ -61,8 +61,12 @@ def load_run(path: str | Path) -> Run:
     final = path / "final_metrics.json"
     if not final.is_file():
         raise FileNotFoundError(f"{final} not found: has the run in {path} finished?")
-    recipe = build(Recipe, yaml_load((path / "recipe.yaml").read_text())) if (path / "recipe.yaml").is_file() else Recipe()
-    return Run(path, json.loads(final.read_text()), recipe, read_metrics(path))
+    recipe = load_recipe(str(path / "recipe.yaml")) if (path / "recipe.yaml").is_file() else Recipe()
+    try:
+        metrics = json.loads(final.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{final}: not the JSON a finished run writes ({e})") from None
+    return Run(path, metrics, recipe, read_metrics(path))
 
 
 def same_val_data(runs: list[Run]) -> bool:
@@ -193,8 +197,6 @@ def next_line_items(texts: list[str], n: int, context_chars: int, choices: int =
 
 def read_task_file(path: str | Path) -> list[dict]:
     """{"prompt", "choices", "label"} items of a .jsonl task file, checked (a RecipeError names the line)."""
-    from workbench.config import RecipeError
-
     items = []
     try:
         text = Path(path).expanduser().read_text(encoding="utf-8")
@@ -223,8 +225,6 @@ def read_task_file(path: str | Path) -> list[dict]:
 def check_report_inputs(cfg: EvalConfig, val_texts: list[str], val_rows: list | None = None) -> None:
     """Raise a RecipeError now (before training) for a report that could not be made afterwards: a bad
     task file, more prompts or multiple-choice items than the held-out documents hold."""
-    from workbench.config import RecipeError
-
     if not cfg.report:
         return
     if cfg.task_file:

@@ -193,12 +193,14 @@ def is_hub_id(name: str) -> bool:
 def loading(name: str, role: str):
     """transformers' and huggingface_hub's errors while loading `name` (a model, tokenizer or config for
     `role`) as one RecipeError line: a directory that does not exist or holds no model, a Hub id that is
-    not in the local cache and cannot be fetched (offline, misspelt, gated)."""
+    not in the local cache and cannot be fetched (offline, misspelt, gated), a truncated weights file."""
+    from safetensors import SafetensorError
+
     from workbench.config import WorkbenchError
 
     try:
         yield
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         if isinstance(e, WorkbenchError):
             raise
         cause = " ".join(line.strip() for line in str(e).split("\n") if line.strip()) or type(e).__name__
