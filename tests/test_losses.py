@@ -428,6 +428,42 @@ def test_in_place_log_softmax_and_row_zeroing():
     assert losses._zero_rows(torch.ones(2, 2), torch.tensor([True, True])).eq(1).all()
 
 
+@pytest.mark.parametrize("names", [("jsd", "cross_entropy"), ("forward_kl",), ("reverse_kl",)])
+def test_closed_form_chunks_read_nothing_back_from_a_device(names, monkeypatch):
+    """On a GPU the fused loss must not make the host wait for the device (nonzero(), item(), bool(), ...):
+    a sync per block stalls the kernel queue. Here the CPU plays the device (_on_host says no) with those
+    reads forbidden: the loss runs through and still equals the dense reference."""
+    N, V = 23, 41
+    h, W, b, ht, Wt = _fused_inputs(3, N, 8, 5, V)
+    t_all = ht @ Wt.T
+    labels = torch.randint(0, V, (N,))
+    labels[[4, 9]] = -100
+    fn = _objective(*names)
+    total_ref, parts_ref = losses.chunked_logit_loss(fn, h, {"labels": labels}, lambda a, z: t_all[a:z], W, b,
+                                                     chunk=6, block=4)
+    total_ref.backward()
+    ref = [h.grad.clone(), W.grad.clone(), b.grad.clone()]
+    for p in (h, W, b):
+        p.grad = None
+
+    def forbidden(name):
+        def read_back(*a, **k):
+            raise AssertionError(f"Tensor.{name}: the host waits for the device")
+        return read_back
+
+    monkeypatch.setattr(losses, "_on_host", lambda x: False, raising=False)
+    for name in ("nonzero", "item", "tolist", "__bool__", "__int__", "__float__", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden(name))
+    total, parts = losses.chunked_logit_loss(fn, h, {"labels": labels}, lambda a, z: t_all[a:z], W, b, chunk=6,
+                                             block=4)
+    total.backward()
+    monkeypatch.undo()
+    torch.testing.assert_close(total, total_ref)
+    torch.testing.assert_close(parts, parts_ref)
+    for g, r in zip((h.grad, W.grad, b.grad), ref):
+        torch.testing.assert_close(g, r)
+
+
 def test_auto_chunk_bounds_chunk_memory():
     """8 MiB chunks (under glibc's 32 MiB mmap threshold, so temporaries are reused, not page-faulted in
     anew), never fewer than 32 rows (the output layer's products stay compute-bound)."""
