@@ -371,7 +371,9 @@ def test_cli_errors(tmp_path, capsys):
     (tmp_path / "binary").write_bytes(bytes(range(256)))
     for argv, says in [(["--draft-len", "abc"], "--draft-len: a number of tokens or 'adaptive', not 'abc'"),
                        (["--prompts-file", str(tmp_path / "binary")], "not UTF-8 text"),
-                       (["--prompts-file", str(tmp_path)], "Is a directory")]:
+                       (["--prompts-file", str(tmp_path)], "Is a directory"),
+                       (["--json", str(tmp_path / "no_dir" / "stats.json")], "not a file in an existing directory"),
+                       (["--json", str(tmp_path)], "not a file in an existing directory")]:
         assert speculate.main(argv) == 2
         assert says in capsys.readouterr().err
 

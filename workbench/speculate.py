@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         draft_len = 4 if adaptive else int(args.draft_len)
         if draft_len < 0 or args.max_new_tokens < 1 or args.batch_size < 1:
             raise ValueError("--draft-len, --max-new-tokens and --batch-size must be positive")
+        if args.json and (Path(args.json).is_dir() or not Path(args.json).expanduser().parent.is_dir()):
+            raise ValueError(f"--json {args.json}: not a file in an existing directory")
         if args.draft_vocab is not None and args.draft_vocab < 1:
             raise ValueError("--draft-vocab must be at least 1")
         vocab_data = None
@@ -180,7 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e} (teacher {args.teacher}, draft {args.draft})", file=sys.stderr)
         return 2
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        try:
+            Path(args.json).expanduser().write_text(json.dumps(result, indent=2))
+        except OSError as e:
+            print(f"error: --json {args.json}: {e}", file=sys.stderr)
+            return 2
     return 0
 
 
