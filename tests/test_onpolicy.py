@@ -56,6 +56,39 @@ def test_draw_tokens_draws_from_the_rows_distributions(monkeypatch):
             sampling.draw_tokens(torch.tensor([[0.5, 0.5], [bad, 0.0 if bad == 0.0 else 1.0]]))
 
 
+def test_refused_draws_are_flagged_for_one_check_later():
+    """Given a flag, draw_tokens sets it for a NaN / infinite / all-zero row instead of raising (and draws
+    token 0 there, in range), and leaves it clear for good rows; raise_if_undrawable raises once it is set."""
+    flag = torch.zeros((), dtype=torch.bool)
+    assert sampling.draw_tokens(torch.tensor([[0.5, 0.5]]), None, flag).item() in (0, 1) and not flag
+    for bad in (float("nan"), float("inf"), 0.0):
+        flag = torch.zeros((), dtype=torch.bool)
+        got = sampling.draw_tokens(torch.tensor([[0.0, 1.0], [bad, 0.0 if bad == 0.0 else 1.0]]), None, flag)
+        assert bool(flag) and got[1].item() == 0 and got[0].item() == 1
+        with pytest.raises(sampling.UndrawableProbabilities, match="NaN, infinite or all zero"):
+            sampling.raise_if_undrawable(flag)
+
+
+@pytest.mark.parametrize("new_tokens", [3, 12])
+def test_sampling_waits_for_the_device_once_not_per_token(monkeypatch, new_tokens):
+    """On a GPU every read of a tensor's value on the host (bool(), item(), ...) waits for the device and
+    keeps the host from queueing the next token's work; sample() makes one such read per generation (the
+    refused-draw check at the end), not one per token. Counted here on the CPU."""
+    model = _llama(0)
+    reads = []
+    for name in ("__bool__", "item", "tolist", "nonzero", "__int__", "__float__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **kw):
+            reads.append(_name)
+            return _real(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    out = sampling.sample(model, torch.randint(0, 40, (3, 5)), new_tokens, generator=torch.Generator().manual_seed(0))
+    monkeypatch.undo()
+    assert out.ids.shape == (3, 5 + new_tokens) and reads == ["__bool__"]
+
+
 def test_kv_cache_sampling_equals_recomputing_from_scratch():
     model = _llama(0)
     prompts = torch.randint(0, 40, (3, 5))

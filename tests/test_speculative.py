@@ -178,6 +178,31 @@ def test_sampling_follows_the_targets_distribution(proc):
 # ----------------------------------------------------------------------------------------- caches
 
 
+@pytest.mark.parametrize("k", [2, 6])
+def test_sampled_drafts_do_not_wait_for_the_device_per_token(target, monkeypatch, k):
+    """Sampling (temperature > 0): the k draft draws and the residual draw of a round flag a refused row
+    for one check per round (where the round reads its acceptances back anyway), instead of a host read of
+    the device per draw: on a GPU that read stalls the queue of the draft's next forward. Counted here on
+    the CPU: host reads made from the sampler, per round."""
+    import traceback
+
+    draft = _perturbed(target, 0.3, seed=1)
+    ids, mask = _ragged_prompts(B=2)
+    reads = []
+    real = torch.Tensor.__bool__
+
+    def counted(self):
+        if traceback.extract_stack(limit=2)[0].filename.endswith("sampling.py"):
+            reads.append(1)
+        return real(self)
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", counted)
+    out = speculative_generate(target, draft, ids, 16, attention_mask=mask, draft_len=k, eos_token_id=EOS,
+                               pad_token_id=PAD, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    monkeypatch.undo()
+    assert out.stats.target_calls > 1 and len(reads) == out.stats.target_calls
+
+
 def test_cache_with_holes_computes_what_a_fresh_forward_computes(target):
     """Feed three rows, drop a different number of each row's last entries (as rejected drafts), feed
     more: every row's logits equal a forward over its real tokens alone, and the cache is compacted to

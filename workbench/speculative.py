@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workbench.sampling import draw_tokens, probs_from_logits
+from workbench.sampling import draw_tokens, probs_from_logits, raise_if_undrawable
 
 
 @dataclass
@@ -146,6 +146,7 @@ def _generate(target, draft, input_ids, max_new_tokens, *, attention_mask, draft
     out = [[] for _ in range(B)]  # new tokens per row
     k = draft_len
     greedy = temperature == 0
+    undrawable = torch.zeros((), dtype=torch.bool, device=dev)  # draws' refusals, checked once per round
 
     while len(rows):
         left = max_new_tokens - min(len(out[int(r)]) for r in rows)
@@ -166,7 +167,7 @@ def _generate(target, draft, input_ids, max_new_tokens, *, attention_mask, draft
                 x = logits.argmax(dim=-1, keepdim=True)
             else:
                 q.append(_pad_vocab(probs_from_logits(logits, temperature, top_k, top_p), V))
-                x = draw_tokens(q[-1], generator)  # [B, 1] d_i ~ q_i
+                x = draw_tokens(q[-1], generator, undrawable)  # [B, 1] d_i ~ q_i
             x_valid = None
             drafts.append(x)
             fed_draft += i < k - 1  # d_k itself is not fed to the draft
@@ -182,7 +183,8 @@ def _generate(target, draft, input_ids, max_new_tokens, *, attention_mask, draft
             nxt = best.gather(1, n[:, None])  # [B, 1]
         else:
             p = probs_from_logits(logits, temperature, top_k, top_p)  # [B, k + 1, V]
-            n, nxt = _accept(p, torch.stack(q, dim=1) if k else p[:, :0], chunk[:, 1:], generator)
+            n, nxt = _accept(p, torch.stack(q, dim=1) if k else p[:, :0], chunk[:, 1:], generator, undrawable)
+            raise_if_undrawable(undrawable)  # (the round waits for the device here anyway: n.tolist() below)
         t2 = clock()
         # 4) caches keep what was accepted: the target [last, d_1..d_n], the draft also up to d_n (d_k
         #    was never fed to it: after a full acceptance it is fed next round as `lag`)
@@ -238,10 +240,11 @@ def _generate(target, draft, input_ids, max_new_tokens, *, attention_mask, draft
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _accept(p: torch.Tensor, q: torch.Tensor, d: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _accept(p: torch.Tensor, q: torch.Tensor, d: torch.Tensor, generator,
+            undrawable: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The rejection rule of Leviathan et al. / Chen et al. p [B, k+1, V]: the target's distributions at
     the k drafts and after them; q [B, k, V]: the draft's; d [B, k]: the drafted tokens (d_i ~ q_i).
-    -> n [B] accepted drafts, next token [B, 1]."""
+    -> n [B] accepted drafts, next token [B, 1]. undrawable: as draw_tokens'."""
     B, k = d.shape
     # accept d_i with probability min(1, p_i(d_i) / q_i(d_i)), stopping at the first rejection
     p_d, q_d = p[:, :k].gather(-1, d[..., None])[..., 0], q.gather(-1, d[..., None])[..., 0]
@@ -253,7 +256,7 @@ def _accept(p: torch.Tensor, q: torch.Tensor, d: torch.Tensor, generator) -> tup
     at = n[:, None, None].expand(-1, 1, p.shape[-1])
     resid = (p.gather(1, at) - q_ext.gather(1, at)).clamp(min=0)[:, 0]  # [B, V]
     resid = torch.where(resid.sum(-1, keepdim=True) > 0, resid, p.gather(1, at)[:, 0])  # p_j == q_j
-    return n, draw_tokens(resid, generator)
+    return n, draw_tokens(resid, generator, undrawable)
 
 
 class _KVStream:
