@@ -157,6 +157,9 @@ def test_cli_on_damaged_runs_says_which_file_in_one_line(kd_run, tmp_path, capsy
     cases = {"final_metrics.json": (b"{not json", "final_metrics.json: not the JSON a finished run writes"),
              "recipe.yaml": (b"name: [\n", "recipe.yaml: invalid YAML at line 2"),
              "model/model.safetensors": (None, "student: cannot load")}
+    (tmp_path / "a_file").write_text("mine")
+    assert evaluate.main([str(kd), "--out", str(tmp_path / "a_file")]) == 2  # refused before evaluating
+    assert "exists and is not a directory" in capsys.readouterr().err and (tmp_path / "a_file").read_text() == "mine"
     for name, (content, says) in cases.items():
         copy = tmp_path / name.replace("/", "_")
         shutil.copytree(kd, copy)

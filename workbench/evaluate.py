@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     from workbench.evaluation import load_run, perplexity_table, report
 
     try:
+        out = Path(args.out or args.runs[0]).expanduser()
+        if out.exists() and not out.is_dir():  # found now, not after the whole evaluation
+            raise FileExistsError(f"--out {out}: exists and is not a directory")
         runs = [load_run(d) for d in args.runs]
         print(perplexity_table(runs))
         if args.table_only:
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.task_file and not Path(cfg.task_file).is_file():
             raise FileNotFoundError(f"task file not found: {cfg.task_file}")
         md, html = report(args.runs, args.out, cfg)
-    except (FileNotFoundError, ValueError, RecipeError) as e:
+    except (OSError, ValueError, RecipeError) as e:  # (OSError: also a report directory it cannot write)
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"report: {md}\n        {html}")
