@@ -5,6 +5,7 @@ that a draft-only sampler fails), and the KV caches with holes compute what a fr
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,6 +202,42 @@ def test_sampled_drafts_do_not_wait_for_the_device_per_token(target, monkeypatch
                                pad_token_id=PAD, temperature=1.0, generator=torch.Generator().manual_seed(0))
     monkeypatch.undo()
     assert out.stats.target_calls > 1 and len(reads) == out.stats.target_calls
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_ragged_batch_decodes_without_transformers_reading_the_mask_back(target, monkeypatch, attn):
+    """Rows with holes (left padding, rejected drafts): under SDPA the cache's mask goes to the model as the
+    [B, 1, n, L] mask itself, which transformers uses as it is; given the 2D mask it reads that back from
+    the device at every forward (to see whether masking may be skipped): on a GPU a sync per draft step.
+    No host read inside the models then; the tokens stay the target's own greedy ones, as with the eager
+    attention's 2D mask."""
+    import traceback
+
+    import transformers
+
+    draft = _perturbed(target, 0.3, seed=1)
+    for m in (target, draft):
+        m.set_attn_implementation(attn)
+    ids, mask = _ragged_prompts()
+    reads = []
+    real = torch.Tensor.__bool__
+    inside = str(Path(transformers.__file__).parent)
+
+    def counted(self):
+        if traceback.extract_stack(limit=2)[0].filename.startswith(inside):
+            reads.append(1)
+        return real(self)
+
+    try:
+        monkeypatch.setattr(torch.Tensor, "__bool__", counted)
+        out = speculative_generate(target, draft, ids, 12, attention_mask=mask, draft_len=3, eos_token_id=EOS,
+                                   pad_token_id=PAD)
+        monkeypatch.undo()
+        assert torch.equal(out.sequences, _greedy(target, ids, mask, 12))
+        assert attn == "eager" or reads == []
+    finally:
+        for m in (target, draft):
+            m.set_attn_implementation("sdpa")
 
 
 def test_cache_with_holes_computes_what_a_fresh_forward_computes(target):

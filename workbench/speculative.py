@@ -290,8 +290,21 @@ class _KVStream:
             return self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=n).logits
         self.dense = False
         positions = (self.mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-        return self.model(input_ids=ids, attention_mask=self.mask.long(), position_ids=positions,
+        return self.model(input_ids=ids, attention_mask=self._attention_mask(ids.shape[1]), position_ids=positions,
                           past_key_values=self.cache, use_cache=True, logits_to_keep=n).logits
+
+    def _attention_mask(self, n: int) -> torch.Tensor:
+        """The mask for feeding n tokens over a cache with holes. For SDPA, the [B, 1, n, L] boolean mask
+        itself: given a 2D mask, transformers reads it back from the device to decide whether it may skip
+        masking (a sync per forward, each draft step's included). Query i (column L - n + i) sees the real
+        entries up to itself, and itself even when it is a hole (a row with nothing to attend to would be
+        NaN; a hole's output is never used). Other attention implementations take the 2D mask."""
+        if getattr(self.model.config, "_attn_implementation", None) not in ("sdpa", _GQA_SDPA):  # (both: SDPA's mask)
+            return self.mask.long()
+        L = self.mask.shape[1]
+        cols = torch.arange(L, device=self.mask.device)
+        query = cols[L - n:, None]  # [n, 1] the queries' columns
+        return (self.mask[:, None, None, :] & (cols[None, :] <= query)) | (cols[None, :] == query)
 
     def keep_last(self, fed: int, n_keep: torch.Tensor) -> None:
         """Of the last `fed` entries, keep the first n_keep[b] of row b (their other entries become
