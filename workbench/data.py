@@ -413,8 +413,9 @@ def load_tokenizer(cfg: DataConfig, corpus: Corpus | None = None, pretrained: st
     if source != "bpe":
         from workbench.models import loading, resolve_source
 
-        with loading(source, f"data.tokenizer={cfg.tokenizer}"):
-            tok = AutoTokenizer.from_pretrained(resolve_source(source))
+        path = resolve_source(source)  # (a GGUF source: its converted checkpoint)
+        with loading(path, f"data.tokenizer={cfg.tokenizer}"):
+            tok = AutoTokenizer.from_pretrained(path)
         if tok.eos_token_id is None:
             raise RecipeError(f"data.tokenizer: tokenizer at '{source}' has no EOS token to separate documents")
         return tok

@@ -267,7 +267,7 @@ def load_model(spec: ModelSpec, tokenizer, role: str, seed: int = 0, device=None
             from transformers import CompressedTensorsConfig
 
             extra["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-        with loading(spec.name_or_path, role):
+        with loading(source, role):  # (a GGUF source: its converted checkpoint)
             model = AutoModelForCausalLM.from_pretrained(
                 source, revision=spec.revision, dtype=dtype, attn_implementation=spec.attn_implementation,
                 trust_remote_code=spec.trust_remote_code, **extra)
