@@ -99,18 +99,19 @@ def offline(monkeypatch):
      "data.tokenizer=auto: cannot load 'nobody/no-such-model': no such local directory, and as a Hub id:"),
     (["teacher.recipe=null", "teacher.name_or_path=a/b/c"], "cannot load 'a/b/c': no such directory"),
     (["teacher.recipe=null", "teacher.tiny=llama-2layer-64", "data.tokenizer={bad}"],
-     "data.tokenizer={bad}: cannot load '{bad}': Couldn't instantiate the backend tokenizer"),
+     "data.tokenizer={bad}: cannot load '{bad}': Expecting value"),
     (["teacher.recipe=null", "teacher.name_or_path={copy}"], "teacher: cannot load '{copy}': "),
 ])
 def test_models_that_cannot_be_loaded(capsys, tmp_path, offline, tiny_teacher, args, says):
-    """A misspelt Hub id (offline here), a path that is neither a directory nor a Hub id, a directory whose
-    config.json is not a model's, a model directory copied without its weights: transformers' OSError /
+    """A misspelt Hub id (offline here), a path that is neither a directory nor a Hub id, a tokenizer whose
+    tokenizer.json is damaged, a model directory copied without its weights: transformers' OSError /
     ValueError become one line naming the key and the name, not a traceback."""
     import shutil
 
-    bad, copy = tmp_path / "not_a_model", tmp_path / "no_weights"
+    bad, copy = tmp_path / "damaged_tokenizer", tmp_path / "no_weights"
     bad.mkdir()
-    (bad / "config.json").write_text(json.dumps({"model_type": "no_such_architecture"}))
+    (bad / "tokenizer_config.json").write_text("{}")
+    (bad / "tokenizer.json").write_text("not json")
     shutil.copytree(tiny_teacher, copy, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
     fill = {"{bad}": str(bad), "{copy}": str(copy)}
 
