@@ -100,6 +100,10 @@ def test_list_items_can_be_appended_and_replaced():
         ("resume", "is not key=value"),
         ("distill.losses.0.normalize=true", "normalize: applies to hidden_mse only"),
         ("teacher=5", "teacher: expected a mapping, got 5"),  # the section's name, no trailing dot
+        ("data.dataset=", "data.dataset: is empty"),  # the value forgotten: not the current directory
+        ("data.tokenizer=", "data.tokenizer: is empty"),
+        ("teacher.recipe=", "teacher.recipe: is empty"),
+        ("eval.task_file= ", "eval.task_file: is empty"),
         ("distill.losses.0=5", "distill.losses.0: expected a mapping, got 5"),
     ],
 )

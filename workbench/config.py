@@ -165,6 +165,7 @@ class ModelSpec:
     """Student only: start from the teacher, pruned in depth and width (see PruneConfig)."""
 
     def __post_init__(self) -> None:
+        _not_blank(self, "name_or_path", "tiny", "recipe", "revision")
         sources = [k for k in ("name_or_path", "tiny", "recipe", "prune") if getattr(self, k)]
         if len(sources) != 1:
             raise RecipeError(
@@ -227,6 +228,7 @@ class DataConfig:
     rows, off for text (documents joined by EOS, as pre-training does)."""
 
     def __post_init__(self) -> None:
+        _not_blank(self, "dataset", "tokenizer")
         _check(self.vocab_size >= 259, "vocab_size", "must be >= 259 (256 bytes + specials)")
         _check(self.seq_len >= 2, "seq_len", "must be >= 2")
         _check(0.0 < self.val_fraction < 1.0, "val_fraction", "must be in (0, 1)")
@@ -542,6 +544,7 @@ class EvalConfig:
     """Draft length of that measurement."""
 
     def __post_init__(self) -> None:
+        _not_blank(self, "task_file")
         for name in ("prompts", "context_chars", "max_new_tokens", "samples", "choice_items"):
             _check(getattr(self, name) >= 0, name, "must be >= 0")
         _check(self.max_new_tokens >= 1 and self.context_chars >= 1, "max_new_tokens", "and context_chars must be >= 1")
@@ -814,6 +817,14 @@ def _non_default(obj) -> dict[str, Any]:
 def _check(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise RecipeError(f"{key}: {msg}")
+
+
+def _not_blank(obj, *names: str) -> None:
+    """A name or path given as an empty string (`key=` with the value forgotten) would mean the current
+    directory: refused, naming the key."""
+    for name in names:
+        value = getattr(obj, name)
+        _check(value is None or bool(value.strip()), name, "is empty; give a value (leave the key out for the default)")
 
 
 # --------------------------------------------------------------------------------------------- loading
