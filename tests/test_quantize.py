@@ -119,6 +119,7 @@ def test_kd_from_an_int8_and_a_gptq_teacher_trains_the_student(quantised, tiny_t
     (["{teacher}", "--method", "int8", "--int8-threshold", "-1", "--out", "X"], "int8_threshold: must be >= 0"),
     (["{teacher}", "--method", "int8", "--calibration", "sft_tiny", "--out", "X"], "recipe=NAME"),
     (["{teacher}", "--method", "gptq", "--out", "{nonempty}"], "not empty"),
+    (["{teacher}", "--method", "gptq", "--out", "{file}"], "not empty"),  # a file: kept, not NotADirectoryError
     (["{gptq}", "--method", "awq", "--out", "X"], "compressed-tensors checkpoint already"),
 ])
 def test_the_quantize_command_refuses_bad_input_in_one_line(tiny_teacher, quantised, tmp_path, capsys, args, match):
@@ -126,7 +127,8 @@ def test_the_quantize_command_refuses_bad_input_in_one_line(tiny_teacher, quanti
 
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep")
-    fill = {"teacher": str(tiny_teacher), "nonempty": str(tmp_path / "full"), "gptq": str(quantised["gptq"][0])}
+    fill = {"teacher": str(tiny_teacher), "nonempty": str(tmp_path / "full"), "gptq": str(quantised["gptq"][0]),
+            "file": str(tmp_path / "full" / "x")}
     argv = [a.format(**fill) if a.startswith("{") else (str(tmp_path / a) if a == "X" else a) for a in args]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

@@ -187,7 +187,7 @@ def run(model: str, method: str, out: str, bits: int | None = None, group_size: 
         raise ValueError("--group-size: must be >= 1")
     int8 = QuantConfig(int8_threshold=int8_threshold)  # checked before anything loads
     dest = Path(out).expanduser()
-    if dest.exists() and any(dest.iterdir()) and not overwrite:
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not overwrite:
         raise FileExistsError(f"{dest} exists and is not empty: choose another --out or pass --overwrite")
     if calibration is not None and not calibration.startswith("recipe="):
         raise ValueError("--calibration: recipe=NAME (the recipe whose training data calibrates)")
@@ -225,8 +225,10 @@ def run(model: str, method: str, out: str, bits: int | None = None, group_size: 
               "params": params, "val_ppl_source": ppl_source, "val_ppl": ppl, "seconds": seconds,
               **weight_bits(tmp)}
     (tmp / "quantize.json").write_text(json.dumps(result, indent=2) + "\n")
-    if dest.exists():
+    if dest.is_dir():
         shutil.rmtree(dest)
+    elif dest.exists():  # a file, replaced with --overwrite
+        dest.unlink()
     tmp.rename(dest)
     return result
 
