@@ -14,7 +14,6 @@ saved in peft format at the end of training; this tool handles full-weight stude
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -46,12 +45,13 @@ def consolidate(checkpoint: Path, out_dir: Path, overwrite: bool = False) -> Pat
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from workbench import rundir
+
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     student_dir = checkpoint / "student"
     if not (student_dir / "config.json").exists():
         raise FileNotFoundError(f"{student_dir}/config.json missing: is {checkpoint} a workbench checkpoint?")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty: choose another destination or pass --overwrite")
+    rundir.refuse_to_replace(out_dir, overwrite, "destination")
     state = student_state_dict(checkpoint)
     config = AutoConfig.from_pretrained(student_dir)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -59,15 +59,10 @@ def consolidate(checkpoint: Path, out_dir: Path, overwrite: bool = False) -> Pat
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
         raise ValueError(f"checkpoint does not match the student: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    tmp = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = rundir.partial_dir(out_dir)
     model.save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(student_dir).save_pretrained(tmp)
-    if out_dir.is_dir():
-        shutil.rmtree(out_dir)
-    elif out_dir.exists():
-        out_dir.unlink()
-    tmp.rename(out_dir)
+    rundir.move_into_place(tmp, out_dir)
     return out_dir
 
 

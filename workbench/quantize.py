@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -173,6 +172,7 @@ def run(model: str, method: str, out: str, bits: int | None = None, group_size: 
     (default 4); int8 is 8-bit."""
     from transformers import AutoModelForCausalLM
 
+    from workbench import rundir
     from workbench.config import DataConfig, QuantConfig, load_recipe
     from workbench.models import ModelSpec, checkpoint_quantization, load_model
 
@@ -187,8 +187,7 @@ def run(model: str, method: str, out: str, bits: int | None = None, group_size: 
         raise ValueError("--group-size: must be >= 1")
     int8 = QuantConfig(int8_threshold=int8_threshold)  # checked before anything loads
     dest = Path(out).expanduser()
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not overwrite:
-        raise FileExistsError(f"{dest} exists and is not empty: choose another --out or pass --overwrite")
+    rundir.refuse_to_replace(dest, overwrite, "--out")
     if calibration is not None and not calibration.startswith("recipe="):
         raise ValueError("--calibration: recipe=NAME (the recipe whose training data calibrates)")
     if data_cfg is None and calibration:
@@ -204,8 +203,7 @@ def run(model: str, method: str, out: str, bits: int | None = None, group_size: 
     full = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     ppl_source = perplexity(full, val, max_batches=eval_batches)
     params = sum(p.numel() for p in full.parameters())
-    tmp = dest.with_name(f".{dest.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = rundir.partial_dir(dest)
     if method == "int8":
         del full
         quantised = load_model(ModelSpec(name_or_path=source, quantize="int8", quant=int8), tok, "model")
@@ -225,11 +223,7 @@ def run(model: str, method: str, out: str, bits: int | None = None, group_size: 
               "params": params, "val_ppl_source": ppl_source, "val_ppl": ppl, "seconds": seconds,
               **weight_bits(tmp)}
     (tmp / "quantize.json").write_text(json.dumps(result, indent=2) + "\n")
-    if dest.is_dir():
-        shutil.rmtree(dest)
-    elif dest.exists():  # a file, replaced with --overwrite
-        dest.unlink()
-    tmp.rename(dest)
+    rundir.move_into_place(tmp, dest)
     return result
 
 

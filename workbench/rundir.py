@@ -207,3 +207,27 @@ def clear_for_overwrite(recipe: Recipe) -> list[str]:
     shutil.rmtree(trash, ignore_errors=True)
     log.info("output.overwrite: removed the previous run's %s from %s", ", ".join(found), out)
     return found
+
+
+# ---------------------------------------------------------------- a model directory written by a tool, whole
+
+def refuse_to_replace(dest: Path, overwrite: bool, option: str) -> None:
+    """A tool's destination must not exist or be an empty directory unless the user passed --overwrite."""
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not overwrite:
+        raise FileExistsError(f"{dest} exists and is not empty: choose another {option} or pass --overwrite")
+
+
+def partial_dir(dest: Path) -> Path:
+    """The sibling directory a tool writes `dest` into (emptied first), moved into place when complete."""
+    tmp = dest.with_name(f".{dest.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def move_into_place(tmp: Path, dest: Path) -> None:
+    """Replace `dest` (a directory, a file, or nothing) by the completed `tmp`."""
+    if dest.is_dir():
+        shutil.rmtree(dest)
+    elif dest.exists():
+        dest.unlink()
+    tmp.rename(dest)

@@ -143,10 +143,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer
 
+    from workbench.config import WorkbenchError
     from workbench.models import check_same_vocabulary
 
-    from workbench.config import WorkbenchError
-
+    models = f"--teacher {args.teacher}, --draft {args.draft}"  # named in an error line about them
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     try:
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         draft_tok_dir = draft_dir if (draft_dir / "tokenizer_config.json").is_file() else teacher.config._name_or_path
         check_same_vocabulary(tok, AutoTokenizer.from_pretrained(draft_tok_dir), teacher, draft)
     except WorkbenchError as e:
-        print(f"error: {e} (--teacher {args.teacher}, --draft {args.draft})", file=sys.stderr)
+        print(f"error: {e} ({models})", file=sys.stderr)
         return 2
     if args.chat:
         if not getattr(tok, "chat_template", None):
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = decode_prompts(teacher, draft, tok, prompts, args, draft_len, adaptive, device)
     except UndrawableProbabilities as e:  # a model with non-finite weights, when sampling
-        print(f"error: {e} (teacher {args.teacher}, draft {args.draft})", file=sys.stderr)
+        print(f"error: {e} ({models})", file=sys.stderr)
         return 2
     if args.json:
         try:
