@@ -21,6 +21,15 @@ except ImportError:
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+
+def one_error_line(code: int, err: str) -> str:
+    """The one line a command that failed as a user should see it failing printed: exit status 2, a single
+    'error:' line on stderr, no traceback. -> that line."""
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:") or "Traceback" in ln]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), (code, err[-3000:])
+    return lines[0]
+
+
 # Small and quick: what every end-to-end test starts from.
 FAST = [
     "data.max_documents=40",

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from conftest import FAST, REPO, fast_recipe
+from conftest import FAST, REPO, fast_recipe, one_error_line
 from workbench import trainer
 from workbench.train import run
 
@@ -321,11 +321,8 @@ def test_consolidate_cli_refuses_to_overwrite_and_reports_bad_checkpoints(tmp_pa
     ckpt, dst = tmp_path / "run" / "checkpoints" / "step-0000002", tmp_path / "student"
 
     def one_line_error(argv):
-        assert consolidate_main(argv) == 2
-        err = capsys.readouterr().err
-        lines = [ln for ln in err.splitlines() if ln.startswith("error:") or "Traceback" in ln]
-        assert len(lines) == 1 and lines[0].startswith("error:"), err[-3000:]
-        return lines[0]
+        code = consolidate_main(argv)
+        return one_error_line(code, capsys.readouterr().err)
 
     assert consolidate_main([str(ckpt), str(dst)]) == 0
     got, want = load_file(dst / "model.safetensors"), load_file(tmp_path / "run" / "model" / "model.safetensors")

@@ -9,16 +9,13 @@ import sys
 
 import pytest
 
-from conftest import FAST, REPO
+from conftest import FAST, REPO, one_error_line
 from workbench.train import main
 
 
 def _one_line_error(capsys, argv) -> str:
     code = main(argv)
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:") or "Traceback" in ln]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), (code, err[-3000:])
-    return lines[0]
+    return one_error_line(code, capsys.readouterr().err)
 
 
 @pytest.fixture(scope="module")

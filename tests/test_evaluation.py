@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import fast_recipe
+from conftest import fast_recipe, one_error_line
 from workbench import evaluation
 from workbench.train import run
 
@@ -166,9 +166,8 @@ def test_cli_on_damaged_runs_says_which_file_in_one_line(kd_run, tmp_path, capsy
         target = copy / name
         target.write_bytes(content if content is not None else target.read_bytes()[:500])  # (weights: truncated)
         code = evaluate.main([str(copy), "--out", str(tmp_path / "report"), "--no-speculative"])
-        err = capsys.readouterr().err
-        lines = [ln for ln in err.splitlines() if ln.startswith("error:") or "Traceback" in ln]
-        assert code == 2 and len(lines) == 1 and says in lines[0] and str(copy) in lines[0], err[-3000:]
+        line = one_error_line(code, capsys.readouterr().err)
+        assert says in line and str(copy) in line, line
 
 
 def test_report_of_a_qlora_run_loads_models_as_training_held_them(tiny_teacher, tmp_path, accelerator):

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from conftest import FAST, fast_recipe
+from conftest import FAST, fast_recipe, one_error_line
 from workbench import hub
 from workbench.config import HubConfig
 from workbench.train import run
@@ -204,10 +204,7 @@ def test_a_refused_or_unreachable_push_is_one_line_and_keeps_the_run(kd_dir, tin
     from workbench import train
 
     def one_line(code):
-        err = capsys.readouterr().err
-        lines = [ln for ln in err.splitlines() if ln.startswith("error:") or "Traceback" in ln]
-        assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), err[-3000:]
-        return lines[0]
+        return one_error_line(code, capsys.readouterr().err)
 
     fake_hub.deny = True
     line = one_line(hub.main([str(kd_dir), "--repo-id", "me/denied"]))
