@@ -61,6 +61,12 @@ class TrainingDiverged(WorkbenchError, FloatingPointError):
     """The loss, the gradients or the weights became non-finite; nothing non-finite was saved."""
 
 
+def folded(e: BaseException, limit: int = 400) -> str:
+    """A third-party exception's message for an error line: its lines joined, at most `limit` characters."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 # --------------------------------------------------------------------------------------------- schema
 
 

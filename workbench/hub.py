@@ -21,7 +21,7 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from workbench.config import LOGIT_DIVERGENCES, HubConfig, RecipeError, WorkbenchError, build  # noqa: E402
+from workbench.config import LOGIT_DIVERGENCES, HubConfig, RecipeError, WorkbenchError, build, folded  # noqa: E402
 from workbench.evaluation import fmt_metric  # noqa: E402
 from workbench.models import is_hub_id  # noqa: E402
 
@@ -136,8 +136,7 @@ def push(run_dir: str | Path, hub: HubConfig, token: str | None = None, endpoint
         info = api.upload_folder(folder_path=str(folder), repo_id=hub.repo_id, revision=hub.revision,
                                  commit_message=hub.commit_message)
     except Exception as e:  # no network, offline mode, no or a wrong token, no write access: the client's own types
-        cause = " ".join(str(e).split()) or type(e).__name__
-        raise HubPushFailed(f"pushing to {hub.repo_id} failed: {cause[:400]} (the run is saved: push it later with "
+        raise HubPushFailed(f"pushing to {hub.repo_id} failed: {folded(e)} (the run is saved: push it later with "
                             f"python -m workbench.hub {run_dir})") from e
     log.info("pushed %s to %s (%s)", folder, url, info.commit_url)
     return info.commit_url

@@ -30,7 +30,7 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from workbench.config import ModelSpec, Recipe, RecipeError, load_recipe  # noqa: E402
+from workbench.config import ModelSpec, Recipe, RecipeError, folded, load_recipe  # noqa: E402
 
 LAUNCHES = ("single", "ddp", "zero2", "zero3", "zero3_offload", "zero3_nvme", "zero3_pp", "fsdp2")
 ZERO3_LAUNCHES = ("zero3", "zero3_offload", "zero3_nvme", "zero3_pp")  # DeepSpeed ZeRO-3: `communication` applies
@@ -80,8 +80,7 @@ def model_shape(spec: ModelSpec, vocab: int) -> ModelShape:
         try:
             config = AutoConfig.from_pretrained(resolve_source(spec.name_or_path), revision=spec.revision)
         except Exception as e:
-            cause = " ".join(str(e).split())[:400]
-            raise RecipeError(f"cannot read the config of '{spec.name_or_path}' ({cause}); give a local path") from e
+            raise RecipeError(f"cannot read the config of '{spec.name_or_path}' ({folded(e)}); give a local path") from e
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     out_layer = model.get_output_embeddings()

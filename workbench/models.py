@@ -196,15 +196,14 @@ def loading(name: str, role: str):
     not in the local cache and cannot be fetched (offline, misspelt, gated), a truncated weights file."""
     from safetensors import SafetensorError
 
-    from workbench.config import WorkbenchError
+    from workbench.config import WorkbenchError, folded
 
     try:
         yield
     except (OSError, ValueError, SafetensorError) as e:
         if isinstance(e, WorkbenchError):
             raise
-        cause = " ".join(line.strip() for line in str(e).split("\n") if line.strip()) or type(e).__name__
-        cause = cause if len(cause) <= 400 else cause[:400] + "..."
+        cause = folded(e)
         if not Path(name).expanduser().exists():
             cause = f"no such local directory, and as a Hub id: {cause}" if is_hub_id(name) else "no such directory"
         raise RecipeError(f"{role}: cannot load '{name}': {cause}") from None
