@@ -175,6 +175,26 @@ def test_dry_run_writes_the_folder_and_calls_nothing(kd_dir, fake_hub):
     assert hub.main([str(kd_dir)]) == 2  # no repo id anywhere
 
 
+def test_staging_onto_a_full_disk_keeps_the_last_staged_folder(kd_dir, fake_hub, capsys, monkeypatch):
+    """Copying the model into the upload folder runs out of space: one line naming the folder, nothing
+    pushed, the partial copy removed and the folder an earlier stage wrote left as it was."""
+    import errno
+
+    assert hub.main([str(kd_dir), "--repo-id", "me/dry", "--dry-run"]) == 0
+    before = _staged(kd_dir / hub.UPLOAD_DIR)
+
+    def copy2(src, dst):
+        with open(dst, "wb") as f:
+            f.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(hub.shutil, "copy2", copy2)
+    line = one_error_line(hub.main([str(kd_dir), "--repo-id", "me/full"]), capsys.readouterr().err)
+    assert line == f"error: No space left on device (writing {kd_dir / hub.UPLOAD_DIR})"
+    assert fake_hub.calls == [] and not (kd_dir / (hub.UPLOAD_DIR + ".tmp")).exists()
+    assert _staged(kd_dir / hub.UPLOAD_DIR) == before
+
+
 def test_training_pushes_at_the_end(tiny_teacher, fake_hub, tmp_path, accelerator):
     out = tmp_path / "auto"
     run(fast_recipe("kd_tiny", out, "teacher.recipe=null", f"teacher.name_or_path={tiny_teacher}",

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import hashlib
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -59,6 +61,42 @@ class RecipeError(WorkbenchError, ValueError):
 
 class TrainingDiverged(WorkbenchError, FloatingPointError):
     """The loss, the gradients or the weights became non-finite; nothing non-finite was saved."""
+
+
+class StorageError(WorkbenchError):
+    """The file system refused a write: full, over quota, read-only, no permission, an I/O error."""
+
+
+# errno values that say "the disk / file system would not take it", not "a bug in what we asked"
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EACCES,
+                             errno.EPERM})
+
+
+def storage_error(e: BaseException, writing=None, into=None) -> StorageError | None:
+    """`e` as a StorageError when it is the file system refusing (an OSError with one of those errnos, or
+    safetensors' writer, which reports the OS error only in its message: "... (os error 28)"), naming
+    `writing` (else the file the OSError names); None for anything else. torch.save's writer reports a full
+    disk without the OS error ("unexpected pos ...", "iostream error"): a RuntimeError while writing into
+    the directory `into` counts when that file system is read-only or has less than 1 MiB left."""
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None:
+        m = re.search(r"\(os error (\d+)\)", str(e))
+        code = int(m.group(1)) if m else None
+    if code is None and isinstance(e, RuntimeError) and into is not None:
+        try:
+            st = os.statvfs(into)
+        except OSError:
+            st = None
+        if st is not None and st.f_flag & os.ST_RDONLY:
+            code = errno.EROFS
+        elif st is not None and st.f_bavail * st.f_frsize < 1 << 20:
+            code = errno.ENOSPC
+    if code not in _STORAGE_ERRNOS:
+        return None
+    where = writing if writing is not None else getattr(e, "filename", None)
+    err = StorageError(f"{os.strerror(code)}" + (f" (writing {where})" if where else ""))
+    err.errno = code
+    return err
 
 
 def folded(e: BaseException, limit: int = 400) -> str:

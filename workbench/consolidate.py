@@ -59,9 +59,11 @@ def consolidate(checkpoint: Path, out_dir: Path, overwrite: bool = False) -> Pat
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
         raise ValueError(f"checkpoint does not match the student: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
     tmp = rundir.partial_dir(out_dir)
-    model.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(student_dir).save_pretrained(tmp)
+    with rundir.writing(tmp, out_dir):
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     rundir.move_into_place(tmp, out_dir)
     return out_dir
 
@@ -75,9 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from safetensors import SafetensorError
 
+    from workbench.config import StorageError
+
     try:
         print(consolidate(Path(args.checkpoint), Path(args.out), args.overwrite))
-    except (OSError, ValueError, KeyError) as e:  # missing / unreadable files, a checkpoint of another model
+    except (OSError, ValueError, KeyError, StorageError) as e:  # missing / unreadable files, a checkpoint of another model
         print(f"error: {e}", file=sys.stderr)
         return 2
     except SafetensorError as e:  # a truncated or corrupt weights file

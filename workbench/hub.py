@@ -21,6 +21,7 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+from workbench import rundir  # noqa: E402
 from workbench.config import LOGIT_DIVERGENCES, HubConfig, RecipeError, WorkbenchError, build, folded  # noqa: E402
 from workbench.evaluation import fmt_metric  # noqa: E402
 from workbench.models import is_hub_id  # noqa: E402
@@ -47,19 +48,21 @@ def stage(run_dir: str | Path, hub: HubConfig) -> Path:
         if d.exists() and (not d.is_dir() or {p.name for p in d.iterdir()} - ours):
             raise FileExistsError(f"{d} exists and was not written by workbench; move it away to stage the upload")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for f in sorted(src.iterdir()):
-        if f.is_file() and f.name not in _SKIP:
-            shutil.copy2(f, tmp / f.name)
-    adapter_cfg = tmp / "adapter_config.json"
-    if adapter_cfg.is_file():  # peft records its base as given: a local base is published by name only
-        cfg = json.loads(adapter_cfg.read_text())
-        cfg["base_model_name_or_path"] = public_name(cfg.get("base_model_name_or_path"))
-        adapter_cfg.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    (tmp / "recipe.yaml").write_text(public_recipe(run.recipe).to_yaml())
-    report = json.loads((run.path / "report.json").read_text()) if (run.path / "report.json").is_file() else None
-    (tmp / "README.md").write_text(model_card(run, src.name == "adapter", hub.repo_id or f"<user>/{run.name}", report))
-    manifest.write_text(json.dumps(sorted(ours | {p.name for p in tmp.iterdir()})))
+    with rundir.writing(tmp, folder):
+        tmp.mkdir()
+        for f in sorted(src.iterdir()):
+            if f.is_file() and f.name not in _SKIP:
+                shutil.copy2(f, tmp / f.name)
+        adapter_cfg = tmp / "adapter_config.json"
+        if adapter_cfg.is_file():  # peft records its base as given: a local base is published by name only
+            cfg = json.loads(adapter_cfg.read_text())
+            cfg["base_model_name_or_path"] = public_name(cfg.get("base_model_name_or_path"))
+            adapter_cfg.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        (tmp / "recipe.yaml").write_text(public_recipe(run.recipe).to_yaml())
+        report = json.loads((run.path / "report.json").read_text()) if (run.path / "report.json").is_file() else None
+        (tmp / "README.md").write_text(model_card(run, src.name == "adapter", hub.repo_id or f"<user>/{run.name}",
+                                                  report))
+        manifest.write_text(json.dumps(sorted(ours | {p.name for p in tmp.iterdir()})))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     manifest.write_text(json.dumps(sorted(p.name for p in folder.iterdir())))

@@ -211,18 +211,19 @@ def run(model: str, method: str, out: str, bits: int | None = None, group_size: 
         check_group_size(full, group_size)
         quantised = quantize_llmcompressor(full, tok, blocks, method, bits, group_size)
     kwargs = {"save_compressed": True} if method != "int8" else {}
-    quantised.save_pretrained(tmp, **kwargs)
-    tok.save_pretrained(tmp)
-    seconds = time.time() - t0
-    del quantised
-    reloaded = load_model(ModelSpec(name_or_path=str(tmp)), tok, "model")  # as any run would load it
-    ppl = perplexity(reloaded, val, max_batches=eval_batches)
-    result = {"source": model, "method": method, "bits": bits,
-              "group_size": None if method == "int8" else group_size,
-              "int8_threshold": int8_threshold if method == "int8" else None, "calibration_blocks": len(blocks),
-              "params": params, "val_ppl_source": ppl_source, "val_ppl": ppl, "seconds": seconds,
-              **weight_bits(tmp)}
-    (tmp / "quantize.json").write_text(json.dumps(result, indent=2) + "\n")
+    with rundir.writing(tmp, dest):
+        quantised.save_pretrained(tmp, **kwargs)
+        tok.save_pretrained(tmp)
+        seconds = time.time() - t0
+        del quantised
+        reloaded = load_model(ModelSpec(name_or_path=str(tmp)), tok, "model")  # as any run would load it
+        ppl = perplexity(reloaded, val, max_batches=eval_batches)
+        result = {"source": model, "method": method, "bits": bits,
+                  "group_size": None if method == "int8" else group_size,
+                  "int8_threshold": int8_threshold if method == "int8" else None, "calibration_blocks": len(blocks),
+                  "params": params, "val_ppl_source": ppl_source, "val_ppl": ppl, "seconds": seconds,
+                  **weight_bits(tmp)}
+        (tmp / "quantize.json").write_text(json.dumps(result, indent=2) + "\n")
     rundir.move_into_place(tmp, dest)
     return result
 

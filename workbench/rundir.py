@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import shutil
 import time
 from pathlib import Path
 
-from workbench.config import Recipe, RecipeError, build, yaml_load
+from workbench.config import Recipe, RecipeError, build, storage_error, yaml_load
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,21 @@ def partial_dir(dest: Path) -> Path:
     tmp = dest.with_name(f".{dest.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     return tmp
+
+
+@contextlib.contextmanager
+def writing(tmp: Path, what):
+    """Around writing the partial directory `tmp` of `what`: if that fails, `tmp` is removed (it holds nothing
+    complete, and on a full disk the space a retry needs), and the file system's refusal (disk full, quota,
+    read-only, permission) becomes a StorageError naming `what`."""
+    try:
+        yield
+    except BaseException as e:
+        err = storage_error(e, what, into=tmp if tmp.exists() else tmp.parent)  # before the space is freed
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err is not None:
+            raise err from e
+        raise
 
 
 def move_into_place(tmp: Path, dest: Path) -> None:

@@ -20,8 +20,8 @@ if __name__ == "__main__" and not __package__:  # run as a file: import the pack
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from workbench import rundir
-from workbench.config import (CROSS_TOKENIZER_LOSSES, Recipe, RecipeError, WorkbenchError, describe_fields, list_recipes,
-                              load_recipe)
+from workbench.config import (CROSS_TOKENIZER_LOSSES, Recipe, RecipeError, StorageError, WorkbenchError, describe_fields,
+                              list_recipes, load_recipe, storage_error)
 
 log = logging.getLogger("workbench")
 
@@ -84,9 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         metrics = run(recipe, accelerator)
-    except WorkbenchError as e:  # everyday mistakes and divergence: one line, no traceback
+    except Exception as e:  # everyday mistakes, divergence, a full disk: one line, no traceback
+        err = e if isinstance(e, WorkbenchError) else storage_error(e)
+        if err is None:
+            raise
         if accelerator.is_main_process:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {err}{_after_storage_error(recipe) if isinstance(err, StorageError) else ''}",
+                  file=sys.stderr)
         metrics, code = None, 2
     if metrics and accelerator.is_main_process:
         print(format_summary(metrics))
@@ -95,6 +99,20 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return code
+
+
+def _after_storage_error(recipe: Recipe) -> str:
+    """What a run stopped by the file system leaves, and how to go on."""
+    from workbench.trainer import latest_checkpoint
+
+    out = recipe.output_dir
+    if (out / "final_metrics.json").is_file():  # trained and saved: the report or the push failed
+        return (f"; the trained model is saved in {out / 'model'}: make room, then python workbench/evaluate.py "
+                f"{out} writes the report" + (f" and python -m workbench.hub {out} pushes it"
+                                              if recipe.output.push_to_hub else ""))
+    ckpt = latest_checkpoint(out) if out.is_dir() else None
+    return ("; the run stopped: make room (or choose another output.dir) and rerun with resume=true, which "
+            + (f"continues from {ckpt}" if ckpt else "starts from the beginning (no checkpoint was saved)"))
 
 
 # --------------------------------------------------------------------------------------------- validation

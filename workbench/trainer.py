@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from workbench import distributed as dist
+from workbench import rundir
 from workbench import onpolicy
 from workbench.config import LossTerm, Recipe, RecipeError, TrainingDiverged
 from workbench.data import Blocks, PackedData, make_batch, mask_labels, stream_indices
@@ -609,16 +610,18 @@ def save_checkpoint(accelerator, out: Path, state: dict, keep: int, extra: dict 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    for name, obj in (extra or {}).items():
-        torch.save(obj, tmp / name)
-    accelerator.wait_for_everyone()
+    with rundir.writing(tmp, f"checkpoint {final}"):
+        accelerator.save_state(str(tmp))
+        for name, obj in (extra or {}).items():
+            torch.save(obj, tmp / name)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if student_files is not None:
+                model, tokenizer = student_files
+                getattr(model, "config").save_pretrained(tmp / "student")
+                tokenizer.save_pretrained(tmp / "student")
+            (tmp / "trainer_state.json").write_text(json.dumps(state))
     if accelerator.is_main_process:
-        if student_files is not None:
-            model, tokenizer = student_files
-            getattr(model, "config").save_pretrained(tmp / "student")
-            tokenizer.save_pretrained(tmp / "student")
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -648,16 +651,19 @@ def save_final_model(accelerator, model, tokenizer, path: Path) -> None:
             adapter = path.with_name("adapter")
             tmp_adapter = adapter.with_name(adapter.name + ".tmp")
             shutil.rmtree(tmp_adapter, ignore_errors=True)
-            student.save_pretrained(tmp_adapter, state_dict=weights)
-            tokenizer.save_pretrained(tmp_adapter)
+            with rundir.writing(tmp_adapter, f"the adapter {adapter}"):
+                student.save_pretrained(tmp_adapter, state_dict=weights)
+                tokenizer.save_pretrained(tmp_adapter)
             shutil.rmtree(adapter, ignore_errors=True)
             os.replace(tmp_adapter, adapter)
-            merged_copy(student, state_dict=weights).save_pretrained(tmp, safe_serialization=True)
-        else:
-            student.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if heads:
-            save_file(heads, str(tmp / HEADS_FILE))
+        with rundir.writing(tmp, f"the model {path}"):
+            if is_peft(student):
+                merged_copy(student, state_dict=weights).save_pretrained(tmp, safe_serialization=True)
+            else:
+                student.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            if heads:
+                save_file(heads, str(tmp / HEADS_FILE))
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     accelerator.wait_for_everyone()

@@ -1,0 +1,151 @@
+"""A file system that refuses a write (disk full, quota, read-only, permission) ends a command in one line
+that says what was being written and how to go on; nothing partial is left behind, nothing complete is lost.
+
+The refusals are simulated where the writes happen (a real full disk needs a mount): safetensors' writer,
+torch.save's writer (which reports a full disk without the OS error) and plain OSErrors."""
+
+from __future__ import annotations
+
+import errno
+import os
+import types
+
+import pytest
+from conftest import FAST, fast_recipe, one_error_line
+
+from workbench.config import StorageError, storage_error
+from workbench.train import main
+
+FULL = "Error while serializing: I/O error: No space left on device (os error 28)"  # safetensors' wording
+
+
+def _args(out, *more):
+    return ["recipe=sft_tiny", *FAST, f"output.dir={out}", *more]
+
+
+def _fail_on_call(monkeypatch, owner, name, n, exc, partial_file=None):
+    """owner.name raises `exc` on its n-th call (after writing `partial_file` into the directory it was given,
+    as a write cut short would), and runs as usual otherwise."""
+    original = getattr(owner, name)
+    calls = []
+
+    def wrapper(self, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == n:
+            if partial_file:
+                os.makedirs(path, exist_ok=True)
+                with open(os.path.join(path, partial_file), "wb") as f:
+                    f.write(b"\0" * 1000)
+            raise exc
+        return original(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return calls
+
+
+def test_storage_error_tells_refusals_from_other_errors(tmp_path, monkeypatch):
+    e = storage_error(OSError(errno.ENOSPC, "No space left on device", "/x/metrics.jsonl"))
+    assert isinstance(e, StorageError) and str(e) == "No space left on device (writing /x/metrics.jsonl)"
+    assert str(storage_error(PermissionError(errno.EACCES, "denied", "/x/y"), "the model /m")) == \
+        "Permission denied (writing the model /m)"
+    assert str(storage_error(OSError(errno.EROFS, "ro"))) == os.strerror(errno.EROFS)
+    from safetensors import SafetensorError
+
+    assert storage_error(SafetensorError(FULL), "x").errno == errno.ENOSPC
+    for other in (FileNotFoundError(errno.ENOENT, "gone", "/x"), SafetensorError("Error while deserializing header"),
+                  SafetensorError("I/O error: No such file or directory (os error 2)"), ValueError("no space"),
+                  RuntimeError("unexpected pos 4532864 vs 4532752")):
+        assert storage_error(other, "x", into=tmp_path) is None  # (tmp_path has room)
+    # torch.save's writer on a full disk: a RuntimeError without the OS error; counted only when the
+    # directory it wrote into is full or read-only
+    full = types.SimpleNamespace(f_flag=0, f_bavail=0, f_frsize=4096)
+    monkeypatch.setattr(os, "statvfs", lambda path: full)
+    assert storage_error(RuntimeError("basic_ios::clear: iostream error"), "x", into=tmp_path).errno == errno.ENOSPC
+    assert storage_error(RuntimeError("basic_ios::clear: iostream error"), "x") is None  # no directory given
+    monkeypatch.setattr(os, "statvfs", lambda path: types.SimpleNamespace(f_flag=os.ST_RDONLY, f_bavail=10**6,
+                                                                          f_frsize=4096))
+    assert storage_error(RuntimeError("iostream error"), "x", into=tmp_path).errno == errno.EROFS
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(capsys, tmp_path, monkeypatch):
+    """The second checkpoint cannot be written: one line naming it and the checkpoint a resume continues
+    from, its partial directory removed (the space a retry needs), the first intact; once there is room,
+    resume=true finishes the run."""
+    from accelerate import Accelerator
+    from safetensors import SafetensorError
+
+    out = tmp_path / "run"
+    _fail_on_call(monkeypatch, Accelerator, "save_state", 2, SafetensorError(FULL), "model.safetensors")
+    line = one_error_line(main(_args(out)), capsys.readouterr().err)
+    ckpts = out / "checkpoints"
+    assert f"No space left on device (writing checkpoint {ckpts / 'step-0000006'})" in line
+    assert f"rerun with resume=true, which continues from {ckpts / 'step-0000003'}" in line
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000003"]
+    assert (ckpts / "step-0000003" / "trainer_state.json").is_file() and not (out / "model").exists()
+    monkeypatch.undo()
+    assert main(_args(out, "resume=true")) == 0
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_torch_saves_full_disk_and_a_refused_model(capsys, tmp_path, monkeypatch):
+    """torch.save's writer on a full disk (no OS error in its message) before any checkpoint; then the
+    final model refused: its partial directory removed, the last checkpoint named, and resume=true writes it."""
+    from accelerate import Accelerator
+    from transformers import PreTrainedModel
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _fail_on_call(m, Accelerator, "save_state", 1, RuntimeError("[enforce fail at inline_container.cc:672] . "
+                                                                    "unexpected pos 4532864 vs 4532752"), "optimizer.bin")
+        m.setattr(os, "statvfs", lambda path: types.SimpleNamespace(f_flag=0, f_bavail=3, f_frsize=4096))
+        line = one_error_line(main(_args(out)), capsys.readouterr().err)
+    assert "No space left on device (writing checkpoint" in line
+    assert "starts from the beginning (no checkpoint was saved)" in line
+    assert list((out / "checkpoints").iterdir()) == []
+
+    with monkeypatch.context() as m:  # the same RuntimeError with room on the disk is not a full disk
+        _fail_on_call(m, Accelerator, "save_state", 1, RuntimeError("unexpected pos 4532864 vs 4532752"))
+        with pytest.raises(RuntimeError, match="unexpected pos"):
+            main(_args(tmp_path / "other"))
+
+    with monkeypatch.context() as m:
+        _fail_on_call(m, PreTrainedModel, "save_pretrained", 1,
+                      OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)), "model.safetensors")
+        line = one_error_line(main(_args(out, "resume=true")), capsys.readouterr().err)
+    assert f"{os.strerror(errno.EDQUOT)} (writing the model {out / 'model'})" in line
+    assert f"continues from {out / 'checkpoints' / 'step-0000006'}" in line
+    assert not (out / "model").exists() and not (out / "model.tmp").exists()
+    assert main(_args(out, "resume=true")) == 0
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_a_full_disk_while_writing_the_report_says_the_model_is_saved(capsys, tmp_path, monkeypatch):
+    import workbench.train as T
+
+    out = tmp_path / "run"
+
+    def report(recipe, accelerator):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "report.html"))
+
+    monkeypatch.setattr(T, "_report", report)
+    line = one_error_line(main(_args(out, "eval.report=true")), capsys.readouterr().err)
+    assert f"No space left on device (writing {out / 'report.html'}); the trained model is saved in {out / 'model'}" \
+           f": make room, then python workbench/evaluate.py {out} writes the report" in line
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_consolidate_into_a_full_disk_keeps_the_old_destination(capsys, tmp_path, accelerator, monkeypatch):
+    from transformers import PreTrainedModel
+
+    from workbench.consolidate import main as consolidate_main
+    from workbench.train import run
+
+    run(fast_recipe("sft_tiny", tmp_path / "run", "train.max_steps=2", "train.checkpoint_every=2"), accelerator)
+    ckpt, dst = tmp_path / "run" / "checkpoints" / "step-0000002", tmp_path / "student"
+    dst.mkdir()
+    (dst / "mine.txt").write_text("kept")
+    _fail_on_call(monkeypatch, PreTrainedModel, "save_pretrained", 1,
+                  OSError(errno.ENOSPC, "No space left on device"), "model.safetensors")
+    line = one_error_line(consolidate_main([str(ckpt), str(dst), "--overwrite"]), capsys.readouterr().err)
+    assert line == f"error: No space left on device (writing {dst})"
+    assert (dst / "mine.txt").read_text() == "kept" and not list(tmp_path.glob(".student*"))
