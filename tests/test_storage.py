@@ -149,3 +149,50 @@ def test_consolidate_into_a_full_disk_keeps_the_old_destination(capsys, tmp_path
     line = one_error_line(consolidate_main([str(ckpt), str(dst), "--overwrite"]), capsys.readouterr().err)
     assert line == f"error: No space left on device (writing {dst})"
     assert (dst / "mine.txt").read_text() == "kept" and not list(tmp_path.glob(".student*"))
+
+
+def test_a_cache_entry_the_disk_cannot_hold_is_removed_and_named(tmp_path, monkeypatch):
+    """numpy's writer on a full disk: an OSError without errno ("N requested and M written") while packing
+    data into the cache; the entry's partial directory is removed and the error names the entry."""
+    from workbench.data import _atomic_dir
+
+    monkeypatch.setattr(os, "statvfs", lambda path: types.SimpleNamespace(f_flag=0, f_bavail=0, f_frsize=4096))
+    entry = tmp_path / "packed" / "key"
+    with pytest.raises(StorageError, match=f"^No space left on device \\(writing {entry}\\)$"):
+        with _atomic_dir(entry) as tmp:
+            (tmp / "train.npy").write_bytes(b"\0" * 100)
+            raise OSError("2634752 requested and 389056 written")
+    assert list((tmp_path / "packed").iterdir()) == []
+    with pytest.raises(ValueError, match="not a storage error"):  # anything else passes through unchanged
+        with _atomic_dir(entry):
+            raise ValueError("not a storage error")
+    assert list((tmp_path / "packed").iterdir()) == []
+
+
+def test_a_report_that_cannot_be_written_whole_leaves_the_previous_one(tmp_path, monkeypatch):
+    """The report's files are written beside their places and moved in only when all are written: the disk
+    filling up at the third file leaves the previous report as it was and no partial file."""
+    from pathlib import Path
+
+    from workbench.evaluation import write_together
+
+    names = ["report_plots/losses.png", "report.md", "report.html", "report.json"]
+    write_together({tmp_path / n: b"old " + n.encode() for n in names}, "the report")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert len(before) == 4
+    original, calls = Path.write_bytes, []
+
+    def write_bytes(self, data):
+        calls.append(self.name)
+        if len(calls) == 3:
+            original(self, data[:10])
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return original(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    with pytest.raises(StorageError, match=r"^No space left on device \(writing the report\)$"):
+        write_together({tmp_path / n: b"new " + n.encode() for n in names}, "the report")
+    monkeypatch.undo()
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    write_together({tmp_path / n: b"new" for n in names}, "the report")
+    assert {p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == {b"new"}

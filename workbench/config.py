@@ -76,13 +76,14 @@ def storage_error(e: BaseException, writing=None, into=None) -> StorageError | N
     """`e` as a StorageError when it is the file system refusing (an OSError with one of those errnos, or
     safetensors' writer, which reports the OS error only in its message: "... (os error 28)"), naming
     `writing` (else the file the OSError names); None for anything else. torch.save's writer reports a full
-    disk without the OS error ("unexpected pos ...", "iostream error"): a RuntimeError while writing into
-    the directory `into` counts when that file system is read-only or has less than 1 MiB left."""
+    disk without the OS error ("unexpected pos ...", "iostream error"), numpy's as an OSError without one
+    ("N requested and M written"): such an error while writing into the directory `into` counts when that
+    file system is read-only or has less than 1 MiB left."""
     code = e.errno if isinstance(e, OSError) else None
     if code is None:
         m = re.search(r"\(os error (\d+)\)", str(e))
         code = int(m.group(1)) if m else None
-    if code is None and isinstance(e, RuntimeError) and into is not None:
+    if code is None and isinstance(e, (RuntimeError, OSError)) and into is not None:
         try:
             st = os.statvfs(into)
         except OSError:

@@ -26,7 +26,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from workbench.config import DataConfig, RecipeError
+from workbench.config import DataConfig, RecipeError, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -793,8 +793,11 @@ class _atomic_dir:
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
+        if exc_type is not None:  # a full disk (say) is one line naming the cache entry; the space is freed
+            err = storage_error(exc, self.path, into=self.tmp)
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if err is not None:
+                raise err from exc
             return
         try:
             os.replace(self.tmp, self.path)

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     third_party_warnings_once()
 
-    from workbench.config import RecipeError, build
+    from workbench.config import RecipeError, WorkbenchError, build
     from workbench.evaluation import load_run, perplexity_table, report
 
     try:
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.task_file and not Path(cfg.task_file).is_file():
             raise FileNotFoundError(f"task file not found: {cfg.task_file}")
         md, html = report(args.runs, args.out, cfg)
-    except (OSError, ValueError, RecipeError) as e:  # (OSError: also a report directory it cannot write)
+    except (OSError, ValueError, WorkbenchError) as e:  # (a report directory it cannot write, a full disk)
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"report: {md}\n        {html}")

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from workbench.config import EvalConfig, Recipe, RecipeError, load_recipe
+from workbench.config import EvalConfig, Recipe, RecipeError, load_recipe, storage_error
 
 log = logging.getLogger(__name__)
 logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score logs each scorer it builds at INFO
@@ -490,28 +490,46 @@ def machine() -> str:
 
 
 def write_report(res: dict, out_dir: str | Path) -> tuple[Path, Path]:
-    """report.md (plots as PNG files in report_plots/) and report.html (plots inlined) in `out_dir`.
-    Both are rendered from one list of blocks; every piece of text (run names, model names, generated and
-    held-out text) is escaped for its format, so text can never become markup or script."""
+    """report.md (plots as PNG files in report_plots/), report.html (plots inlined) and report.json (the
+    results) in `out_dir`. Both reports are rendered from one list of blocks; every piece of text (run names,
+    model names, generated and held-out text) is escaped for its format, so text can never become markup or
+    script. All or nothing: a report that cannot be written whole leaves the previous one as it was."""
     out = Path(out_dir)
-    plots_dir = out / "report_plots"
-    plots_dir.mkdir(parents=True, exist_ok=True)
     plots = _plots(res)
-    for name, png in plots.items():
-        (plots_dir / f"{name}.png").write_bytes(png)
     blocks = _blocks(res, plots)
-    (out / "report.md").write_text(to_markdown(blocks))
-    (out / "report.html").write_text(to_html(blocks, f"workbench report: {res['main']}", plots))
+    files = {out / "report_plots" / f"{name}.png": png for name, png in plots.items()}
+    files[out / "report.md"] = to_markdown(blocks).encode()
+    files[out / "report.html"] = to_html(blocks, f"workbench report: {res['main']}", plots).encode()
+    files[out / "report.json"] = json.dumps(res, indent=1, default=str).encode()
+    write_together(files, f"the report in {out}")
     return out / "report.md", out / "report.html"
+
+
+def write_together(files: dict[Path, bytes], what: str) -> None:
+    """Write every file beside its destination first and move them into place only once all are written:
+    on a full disk (or any failure) no file is left half written and none of the previous ones replaced; the
+    file system's refusal is a StorageError naming `what`."""
+    partial = {path: path.with_name(f".{path.name}.partial") for path in files}
+    try:
+        for path, data in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial[path].write_bytes(data)
+    except BaseException as e:
+        err = storage_error(e, what, into=path.parent)
+        for tmp in partial.values():
+            tmp.unlink(missing_ok=True)
+        if err is not None:
+            raise err from e
+        raise
+    for path, tmp in partial.items():
+        os.replace(tmp, path)
 
 
 def report(run_dirs: list[str | Path], out_dir: str | Path | None = None, cfg: EvalConfig | None = None,
            device=None) -> tuple[Path, Path]:
     """Evaluate `run_dirs` (the first is the main run) and write the report (default: in the main run)."""
     res = evaluate_runs(run_dirs, cfg, device)
-    paths = write_report(res, out_dir or run_dirs[0])
-    (Path(out_dir or run_dirs[0]) / "report.json").write_text(json.dumps(res, indent=1, default=str))
-    return paths
+    return write_report(res, out_dir or run_dirs[0])
 
 
 _CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"

@@ -111,7 +111,7 @@ def _after_storage_error(recipe: Recipe) -> str:
                 f"{out} writes the report" + (f" and python -m workbench.hub {out} pushes it"
                                               if recipe.output.push_to_hub else ""))
     ckpt = latest_checkpoint(out) if out.is_dir() else None
-    return ("; the run stopped: make room (or choose another output.dir) and rerun with resume=true, which "
+    return ("; the run stopped: make room and rerun with resume=true, which "
             + (f"continues from {ckpt}" if ckpt else "starts from the beginning (no checkpoint was saved)"))
 
 
