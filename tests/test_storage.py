@@ -196,3 +196,24 @@ def test_a_report_that_cannot_be_written_whole_leaves_the_previous_one(tmp_path,
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     write_together({tmp_path / n: b"new" for n in names}, "the report")
     assert {p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == {b"new"}
+
+
+def test_a_metrics_line_cut_short_is_skipped_on_resume_and_in_reports(tmp_path, accelerator, caplog):
+    """metrics.jsonl whose last write was cut short (a kill, a full disk): resume drops the damaged line with
+    a warning (it was json's traceback) and the file reads as one uninterrupted run; the report reads it too."""
+    import json
+
+    from workbench.trainer import read_metrics
+    from workbench.train import run
+
+    out = tmp_path / "run"
+    run(fast_recipe("sft_tiny", out, "train.max_steps=3"), accelerator)
+    whole = read_metrics(out)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 5.1')
+    assert read_metrics(out) == whole and len(whole) >= 3
+    assert "skipped 1 line(s) that are not whole records" in caplog.text
+    run(fast_recipe("sft_tiny", out, "train.max_steps=6", "resume=true"), accelerator)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines if "train/loss" in json.loads(line)] == [1, 2, 3, 4, 5, 6]
+    assert not list(out.glob(".metrics*"))

@@ -685,9 +685,10 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         keep = []
         if self.path.exists() and truncate_after > 0:
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= truncate_after]
-        self.path.write_text("".join(line + "\n" for line in keep))
+            keep = [rec for rec in read_metrics(out) if rec["step"] <= truncate_after]
+        tmp = self.path.with_name(f".{self.path.name}.partial")  # the old records stay until the new file is whole
+        tmp.write_text("".join(json.dumps(rec) + "\n" for rec in keep))
+        os.replace(tmp, self.path)
         self.file = self.path.open("a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -712,8 +713,22 @@ class MetricsLog:
 
 
 def read_metrics(out: Path) -> list[dict]:
+    """The records of <out>/metrics.jsonl. A line that is not a whole record (the write cut short by a
+    kill or a full disk) is skipped with a warning."""
     path = Path(out) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, damaged = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            rec = None
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            records.append(rec)
+        elif line.strip():
+            damaged += 1
+    if damaged:
+        log.warning("%s: skipped %d line(s) that are not whole records (a write cut short)", path, damaged)
+    return records
 
 
 # --------------------------------------------------------------------------------------------- signals
