@@ -174,7 +174,7 @@ def test_a_report_that_cannot_be_written_whole_leaves_the_previous_one(tmp_path,
     filling up at the third file leaves the previous report as it was and no partial file."""
     from pathlib import Path
 
-    from workbench.evaluation import write_together
+    from workbench.rundir import write_together
 
     names = ["report_plots/losses.png", "report.md", "report.html", "report.json"]
     write_together({tmp_path / n: b"old " + n.encode() for n in names}, "the report")

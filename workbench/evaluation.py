@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from workbench.config import EvalConfig, Recipe, RecipeError, load_recipe, storage_error
+from workbench import rundir
+from workbench.config import EvalConfig, Recipe, RecipeError, load_recipe
 
 log = logging.getLogger(__name__)
 logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score logs each scorer it builds at INFO
@@ -501,28 +502,8 @@ def write_report(res: dict, out_dir: str | Path) -> tuple[Path, Path]:
     files[out / "report.md"] = to_markdown(blocks).encode()
     files[out / "report.html"] = to_html(blocks, f"workbench report: {res['main']}", plots).encode()
     files[out / "report.json"] = json.dumps(res, indent=1, default=str).encode()
-    write_together(files, f"the report in {out}")
+    rundir.write_together(files, f"the report in {out}")
     return out / "report.md", out / "report.html"
-
-
-def write_together(files: dict[Path, bytes], what: str) -> None:
-    """Write every file beside its destination first and move them into place only once all are written:
-    on a full disk (or any failure) no file is left half written and none of the previous ones replaced; the
-    file system's refusal is a StorageError naming `what`."""
-    partial = {path: path.with_name(f".{path.name}.partial") for path in files}
-    try:
-        for path, data in files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial[path].write_bytes(data)
-    except BaseException as e:
-        err = storage_error(e, what, into=path.parent)
-        for tmp in partial.values():
-            tmp.unlink(missing_ok=True)
-        if err is not None:
-            raise err from e
-        raise
-    for path, tmp in partial.items():
-        os.replace(tmp, path)
 
 
 def report(run_dirs: list[str | Path], out_dir: str | Path | None = None, cfg: EvalConfig | None = None,

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from workbench import distributed as dist
 from workbench import trainer as T
+from workbench import rundir
 from workbench.config import Recipe, RecipeError
 from workbench.data import PackedData, make_batch, mask_labels, stream_indices
 from workbench.losses import ModelOutputs, Objective, logit_loss_on, shift_labels
@@ -235,7 +236,7 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
     metrics = T.MetricsLog(out, enabled=accelerator.is_main_process, truncate_after=state["step"],
                            tensorboard=recipe.output.tensorboard)
     if state["step"] == 0 and accelerator.is_main_process:
-        (out / "recipe.yaml").write_text(recipe.to_yaml())
+        rundir.write_file(out / "recipe.yaml", recipe.to_yaml())
         metrics.write({"step": 0, "parallel/processes": n_stages, "parallel/pipeline_stages": n_stages,
                        "parallel/pipeline_microbatches": M,
                        "parallel/stage_blocks": [[r.start, r.stop] for r in layers]})

@@ -164,7 +164,7 @@ def check_resume(recipe: Recipe, step: int, is_main: bool) -> None:
             log.warning("resume at step %d with %s changed: %r -> %r", step, k, old, new)
         with (recipe.output_dir / CHANGES).open("a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), "changed": changed}) + "\n")
-        (recipe.output_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        write_file(recipe.output_dir / "recipe.yaml", recipe.to_yaml())
 
 
 def _flatten(d, prefix: str = "") -> dict:
@@ -238,6 +238,32 @@ def writing(tmp: Path, what):
         if err is not None:
             raise err from e
         raise
+
+
+def write_together(files: dict[Path, bytes], what: str) -> None:
+    """Write every file beside its destination first and move them into place only once all are written:
+    on a full disk (or any failure) no file is left half written and none of the previous ones replaced; the
+    file system's refusal is a StorageError naming `what`."""
+    partial = {path: path.with_name(f".{path.name}.partial") for path in files}
+    try:
+        for path, data in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial[path].write_bytes(data)
+    except BaseException as e:
+        err = storage_error(e, what, into=path.parent)
+        for tmp in partial.values():
+            tmp.unlink(missing_ok=True)
+        if err is not None:
+            raise err from e
+        raise
+    for path, tmp in partial.items():
+        os.replace(tmp, path)
+
+
+def write_file(path: Path, text: str) -> None:
+    """`text` into `path`, whole or not at all (write_together)."""
+    write_together({Path(path): text.encode()}, path)
+
 
 
 def move_into_place(tmp: Path, dest: Path) -> None:

@@ -182,9 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e} ({models})", file=sys.stderr)
         return 2
     if args.json:
+        from workbench.config import WorkbenchError
+        from workbench.rundir import write_file
+
         try:
-            Path(args.json).expanduser().write_text(json.dumps(result, indent=2))
-        except OSError as e:
+            write_file(Path(args.json).expanduser(), json.dumps(result, indent=2))
+        except (OSError, WorkbenchError) as e:
             print(f"error: --json {args.json}: {e}", file=sys.stderr)
             return 2
     return 0

@@ -362,7 +362,7 @@ def _run(recipe: Recipe, accelerator) -> dict:
         result.metrics["teacher_val_ppl"] = cached_teacher_ppl
     result.metrics["fingerprint"] = recipe.fingerprint()
     if accelerator.is_main_process:
-        (out / "final_metrics.json").write_text(json.dumps(result.metrics, indent=2))
+        rundir.write_file(out / "final_metrics.json", json.dumps(result.metrics, indent=2))
         if recipe.eval.report:  # the trained model is saved already; the report reads it back
             del student, teacher  # the report loads what it evaluates itself: free the training copies
             accelerator.free_memory()
@@ -462,7 +462,7 @@ def _teacher_cache(recipe, spec, teacher, packed, vocab, accelerator, terms=None
         teacher.to(accelerator.device)
         ppl = evaluate_perplexity(teacher, packed.val, recipe.train.micro_batch_size, 0, accelerator)
         if accelerator.is_main_process:
-            ppl_file.write_text(json.dumps(ppl))
+            rundir.write_file(ppl_file, json.dumps(ppl))
         accelerator.wait_for_everyone()
     log.info("training from the top-%d teacher cache %s", tc.top_k, path)
     return TC.TeacherCache(path), json.loads(ppl_file.read_text())

@@ -200,7 +200,7 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
     metrics = MetricsLog(out, enabled=accelerator.is_main_process, truncate_after=state["step"],
                          tensorboard=recipe.output.tensorboard)
     if state["step"] == 0 and accelerator.is_main_process:
-        (out / "recipe.yaml").write_text(recipe.to_yaml())
+        rundir.write_file(out / "recipe.yaml", recipe.to_yaml())
 
     student_inner = accelerator.unwrap_model(model).student
     local, total_elems = dist.param_elements(student_inner)
