@@ -45,7 +45,7 @@ def _fail_on_call(monkeypatch, owner, name, n, exc, partial_file=None):
 
 def test_storage_error_tells_refusals_from_other_errors(tmp_path, monkeypatch):
     e = storage_error(OSError(errno.ENOSPC, "No space left on device", "/x/metrics.jsonl"))
-    assert isinstance(e, StorageError) and str(e) == "No space left on device (writing /x/metrics.jsonl)"
+    assert isinstance(e, StorageError) and str(e) == "No space left on device: /x/metrics.jsonl"
     assert str(storage_error(PermissionError(errno.EACCES, "denied", "/x/y"), "the model /m")) == \
         "Permission denied (writing the model /m)"
     assert str(storage_error(OSError(errno.EROFS, "ro"))) == os.strerror(errno.EROFS)
@@ -119,18 +119,19 @@ def test_torch_saves_full_disk_and_a_refused_model(capsys, tmp_path, monkeypatch
     assert (out / "model" / "model.safetensors").is_file()
 
 
-def test_a_full_disk_while_writing_the_report_says_the_model_is_saved(capsys, tmp_path, monkeypatch):
+@pytest.mark.parametrize("code, fix", [(errno.ENOSPC, "make room"), (errno.EACCES, "fix that")])
+def test_a_refused_report_says_the_model_is_saved(capsys, tmp_path, monkeypatch, code, fix):
     import workbench.train as T
 
     out = tmp_path / "run"
 
     def report(recipe, accelerator):
-        raise OSError(errno.ENOSPC, "No space left on device", str(out / "report.html"))
+        raise OSError(code, os.strerror(code), str(out / "report.html"))
 
     monkeypatch.setattr(T, "_report", report)
     line = one_error_line(main(_args(out, "eval.report=true")), capsys.readouterr().err)
-    assert f"No space left on device (writing {out / 'report.html'}); the trained model is saved in {out / 'model'}" \
-           f": make room, then python workbench/evaluate.py {out} writes the report" in line
+    assert f"{os.strerror(code)}: {out / 'report.html'}; the trained model is saved in {out / 'model'}: {fix}, " \
+           f"then python workbench/evaluate.py {out} writes the report" in line
     assert (out / "model" / "model.safetensors").is_file()
 
 

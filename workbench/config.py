@@ -75,7 +75,7 @@ _STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO,
 def storage_error(e: BaseException, writing=None, into=None) -> StorageError | None:
     """`e` as a StorageError when it is the file system refusing (an OSError with one of those errnos, or
     safetensors' writer, which reports the OS error only in its message: "... (os error 28)"), naming
-    `writing` (else the file the OSError names); None for anything else. torch.save's writer reports a full
+    `writing` (else the file the OSError names, read or written); None for anything else. torch.save's writer reports a full
     disk without the OS error ("unexpected pos ...", "iostream error"), numpy's as an OSError without one
     ("N requested and M written"): such an error while writing into the directory `into` counts when that
     file system is read-only or has less than 1 MiB left."""
@@ -94,8 +94,11 @@ def storage_error(e: BaseException, writing=None, into=None) -> StorageError | N
             code = errno.ENOSPC
     if code not in _STORAGE_ERRNOS:
         return None
-    where = writing if writing is not None else getattr(e, "filename", None)
-    err = StorageError(f"{os.strerror(code)}" + (f" (writing {where})" if where else ""))
+    if writing is not None:
+        err = StorageError(f"{os.strerror(code)} (writing {writing})")
+    else:  # a read or a write: the file it names, if any
+        name = getattr(e, "filename", None)
+        err = StorageError(os.strerror(code) + (f": {name}" if name else ""))
     err.errno = code
     return err
 

@@ -265,7 +265,6 @@ def write_file(path: Path, text: str) -> None:
     write_together({Path(path): text.encode()}, path)
 
 
-
 def move_into_place(tmp: Path, dest: Path) -> None:
     """Replace `dest` (a directory, a file, or nothing) by the completed `tmp`."""
     if dest.is_dir():

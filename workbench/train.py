@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         if err is None:
             raise
         if accelerator.is_main_process:
-            print(f"error: {err}{_after_storage_error(recipe) if isinstance(err, StorageError) else ''}",
+            print(f"error: {err}{_after_storage_error(recipe, err) if isinstance(err, StorageError) else ''}",
                   file=sys.stderr)
         metrics, code = None, 2
     if metrics and accelerator.is_main_process:
@@ -101,17 +101,20 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def _after_storage_error(recipe: Recipe) -> str:
+def _after_storage_error(recipe: Recipe, err: StorageError) -> str:
     """What a run stopped by the file system leaves, and how to go on."""
+    import errno
+
     from workbench.trainer import latest_checkpoint
 
+    fix = "make room" if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "fix that"
     out = recipe.output_dir
     if (out / "final_metrics.json").is_file():  # trained and saved: the report or the push failed
-        return (f"; the trained model is saved in {out / 'model'}: make room, then python workbench/evaluate.py "
+        return (f"; the trained model is saved in {out / 'model'}: {fix}, then python workbench/evaluate.py "
                 f"{out} writes the report" + (f" and python -m workbench.hub {out} pushes it"
                                               if recipe.output.push_to_hub else ""))
     ckpt = latest_checkpoint(out) if out.is_dir() else None
-    return ("; the run stopped: make room and rerun with resume=true, which "
+    return (f"; the run stopped: {fix} and rerun with resume=true, which "
             + (f"continues from {ckpt}" if ckpt else "starts from the beginning (no checkpoint was saved)"))
 
 
