@@ -434,9 +434,49 @@ def test_cli_errors(tmp_path, capsys):
                        (["--prompts-file", str(tmp_path / "binary")], "not UTF-8 text"),
                        (["--prompts-file", str(tmp_path)], "Is a directory"),
                        (["--json", str(tmp_path / "no_dir" / "stats.json")], "not a file in an existing directory"),
-                       (["--json", str(tmp_path)], "not a file in an existing directory")]:
+                       (["--json", str(tmp_path)], "not a file in an existing directory"),
+                       (["--temperature", "-1"], "--temperature must be >= 0 (0 is greedy), not -1.0"),
+                       (["--temperature", "nan"], "--temperature must be >= 0"),
+                       (["--top-p", "2"], "--top-p must be in (0, 1] (1 keeps every token), not 2.0"),
+                       (["--top-p", "0"], "--top-p must be in (0, 1]"),
+                       (["--top-k", "-3"], "--top-k must be >= 0 (0 keeps every token), not -3"),
+                       (["--draft-len", "adaptive", "--max-draft-len", "0"], "--max-draft-len"),
+                       (["--prompt", ""], "--prompt '': an empty prompt gives the models nothing to continue")]:
         assert speculate.main(argv) == 2
         assert says in capsys.readouterr().err
+
+
+def test_sampling_settings_out_of_range_are_refused_by_the_library():
+    """Out of range, probs_from_logits would quietly do something else (a negative temperature ranks the
+    least likely token first, top_p > 1 or top_k < 0 filter nothing); speculative_generate refuses them."""
+    import torch
+
+    from workbench.sampling import check_sampling, probs_from_logits
+
+    logits = torch.tensor([[3.0, 1.0, 0.0]])
+    assert probs_from_logits(logits, temperature=-1.0).argmax() == 2  # what a negative temperature would do
+    check_sampling(0.0, 0, 1.0)
+    check_sampling(0.7, 5, 0.9)
+    for t, k, p in [(-1.0, 0, 1.0), (float("nan"), 0, 1.0), (1.0, -1, 1.0), (1.0, 0, 0.0), (1.0, 0, 1.5)]:
+        with pytest.raises(ValueError):
+            check_sampling(t, k, p)
+    model = object()  # never reached
+    with pytest.raises(ValueError, match="top_p"):
+        speculative_generate(model, model, torch.zeros(1, 2, dtype=torch.long), 4, temperature=1.0, top_p=1.5)
+    with pytest.raises(ValueError, match="max_draft_len"):
+        speculative_generate(model, model, torch.zeros(1, 2, dtype=torch.long), 4, adaptive=True, max_draft_len=0)
+
+
+def test_cli_refuses_more_tokens_than_the_models_positions(tiny_teacher, capsys):
+    from transformers import AutoConfig
+
+    from workbench import speculate
+
+    positions = AutoConfig.from_pretrained(tiny_teacher).max_position_embeddings
+    argv = ["--teacher", str(tiny_teacher), "--draft", str(tiny_teacher), "--prompt", "import os"]
+    line = one_error_line(speculate.main([*argv, "--max-new-tokens", str(positions)]), capsys.readouterr().err)
+    assert f"--max-new-tokens {positions}: the longest prompt (" in line
+    assert f"tokens exceed the {positions} positions the models were made for" in line
 
 
 def test_cli_models_that_cannot_be_loaded_are_one_line(tiny_teacher, tmp_path, capsys, monkeypatch):

@@ -27,6 +27,17 @@ def probs_from_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int
     return logits.softmax(-1)
 
 
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """ValueError unless temperature >= 0 (0: greedy), top_k >= 0 (0: off) and 0 < top_p <= 1 (1: off); out
+    of range, probs_from_logits would quietly do something else (a negative temperature inverts the ranking)."""
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), not {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 keeps every token), not {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 keeps every token), not {top_p}")
+
+
 class UndrawableProbabilities(ValueError):
     """draw_tokens met a row of probabilities that is NaN, infinite or all zero (a diverged model)."""
 

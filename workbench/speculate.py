@@ -105,14 +105,19 @@ def main(argv: list[str] | None = None) -> int:
     third_party_warnings_once()
 
     from workbench.models import is_hub_id
+    from workbench.sampling import check_sampling
 
     try:
         adaptive = args.draft_len == "adaptive"
         if not adaptive and not args.draft_len.strip().isdigit():
             raise ValueError(f"--draft-len: a number of tokens or 'adaptive', not {args.draft_len!r}")
         draft_len = 4 if adaptive else int(args.draft_len)
-        if draft_len < 0 or args.max_new_tokens < 1 or args.batch_size < 1:
-            raise ValueError("--draft-len, --max-new-tokens and --batch-size must be positive")
+        if draft_len < 0 or args.max_new_tokens < 1 or args.batch_size < 1 or args.max_draft_len < 1:
+            raise ValueError("--draft-len, --max-draft-len, --max-new-tokens and --batch-size must be positive")
+        try:
+            check_sampling(args.temperature, args.top_k, args.top_p)
+        except ValueError as e:
+            raise ValueError(f"--{e}".replace("top_", "top-", 1)) from None
         if args.json and (Path(args.json).is_dir() or not Path(args.json).expanduser().parent.is_dir()):
             raise ValueError(f"--json {args.json}: not a file in an existing directory")
         if args.draft_vocab is not None and args.draft_vocab < 1:
@@ -132,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             except UnicodeDecodeError:
                 raise ValueError(f"--prompts-file {args.prompts_file}: not UTF-8 text") from None
             prompts += [line for line in text.splitlines() if line.strip()]
+        if not args.chat and "" in prompts:
+            raise ValueError("--prompt '': an empty prompt gives the models nothing to continue")
         prompts = prompts or ["def quick_sort("]
         draft_dir = Path(args.draft)
         if not args.draft.startswith("recipe:") and not is_hub_id(args.draft) and not draft_dir.is_dir():
@@ -166,6 +173,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
                    for p in prompts]
+    from workbench.data import encode_prompts
+
+    longest = int(encode_prompts(tok, prompts, rendered=args.chat).attention_mask.sum(1).max())
+    positions = min(getattr(m.config, "max_position_embeddings", None) or 2**62 for m in (teacher, draft))
+    if longest + args.max_new_tokens > positions:
+        print(f"error: --max-new-tokens {args.max_new_tokens}: the longest prompt ({longest} tokens) and the new "
+              f"tokens exceed the {positions} positions the models were made for (max_position_embeddings)",
+              file=sys.stderr)
+        return 2
     if vocab_data is not None:
         from workbench.speculative import restrict_draft_vocab
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workbench.sampling import draw_tokens, probs_from_logits, raise_if_undrawable
+from workbench.sampling import check_sampling, draw_tokens, probs_from_logits, raise_if_undrawable
 
 
 @dataclass
@@ -100,6 +100,9 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
     grouped-query heads handed to torch as they are (see `gqa_sdpa_attention`) while generating.
     `compile`: every step after each model's first forward runs compiled, on a static cache (the first call
     per shape compiles; later calls with the same batch size and prompt-length bucket reuse the graphs)."""
+    check_sampling(temperature, top_k, top_p)
+    if draft_len < 0 or (adaptive and max_draft_len < 1):
+        raise ValueError(f"draft_len must be >= 0 and max_draft_len >= 1, not {draft_len} and {max_draft_len}")
     with gqa_sdpa_attention(target, draft):
         return _generate(target, draft, input_ids, max_new_tokens, attention_mask=attention_mask,
                          draft_len=draft_len, adaptive=adaptive, max_draft_len=max_draft_len,
