@@ -148,6 +148,21 @@ def test_cli_compares_with_a_baseline_and_refuses_another_tokenizer(kd_run, tmp_
     assert "another tokenizer" in capsys.readouterr().err
 
 
+def test_cli_refuses_generating_past_the_models_positions(kd_run, tmp_path, capsys):
+    """--max-new-tokens beyond max_position_embeddings decoded on into positions no model saw, for
+    minutes per prompt; now one line before generating, and no report written."""
+    from transformers import AutoConfig
+
+    from workbench import evaluate
+
+    kd, _ = kd_run
+    n = AutoConfig.from_pretrained(kd / "model").max_position_embeddings
+    code = evaluate.main([str(kd), "--out", str(tmp_path / "r"), "--no-speculative", "--max-new-tokens", str(n)])
+    line = one_error_line(code, capsys.readouterr().err)
+    assert f"eval.max_new_tokens={n}: the longest prompt (" in line and f"exceed the {n} positions" in line
+    assert not (tmp_path / "r" / "report.html").exists()
+
+
 def test_cli_on_damaged_runs_says_which_file_in_one_line(kd_run, tmp_path, capsys):
     """A copy of a finished run with its metrics, its recipe or its model's weights damaged: one error line
     naming the file, exit status 2, no traceback (json's, yaml's and safetensors' before)."""

@@ -174,13 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
                    for p in prompts]
     from workbench.data import encode_prompts
+    from workbench.speculative import check_positions
 
-    longest = int(encode_prompts(tok, prompts, rendered=args.chat).attention_mask.sum(1).max())
-    positions = min(getattr(m.config, "max_position_embeddings", None) or 2**62 for m in (teacher, draft))
-    if longest + args.max_new_tokens > positions:
-        print(f"error: --max-new-tokens {args.max_new_tokens}: the longest prompt ({longest} tokens) and the new "
-              f"tokens exceed the {positions} positions the models were made for (max_position_embeddings)",
-              file=sys.stderr)
+    try:
+        longest = int(encode_prompts(tok, prompts, rendered=args.chat).attention_mask.sum(1).max())
+        check_positions((teacher, draft), longest, args.max_new_tokens, f"--max-new-tokens {args.max_new_tokens}")
+    except WorkbenchError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if vocab_data is not None:
         from workbench.speculative import restrict_draft_vocab
