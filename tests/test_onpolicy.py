@@ -255,3 +255,20 @@ def test_prompts_of_completion_blocks_end_where_the_first_answer_begins():
     p = prompts_of(ids, mask, 8)
     assert p.tolist() == [[3, 4, 5], [10, 11, 12], [24, 25, 26], [30, 31, 32]]
     assert prompts_of(ids, mask, 2).tolist() == [[4, 5], [11, 12], [25, 26], [30, 31]]
+
+
+def test_samples_longer_than_the_models_positions_are_refused(tmp_path, tiny_teacher, capsys):
+    """prompt_tokens + max_new_tokens past max_position_embeddings sampled on, slowly, into positions
+    neither model saw: one line before training."""
+    from transformers import AutoConfig
+
+    from conftest import FAST, one_error_line
+    from workbench.train import main
+
+    n = AutoConfig.from_pretrained(tiny_teacher).max_position_embeddings
+    code = main(["recipe=kd_tiny_gkd", *FAST, f"output.dir={tmp_path}", "teacher.recipe=null",
+                 f"teacher.name_or_path={tiny_teacher}", f"distill.onpolicy.max_new_tokens={n}",
+                 "distill.onpolicy.prompt_tokens=8"])
+    line = one_error_line(code, capsys.readouterr().err)
+    assert f"distill.onpolicy.max_new_tokens={n} (with prompt_tokens=8): the longest prompt (8 tokens)" in line
+    assert not (tmp_path / "model").exists()
