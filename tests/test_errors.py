@@ -66,6 +66,9 @@ def test_bad_recipe_files(capsys, files, name, says):
 @pytest.mark.parametrize("args, says", [
     (["data.seq_len=100000"], "fewer than seq_len=100000 tokens"),
     (["data.max_documents=2", "data.val_fraction=0.5", "data.seq_len=4096"], "fewer than seq_len"),
+    # blocks longer than the student's positions (2,048): trained on positions it was not made for
+    (["data.max_documents=200", "data.seq_len=2049"],
+     "data.seq_len=2049: training blocks take 2049 positions, more than the 2048 the models were made for"),
 ])
 def test_mistakes_found_while_loading(capsys, tmp_path, args, says):
     assert says in _one_line_error(capsys, ["recipe=sft_tiny", *FAST, f"output.dir={tmp_path}", *args])

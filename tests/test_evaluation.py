@@ -159,7 +159,7 @@ def test_cli_refuses_generating_past_the_models_positions(kd_run, tmp_path, caps
     n = AutoConfig.from_pretrained(kd / "model").max_position_embeddings
     code = evaluate.main([str(kd), "--out", str(tmp_path / "r"), "--no-speculative", "--max-new-tokens", str(n)])
     line = one_error_line(code, capsys.readouterr().err)
-    assert f"eval.max_new_tokens={n}: the longest prompt (" in line and f"exceed the {n} positions" in line
+    assert f"eval.max_new_tokens={n}: the longest prompt (" in line and f"more than the {n} the models" in line
     assert not (tmp_path / "r" / "report.html").exists()
 
 

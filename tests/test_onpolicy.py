@@ -270,5 +270,6 @@ def test_samples_longer_than_the_models_positions_are_refused(tmp_path, tiny_tea
                  f"teacher.name_or_path={tiny_teacher}", f"distill.onpolicy.max_new_tokens={n}",
                  "distill.onpolicy.prompt_tokens=8"])
     line = one_error_line(code, capsys.readouterr().err)
-    assert f"distill.onpolicy.max_new_tokens={n} (with prompt_tokens=8): the longest prompt (8 tokens)" in line
+    assert f"distill.onpolicy.max_new_tokens={n}: samples of prompt_tokens=8 and the new tokens take {n + 8} " \
+           f"positions, more than the {n} the models were made for" in line
     assert not (tmp_path / "model").exists()

@@ -476,7 +476,7 @@ def test_cli_refuses_more_tokens_than_the_models_positions(tiny_teacher, capsys)
     argv = ["--teacher", str(tiny_teacher), "--draft", str(tiny_teacher), "--prompt", "import os"]
     line = one_error_line(speculate.main([*argv, "--max-new-tokens", str(positions)]), capsys.readouterr().err)
     assert f"--max-new-tokens {positions}: the longest prompt (" in line
-    assert f"tokens exceed the {positions} positions the models were made for" in line
+    assert f"more than the {positions} the models were made for (max_position_embeddings)" in line
 
 
 def test_cli_models_that_cannot_be_loaded_are_one_line(tiny_teacher, tmp_path, capsys, monkeypatch):

@@ -399,7 +399,8 @@ def evaluate_runs(run_dirs: list[str | Path], cfg: EvalConfig | None = None, dev
             from workbench.speculative import check_positions
 
             longest = int(encode_prompts(tok, prompts, rendered=rendered).attention_mask.sum(1).max())
-            check_positions(scored.values(), longest, cfg.max_new_tokens, f"eval.max_new_tokens={cfg.max_new_tokens}")
+            check_positions(scored.values(), longest + cfg.max_new_tokens, f"eval.max_new_tokens={cfg.max_new_tokens}",
+                            f"the longest prompt ({longest} tokens) and the new tokens")
         refs = [tok.decode(tok(ref, add_special_tokens=False).input_ids[: cfg.max_new_tokens]) for _, ref in pairs]
         rouge = _metric("rouge_l")
         gens = {}

@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         longest = int(encode_prompts(tok, prompts, rendered=args.chat).attention_mask.sum(1).max())
-        check_positions((teacher, draft), longest, args.max_new_tokens, f"--max-new-tokens {args.max_new_tokens}")
+        check_positions((teacher, draft), longest + args.max_new_tokens, f"--max-new-tokens {args.max_new_tokens}",
+                        f"the longest prompt ({longest} tokens) and the new tokens")
     except WorkbenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -83,17 +83,16 @@ class SpecOutput:
     stats: SpecStats
 
 
-def check_positions(models, prompt_tokens: int, max_new_tokens: int, setting: str) -> None:
-    """RecipeError (naming `setting`) when a prompt of `prompt_tokens` plus `max_new_tokens` new tokens runs
-    past the positions one of `models` was made for (its config's max_position_embeddings): decoding there
-    goes on, slowly, into positions the model never saw."""
+def check_positions(models, positions: int, setting: str, what: str) -> None:
+    """RecipeError when `what` (naming `setting`), `positions` long, runs past the positions one of `models`
+    was made for (its config's max_position_embeddings): decoding or training there goes on, into positions
+    the model never saw (and a pretrained model's outputs there are noise)."""
     from workbench.config import RecipeError
 
     limits = [p for m in models if m is not None and (p := getattr(m.config, "max_position_embeddings", None))]
-    if limits and prompt_tokens + max_new_tokens > min(limits):
-        raise RecipeError(f"{setting}: the longest prompt ({prompt_tokens} tokens) and the new "
-                          f"tokens exceed the {min(limits)} positions the models were made for "
-                          "(max_position_embeddings)")
+    if limits and positions > min(limits):
+        raise RecipeError(f"{setting}: {what} take {positions} positions, more than the {min(limits)} the models "
+                          "were made for (max_position_embeddings)")
 
 
 @torch.no_grad()

@@ -307,6 +307,10 @@ def _run(recipe: Recipe, accelerator) -> dict:
     sources = [_load_teacher(recipe, i, spec, tokenizer, student, packed, accelerator)
                for i, spec in enumerate(teacher_specs)]
     teacher, kd_vocab, cross = (sources[0].model, sources[0].kd_vocab, sources[0].cross) if sources else (None,) * 3
+    from workbench.speculative import check_positions
+
+    check_positions([student] + [s.model for s in sources if s.cross is None], recipe.data.seq_len,  # (same tokens)
+                    f"data.seq_len={recipe.data.seq_len}", "training blocks")
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters() if p.requires_grad)
     log.info("student: %.2fM parameters, %.3fM trainable", M.count_parameters(student) / 1e6, trainable / 1e6)
     init_ppl = None

@@ -174,8 +174,9 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
     if onp.method != "off":  # its samples are prompt_tokens + max_new_tokens long
         from workbench.speculative import check_positions
 
-        check_positions([student, teacher], onp.prompt_tokens, onp.max_new_tokens,
-                        f"distill.onpolicy.max_new_tokens={onp.max_new_tokens} (with prompt_tokens={onp.prompt_tokens})")
+        check_positions([student, teacher], onp.prompt_tokens + onp.max_new_tokens,
+                        f"distill.onpolicy.max_new_tokens={onp.max_new_tokens}",
+                        f"samples of prompt_tokens={onp.prompt_tokens} and the new tokens")
     rollout = onpolicy.MiniLLMObjective(onp, kd_vocab, dcfg.chunk_size) if onp.method == "minillm" else None
     model = DistillationModel(student, objective, rollout, dcfg.fused)
     if cfg.gradient_checkpointing:  # non-reentrant: frozen (e.g. 4-bit) inputs still pass gradients to adapters
