@@ -218,3 +218,61 @@ def test_a_metrics_line_cut_short_is_skipped_on_resume_and_in_reports(tmp_path, 
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines if "train/loss" in json.loads(line)] == [1, 2, 3, 4, 5, 6]
     assert not list(out.glob(".metrics*"))
+
+
+def _interrupted_line(command, argv, capsys) -> str:
+    """Ctrl-C in command(argv): exit status 130 and one 'error: interrupted' line, no traceback."""
+    try:
+        code = command(argv)
+    except KeyboardInterrupt:  # (not let through: it would stop the test session)
+        pytest.fail("Ctrl-C escaped the command as a KeyboardInterrupt")
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:") or "Traceback" in ln]
+    assert code == 130 and len(lines) == 1 and lines[0].startswith("error: interrupted"), (code, err[-3000:])
+    return lines[0]
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line_that_says_how_to_go_on(capsys, tmp_path, monkeypatch):
+    """Ctrl-C while the report is written (the model saved), and a second Ctrl-C inside the loop (an abort,
+    here while a checkpoint is written): one line, exit status 130, saying what is saved and what to run."""
+    import workbench.train as T
+    import workbench.trainer as TR
+
+    out = tmp_path / "run"
+
+    def report(recipe, accelerator):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(T, "_report", report)
+        line = _interrupted_line(main, _args(out, "eval.report=true"), capsys)
+    assert line == (f"error: interrupted; the trained model is saved in {out / 'model'}: python workbench/evaluate.py "
+                    f"{out} writes the report")
+
+    again = tmp_path / "again"
+    save, calls = TR.save_checkpoint, []
+
+    def save_checkpoint(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(TR, "save_checkpoint", save_checkpoint)
+    line = _interrupted_line(main, _args(again), capsys)
+    assert line == ("error: interrupted; the run stopped: rerun with resume=true, which continues from "
+                    f"{again / 'checkpoints' / 'step-0000003'}")
+
+
+def test_ctrl_c_in_the_other_commands_is_one_line(capsys, tmp_path, monkeypatch):
+    import workbench.evaluation as E
+    from workbench import evaluate, speculate
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(E, "load_run", stop)
+    _interrupted_line(evaluate.main, [str(tmp_path)], capsys)
+    monkeypatch.setattr(speculate, "load_decoder", stop)
+    (tmp_path / "draft").mkdir()
+    _interrupted_line(speculate.main, ["--draft", str(tmp_path / "draft")], capsys)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import errno
+import functools
 import hashlib
 import json
 import math
 import os
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -101,6 +103,24 @@ def storage_error(e: BaseException, writing=None, into=None) -> StorageError | N
         err = StorageError(os.strerror(code) + (f": {name}" if name else ""))
     err.errno = code
     return err
+
+
+INTERRUPTED = 130  # the exit status after Ctrl-C (128 + SIGINT), as shells report it
+
+
+def interruptible(main):
+    """A command's main(): Ctrl-C ends it in one line and exit status 130, not a traceback (what the
+    commands write is whole or not at all, so nothing is left half written)."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            return INTERRUPTED
+
+    return wrapper
 
 
 def folded(e: BaseException, limit: int = 400) -> str:

@@ -20,6 +20,8 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:  # run as a file: import the package, not our siblings
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+from workbench.config import interruptible  # noqa: E402
+
 
 def student_state_dict(checkpoint: Path) -> dict:
     """The student's fp32 weights from a checkpoint directory, keys as in the transformers model."""
@@ -68,6 +70,7 @@ def consolidate(checkpoint: Path, out_dir: Path, overwrite: bool = False) -> Pat
     return out_dir
 
 
+@interruptible
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m workbench.consolidate", description=__doc__.split("\n")[0],
                                  epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)

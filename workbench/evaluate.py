@@ -21,7 +21,10 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:  # run as a file: import the package, not our siblings
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+from workbench.config import interruptible  # noqa: E402
 
+
+@interruptible
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])

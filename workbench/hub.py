@@ -22,7 +22,8 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from workbench import rundir  # noqa: E402
-from workbench.config import LOGIT_DIVERGENCES, HubConfig, RecipeError, WorkbenchError, build, folded  # noqa: E402
+from workbench.config import (LOGIT_DIVERGENCES, HubConfig, RecipeError, WorkbenchError, build, folded,  # noqa: E402
+                              interruptible)
 from workbench.evaluation import fmt_metric  # noqa: E402
 from workbench.models import is_hub_id  # noqa: E402
 
@@ -230,6 +231,7 @@ def _adapter_base(run_dir: Path) -> str | None:
     return _hub_id(json.loads(cfg.read_text()).get("base_model_name_or_path")) if cfg.is_file() else None
 
 
+@interruptible
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", help="a finished run directory")

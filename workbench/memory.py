@@ -30,7 +30,7 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from workbench.config import ModelSpec, Recipe, RecipeError, folded, load_recipe  # noqa: E402
+from workbench.config import ModelSpec, Recipe, RecipeError, folded, interruptible, load_recipe  # noqa: E402
 
 LAUNCHES = ("single", "ddp", "zero2", "zero3", "zero3_offload", "zero3_nvme", "zero3_pp", "fsdp2")
 ZERO3_LAUNCHES = ("zero3", "zero3_offload", "zero3_nvme", "zero3_pp")  # DeepSpeed ZeRO-3: `communication` applies
@@ -285,6 +285,7 @@ def format_estimate(est: dict, recipe: Recipe, launch: str, gpus: int, nodes: in
     return "\n".join(lines)
 
 
+@interruptible
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):

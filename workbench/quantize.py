@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from workbench.config import interruptible
+
 log = logging.getLogger("workbench")
 
 METHODS = ("gptq", "awq", "int8")
@@ -228,6 +230,7 @@ def run(model: str, method: str, out: str, bits: int | None = None, group_size: 
     return result
 
 
+@interruptible
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m workbench.quantize", description=__doc__.split("\n")[0])
     ap.add_argument("model", help="model directory, Hub id, gguf:PACKAGE or recipe:NAME")

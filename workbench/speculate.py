@@ -25,6 +25,8 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:  # run as a file: import the package, not our siblings
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+from workbench.config import interruptible  # noqa: E402
+
 import torch
 
 log = logging.getLogger("workbench")
@@ -61,6 +63,7 @@ def domain_vocab(data, tok, n: int, vocab: int) -> torch.Tensor:
                            always=[tok.eos_token_id, tok.bos_token_id, tok.pad_token_id])
 
 
+@interruptible
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])

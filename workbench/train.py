@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -20,8 +21,8 @@ if __name__ == "__main__" and not __package__:  # run as a file: import the pack
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from workbench import rundir
-from workbench.config import (CROSS_TOKENIZER_LOSSES, Recipe, RecipeError, StorageError, WorkbenchError, describe_fields,
-                              list_recipes, load_recipe, storage_error)
+from workbench.config import (CROSS_TOKENIZER_LOSSES, INTERRUPTED, Recipe, RecipeError, StorageError, WorkbenchError,
+                              describe_fields, interruptible, list_recipes, load_recipe, storage_error)
 
 log = logging.getLogger("workbench")
 
@@ -35,6 +36,7 @@ USAGE = """usage: train.py recipe=NAME [key=value ...] [--dry-run] [--help-recip
 """
 
 
+@interruptible
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     flags = {a for a in argv if a.startswith("--") or a == "-h"}
@@ -84,13 +86,19 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         metrics = run(recipe, accelerator)
+    except KeyboardInterrupt:  # Ctrl-C outside training's own handling (loading, the report), or twice in it
+        if accelerator.is_main_process:
+            print(f"error: interrupted{_how_to_go_on(recipe, None)}", file=sys.stderr)
+        metrics, code = None, INTERRUPTED
     except Exception as e:  # everyday mistakes, divergence, a full disk: one line, no traceback
         err = e if isinstance(e, WorkbenchError) else storage_error(e)
         if err is None:
             raise
+        if isinstance(err, StorageError):
+            full = err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+            err = f"{err}{_how_to_go_on(recipe, 'make room' if full else 'fix that')}"
         if accelerator.is_main_process:
-            print(f"error: {err}{_after_storage_error(recipe, err) if isinstance(err, StorageError) else ''}",
-                  file=sys.stderr)
+            print(f"error: {err}", file=sys.stderr)
         metrics, code = None, 2
     if metrics and accelerator.is_main_process:
         print(format_summary(metrics))
@@ -101,20 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def _after_storage_error(recipe: Recipe, err: StorageError) -> str:
-    """What a run stopped by the file system leaves, and how to go on."""
-    import errno
-
+def _how_to_go_on(recipe: Recipe, fix: str | None) -> str:
+    """What a run stopped before its end (by the file system, by Ctrl-C) leaves, and how to go on once
+    `fix` is done."""
     from workbench.trainer import latest_checkpoint
 
-    fix = "make room" if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "fix that"
     out = recipe.output_dir
     if (out / "final_metrics.json").is_file():  # trained and saved: the report or the push failed
-        return (f"; the trained model is saved in {out / 'model'}: {fix}, then python workbench/evaluate.py "
-                f"{out} writes the report" + (f" and python -m workbench.hub {out} pushes it"
-                                              if recipe.output.push_to_hub else ""))
+        return (f"; the trained model is saved in {out / 'model'}: {fix + ', then ' if fix else ''}python "
+                f"workbench/evaluate.py {out} writes the report" + (f" and python -m workbench.hub {out} pushes it"
+                                                                     if recipe.output.push_to_hub else ""))
     ckpt = latest_checkpoint(out) if out.is_dir() else None
-    return (f"; the run stopped: {fix} and rerun with resume=true, which "
+    return (f"; the run stopped: {fix + ' and ' if fix else ''}rerun with resume=true, which "
             + (f"continues from {ckpt}" if ckpt else "starts from the beginning (no checkpoint was saved)"))
 
 
