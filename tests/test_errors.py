@@ -18,6 +18,10 @@ def _one_line_error(capsys, argv) -> str:
     return one_error_line(code, capsys.readouterr().err)
 
 
+# YAML aliases, each level nine of the one before: 500 bytes that expand to 9^9 strings
+BOMB = "[&a [x,x,x,x,x,x,x,x,x], " + ", ".join(f"&{c} [{','.join([f'*{p}'] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")) + "]"
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad_data")
@@ -61,6 +65,24 @@ def test_dry_run_finds_it(capsys, files, args, says):
                                         ("blank.yaml", "the recipe is empty")])
 def test_bad_recipe_files(capsys, files, name, says):
     assert says in _one_line_error(capsys, [f"recipe={files / name}", "--dry-run"])
+
+
+@pytest.mark.parametrize("where", ["file", "override"])
+def test_a_yaml_alias_bomb_is_refused(tmp_path, where):
+    """500 bytes of YAML aliases that expand to 9^9 strings, in a recipe file or an override: one line at
+    once (it ran for minutes towards 10^9 strings). Run in a process limited to 2 GiB and 120 s, so that a
+    regression fails here instead of taking the machine's memory."""
+    import resource
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(f"name: bomb\ndescription: {BOMB}\n")
+    args = [f"recipe={bomb}"] if where == "file" else ["recipe=sft_tiny", f"data.dataset={BOMB}"]
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))  # noqa: E731
+    p = subprocess.run([sys.executable, "workbench/train.py", *args, "--dry-run"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120, preexec_fn=limit)
+    line = one_error_line(p.returncode, p.stderr)
+    assert "YAML aliases expand this to more than 100,000 values" in line
+    assert (str(bomb) if where == "file" else "override data.dataset") in line
 
 
 @pytest.mark.parametrize("args, says", [

@@ -849,8 +849,25 @@ _Loader.add_implicit_resolver(
 )
 
 
+_MAX_VALUES = 100_000  # a recipe holds a few hundred; YAML aliases can expand a small file to billions
+
+
 def yaml_load(text: str):
-    return yaml.load(text, Loader=_Loader)
+    """`text` as YAML (_Loader); RecipeError when aliases expand it past _MAX_VALUES values (an alias bomb:
+    each level repeating the one before ran out of memory in whatever walked it)."""
+    data = yaml.load(text, Loader=_Loader)
+    count, stack = 0, [data]
+    while stack:
+        x = stack.pop()
+        count += 1
+        if count > _MAX_VALUES:
+            raise RecipeError(f"YAML aliases expand this to more than {_MAX_VALUES:,} values (an alias bomb?)")
+        if isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+    return data
 
 
 _FINGERPRINT_VERSION = 1
@@ -927,6 +944,8 @@ def load_recipe(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Recip
         raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}); a recipe is a YAML file") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: {_yaml_message(e)}") from None
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from None
     if raw is None:
         raise RecipeError(f"{path}: the recipe is empty; a recipe is a YAML mapping (see recipes/kd_tiny.yaml)")
     if not isinstance(raw, dict):
@@ -958,6 +977,8 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = yaml_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    except RecipeError as e:
+        raise RecipeError(f"override {key}: {e}") from None
     _check_path(Recipe, key.split("."), key)
     return key, value
 
