@@ -31,6 +31,8 @@ def files(tmp_path_factory):
     (d / "number.jsonl").write_text(f"{doc}\n{doc}\n" + json.dumps({"text": 12}) + "\n")
     (d / "binary.txt").write_bytes(bytes(range(256)) * 64)
     (d / "body.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    (d / "deep.jsonl").write_text(f"{doc}\n{doc}\n" + "[" * 5000 + "]" * 5000 + "\n")  # (json: RecursionError)
+    (d / "array.jsonl").write_text(f"{doc}\n[1, 2]\n{doc}\n")
     (d / "dup.yaml").write_text("name: dup\ntrain:\n  lr: 1.0e-3\n  lr: 2.0e-3\n")
     (d / "syntax.yaml").write_text("name: syntax\ntrain:\n  lr: [1,\n")
     (d / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
@@ -45,6 +47,8 @@ def files(tmp_path_factory):
     (["data.dataset={d}/number.jsonl"], "number.jsonl:3: 'text' is of type int, not a string"),
     (["data.dataset={d}/binary.txt"], "binary.txt:2: not UTF-8 text"),
     (["data.dataset={d}/body.jsonl"], "data.text_field: 'text' not in columns ['body']"),
+    (["data.dataset={d}/deep.jsonl"], "deep.jsonl:3: not a JSON object a row can be (nested too deeply to read)"),
+    (["data.dataset={d}/array.jsonl"], "array.jsonl:2: not a JSON object (a JSON list)"),
     (["eval.task_file={d}/task.jsonl", "eval.report=true"], "task.jsonl:1: need prompt"),
     (["eval.prompts=100000", "eval.report=true"], "eval.prompts: only"),
     (["student.config.vocab_size=100"], "student.config.vocab_size: set from the tokenizer"),

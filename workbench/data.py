@@ -374,9 +374,13 @@ def _diagnose(files: list[str], builder: str, error: Exception) -> str:
                     return f"{f}:{n}: not UTF-8 text (byte {e.start} of the line); is it a binary file?"
                 if builder == "json" and f.endswith(".jsonl") and line.strip():
                     try:
-                        json.loads(line)
+                        row = json.loads(line)
                     except json.JSONDecodeError as e:
                         return f"{f}:{n}: not a JSON object ({e.msg}, column {e.colno})"
+                    except RecursionError:
+                        return f"{f}:{n}: not a JSON object a row can be (nested too deeply to read)"
+                    if not isinstance(row, dict):
+                        return f"{f}:{n}: not a JSON object (a JSON {type(row).__name__})"
     root = error
     while root.__cause__ is not None or root.__context__ is not None:
         root = root.__cause__ or root.__context__
