@@ -32,8 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from workbench import distributed as dist
-from workbench import rundir
-from workbench import onpolicy
+from workbench import onpolicy, rundir
 from workbench.config import LossTerm, Recipe, RecipeError, TrainingDiverged
 from workbench.data import Blocks, PackedData, make_batch, mask_labels, stream_indices
 from workbench.losses import LogitObjective, Objective, logit_loss_on, shift_labels
