@@ -116,6 +116,8 @@ def test_kd_from_an_int8_and_a_gptq_teacher_trains_the_student(quantised, tiny_t
     (["MISSING", "--method", "gptq", "--out", "X"], "MISSING"),
     (["{teacher}", "--method", "gptq", "--group-size", "0", "--out", "X"], "group-size"),
     (["{teacher}", "--method", "int8", "--bits", "4", "--out", "X"], "int8 is 8-bit"),
+    (["{teacher}", "--method", "gptq", "--bits", "0", "--out", "X"], "--bits: 2, 3, 4 or 8 for GPTQ / AWQ, not 0"),
+    (["{teacher}", "--method", "gptq", "--samples", "0", "--out", "X"], "--samples: must be >= 1"),
     (["{teacher}", "--method", "int8", "--int8-threshold", "-1", "--out", "X"], "int8_threshold: must be >= 0"),
     (["{teacher}", "--method", "int8", "--calibration", "sft_tiny", "--out", "X"], "recipe=NAME"),
     (["{teacher}", "--method", "gptq", "--out", "{nonempty}"], "not empty"),

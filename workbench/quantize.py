@@ -182,11 +182,13 @@ def run(model: str, method: str, out: str, bits: int | None = None, group_size: 
         raise ValueError(f"--method: one of {', '.join(METHODS)}")
     if method == "int8" and bits not in (None, 8):
         raise ValueError("--bits: int8 is 8-bit (LLM.int8); leave --bits out")
-    bits = bits or (8 if method == "int8" else 4)
+    bits = (8 if method == "int8" else 4) if bits is None else bits  # (--bits 0 is a mistake, not the default)
     if method != "int8" and bits not in (2, 3, 4, 8):
-        raise ValueError("--bits: 2, 3, 4 or 8 for GPTQ / AWQ")
+        raise ValueError(f"--bits: 2, 3, 4 or 8 for GPTQ / AWQ, not {bits}")
     if group_size < 1:
         raise ValueError("--group-size: must be >= 1")
+    if samples < 1:
+        raise ValueError("--samples: must be >= 1 (calibration blocks)")
     int8 = QuantConfig(int8_threshold=int8_threshold)  # checked before anything loads
     dest = Path(out).expanduser()
     rundir.refuse_to_replace(dest, overwrite, "--out")
