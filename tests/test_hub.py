@@ -213,6 +213,14 @@ def test_push_settings_are_validated():
         load_recipe("kd_tiny", ["output.push_to_hub=true"])
     with pytest.raises(RecipeError, match="not 'user-or-org/name'"):
         load_recipe("kd_tiny", ["output.hub.repo_id=no-slash"])
+    for bad in ["../x", "a..b/c", "me/x-", "me/.x"]:  # the Hub's own rules, before anything is staged
+        with pytest.raises(RecipeError, match=r"output\.hub\.repo_id: (Repo id must use|Cannot have)"):
+            load_recipe("kd_tiny", [f"output.hub.repo_id={bad}"])
+    for bad in ["''", "../../x", "a b", "x.lock", "-x", "x/", "a//b", "x@{1}", "x~1", "a:b"]:
+        with pytest.raises(RecipeError, match="output.hub.revision: .* is not a branch name git would take"):
+            load_recipe("kd_tiny", ["output.hub.repo_id=me/x", f"output.hub.revision={bad}"])
+    for good in ["main", "feature/kd-1", "v1.0", "run_2"]:
+        assert load_recipe("kd_tiny", ["output.hub.repo_id=me/x.y_z-1", f"output.hub.revision={good}"])
 
 
 def test_a_refused_or_unreachable_push_is_one_line_and_keeps_the_run(kd_dir, tiny_teacher, fake_hub, tmp_path,

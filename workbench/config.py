@@ -643,8 +643,20 @@ class HubConfig:
 
     def __post_init__(self) -> None:
         if self.repo_id is not None:
+            from huggingface_hub.errors import HFValidationError
+            from huggingface_hub.utils import validate_repo_id
+
             _check(re.fullmatch(r"[\w.-]+/[\w.-]+", self.repo_id) is not None, "repo_id",
                    f"'{self.repo_id}' is not 'user-or-org/name'")
+            try:  # the Hub's own rules ('../x', 'a..b/c', a name ending in '.' or '-'), before anything is staged
+                validate_repo_id(self.repo_id)
+            except HFValidationError as e:
+                raise RecipeError(f"repo_id: {folded(e)}") from None
+        if self.revision is not None:
+            rev = self.revision
+            bad = (not rev or rev.startswith(("/", "-")) or rev.endswith(("/", ".", ".lock")) or ".." in rev
+                   or "//" in rev or "@{" in rev or any(c in rev for c in " ~^:?*[\\") or any(ord(c) < 32 for c in rev))
+            _check(not bad, "revision", f"{rev!r} is not a branch name git would take")
 
 
 @dataclass
