@@ -178,6 +178,13 @@ def test_memory_cli_refuses_no_gpus_or_nodes_in_one_line(capsys):
         assert err.startswith("error: gpus and nodes must be at least 1") and "\n" not in err
 
 
+def test_memory_cli_refuses_a_count_that_is_no_number_and_a_setting_given_twice(capsys):
+    assert memory.main(["recipe=kd_tiny", "launch=ddp", "gpus=abc"]) == 2
+    assert capsys.readouterr().err == "error: gpus: a whole number, not 'abc'\n"  # (was int()'s message)
+    assert memory.main(["recipe=kd_tiny", "launch=ddp", "launch=zero3", "gpus=2"]) == 2  # (the last one won)
+    assert capsys.readouterr().err == "error: launch= given twice\n"
+
+
 def test_memory_cli_with_a_model_it_cannot_read_says_so_in_one_line(capsys, monkeypatch):
     """A Hub id neither cached nor reachable (offline here): transformers' two-line message folded into the
     error line."""

@@ -292,12 +292,16 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0 if argv else 2
     opts = {"launch": "single", "gpus": "1", "nodes": "1"}
-    names, overrides = [], []
+    names, overrides, given = [], [], set()
     for a in argv:
         key = a.split("=", 1)[0]
         if key == "recipe":
             names.append(a.split("=", 1)[1])
         elif key in opts:
+            if key in given:
+                print(f"error: {key}= given twice", file=sys.stderr)
+                return 2
+            given.add(key)
             opts[key] = a.split("=", 1)[1]
         else:
             overrides.append(a)
@@ -305,6 +309,11 @@ def main(argv: list[str] | None = None) -> int:
         if len(names) != 1:
             raise RecipeError("give exactly one recipe=NAME")
         recipe = load_recipe(names[0], overrides)
+        for key in ("gpus", "nodes"):
+            try:
+                int(opts[key])
+            except ValueError:
+                raise RecipeError(f"{key}: a whole number, not {opts[key]!r}") from None
         gpus, nodes = int(opts["gpus"]), int(opts["nodes"])
         if gpus < 1 or nodes < 1:
             raise RecipeError(f"gpus and nodes must be at least 1 (got gpus={gpus}, nodes={nodes})")
