@@ -308,3 +308,14 @@ def test_attention_losses_name_the_attention_they_need():
     load_recipe("kd_tiny_hidden_attn", ["student.attn_implementation=eager"])
     with pytest.raises(RecipeError, match="train.compile: attention losses"):
         load_recipe("kd_tiny_hidden_attn", ["train.compile=true"])
+
+
+def test_an_override_given_twice_counts_the_last_and_says_so(caplog):
+    from workbench.config import load_recipe
+
+    r = load_recipe("kd_tiny", ["train.lr=1e-3", "train.max_steps=7", "train.lr=2e-3"])
+    assert r.train.lr == 2e-3 and r.train.max_steps == 7
+    assert "train.lr given twice ('1e-3', then '2e-3'): the last one counts" in caplog.text
+    caplog.clear()
+    load_recipe("kd_tiny", ["distill.losses.0={name: forward_kl}", "distill.losses.0.weight=2"])  # not the same key
+    assert "given twice" not in caplog.text

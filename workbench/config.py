@@ -13,6 +13,7 @@ import errno
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -963,8 +964,13 @@ def load_recipe(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Recip
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping")
     raw.setdefault("name", path.stem)
+    given: dict[str, str] = {}
     for item in overrides:
         key, value = parse_override(item)
+        if key in given:  # the last wins (a script's common overrides, then its own), but not silently
+            logging.getLogger("workbench").warning("%s given twice (%r, then %r): the last one counts", key,
+                                                   given[key], item.split("=", 1)[1])
+        given[key] = item.split("=", 1)[1]
         _set_path(raw, key, value)
     return build(Recipe, raw)
 
