@@ -142,6 +142,9 @@ def test_cli_compares_with_a_baseline_and_refuses_another_tokenizer(kd_run, tmp_
     assert [m["name"] for m in students] == names and students[1]["val_ppl"] != students[2]["val_ppl"]
     assert res["speculative"] == {} and set(res["tasks"]) == {"teacher", *names}
     assert evaluate.main([str(tmp_path / "nothing")]) == 2
+    capsys.readouterr()
+    assert evaluate.main([str(kd), str(base), f"{base}/"]) == 2  # one run twice (was evaluated as two)
+    assert f"{base}/: the same run as {base}; give each run once" in capsys.readouterr().err
     other = tmp_path / "other"
     run(fast_recipe("sft_tiny", other, "data.vocab_size=300"), accelerator)
     assert evaluate.main([str(kd), str(other), "--out", str(tmp_path / "x")]) == 2

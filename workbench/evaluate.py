@@ -49,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out or args.runs[0]).expanduser()
         if out.exists() and not out.is_dir():  # found now, not after the whole evaluation
             raise FileExistsError(f"--out {out}: exists and is not a directory")
+        seen = {}
+        for d in args.runs:  # the same run twice: evaluated twice under two names, as if it were a baseline
+            if Path(d).resolve() in seen:
+                raise ValueError(f"{d}: the same run as {seen[Path(d).resolve()]}; give each run once")
+            seen[Path(d).resolve()] = d
         runs = [load_run(d) for d in args.runs]
         print(perplexity_table(runs))
         if args.table_only:
