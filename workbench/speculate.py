@@ -225,7 +225,10 @@ def decode_prompts(teacher, draft, tok, prompts, args, draft_len, adaptive, devi
     runs = {"speculative": SpecStats(), **({"teacher_alone": SpecStats()} if args.compare else {})}
     texts, same = [], True
     tuner = DraftTuner(draft_len, args.max_draft_len) if adaptive else False  # carried from batch to batch
-    for i in range(0, len(prompts), args.batch_size):
+    from tqdm.auto import tqdm
+
+    starts = range(0, len(prompts), args.batch_size)
+    for i in tqdm(starts, desc="decoding", unit="batch", disable=len(starts) < 2):
         batch = encode_prompts(tok, prompts[i : i + args.batch_size], device, rendered=args.chat)
         g = torch.Generator(device=device).manual_seed(args.seed + i)
         out = speculative_generate(teacher, draft, batch.input_ids, args.max_new_tokens,
