@@ -281,13 +281,16 @@ def choose(model, tok, items: list[dict], batch: int = 16) -> list[int]:
     return out
 
 
-def _greedy(model, tok, prompts: list[str], rendered: bool, max_new: int, batch: int = 8) -> list[str]:
+def _greedy(model, tok, prompts: list[str], rendered: bool, max_new: int, batch: int = 8, name: str = "") -> list[str]:
+    from tqdm.auto import tqdm
+
     from workbench.data import encode_prompts
     from workbench.speculative import target_generate
 
     device = next(model.parameters()).device
     texts = []
-    for i in range(0, len(prompts), batch):
+    starts = range(0, len(prompts), batch)
+    for i in tqdm(starts, desc=f"generating ({name})" if name else "generating", unit="batch", disable=len(starts) < 2):
         enc = encode_prompts(tok, prompts[i : i + batch], device, rendered=rendered)
         out = target_generate(model, enc.input_ids, max_new, attention_mask=enc.attention_mask,
                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -298,6 +301,8 @@ def _greedy(model, tok, prompts: list[str], rendered: bool, max_new: int, batch:
 def _speculation(teacher, drafts: dict, tok, prompts: list[str], rendered: bool, max_new: int, k: int) -> dict:
     """Speculative decoding (batch 1 per prompt) with each draft against the teacher alone, decoded once:
     {draft name: rates, speed-up, identical tokens}."""
+    from tqdm.auto import tqdm
+
     from workbench.data import encode_prompts
     from workbench.speculative import SpecStats, speculative_generate, target_generate
 
@@ -305,13 +310,13 @@ def _speculation(teacher, drafts: dict, tok, prompts: list[str], rendered: bool,
     common = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     ids = [encode_prompts(tok, [p], device, rendered=rendered).input_ids for p in prompts]
     alone, ref = SpecStats(), []
-    for x in ids:
+    for x in tqdm(ids, desc="teacher alone", unit="prompt", disable=len(ids) < 2):
         a = target_generate(teacher, x, max_new, **common)
         alone.add(a.stats), ref.append(a.sequences)
     out = {}
     for name, draft in drafts.items():
         spec, same = SpecStats(), True
-        for x, r in zip(ids, ref):
+        for x, r in tqdm(list(zip(ids, ref)), desc=f"speculative ({name})", unit="prompt", disable=len(ids) < 2):
             s = speculative_generate(teacher, draft, x, max_new, draft_len=k, **common)
             spec.add(s.stats)
             same = same and torch.equal(r, s.sequences)
@@ -405,7 +410,7 @@ def evaluate_runs(run_dirs: list[str | Path], cfg: EvalConfig | None = None, dev
         rouge = _metric("rouge_l")
         gens = {}
         for name, m in scored.items():
-            gens[name] = _greedy(m, tok, prompts, rendered, cfg.max_new_tokens)
+            gens[name] = _greedy(m, tok, prompts, rendered, cfg.max_new_tokens, name=name)
             scores = rouge.compute(predictions=gens[name], references=refs)
             res["tasks"].setdefault(name, {})["rougeL"] = scores["rougeL"]
             res["rouge_per_prompt"][name] = scores["rougeL_per_example"]
