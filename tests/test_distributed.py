@@ -340,3 +340,55 @@ def test_consolidate_cli_refuses_to_overwrite_and_reports_bad_checkpoints(tmp_pa
     (broken / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes()[:1000])
     assert "unreadable weights" in one_line_error([str(broken), str(tmp_path / "y")])
     assert not (tmp_path / "y").exists() and not list(tmp_path.glob(".y*"))
+
+
+_FAIL_ONE_RANK = """
+import os, sys
+sys.path.insert(0, {repo!r})
+from accelerate import Accelerator
+from safetensors import SafetensorError
+import workbench.train as T
+
+RANK, CALL = {rank}, {call}
+original, calls = Accelerator.save_state, []
+
+def save_state(self, path, *a, **k):
+    calls.append(path)
+    if self.process_index == RANK and len(calls) == CALL:  # this rank alone finds the disk full
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    return original(self, path, *a, **k)
+
+Accelerator.save_state = save_state
+sys.argv = ["workbench/train.py", *sys.argv[1:]]
+sys.exit(T.main())
+"""
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_write_that_fails_in_one_process_stops_every_process_at_once(tmp_path, tiny_teacher, rank):
+    """Under DDP one process alone cannot write its part of the second checkpoint: every process learns it
+    in the collective that took the place of the barrier and stops (the others waited in their next
+    collective and ended in gloo's 'Connection reset by peer' traceback); the main process says what was
+    being written and that the first checkpoint is kept; the partial one is removed."""
+    script = tmp_path / "fail_one_rank.py"
+    script.write_text(_FAIL_ONE_RANK.format(repo=str(REPO), rank=rank, call=2))
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch_scripts/accelerate/cpu2_ddp.yaml",
+           "--main_process_port", str(_port()), str(script), "recipe=kd_tiny", *FAST, f"output.dir={out}",
+           *_kd_args(tiny_teacher)]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = done.stdout + done.stderr
+    assert done.returncode != 0
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    ckpts = out / "checkpoints"
+    if rank == 0:
+        assert errors == [f"error: No space left on device (writing checkpoint {ckpts / 'step-0000006'}); the run "
+                          f"stopped: make room and rerun with resume=true, which continues from {ckpts / 'step-0000003'}"]
+    else:
+        assert errors == [f"error: another process could not write its part of checkpoint {ckpts / 'step-0000006'} "
+                          f"(its error is above); the run stopped: fix that and rerun with resume=true, which continues "
+                          f"from {ckpts / 'step-0000003'}"], log[-4000:]
+        assert "process 1: No space left on device (writing checkpoint" in log
+    assert "[rank0]: Traceback" not in log and "[rank1]: Traceback" not in log, log[-4000:]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000003"]

@@ -69,6 +69,8 @@ class TrainingDiverged(WorkbenchError, FloatingPointError):
 class StorageError(WorkbenchError):
     """The file system refused a write: full, over quota, read-only, no permission, an I/O error."""
 
+    errno: int | None = None  # the OS error, when known
+
 
 # errno values that say "the disk / file system would not take it", not "a bug in what we asked"
 _STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EACCES,

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from workbench import distributed as dist
 from workbench import onpolicy, rundir
-from workbench.config import LossTerm, Recipe, RecipeError, TrainingDiverged
+from workbench.config import LossTerm, Recipe, RecipeError, StorageError, TrainingDiverged, storage_error
 from workbench.data import Blocks, PackedData, make_batch, mask_labels, stream_indices
 from workbench.losses import LogitObjective, Objective, logit_loss_on, shift_labels
 from workbench.models import forward_for_losses, use_recording_attention
@@ -615,17 +615,41 @@ def save_checkpoint(accelerator, out: Path, state: dict, keep: int, extra: dict 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    with rundir.writing(tmp, f"checkpoint {final}"):
+
+    def part(write) -> None:
+        """write(), then every process learns whether every process's part was written (this takes the
+        place of a barrier): a process that raised alone would leave the others waiting in their next
+        collective. On failure the partial checkpoint is removed and each process raises."""
+        try:
+            write()
+            mine = None
+        except Exception as e:  # (before the partial files are removed: a full disk is recognised by its space)
+            mine = storage_error(e, f"checkpoint {final}", into=tmp) or e
+            if not accelerator.is_main_process:
+                log.error("process %d: %s", accelerator.process_index, mine)
+        if _everyone(accelerator, mine is None):
+            return
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if mine is not None:
+            raise mine
+        raise StorageError(f"another process could not write its part of checkpoint {final} (its error is above)")
+
+    def own_files() -> None:
         accelerator.save_state(str(tmp))
         for name, obj in (extra or {}).items():
             torch.save(obj, tmp / name)
-        accelerator.wait_for_everyone()
+
+    def main_files() -> None:
         if accelerator.is_main_process:
             if student_files is not None:
                 model, tokenizer = student_files
                 getattr(model, "config").save_pretrained(tmp / "student")
                 tokenizer.save_pretrained(tmp / "student")
             (tmp / "trainer_state.json").write_text(json.dumps(state))
+
+    part(own_files)
+    part(main_files)
     if accelerator.is_main_process:
         if final.exists():
             shutil.rmtree(final)
@@ -634,6 +658,14 @@ def save_checkpoint(accelerator, out: Path, state: dict, keep: int, extra: dict 
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _everyone(accelerator, ok: bool) -> bool:
+    """Whether `ok` holds in every process (an all-reduce; a barrier's place in the sequence of collectives)."""
+    if accelerator.num_processes == 1:
+        return ok
+    flag = torch.tensor(0 if ok else 1, device=accelerator.device)
+    return accelerator.reduce(flag, "sum").item() == 0
 
 
 def save_final_model(accelerator, model, tokenizer, path: Path) -> None:
