@@ -969,10 +969,11 @@ def load_recipe(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Recip
     given: dict[str, str] = {}
     for item in overrides:
         key, value = parse_override(item)
+        text = item.split("=", 1)[1]
         if key in given:  # the last wins (a script's common overrides, then its own), but not silently
             logging.getLogger("workbench").warning("%s given twice (%r, then %r): the last one counts", key,
-                                                   given[key], item.split("=", 1)[1])
-        given[key] = item.split("=", 1)[1]
+                                                   given[key], text)
+        given[key] = text
         _set_path(raw, key, value)
     return build(Recipe, raw)
 

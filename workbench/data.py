@@ -26,7 +26,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from workbench.config import DataConfig, RecipeError, storage_error
+from workbench import rundir
+from workbench.config import DataConfig, RecipeError
 
 log = logging.getLogger(__name__)
 
@@ -785,25 +786,16 @@ def built_once(path: Path, marker: str):
         rundir.unlock(lock)
 
 
-class _atomic_dir:
-    """Write into a temporary sibling directory; rename into place on success, delete on failure."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:  # a full disk (say) is one line naming the cache entry; the space is freed
-            err = storage_error(exc, self.path, into=self.tmp)
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            if err is not None:
-                raise err from exc
-            return
-        try:
-            os.replace(self.tmp, self.path)
-        except OSError:  # another process finished first: theirs is identical, keep it
-            shutil.rmtree(self.tmp, ignore_errors=True)
+@contextlib.contextmanager
+def _atomic_dir(path: Path):
+    """Write into a temporary sibling directory; rename into place on success, delete on failure (a full disk,
+    say, is then one line naming the entry: rundir.writing)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    with rundir.writing(tmp, path):
+        yield tmp
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process finished first: theirs is identical, keep it
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -399,13 +399,10 @@ def evaluate_runs(run_dirs: list[str | Path], cfg: EvalConfig | None = None, dev
     if cfg.prompts:
         pairs, rendered = task_prompts(corpus, tok, cfg.prompts, cfg.context_chars, cfg.prompt_regex)
         prompts = [p for p, _ in pairs]
-        if prompts:
-            from workbench.data import encode_prompts
-            from workbench.speculative import check_positions
+        from workbench.speculative import check_prompts_fit
 
-            longest = int(encode_prompts(tok, prompts, rendered=rendered).attention_mask.sum(1).max())
-            check_positions(scored.values(), longest + cfg.max_new_tokens, f"eval.max_new_tokens={cfg.max_new_tokens}",
-                            f"the longest prompt ({longest} tokens) and the new tokens")
+        check_prompts_fit(scored.values(), tok, prompts, rendered, cfg.max_new_tokens,
+                          f"eval.max_new_tokens={cfg.max_new_tokens}")
         refs = [tok.decode(tok(ref, add_special_tokens=False).input_ids[: cfg.max_new_tokens]) for _, ref in pairs]
         rouge = _metric("rouge_l")
         gens = {}

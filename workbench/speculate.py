@@ -176,13 +176,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
                    for p in prompts]
-    from workbench.data import encode_prompts
-    from workbench.speculative import check_positions
+    from workbench.speculative import check_prompts_fit
 
     try:
-        longest = int(encode_prompts(tok, prompts, rendered=args.chat).attention_mask.sum(1).max())
-        check_positions((teacher, draft), longest + args.max_new_tokens, f"--max-new-tokens {args.max_new_tokens}",
-                        f"the longest prompt ({longest} tokens) and the new tokens")
+        check_prompts_fit((teacher, draft), tok, prompts, args.chat, args.max_new_tokens,
+                          f"--max-new-tokens {args.max_new_tokens}")
     except WorkbenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -202,7 +200,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e} ({models})", file=sys.stderr)
         return 2
     if args.json:
-        from workbench.config import WorkbenchError
         from workbench.rundir import write_file
 
         try:

@@ -95,6 +95,17 @@ def check_positions(models, positions: int, setting: str, what: str) -> None:
                           "were made for (max_position_embeddings)")
 
 
+def check_prompts_fit(models, tok, prompts: list[str], rendered: bool, max_new_tokens: int, setting: str) -> None:
+    """check_positions for `max_new_tokens` generated after the longest of `prompts`, encoded as generation
+    encodes them (data.encode_prompts)."""
+    from workbench.data import encode_prompts
+
+    if prompts:
+        longest = int(encode_prompts(tok, prompts, rendered=rendered).attention_mask.sum(1).max())
+        check_positions(models, longest + max_new_tokens, setting,
+                        f"the longest prompt ({longest} tokens) and the new tokens")
+
+
 @torch.no_grad()
 def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens: int, *,
                          attention_mask: torch.Tensor | None = None, draft_len: int = 4,

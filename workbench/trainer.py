@@ -723,9 +723,7 @@ class MetricsLog:
         keep = []
         if self.path.exists() and truncate_after > 0:
             keep = [rec for rec in read_metrics(out) if rec["step"] <= truncate_after]
-        tmp = self.path.with_name(f".{self.path.name}.partial")  # the old records stay until the new file is whole
-        tmp.write_text("".join(json.dumps(rec) + "\n" for rec in keep))
-        os.replace(tmp, self.path)
+        rundir.write_file(self.path, "".join(json.dumps(rec) + "\n" for rec in keep))  # (the old stay until it is whole)
         self.file = self.path.open("a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
