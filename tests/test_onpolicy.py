@@ -273,3 +273,25 @@ def test_samples_longer_than_the_models_positions_are_refused(tmp_path, tiny_tea
     assert f"distill.onpolicy.max_new_tokens={n}: samples of prompt_tokens=8 and the new tokens take {n + 8} " \
            f"positions, more than the {n} the models were made for" in line
     assert not (tmp_path / "model").exists()
+
+
+def test_gkd_coin_is_drawn_on_the_cpu_and_agrees_everywhere():
+    """Whether a micro-batch is generated: probability lmbda, the same for a (seed, step, micro-batch) on
+    every call, and decided without the run's device (a device generator's .item() waits for the GPU at
+    every step): the trainer decides it for a batch on the meta device, where no generator exists."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from workbench import trainer
+
+    coins = [onpolicy.gkd_generates(0, step, k, 0.3) for step in range(400) for k in range(2)]
+    assert coins == [onpolicy.gkd_generates(0, step, k, 0.3) for step in range(400) for k in range(2)]
+    assert 0.25 < sum(coins) / len(coins) < 0.35
+    assert not any(onpolicy.gkd_generates(0, s, 0, 0.0) for s in range(50))
+    assert all(onpolicy.gkd_generates(0, s, 0, 1.0) for s in range(50))
+    data = SimpleNamespace(train=np.arange(32, dtype=np.int32).reshape(4, 8))
+    meta = SimpleNamespace(device=torch.device("meta"), process_index=0)
+    onp = OnPolicyConfig(method="gkd", lmbda=0.0, prompt_tokens=4, max_new_tokens=4)
+    jobs = trainer._micro_batch_jobs(np.array([1, 2]), data, onp, 0, 3, 0, meta, None, None, 0, None)
+    assert [j.kind for j in jobs] == ["data"] and jobs[0].ids.device.type == "meta"

@@ -41,6 +41,13 @@ def generator_for(seed: int, step: int, micro: int, rank: int | None, device) ->
     return g
 
 
+def gkd_generates(seed: int, step: int, micro: int, lmbda: float) -> bool:
+    """Whether GKD replaces this micro-batch by student samples (probability lmbda). The coin is drawn on
+    the CPU from (seed, step, micro-batch) alone: every process agrees, a resumed run draws the same, and
+    nothing is read back from an accelerator each step (a device generator's .item() waits for the GPU)."""
+    return torch.rand((), generator=generator_for(seed, step, micro, None, "cpu")).item() < lmbda
+
+
 def prompts_of(ids: torch.Tensor, target_mask: torch.Tensor | None, n: int) -> torch.Tensor:
     """Equal-length prompts [B, P] for sampling from a micro-batch ids [B, T]: plain text, its first n
     tokens; chat or prompt/completion blocks (target_mask [B, T] marks completion tokens), the last

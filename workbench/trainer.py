@@ -400,12 +400,11 @@ def _micro_batch_jobs(blocks, data, onp, seed, step, k, accelerator, student, te
     data_job = _Job(ids, {"labels": mask_labels(shift_labels(ids), batch)}, "data", blocks, pos)
     if onp.method == "off":
         return [data_job]
+    if onp.method == "gkd" and not onpolicy.gkd_generates(seed, step, k, onp.lmbda):
+        return [data_job]  # the same choice on every process: ZeRO-3 needs them to run the same passes
     prompts = onpolicy.prompts_of(ids, batch.get("target_mask"), onp.prompt_tokens)
     gen = onpolicy.generator_for(seed, step, k, accelerator.process_index, accelerator.device)
-    if onp.method == "gkd":  # the same choice on every process: ZeRO-3 needs them to run the same passes
-        choice = onpolicy.generator_for(seed, step, k, None, accelerator.device)
-        if torch.rand((), generator=choice, device=accelerator.device).item() >= onp.lmbda:
-            return [data_job]
+    if onp.method == "gkd":
         with accelerator.autocast():
             s = onpolicy.draw(student, prompts, onp, gen, eos_id)
         return [_Job(s.ids, onpolicy.gkd_rows(s), "generated")]
