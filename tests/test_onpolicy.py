@@ -157,7 +157,7 @@ def test_minillm_rows_against_a_naive_loop():
     with torch.no_grad():
         lq_all = F.log_softmax(student(input_ids=s.ids).logits.double(), -1)
         lp_all = F.log_softmax(teacher(input_ids=s.ids).logits.double(), -1)
-    P, G = 3, s.valid.shape[1]
+    P = 3
     adv_raw = torch.zeros(2, s.ids.shape[1], dtype=torch.float64)
     for b in range(2):
         n = int(s.valid[b].sum())

@@ -160,3 +160,52 @@ def test_the_push_publishes_names_not_local_paths(tmp_path, tiny_teacher, accele
     folder = hub.stage(lora, HubConfig(repo_id="me/y"))
     base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert base == "model" and str(tmp_path) not in (folder / "README.md").read_text()
+
+
+@pytest.mark.parametrize("old_kind", ["dir", "file", "none"])
+def test_a_replacement_killed_while_deleting_leaves_one_whole_version(tmp_path, monkeypatch, old_kind):
+    """move_into_place (the final model, the adapter, checkpoints, the hub folder, consolidate, quantize):
+    killed while the old version is deleted (a large model takes seconds), `dest` holds the new version
+    whole; the next replacement clears what was left. rundir.remove never leaves a half-deleted directory
+    under its own name either (old checkpoints)."""
+    import shutil
+
+    dest, tmp = tmp_path / "model", tmp_path / "model.tmp"
+    if old_kind == "dir":
+        dest.mkdir()
+        for i in range(3):
+            (dest / f"old-{i}").write_text("old")
+    elif old_kind == "file":
+        dest.write_text("old")
+    tmp.mkdir()
+    (tmp / "new").write_text("new")
+    real = shutil.rmtree
+
+    def killed(path, *a, **k):  # deletes one file, then the process is gone
+        files = sorted(p for p in __import__("pathlib").Path(path).rglob("*") if p.is_file())
+        if files:
+            files[0].unlink()
+            raise KeyboardInterrupt
+        real(path, *a, **k)
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    try:
+        rundir.move_into_place(tmp, dest)
+    except KeyboardInterrupt:
+        pass
+    assert sorted(p.name for p in dest.iterdir()) == ["new"] and not tmp.exists()
+    monkeypatch.setattr(shutil, "rmtree", real)
+    tmp.mkdir()
+    (tmp / "newer").write_text("newer")
+    rundir.move_into_place(tmp, dest)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert sorted(p.name for p in dest.iterdir()) == ["newer"]
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        rundir.remove(dest)
+    assert not dest.exists()
+    monkeypatch.setattr(shutil, "rmtree", real)
+    (tmp_path / "other").mkdir()
+    rundir.remove(tmp_path / "other")
+    assert list(tmp_path.iterdir()) == []

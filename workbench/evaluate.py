@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     third_party_warnings_once()
 
-    from workbench.config import RecipeError, WorkbenchError, build
+    from workbench.config import WorkbenchError, build
     from workbench.evaluation import load_run, perplexity_table, report
 
     try:

@@ -64,8 +64,7 @@ def stage(run_dir: str | Path, hub: HubConfig) -> Path:
         (tmp / "README.md").write_text(model_card(run, src.name == "adapter", hub.repo_id or f"<user>/{run.name}",
                                                   report))
         manifest.write_text(json.dumps(sorted(ours | {p.name for p in tmp.iterdir()})))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    rundir.move_into_place(tmp, folder)
     manifest.write_text(json.dumps(sorted(p.name for p in folder.iterdir())))
     return folder
 

@@ -22,7 +22,6 @@ It is an estimate: allocator caching, fragmentation and CUDA context (about 0.5-
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path

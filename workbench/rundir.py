@@ -266,9 +266,25 @@ def write_file(path: Path, text: str) -> None:
 
 
 def move_into_place(tmp: Path, dest: Path) -> None:
-    """Replace `dest` (a directory, a file, or nothing) by the completed `tmp`."""
-    if dest.is_dir():
-        shutil.rmtree(dest)
-    elif dest.exists():
-        dest.unlink()
-    tmp.rename(dest)
+    """Replace `dest` (a directory, a file, or nothing) by the completed `tmp`. The old one is renamed aside
+    and deleted only once `tmp` has taken its place: killed meanwhile (deleting a large model takes a
+    while), `dest` holds the old or the new one whole, never part of one."""
+    old = dest.with_name(f".{dest.name}.replaced")
+    remove(old)  # left by a replacement that was killed
+    if dest.exists() or dest.is_symlink():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    remove(old)
+
+
+def remove(path: Path) -> None:
+    """Delete a directory (renamed to a hidden name first, so that no half-deleted one is left under its
+    own name by a kill), a file or a link; nothing if it does not exist."""
+    if path.is_dir() and not path.is_symlink():
+        for left in path.parent.glob(".*.removing"):  # left by a removal that was killed
+            shutil.rmtree(left, ignore_errors=True)
+        gone = path.with_name(f".{path.name}.removing")
+        os.replace(path, gone)
+        shutil.rmtree(gone, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import signal
@@ -342,8 +341,8 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (stop and not last):
                 _check_finite(bad, accelerator, step, out, student_inner)  # never save a poisoned model
                 extra = {f"rollouts_{accelerator.process_index}.pt": rollouts.state_dict()} if rollout else {}
-                ckpt_dir = save_checkpoint(accelerator, out, state, cfg.keep_checkpoints, extra,
-                                           student_files=(student_inner, tokenizer))
+                save_checkpoint(accelerator, out, state, cfg.keep_checkpoints, extra,
+                                student_files=(student_inner, tokenizer))
             if stop and not last:
                 interrupted = True
                 break
@@ -650,11 +649,9 @@ def save_checkpoint(accelerator, out: Path, state: dict, keep: int, extra: dict 
     part(own_files)
     part(main_files)
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        rundir.move_into_place(tmp, final)
         for old in checkpoints(out)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            rundir.remove(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -690,8 +687,7 @@ def save_final_model(accelerator, model, tokenizer, path: Path) -> None:
             with rundir.writing(tmp_adapter, f"the adapter {adapter}"):
                 student.save_pretrained(tmp_adapter, state_dict=weights)
                 tokenizer.save_pretrained(tmp_adapter)
-            shutil.rmtree(adapter, ignore_errors=True)
-            os.replace(tmp_adapter, adapter)
+            rundir.move_into_place(tmp_adapter, adapter)
         with rundir.writing(tmp, f"the model {path}"):
             if is_peft(student):
                 merged_copy(student, state_dict=weights).save_pretrained(tmp, safe_serialization=True)
@@ -700,8 +696,7 @@ def save_final_model(accelerator, model, tokenizer, path: Path) -> None:
             tokenizer.save_pretrained(tmp)
             if heads:
                 save_file(heads, str(tmp / HEADS_FILE))
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        rundir.move_into_place(tmp, path)
     accelerator.wait_for_everyone()
 
 

@@ -195,7 +195,7 @@ def _fixed_batch(recipe, tok, t_tok, teacher, student, packed, out: str) -> dict
 def _train_gold(recipe, student, teacher, tok, t_tok, packed, steps: int, out: str) -> float:
     """Train `student` with TRL's GOLDTrainer (ULD, teacher online); -> its train_runtime (seconds)."""
     from datasets import Dataset
-    from trl.experimental.gold import GOLDConfig, GOLDTrainer
+    from trl.experimental.gold import GOLDTrainer
 
     from workbench.data import stream_indices
 
