@@ -392,3 +392,53 @@ def test_a_write_that_fails_in_one_process_stops_every_process_at_once(tmp_path,
         assert "process 1: No space left on device (writing checkpoint" in log
     assert "[rank0]: Traceback" not in log and "[rank1]: Traceback" not in log, log[-4000:]
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000003"]
+
+
+_FAIL_ONE_SHARD = """
+import sys
+sys.path.insert(0, {repo!r})
+import safetensors.torch
+import torch.distributed
+import workbench.train as T
+
+original = safetensors.torch.save_file
+
+def save_file(tensors, path, *a, **k):
+    if torch.distributed.get_rank() == 1 and "/model.tmp/" in path:  # stage 1 alone finds the disk full
+        raise OSError(28, "No space left on device")
+    return original(tensors, path, *a, **k)
+
+safetensors.torch.save_file = save_file
+sys.argv = ["workbench/train.py", *sys.argv[1:]]
+sys.exit(T.main())
+"""
+
+
+def test_a_pipeline_stage_that_cannot_write_its_shard_stops_every_stage(tmp_path, tiny_teacher):
+    """The final model of a pipeline run is written shard by shard, one per stage: stage 1 alone finding the
+    disk full stopped it with a traceback while stage 0 waited in the next collective. Now every stage
+    stops at once, the main process names the model and how to go on, the partial model is removed, and
+    resume=true then writes the model."""
+    script = tmp_path / "fail_one_shard.py"
+    script.write_text(_FAIL_ONE_SHARD.format(repo=str(REPO)))
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    args = ["recipe=kd_tiny", *FAST, f"output.dir={out}", *_kd_args(tiny_teacher), "parallel.pipeline_stages=2",
+            "eval.report=false"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           "launch_scripts/accelerate/cpu2_pipeline.yaml", "--main_process_port", str(_port())]
+    done = subprocess.run([*cmd, str(script), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = done.stdout + done.stderr
+    assert done.returncode != 0
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    ckpt = out / "checkpoints" / "step-0000006"
+    assert errors == [f"error: another process could not write its part of the model {out / 'model'} (its error "
+                      f"is above); the run stopped: fix that and rerun with resume=true, which continues from {ckpt}"], \
+        log[-4000:]
+    assert "process 1: No space left on device (writing the model" in log
+    assert "]: Traceback" not in log, log[-4000:]
+    assert not (out / "model").exists() and not (out / "model.tmp").exists()
+    done = subprocess.run([*cmd, "workbench/train.py", *args, "resume=true"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert (out / "model" / "model.safetensors.index.json").is_file()

@@ -466,17 +466,22 @@ def save_sharded(stage: Stage, tokenizer, path: Path, accelerator) -> None:
     world = accelerator.num_processes
     tensors = stage.checkpoint_tensors()
     shard = _SHARDS.format(stage.index + 1, world)
-    save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
+    what = f"the model {path}"
+    T.write_part(accelerator, lambda: save_file(tensors, str(tmp / shard), metadata={"format": "pt"}), what, tmp)
     names = [None] * world
     torch.distributed.all_gather_object(names, (shard, {k: v.numel() * v.element_size() for k, v in tensors.items()}))
+
+    def main_files() -> None:
+        if accelerator.is_main_process:
+            index = {"metadata": {"total_size": sum(sum(s.values()) for _, s in names)},
+                     "weight_map": {k: f for f, s in names for k in sorted(s)}}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            stage.config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+
+    T.write_part(accelerator, main_files, what, tmp)
     if accelerator.is_main_process:
-        index = {"metadata": {"total_size": sum(sum(s.values()) for _, s in names)},
-                 "weight_map": {k: f for f, s in names for k in sorted(s)}}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        stage.config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
+        rundir.move_into_place(tmp, path)
     accelerator.wait_for_everyone()
 
 

@@ -614,25 +614,6 @@ def save_checkpoint(accelerator, out: Path, state: dict, keep: int, extra: dict 
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
 
-    def part(write) -> None:
-        """write(), then every process learns whether every process's part was written (this takes the
-        place of a barrier): a process that raised alone would leave the others waiting in their next
-        collective. On failure the partial checkpoint is removed and each process raises."""
-        try:
-            write()
-            mine = None
-        except Exception as e:  # (before the partial files are removed: a full disk is recognised by its space)
-            mine = storage_error(e, f"checkpoint {final}", into=tmp) or e
-            if not accelerator.is_main_process:
-                log.error("process %d: %s", accelerator.process_index, mine)
-        if _everyone(accelerator, mine is None):
-            return
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if mine is not None:
-            raise mine
-        raise StorageError(f"another process could not write its part of checkpoint {final} (its error is above)")
-
     def own_files() -> None:
         accelerator.save_state(str(tmp))
         for name, obj in (extra or {}).items():
@@ -646,14 +627,35 @@ def save_checkpoint(accelerator, out: Path, state: dict, keep: int, extra: dict 
                 tokenizer.save_pretrained(tmp / "student")
             (tmp / "trainer_state.json").write_text(json.dumps(state))
 
-    part(own_files)
-    part(main_files)
+    write_part(accelerator, own_files, f"checkpoint {final}", tmp)
+    write_part(accelerator, main_files, f"checkpoint {final}", tmp)
     if accelerator.is_main_process:
         rundir.move_into_place(tmp, final)
         for old in checkpoints(out)[:-keep]:
             rundir.remove(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def write_part(accelerator, write, what: str, tmp: Path) -> None:
+    """write() (each process's part of `what`, in the partial directory `tmp`), then every process learns
+    whether every process's part was written (this takes the place of a barrier): a process that raised
+    alone would leave the others waiting in their next collective. On failure `tmp` is removed and each
+    process raises (a full disk: a StorageError naming `what`)."""
+    try:
+        write()
+        mine = None
+    except Exception as e:  # (before the partial files are removed: a full disk is recognised by its space)
+        mine = storage_error(e, what, into=tmp) or e
+        if not accelerator.is_main_process:
+            log.error("process %d: %s", accelerator.process_index, mine)
+    if _everyone(accelerator, mine is None):
+        return
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if mine is not None:
+        raise mine
+    raise StorageError(f"another process could not write its part of {what} (its error is above)")
 
 
 def _everyone(accelerator, ok: bool) -> bool:
