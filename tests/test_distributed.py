@@ -442,3 +442,50 @@ def test_a_pipeline_stage_that_cannot_write_its_shard_stops_every_stage(tmp_path
                           text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert (out / "model" / "model.safetensors.index.json").is_file()
+
+
+_FAIL_MAIN_MODEL = """
+import sys
+sys.path.insert(0, {repo!r})
+import torch.distributed
+import transformers
+import workbench.train as T
+
+original = transformers.PreTrainedModel.save_pretrained
+
+def save_pretrained(self, path, *a, **k):
+    if torch.distributed.get_rank() == 0 and str(path).endswith("model.tmp"):  # the disk fills up
+        raise OSError(28, "No space left on device")
+    return original(self, path, *a, **k)
+
+transformers.PreTrainedModel.save_pretrained = save_pretrained
+sys.argv = ["workbench/train.py", *sys.argv[1:]]
+sys.exit(T.main())
+"""
+
+
+def test_a_final_model_the_main_process_cannot_write_stops_every_process(tmp_path, tiny_teacher):
+    """DDP: the main process alone writes the final model; when it could not (a full disk), the others had
+    passed its barrier and died in gloo's 'Connection reset by peer' traceback at the next one. Now every
+    process stops there, one line says what to do, and resume=true writes the model."""
+    script = tmp_path / "fail_main_model.py"
+    script.write_text(_FAIL_MAIN_MODEL.format(repo=str(REPO)))
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    args = ["recipe=kd_tiny", *FAST, f"output.dir={out}", *_kd_args(tiny_teacher), "train.micro_batch_size=2",
+            "eval.report=false"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch_scripts/accelerate/cpu2_ddp.yaml",
+           "--main_process_port", str(_port())]
+    done = subprocess.run([*cmd, str(script), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = done.stdout + done.stderr
+    assert done.returncode != 0
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: No space left on device (writing the model {out / 'model'}); the run stopped: make "
+                      f"room and rerun with resume=true, which continues from {out / 'checkpoints' / 'step-0000006'}"], \
+        log[-4000:]
+    assert "[rank0]: Traceback" not in log and "[rank1]: Traceback" not in log, log[-4000:]
+    assert not (out / "model").exists() and not (out / "model.tmp").exists()
+    done = subprocess.run([*cmd, "workbench/train.py", *args, "resume=true"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert (out / "model" / "model.safetensors").is_file()

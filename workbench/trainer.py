@@ -646,7 +646,7 @@ def write_part(accelerator, write, what: str, tmp: Path) -> None:
         write()
         mine = None
     except Exception as e:  # (before the partial files are removed: a full disk is recognised by its space)
-        mine = storage_error(e, what, into=tmp) or e
+        mine = e if isinstance(e, StorageError) else storage_error(e, what, into=tmp) or e
         if not accelerator.is_main_process:
             log.error("process %d: %s", accelerator.process_index, mine)
     if _everyone(accelerator, mine is None):
@@ -676,10 +676,13 @@ def save_final_model(accelerator, model, tokenizer, path: Path) -> None:
     from workbench.models import is_peft, merged_copy
 
     state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
+    tmp = path.with_name(path.name + ".tmp")
+
+    def main_files() -> None:  # (the other processes: their part of get_state_dict above)
+        if not accelerator.is_main_process:
+            return
         student = accelerator.unwrap_model(model).student
         heads = {k[len("objective."):]: v.contiguous() for k, v in state_dict.items() if k.startswith("objective.")}
-        tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         weights = {k[len("student."):]: v for k, v in state_dict.items() if k.startswith("student.")}
         if is_peft(student):
@@ -699,7 +702,8 @@ def save_final_model(accelerator, model, tokenizer, path: Path) -> None:
             if heads:
                 save_file(heads, str(tmp / HEADS_FILE))
         rundir.move_into_place(tmp, path)
-    accelerator.wait_for_everyone()
+
+    write_part(accelerator, main_files, f"the model {path}", tmp)  # every process stops if main cannot write
 
 
 # --------------------------------------------------------------------------------------------- metrics
