@@ -176,6 +176,10 @@ def test_cli_dry_run_and_errors(capsys):
     assert main(["recipe=kd_tiny", "--bogus"]) == 2
     assert main(["--help-recipe"]) == 0
     assert "train.grad_accum_steps" in capsys.readouterr().out
+    assert main(["--list"]) == 0  # every shipped recipe, with what it does
+    listed = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert set(listed) == set(SHIPPED)
+    assert all(about.strip() == load_recipe(name).description for name, about in listed.items())
 
 
 @pytest.mark.parametrize("main_process", [True, False])

@@ -32,7 +32,7 @@ USAGE = """usage: train.py recipe=NAME [key=value ...] [--dry-run] [--help-recip
   key=value        override any recipe key, dotted: train.lr=1e-3 distill.losses.0.weight=0.5
   --dry-run        validate the recipe (no weights loaded) and print it resolved
   --help-recipe    list every recipe key with its type and meaning
-  --list           list the shipped recipes
+  --list           list the shipped recipes and what each does
 """
 
 
@@ -48,8 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         for key, tp, doc in describe_fields():
             print(f"{key:36s} {tp:40s} {doc}")
         return 0
-    if "--list" in flags:
-        print("\n".join(list_recipes()))
+    if "--list" in flags:  # each shipped recipe with its description (read, validated, nothing loaded)
+        names = list_recipes()
+        for name in names:
+            try:
+                about = load_recipe(name).description or ""
+            except WorkbenchError as e:
+                about = f"(does not load: {e})"
+            print(f"{name:<{max(map(len, names))}}  {about}")
         return 0
     unknown = flags - {"--dry-run"}
     if unknown:
