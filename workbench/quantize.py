@@ -10,6 +10,13 @@ training data (default: the embedded corpus), in MODEL's own tokenizer. At the e
 perplexity of the source and of the reloaded quantised checkpoint is printed and written, with the bytes
 and bits per weight, to DIR/quantize.json. The checkpoint is written to a temporary directory and renamed
 into place when complete: an interrupted run leaves no half-written DIR.
+
+Give DIR as any name_or_path (with quantize: none). transformers has no 4-bit kernel for GPTQ/AWQ on the
+CPU: it holds them dequantised (the quantised values, not the memory saving); to load a peft adapter over
+one in plain peft, load the base with quantization_config=CompressedTensorsConfig(dequantize=True).
+llm-compressor rather than gptqmodel: gptqmodel 7.7 needs torch >= 2.14.1 and builds from source;
+llm-compressor is one wheel doing GPTQ and AWQ on the CPU (install.sh installs it without its
+transformers<=5.17 pin, which the tests show it does not need).
 """
 
 from __future__ import annotations
