@@ -166,6 +166,20 @@ def test_cli_refuses_generating_past_the_models_positions(kd_run, tmp_path, caps
     assert not (tmp_path / "r" / "report.html").exists()
 
 
+@pytest.mark.parametrize("flag, value, says", [("--max-new-tokens", "0", "--max-new-tokens: must be >= 1"),
+                                                ("--prompts", "-2", "--prompts: must be >= 0"),
+                                                ("--choice-items", "-1", "--choice-items: must be >= 0")])
+def test_cli_names_the_flag_given_out_of_range(kd_run, tmp_path, capsys, flag, value, says):
+    """A flag out of range is named as given (it was the field's name: "max_new_tokens: and context_chars
+    must be >= 1"), before anything is evaluated."""
+    from workbench import evaluate
+
+    kd, _ = kd_run
+    code = evaluate.main([str(kd), "--out", str(tmp_path / "r"), flag, value])
+    assert one_error_line(code, capsys.readouterr().err) == f"error: {says}"
+    assert not (tmp_path / "r").exists()
+
+
 def test_cli_on_damaged_runs_says_which_file_in_one_line(kd_run, tmp_path, capsys):
     """A copy of a finished run with its metrics, its recipe or its model's weights damaged: one error line
     naming the file, exit status 2, no traceback (json's, yaml's and safetensors' before)."""

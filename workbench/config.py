@@ -618,7 +618,8 @@ class EvalConfig:
         _not_blank(self, "task_file")
         for name in ("prompts", "context_chars", "max_new_tokens", "samples", "choice_items"):
             _check(getattr(self, name) >= 0, name, "must be >= 0")
-        _check(self.max_new_tokens >= 1 and self.context_chars >= 1, "max_new_tokens", "and context_chars must be >= 1")
+        for name in ("context_chars", "max_new_tokens"):
+            _check(getattr(self, name) >= 1, name, "must be >= 1")
         _check(self.draft_len >= 1, "draft_len", "must be >= 1")
         if self.prompt_regex is not None:
             try:

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     third_party_warnings_once()
 
-    from workbench.config import WorkbenchError, build
+    from workbench.config import RecipeError, WorkbenchError, build
     from workbench.evaluation import load_run, perplexity_table, report
 
     try:
@@ -61,7 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = runs[0].recipe.eval
         changes = {"prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "choice_items": args.choice_items,
                    "task_file": args.task_file, "speculative": False if args.no_speculative else None}
-        cfg = build(type(cfg), {**dataclasses.asdict(cfg), **{k: v for k, v in changes.items() if v is not None}})
+        try:
+            cfg = build(type(cfg), {**dataclasses.asdict(cfg), **{k: v for k, v in changes.items() if v is not None}})
+        except RecipeError as e:  # named as given: the flag, or the key of the run's recipe
+            key = str(e).split(":", 1)[0]
+            flag = f"--{key.replace('_', '-')}" if changes.get(key) is not None else f"eval.{key} (in {args.runs[0]})"
+            raise RecipeError(f"{flag}:{str(e).split(':', 1)[1]}") from None
         if cfg.task_file and not Path(cfg.task_file).is_file():
             raise FileNotFoundError(f"task file not found: {cfg.task_file}")
         md, html = report(args.runs, args.out, cfg)
