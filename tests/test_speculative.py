@@ -430,9 +430,12 @@ def test_cli_errors(tmp_path, capsys):
     assert speculate.main(["--draft-len", "-1"]) == 2
     capsys.readouterr()
     (tmp_path / "binary").write_bytes(bytes(range(256)))
+    (tmp_path / "blank").write_text("\n  \n\n")  # ran the default prompt instead
     for argv, says in [(["--draft-len", "abc"], "--draft-len: a number of tokens or 'adaptive', not 'abc'"),
                        (["--prompts-file", str(tmp_path / "binary")], "not UTF-8 text"),
-                       (["--prompts-file", str(tmp_path)], "Is a directory"),
+                       (["--prompts-file", str(tmp_path)], f"--prompts-file {tmp_path}: Is a directory"),
+                       (["--prompts-file", str(tmp_path / "none")], "none: No such file or directory"),
+                       (["--prompts-file", str(tmp_path / "blank")], "blank: no prompts in it"),
                        (["--json", str(tmp_path / "no_dir" / "stats.json")], "not a file in an existing directory"),
                        (["--json", str(tmp_path)], "not a file in an existing directory"),
                        (["--temperature", "-1"], "--temperature must be >= 0 (0 is greedy), not -1.0"),

@@ -139,7 +139,13 @@ def main(argv: list[str] | None = None) -> int:
                 text = Path(args.prompts_file).read_text()
             except UnicodeDecodeError:
                 raise ValueError(f"--prompts-file {args.prompts_file}: not UTF-8 text") from None
-            prompts += [line for line in text.splitlines() if line.strip()]
+            except OSError as e:
+                raise ValueError(f"--prompts-file {args.prompts_file}: {e.strerror or e}") from None
+            found = [line for line in text.splitlines() if line.strip()]
+            if not found:  # (the default prompt in its place would answer a question not asked)
+                raise ValueError(f"--prompts-file {args.prompts_file}: no prompts in it (one per line, "
+                                 "blank lines skipped)")
+            prompts += found
         if not args.chat and "" in prompts:
             raise ValueError("--prompt '': an empty prompt gives the models nothing to continue")
         prompts = prompts or ["def quick_sort("]
