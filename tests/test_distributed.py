@@ -334,7 +334,11 @@ def test_consolidate_cli_refuses_to_overwrite_and_reports_bad_checkpoints(tmp_pa
     assert not (dst / "note.txt").exists() and (dst / "config.json").is_file()
 
     not_a_checkpoint = tmp_path / "run"  # a run directory, not one of its checkpoints
-    assert f"is {not_a_checkpoint} a workbench checkpoint?" in one_line_error([str(not_a_checkpoint), str(tmp_path / "x")])
+    assert one_line_error([str(not_a_checkpoint), str(tmp_path / "x")]) == (
+        f"error: {not_a_checkpoint} is a run directory, not a checkpoint: give one of its checkpoints, e.g. {ckpt} "
+        f"(its final model, {not_a_checkpoint / 'model'}, is a plain transformers model already)")
+    assert f"is {tmp_path / 'student'} a workbench checkpoint?" in one_line_error([str(tmp_path / "student"),
+                                                                                  str(tmp_path / "x")])
     broken = tmp_path / "broken"
     shutil.copytree(ckpt, broken)
     (broken / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes()[:1000])

@@ -52,6 +52,14 @@ def consolidate(checkpoint: Path, out_dir: Path, overwrite: bool = False) -> Pat
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     student_dir = checkpoint / "student"
     if not (student_dir / "config.json").exists():
+        from workbench.trainer import latest_checkpoint
+
+        newest = latest_checkpoint(checkpoint)  # a run directory given for one of its checkpoints
+        if newest is not None:
+            raise FileNotFoundError(f"{checkpoint} is a run directory, not a checkpoint: give one of its checkpoints, "
+                                    f"e.g. {newest}" + (f" (its final model, {checkpoint / 'model'}, is a plain "
+                                                        "transformers model already)" if (checkpoint / "model").is_dir()
+                                                        else ""))
         raise FileNotFoundError(f"{student_dir}/config.json missing: is {checkpoint} a workbench checkpoint?")
     rundir.refuse_to_replace(out_dir, overwrite, "destination")
     state = student_state_dict(checkpoint)
