@@ -346,12 +346,38 @@ def test_consolidate_cli_refuses_to_overwrite_and_reports_bad_checkpoints(tmp_pa
     assert not (tmp_path / "y").exists() and not list(tmp_path.glob(".y*"))
 
 
-_FAIL_ONE_RANK = """
-import os, sys
+_PATCHED_TRAIN = """
+import sys
 sys.path.insert(0, {repo!r})
+import torch.distributed
+import workbench.train as T
+{patch}
+sys.argv = ["workbench/train.py", *sys.argv[1:]]
+sys.exit(T.main())
+"""
+
+
+def _launch_patched(tmp_path, config: str, patch: str | None, *args) -> tuple[int, str]:
+    """train.py under accelerate launch (2 CPU processes), each process running `patch` (code: a write made
+    to fail, say) first; -> (exit status, everything printed)."""
+    script = "workbench/train.py"
+    if patch is not None:
+        script = tmp_path / "patched_train.py"
+        script.write_text(_PATCHED_TRAIN.format(repo=str(REPO), patch=patch))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"launch_scripts/accelerate/{config}.yaml",
+           "--main_process_port", str(_port()), str(script), *args]
+    done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    return done.returncode, done.stdout + done.stderr
+
+
+def _errors(log: str) -> list[str]:
+    return [line for line in log.splitlines() if line.startswith("error:")]
+
+
+_FAIL_ONE_RANK = """
 from accelerate import Accelerator
 from safetensors import SafetensorError
-import workbench.train as T
 
 RANK, CALL = {rank}, {call}
 original, calls = Accelerator.save_state, []
@@ -363,8 +389,6 @@ def save_state(self, path, *a, **k):
     return original(self, path, *a, **k)
 
 Accelerator.save_state = save_state
-sys.argv = ["workbench/train.py", *sys.argv[1:]]
-sys.exit(T.main())
 """
 
 
@@ -374,36 +398,26 @@ def test_a_write_that_fails_in_one_process_stops_every_process_at_once(tmp_path,
     in the collective that took the place of the barrier and stops (the others waited in their next
     collective and ended in gloo's 'Connection reset by peer' traceback); the main process says what was
     being written and that the first checkpoint is kept; the partial one is removed."""
-    script = tmp_path / "fail_one_rank.py"
-    script.write_text(_FAIL_ONE_RANK.format(repo=str(REPO), rank=rank, call=2))
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch_scripts/accelerate/cpu2_ddp.yaml",
-           "--main_process_port", str(_port()), str(script), "recipe=kd_tiny", *FAST, f"output.dir={out}",
-           *_kd_args(tiny_teacher)]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    log = done.stdout + done.stderr
-    assert done.returncode != 0
-    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    code, log = _launch_patched(tmp_path, "cpu2_ddp", _FAIL_ONE_RANK.format(rank=rank, call=2), "recipe=kd_tiny",
+                                *FAST, f"output.dir={out}", *_kd_args(tiny_teacher))
+    assert code != 0
     ckpts = out / "checkpoints"
     if rank == 0:
-        assert errors == [f"error: No space left on device (writing checkpoint {ckpts / 'step-0000006'}); the run "
-                          f"stopped: make room and rerun with resume=true, which continues from {ckpts / 'step-0000003'}"]
+        assert _errors(log) == [f"error: No space left on device (writing checkpoint {ckpts / 'step-0000006'}); the "
+                                f"run stopped: make room and rerun with resume=true, which continues from "
+                                f"{ckpts / 'step-0000003'}"]
     else:
-        assert errors == [f"error: another process could not write its part of checkpoint {ckpts / 'step-0000006'} "
-                          f"(its error is above); the run stopped: fix that and rerun with resume=true, which continues "
-                          f"from {ckpts / 'step-0000003'}"], log[-4000:]
+        assert _errors(log) == [f"error: another process could not write its part of checkpoint "
+                                f"{ckpts / 'step-0000006'} (its error is above); the run stopped: fix that and rerun "
+                                f"with resume=true, which continues from {ckpts / 'step-0000003'}"], log[-4000:]
         assert "process 1: No space left on device (writing checkpoint" in log
     assert "[rank0]: Traceback" not in log and "[rank1]: Traceback" not in log, log[-4000:]
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000003"]
 
 
 _FAIL_ONE_SHARD = """
-import sys
-sys.path.insert(0, {repo!r})
 import safetensors.torch
-import torch.distributed
-import workbench.train as T
 
 original = safetensors.torch.save_file
 
@@ -413,47 +427,10 @@ def save_file(tensors, path, *a, **k):
     return original(tensors, path, *a, **k)
 
 safetensors.torch.save_file = save_file
-sys.argv = ["workbench/train.py", *sys.argv[1:]]
-sys.exit(T.main())
 """
 
-
-def test_a_pipeline_stage_that_cannot_write_its_shard_stops_every_stage(tmp_path, tiny_teacher):
-    """The final model of a pipeline run is written shard by shard, one per stage: stage 1 alone finding the
-    disk full stopped it with a traceback while stage 0 waited in the next collective. Now every stage
-    stops at once, the main process names the model and how to go on, the partial model is removed, and
-    resume=true then writes the model."""
-    script = tmp_path / "fail_one_shard.py"
-    script.write_text(_FAIL_ONE_SHARD.format(repo=str(REPO)))
-    out = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    args = ["recipe=kd_tiny", *FAST, f"output.dir={out}", *_kd_args(tiny_teacher), "parallel.pipeline_stages=2",
-            "eval.report=false"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           "launch_scripts/accelerate/cpu2_pipeline.yaml", "--main_process_port", str(_port())]
-    done = subprocess.run([*cmd, str(script), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    log = done.stdout + done.stderr
-    assert done.returncode != 0
-    errors = [line for line in log.splitlines() if line.startswith("error:")]
-    ckpt = out / "checkpoints" / "step-0000006"
-    assert errors == [f"error: another process could not write its part of the model {out / 'model'} (its error "
-                      f"is above); the run stopped: fix that and rerun with resume=true, which continues from {ckpt}"], \
-        log[-4000:]
-    assert "process 1: No space left on device (writing the model" in log
-    assert "]: Traceback" not in log, log[-4000:]
-    assert not (out / "model").exists() and not (out / "model.tmp").exists()
-    done = subprocess.run([*cmd, "workbench/train.py", *args, "resume=true"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    assert (out / "model" / "model.safetensors.index.json").is_file()
-
-
 _FAIL_MAIN_MODEL = """
-import sys
-sys.path.insert(0, {repo!r})
-import torch.distributed
 import transformers
-import workbench.train as T
 
 original = transformers.PreTrainedModel.save_pretrained
 
@@ -463,33 +440,33 @@ def save_pretrained(self, path, *a, **k):
     return original(self, path, *a, **k)
 
 transformers.PreTrainedModel.save_pretrained = save_pretrained
-sys.argv = ["workbench/train.py", *sys.argv[1:]]
-sys.exit(T.main())
 """
 
 
-def test_a_final_model_the_main_process_cannot_write_stops_every_process(tmp_path, tiny_teacher):
-    """DDP: the main process alone writes the final model; when it could not (a full disk), the others had
-    passed its barrier and died in gloo's 'Connection reset by peer' traceback at the next one. Now every
-    process stops there, one line says what to do, and resume=true writes the model."""
-    script = tmp_path / "fail_main_model.py"
-    script.write_text(_FAIL_MAIN_MODEL.format(repo=str(REPO)))
+@pytest.mark.parametrize("case", ["pipeline shard", "ddp main"])
+def test_a_final_model_one_process_cannot_write_stops_every_process(tmp_path, tiny_teacher, case):
+    """The final model of a pipeline run is written shard by shard, one per stage: stage 1 alone finding the
+    disk full raised a traceback while stage 0 waited forever in the next collective. Under DDP the main
+    process alone writes it: when it could not, the others had passed its barrier and died in gloo's
+    'Connection reset by peer' traceback at the next one. Now every process stops at once, the main
+    process names the model and how to go on, the partial model is removed, and resume=true writes it."""
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    args = ["recipe=kd_tiny", *FAST, f"output.dir={out}", *_kd_args(tiny_teacher), "train.micro_batch_size=2",
-            "eval.report=false"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch_scripts/accelerate/cpu2_ddp.yaml",
-           "--main_process_port", str(_port())]
-    done = subprocess.run([*cmd, str(script), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    log = done.stdout + done.stderr
-    assert done.returncode != 0
-    errors = [line for line in log.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: No space left on device (writing the model {out / 'model'}); the run stopped: make "
-                      f"room and rerun with resume=true, which continues from {out / 'checkpoints' / 'step-0000006'}"], \
-        log[-4000:]
-    assert "[rank0]: Traceback" not in log and "[rank1]: Traceback" not in log, log[-4000:]
+    config, patch, extra = {"pipeline shard": ("cpu2_pipeline", _FAIL_ONE_SHARD, "parallel.pipeline_stages=2"),
+                            "ddp main": ("cpu2_ddp", _FAIL_MAIN_MODEL, "train.micro_batch_size=2")}[case]
+    args = ["recipe=kd_tiny", *FAST, f"output.dir={out}", *_kd_args(tiny_teacher), extra, "eval.report=false"]
+    code, log = _launch_patched(tmp_path, config, patch, *args)
+    assert code != 0
+    ckpt = out / "checkpoints" / "step-0000006"
+    if case == "pipeline shard":
+        assert _errors(log) == [f"error: another process could not write its part of the model {out / 'model'} (its "
+                                f"error is above); the run stopped: fix that and rerun with resume=true, which "
+                                f"continues from {ckpt}"], log[-4000:]
+        assert "process 1: No space left on device (writing the model" in log
+    else:
+        assert _errors(log) == [f"error: No space left on device (writing the model {out / 'model'}); the run stopped: "
+                                f"make room and rerun with resume=true, which continues from {ckpt}"], log[-4000:]
+    assert "]: Traceback" not in log, log[-4000:]
     assert not (out / "model").exists() and not (out / "model.tmp").exists()
-    done = subprocess.run([*cmd, "workbench/train.py", *args, "resume=true"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    assert (out / "model" / "model.safetensors").is_file()
+    code, log = _launch_patched(tmp_path, config, None, *args, "resume=true")
+    assert code == 0, log[-3000:]
+    assert (out / "model" / "config.json").is_file()
