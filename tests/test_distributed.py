@@ -470,3 +470,18 @@ def test_a_final_model_one_process_cannot_write_stops_every_process(tmp_path, ti
     code, log = _launch_patched(tmp_path, config, None, *args, "resume=true")
     assert code == 0, log[-3000:]
     assert (out / "model" / "config.json").is_file()
+
+
+def test_a_mistake_found_before_the_processes_meet_is_one_line_not_one_per_process(tmp_path, monkeypatch, capsys):
+    """Every process of a launch finds a wrong key; each printed it (the line twice with 2 processes).
+    Process 0 prints it; another prints it only if, after a wait, the launcher has not stopped it (process
+    0 found nothing wrong: a file missing on one node only)."""
+    from workbench import train
+
+    code, log = _launch_patched(tmp_path, "cpu2_ddp", None, "recipe=kd_tiny", "train.lrr=1")
+    assert code != 0
+    assert _errors(log) == ["error: unknown key 'train.lrr'; did you mean 'train.lr'?"], log[-3000:]
+    monkeypatch.setattr(train, "_REFUSE_WAIT_S", 0.0)
+    monkeypatch.setenv("RANK", "1")
+    assert train.main(["recipe=kd_tiny", "train.lrr=1"]) == 2
+    assert capsys.readouterr().err == "error: unknown key 'train.lrr'; did you mean 'train.lr'? (process 1)\n"

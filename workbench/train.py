@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:  # run as a file: import the package, not our siblings
@@ -59,19 +60,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     unknown = flags - {"--dry-run"}
     if unknown:
-        print(f"error: unknown flag(s) {sorted(unknown)}\n\n{USAGE}", file=sys.stderr)
-        return 2
+        return _refuse(f"unknown flag(s) {sorted(unknown)}\n\n{USAGE}")
     names = [a.split("=", 1)[1] for a in args if a.startswith("recipe=")]
     overrides = [a for a in args if not a.startswith("recipe=")]
     if len(names) != 1:
-        print(f"error: give exactly one recipe=NAME\n\n{USAGE}", file=sys.stderr)
-        return 2
+        return _refuse(f"give exactly one recipe=NAME\n\n{USAGE}")
     try:
         recipe = load_recipe(names[0], overrides)
         validate(recipe)
     except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _refuse(e)
     if "--dry-run" in flags:
         try:
             check_data(recipe)
@@ -87,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         accelerator = make_accelerator(recipe)
     except WorkbenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _refuse(e)
     code = 0
     try:
         metrics = run(recipe, accelerator)
@@ -113,6 +110,21 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return code
+
+
+def _refuse(error) -> int:
+    """An error found before the processes of a launch know of each other: every process finds it, and each
+    printing it repeated the line once per process. Process 0 prints it; the others wait first, since a
+    launcher (torchrun) stops every process once one has failed, perhaps before process 0 printed; if
+    process 0 did not fail (a file missing on one node only), they print it after that wait."""
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank:
+        time.sleep(_REFUSE_WAIT_S)
+    print(f"error: {error}" + (f" (process {rank})" if rank else ""), file=sys.stderr)
+    return 2
+
+
+_REFUSE_WAIT_S = 10.0
 
 
 def _how_to_go_on(recipe: Recipe, fix: str | None) -> str:
