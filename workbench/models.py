@@ -113,7 +113,18 @@ def gguf_file(name: str) -> Path:
 
     if importlib.util.find_spec("gguf") is None:
         raise RecipeError(f"'{name}': reading GGUF needs the gguf package; {REAL_EXTRA_HINT}")
+    with open(path, "rb") as f:  # magic, version, tensor and metadata counts: 24 bytes, no weights read
+        head = f.read(24)
+    where = _gguf_where(name, path)
+    if len(head) < 24 or head[:4] != b"GGUF":
+        raise RecipeError(f"{where}: not a GGUF file ("
+                          + ("it does not start with the GGUF magic bytes)" if head[:4] != b"GGUF" else
+                             f"{len(head)} bytes, cut short)"))
     return path
+
+
+def _gguf_where(name: str, path: Path) -> str:
+    return f"'{name}'" if str(path) == name else f"'{name}' ({path})"
 
 
 def resolve_source(name: str | None) -> str | None:
@@ -134,7 +145,12 @@ def resolve_source(name: str | None) -> str | None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         logging.getLogger(__name__).info("converting %s to a transformers checkpoint in %s (once)", path, out)
-        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        try:  # a file damaged past its header: transformers' and gguf's readers fail in their own words
+            loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        except Exception as e:
+            raise RecipeError(f"{_gguf_where(name, path)}: cannot be read as a GGUF model, damaged? ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
         # transformers will not save a model it loaded from GGUF (it counts as quantised), although the
         # weights are dequantised fp32: the same weights in a plain model of the same config save
         config = loaded.config
@@ -147,7 +163,7 @@ def resolve_source(name: str | None) -> str | None:
                               f"unexpected {unexpected[:3]})")
         del loaded
         model.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         (tmp / "gguf_source.json").write_text(json.dumps({"source": name, "file": path.name}))
     return str(out)
 
