@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 import math
 from pathlib import Path
 
@@ -261,6 +262,27 @@ def test_gguf_errors_name_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
     with pytest.raises(RecipeError, match="needs the gguf package; pip install -e '.\\[real\\]'"):
         models.validate_spec(ModelSpec(name_or_path=str(tmp_path / "m.gguf")), "teacher")
+
+
+@pytest.mark.parametrize("config, says", [("not json", "is not a valid JSON file"),
+                                           ("[1, 2]", "Should have a `model_type` key"),
+                                           ('{"model_type": "llama", "hidden_size": "abc"}',
+                                            "Field 'hidden_size' expected int, got str")])
+def test_a_damaged_config_json_is_one_line_in_validation_and_when_loading(tmp_path, tiny_teacher, capsys, config,
+                                                                          says):
+    """A model directory whose config.json is not JSON, a JSON list or holds a value of the wrong type: the
+    recipe's validation (--dry-run) and speculate.py's loading say so in one line (json's JSONDecodeError,
+    transformers' TypeError and huggingface_hub's StrictDataclassFieldValidationError tracebacks before)."""
+    from conftest import one_error_line
+    from workbench import speculate
+
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(RecipeError, match=f"student: cannot load '{tmp_path}': .*{re.escape(says)}"):
+        models.validate_spec(ModelSpec(name_or_path=str(tmp_path)), "student")
+    assert models.checkpoint_quantization(str(tmp_path)) is None  # (loading reports it)
+    code = speculate.main(["--teacher", str(tiny_teacher), "--draft", str(tmp_path), "--max-new-tokens", "2"])
+    line = one_error_line(code, capsys.readouterr().err)
+    assert line.startswith(f"error: draft: cannot load '{tmp_path}': "), line
 
 
 @needs_smollm2

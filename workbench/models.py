@@ -73,6 +73,14 @@ def validate_spec(spec: ModelSpec, role: str) -> None:
     elif spec.name_or_path is not None and _looks_local(spec.name_or_path):
         if not (Path(spec.name_or_path).expanduser() / "config.json").is_file():
             raise RecipeError(f"{role}.name_or_path: no config.json in local directory '{spec.name_or_path}'")
+        from transformers import AutoConfig
+
+        with loading(spec.name_or_path, role):  # its config.json is one (read alone: no weights)
+            try:
+                AutoConfig.from_pretrained(Path(spec.name_or_path).expanduser(),
+                                           trust_remote_code=spec.trust_remote_code)
+            except TypeError as e:  # a config.json holding a JSON list, say
+                raise ValueError(f"config.json: {e}") from None
 
 
 _FROM_TOKENIZER = {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"}
@@ -210,13 +218,14 @@ def loading(name: str, role: str):
     """transformers' and huggingface_hub's errors while loading `name` (a model, tokenizer or config for
     `role`) as one RecipeError line: a directory that does not exist or holds no model, a Hub id that is
     not in the local cache and cannot be fetched (offline, misspelt, gated), a truncated weights file."""
+    from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError
 
     from workbench.config import WorkbenchError, folded
 
     try:
         yield
-    except (OSError, ValueError, SafetensorError) as e:
+    except (OSError, ValueError, SafetensorError, StrictDataclassError) as e:  # (the last: a config value's type)
         if isinstance(e, WorkbenchError):
             raise
         cause = folded(e)
@@ -329,7 +338,12 @@ def checkpoint_quantization(source: str | None, revision: str | None = None) -> 
         return None
     path = Path(source).expanduser() / "config.json"
     if path.is_file():
-        cfg = json.loads(path.read_text())
+        try:
+            cfg = json.loads(path.read_text())
+        except ValueError:  # not JSON, not UTF-8: loading the model says so in one line (models.loading)
+            return None
+        if not isinstance(cfg, dict):
+            return None
     else:
         if not is_hub_id(source):
             return None
