@@ -188,7 +188,8 @@ def test_cli_on_damaged_runs_says_which_file_in_one_line(kd_run, tmp_path, capsy
     kd, _ = kd_run
     cases = {"final_metrics.json": (b"{not json", "final_metrics.json: not the JSON a finished run writes"),
              "recipe.yaml": (b"name: [\n", "recipe.yaml: invalid YAML at line 2"),
-             "model/model.safetensors": (None, "student: cannot load")}
+             "model/model.safetensors": (None, "student: cannot load"),
+             "model/tokenizer.json": (None, "the tokenizer of a run: cannot load")}  # (json's traceback before)
     (tmp_path / "a_file").write_text("mine")
     assert evaluate.main([str(kd), "--out", str(tmp_path / "a_file")]) == 2  # refused before evaluating
     assert "exists and is not a directory" in capsys.readouterr().err and (tmp_path / "a_file").read_text() == "mine"

@@ -374,3 +374,18 @@ def test_smollm2_as_speculative_target_with_a_draft_over_frequent_tokens(smollm2
     outside = int((~torch.isin(emitted, keep)).sum())
     assert out.stats.tokens_per_target_call > 2.0, out.stats.as_dict()
     assert outside > 0 or out.stats.acceptance_rate == 1.0, (out.stats.as_dict(), outside)
+
+
+def test_load_tokenizer_names_the_role_for_a_missing_or_damaged_tokenizer(tmp_path, tiny_teacher):
+    """No tokenizer files (transformers advised installing sentencepiece), a tokenizer.json cut short
+    (json's traceback in speculate.py, evaluate.py, consolidate): one RecipeError naming the role."""
+    import shutil
+
+    with pytest.raises(RecipeError, match="draft tokenizer: no tokenizer in '.*' \\(none of tokenizer.json"):
+        models.load_tokenizer(tmp_path, "draft tokenizer")
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_teacher, copy)
+    (copy / "tokenizer.json").write_text((copy / "tokenizer.json").read_text()[:500])
+    with pytest.raises(RecipeError, match=f"draft tokenizer: cannot load '{copy}': Expecting value"):
+        models.load_tokenizer(copy, "draft tokenizer")
+    assert len(models.load_tokenizer(tiny_teacher, "teacher")) > 0

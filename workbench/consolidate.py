@@ -45,9 +45,10 @@ def student_state_dict(checkpoint: Path) -> dict:
 
 def consolidate(checkpoint: Path, out_dir: Path, overwrite: bool = False) -> Path:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from workbench import rundir
+    from workbench.models import load_tokenizer
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     student_dir = checkpoint / "student"
@@ -69,7 +70,7 @@ def consolidate(checkpoint: Path, out_dir: Path, overwrite: bool = False) -> Pat
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
         raise ValueError(f"checkpoint does not match the student: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    tokenizer = load_tokenizer(student_dir, "the checkpoint's tokenizer")
     tmp = rundir.partial_dir(out_dir)
     with rundir.writing(tmp, out_dir):
         model.save_pretrained(tmp, safe_serialization=True)

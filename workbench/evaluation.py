@@ -347,26 +347,25 @@ def _metric(name: str):
 def evaluate_runs(run_dirs: list[str | Path], cfg: EvalConfig | None = None, device=None) -> dict:
     """Everything the report shows, as plain data. The first run is the main one: its teacher, tokenizer
     and held-out data serve every run; the others are baselines (they must share the tokenizer)."""
-    from transformers import AutoTokenizer
 
     from workbench.data import load_corpus, tokenizer_fingerprint
-    from workbench.models import count_parameters
+    from workbench.models import count_parameters, load_tokenizer
     from workbench.speculative import left_padding
 
     runs = [load_run(d) for d in run_dirs]
     main = runs[0]
     cfg = cfg or main.recipe.eval
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tok = left_padding(AutoTokenizer.from_pretrained(main.path / "model"))
+    tok = left_padding(load_tokenizer(main.path / "model", "the tokenizer of a run"))
     for r in runs[1:]:
-        if tokenizer_fingerprint(AutoTokenizer.from_pretrained(r.path / "model")) != tokenizer_fingerprint(tok):
+        if tokenizer_fingerprint(load_tokenizer(r.path / "model", "the tokenizer of a run")) != tokenizer_fingerprint(tok):
             raise ValueError(f"{r.path} uses another tokenizer than {main.path}: the runs cannot be compared")
 
     models = {label: (r, _load_student(r, device)) for label, r in zip(run_labels(runs), runs)}
     teacher_path = main.final.get("teacher")
     teacher = None
     if teacher_path and Path(teacher_path).is_dir():
-        if tokenizer_fingerprint(AutoTokenizer.from_pretrained(teacher_path)) == tokenizer_fingerprint(tok):
+        if tokenizer_fingerprint(load_tokenizer(teacher_path, "the teacher's tokenizer")) == tokenizer_fingerprint(tok):
             teacher = _load_teacher(main, teacher_path, device)
         else:  # a cross-tokenizer teacher: its text metrics and drafting need the students' tokens
             log.info("the teacher %s uses another tokenizer: the report scores the students only", teacher_path)

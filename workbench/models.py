@@ -234,6 +234,22 @@ def loading(name: str, role: str):
         raise RecipeError(f"{role}: cannot load '{name}': {cause}") from None
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(name, role: str, **kwargs):
+    """AutoTokenizer.from_pretrained(name) with its errors as one line naming `role` (a damaged
+    tokenizer.json was json's traceback; a directory with no tokenizer, transformers' advice to install
+    sentencepiece)."""
+    from transformers import AutoTokenizer
+
+    path = Path(name).expanduser()
+    if path.is_dir() and not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise RecipeError(f"{role}: no tokenizer in '{name}' (none of {', '.join(_TOKENIZER_FILES)})")
+    with loading(str(name), role):
+        return AutoTokenizer.from_pretrained(name, **kwargs)
+
+
 def tiny_config(spec: ModelSpec, tokenizer):
     from transformers import LlamaConfig
 

@@ -157,10 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from transformers import AutoTokenizer
 
     from workbench.config import WorkbenchError
-    from workbench.models import check_same_vocabulary
+    from workbench.models import check_same_vocabulary, load_tokenizer
 
     models = f"--teacher {args.teacher}, --draft {args.draft}"  # named in an error line about them
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -170,9 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                                kernel=args.kernel)
         draft = load_decoder(args.draft, "draft", device=device, dtype=dtype, quantize=args.draft_quant,
                              kernel=args.kernel, merge=args.merge)
-        tok = AutoTokenizer.from_pretrained(teacher.config._name_or_path)
+        tok = load_tokenizer(teacher.config._name_or_path, "teacher tokenizer")
         draft_tok_dir = draft_dir if (draft_dir / "tokenizer_config.json").is_file() else teacher.config._name_or_path
-        check_same_vocabulary(tok, AutoTokenizer.from_pretrained(draft_tok_dir), teacher, draft)
+        check_same_vocabulary(tok, load_tokenizer(draft_tok_dir, "draft tokenizer"), teacher, draft)
     except WorkbenchError as e:
         print(f"error: {e} ({models})", file=sys.stderr)
         return 2

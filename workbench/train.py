@@ -419,7 +419,6 @@ def _load_teacher(recipe, i: int, spec, tokenizer, student, packed, accelerator)
     """Teacher `i` (of recipe.teacher_specs, resolved to a path) -> trainer.TeacherSource: the model, and
     either the vocabulary it shares with the student or, where its terms compare across tokenizers, both
     tokenizers prepared (crosstok.CrossTokenizers)."""
-    from transformers import AutoTokenizer
 
     from workbench import models as M
     from workbench.distributed import unpartitioned_loading
@@ -428,8 +427,7 @@ def _load_teacher(recipe, i: int, spec, tokenizer, student, packed, accelerator)
     role = "teacher" if not recipe.teachers else f"teachers.{i}"
     teacher_tok = tokenizer
     if spec.name_or_path:
-        with M.loading(spec.name_or_path, f"{role}.name_or_path"):
-            teacher_tok = AutoTokenizer.from_pretrained(spec.name_or_path)
+        teacher_tok = M.load_tokenizer(spec.name_or_path, f"{role}.name_or_path")
     terms = [t for t in recipe.distill.losses if t.teacher == i and t.name != "cross_entropy"] or recipe.distill.losses
     src = TeacherSource()
     if any(t.name in CROSS_TOKENIZER_LOSSES for t in terms):  # the teacher in its own tokens
