@@ -30,6 +30,7 @@ def files(tmp_path_factory):
     (d / "malformed.jsonl").write_text(f"{doc}\n{doc}\n\n{{oops\n{doc}\n")
     (d / "number.jsonl").write_text(f"{doc}\n{doc}\n" + json.dumps({"text": 12}) + "\n")
     (d / "binary.txt").write_bytes(bytes(range(256)) * 64)
+    (d / "random.parquet").write_bytes(bytes(range(256)) * 64)  # (was told 'not UTF-8 text ...; a binary file?')
     (d / "body.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
     (d / "deep.jsonl").write_text(f"{doc}\n{doc}\n" + "[" * 5000 + "]" * 5000 + "\n")  # (json: RecursionError)
     (d / "array.jsonl").write_text(f"{doc}\n[1, 2]\n{doc}\n")
@@ -46,6 +47,7 @@ def files(tmp_path_factory):
     (["data.dataset={d}/malformed.jsonl"], "malformed.jsonl:4: not a JSON object"),
     (["data.dataset={d}/number.jsonl"], "number.jsonl:3: 'text' is of type int, not a string"),
     (["data.dataset={d}/binary.txt"], "binary.txt:2: not UTF-8 text"),
+    (["data.dataset={d}/random.parquet"], "random.parquet: not a readable Parquet file (Parquet magic bytes not found"),
     (["data.dataset={d}/body.jsonl"], "data.text_field: 'text' not in columns ['body']"),
     (["data.dataset={d}/deep.jsonl"], "deep.jsonl:3: not a JSON object a row can be (nested too deeply to read)"),
     (["data.dataset={d}/array.jsonl"], "array.jsonl:2: not a JSON object (a JSON list)"),

@@ -366,7 +366,17 @@ def _format(cfg: DataConfig, columns: list[str]) -> str:
 
 def _diagnose(files: list[str], builder: str, error: Exception) -> str:
     """Why `datasets` could not read local files, as one line naming the file and line where it can."""
-    for f in files:
+    if builder == "parquet":  # binary: no lines to look at, but pyarrow tells a damaged file
+        import pyarrow.parquet as pq
+
+        for f in files:
+            try:
+                pf = pq.ParquetFile(f)
+                for i in range(pf.num_row_groups):
+                    pf.read_row_group(i)
+            except Exception as e:  # pyarrow's ArrowInvalid, OSError, ...
+                return f"{f}: not a readable Parquet file ({str(e).strip().splitlines()[0] if str(e) else type(e).__name__})"
+    for f in files if builder != "parquet" else []:
         with open(f, "rb") as fh:
             for n, raw in enumerate(fh, 1):
                 try:
