@@ -174,3 +174,32 @@ def test_divergence_while_sampling_on_policy_is_one_line(capsys, tmp_path, tiny_
         "train.log_every=20", "train.eval_every=100", "distill.onpolicy.method=gkd", "distill.onpolicy.lmbda=1.0",
         "distill.onpolicy.prompt_tokens=8", "distill.onpolicy.max_new_tokens=8"])
     assert "non-finite probabilities when sampling" in line and not (tmp_path / "model").exists()
+
+
+def test_running_out_of_memory_is_one_line_that_says_what_to_lower(capsys, tmp_path, monkeypatch):
+    """A micro-batch too big for the machine (train.micro_batch_size=100000 asked the CPU allocator for 24.4
+    GiB) ended in a traceback of the allocator's RuntimeError; on a GPU, torch.OutOfMemoryError's."""
+    import torch
+
+    from workbench import trainer
+    from workbench.config import out_of_memory
+    from workbench.train import main
+
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                       "you tried to allocate 26214400000 bytes. Error code 12 (Cannot allocate memory)")
+    gpu = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79 GiB")
+    assert out_of_memory(cpu) == "out of memory (24.4 GiB asked for)"
+    assert out_of_memory(gpu) == "out of memory on the GPU (2.00 GiB asked for)"
+    assert out_of_memory(MemoryError()) == "out of memory" and out_of_memory(RuntimeError("shape mismatch")) is None
+
+    def forward(*a, **k):
+        raise cpu
+
+    monkeypatch.setattr(trainer, "forward_for_losses", forward)
+    out = tmp_path / "run"
+    code = main(["recipe=sft_tiny", *FAST, f"output.dir={out}"])
+    line = one_error_line(code, capsys.readouterr().err)
+    assert line == ("error: out of memory (24.4 GiB asked for): lower train.micro_batch_size (train.grad_accum_steps "
+                    "keeps the batch), data.seq_len or distill.chunk_size; the run stopped: change them (with "
+                    "allow_recipe_changes=true) and rerun with resume=true, which starts from the beginning (no "
+                    "checkpoint was saved)")

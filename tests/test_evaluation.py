@@ -180,6 +180,19 @@ def test_cli_names_the_flag_given_out_of_range(kd_run, tmp_path, capsys, flag, v
     assert not (tmp_path / "r").exists()
 
 
+def test_cli_out_of_memory_is_one_line(kd_run, tmp_path, capsys, monkeypatch):
+    """The report running out of memory (the allocator's traceback before)."""
+    from workbench import evaluate, evaluation
+
+    def report(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 2147483648 bytes.")
+
+    monkeypatch.setattr(evaluation, "report", report)
+    code = evaluate.main([str(kd_run[0]), "--out", str(tmp_path / "r")])
+    assert one_error_line(code, capsys.readouterr().err) == (
+        "error: out of memory (2.0 GiB asked for): lower --prompts or --max-new-tokens")
+
+
 def test_cli_on_damaged_runs_says_which_file_in_one_line(kd_run, tmp_path, capsys):
     """A copy of a finished run with its metrics, its recipe or its model's weights damaged: one error line
     naming the file, exit status 2, no traceback (json's, yaml's and safetensors' before)."""

@@ -861,3 +861,21 @@ def test_feeding_a_dense_cache_reads_nothing_back_from_the_device(monkeypatch):
         assert reads == [] and nxt.shape == (2, 1, 50)
         stream.feed(first.argmax(-1), torch.tensor([[True], [False]]))  # a hole: now it must look
         assert not stream.dense
+
+
+_CPU_OOM = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                        "you tried to allocate 26214400000 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def test_cli_out_of_memory_is_one_line(tiny_teacher, capsys, monkeypatch):
+    """Decoding that runs out of memory (many long prompts in one batch): the allocator's traceback before."""
+    from workbench import speculate
+
+    def decode(*a, **k):
+        raise _CPU_OOM
+
+    monkeypatch.setattr(speculate, "decode_prompts", decode)
+    code = speculate.main(["--teacher", str(tiny_teacher), "--draft", str(tiny_teacher), "--batch-size", "64"])
+    assert one_error_line(code, capsys.readouterr().err) == (
+        "error: out of memory (24.4 GiB asked for) decoding 1 prompts in batches of 64: lower --batch-size or "
+        "--max-new-tokens")

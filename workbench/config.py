@@ -77,6 +77,21 @@ _STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO,
                              errno.EPERM})
 
 
+def out_of_memory(e: BaseException) -> str | None:
+    """"out of memory (...)" when `e` is the allocator giving up (torch.OutOfMemoryError on a GPU, the CPU
+    allocator's RuntimeError, Python's MemoryError), with the size asked for where it says; else None."""
+    text = str(e)
+    if type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError: "CUDA out of memory. Tried to allocate 2.00 GiB..."
+        m = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]?i?B)", text)
+        return "out of memory on the GPU" + (f" ({m.group(1)} asked for)" if m else "")
+    if isinstance(e, RuntimeError) and "can't allocate memory" in text:
+        m = re.search(r"allocate (\d+) bytes", text)
+        return "out of memory" + (f" ({int(m.group(1)) / 2**30:.1f} GiB asked for)" if m else "")
+    if isinstance(e, MemoryError):
+        return "out of memory"
+    return None
+
+
 def storage_error(e: BaseException, writing=None, into=None) -> StorageError | None:
     """`e` as a StorageError when it is the file system refusing (an OSError with one of those errnos, or
     safetensors' writer, which reports the OS error only in its message: "... (os error 28)"), naming

@@ -73,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, WorkbenchError) as e:  # (a report directory it cannot write, a full disk)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (RuntimeError, MemoryError) as e:
+        from workbench.config import out_of_memory
+
+        if out_of_memory(e) is None:
+            raise
+        print(f"error: {out_of_memory(e)}: lower --prompts or --max-new-tokens", file=sys.stderr)
+        return 2
     print(f"report: {md}\n        {html}")
     return 0
 

@@ -204,6 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     except UndrawableProbabilities as e:  # a model with non-finite weights, when sampling
         print(f"error: {e} ({models})", file=sys.stderr)
         return 2
+    except (RuntimeError, MemoryError) as e:
+        from workbench.config import out_of_memory
+
+        if out_of_memory(e) is None:
+            raise
+        print(f"error: {out_of_memory(e)} decoding {len(prompts)} prompts in batches of {args.batch_size}: lower "
+              "--batch-size or --max-new-tokens", file=sys.stderr)
+        return 2
     if args.json:
         from workbench.rundir import write_file
 

@@ -23,7 +23,7 @@ if __name__ == "__main__" and not __package__:  # run as a file: import the pack
 
 from workbench import rundir
 from workbench.config import (CROSS_TOKENIZER_LOSSES, INTERRUPTED, Recipe, RecipeError, StorageError, WorkbenchError,
-                              describe_fields, interruptible, list_recipes, load_recipe, storage_error)
+                              describe_fields, interruptible, list_recipes, load_recipe, out_of_memory, storage_error)
 
 log = logging.getLogger("workbench")
 
@@ -93,8 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         if accelerator.is_main_process:
             print(f"error: interrupted{_how_to_go_on(recipe, None)}", file=sys.stderr)
         metrics, code = None, INTERRUPTED
-    except Exception as e:  # everyday mistakes, divergence, a full disk: one line, no traceback
+    except Exception as e:  # everyday mistakes, divergence, a full disk, memory: one line, no traceback
         err = e if isinstance(e, WorkbenchError) else storage_error(e)
+        if err is None and out_of_memory(e):
+            trained = (recipe.output_dir / "final_metrics.json").is_file()
+            err = (f"{out_of_memory(e)}: " + ("evaluate with fewer eval.prompts or none (eval.report=false)" if trained
+                   else "lower train.micro_batch_size (train.grad_accum_steps keeps the batch), data.seq_len or "
+                        "distill.chunk_size") + _how_to_go_on(recipe, None if trained else
+                                                              "change them (with allow_recipe_changes=true)"))
         if err is None:
             raise
         if isinstance(err, StorageError):
