@@ -332,6 +332,10 @@ def test_consolidate_cli_refuses_to_overwrite_and_reports_bad_checkpoints(tmp_pa
     assert (dst / "note.txt").read_text() == "mine"
     assert consolidate_main([str(ckpt), str(dst), "--overwrite"]) == 0
     assert not (dst / "note.txt").exists() and (dst / "config.json").is_file()
+    for into in (ckpt, ckpt.parent):  # the checkpoint itself, or its folder: deleted by --overwrite before
+        assert one_line_error([str(ckpt), str(into), "--overwrite"]) == (
+            f"error: destination {into} would replace {ckpt}, which it is made from: choose another destination")
+    assert (ckpt / "trainer_state.json").is_file()
 
     not_a_checkpoint = tmp_path / "run"  # a run directory, not one of its checkpoints
     assert one_line_error([str(not_a_checkpoint), str(tmp_path / "x")]) == (

@@ -138,6 +138,23 @@ def test_the_quantize_command_refuses_bad_input_in_one_line(tiny_teacher, quanti
     assert (tmp_path / "full" / "x").read_text() == "keep"  # nothing overwritten
 
 
+def test_the_quantize_command_never_replaces_its_own_source(tiny_teacher, tmp_path, capsys):
+    """--out naming the model being quantised (or the folder holding it), with --overwrite: the source was
+    deleted to make room for its quantised copy. Refused in one line, the source intact."""
+    import shutil
+
+    from workbench.quantize import main
+
+    src = tmp_path / "runs" / "model"
+    shutil.copytree(tiny_teacher, src)
+    before = sorted(p.name for p in src.iterdir())
+    for out in (src, src.parent, tmp_path / "runs" / "." / "model"):
+        assert main([str(src), "--method", "int8", "--out", str(out), "--overwrite"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: --out {out} would replace {src}, which it is made from: choose another --out", err
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
 def test_the_quantize_command_prints_one_line_and_writes_a_checkpoint_plain_transformers_loads(tiny_teacher, tmp_path,
                                                                                              capsys):
     from transformers import AutoModelForCausalLM

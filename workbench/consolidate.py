@@ -62,7 +62,7 @@ def consolidate(checkpoint: Path, out_dir: Path, overwrite: bool = False) -> Pat
                                                         "transformers model already)" if (checkpoint / "model").is_dir()
                                                         else ""))
         raise FileNotFoundError(f"{student_dir}/config.json missing: is {checkpoint} a workbench checkpoint?")
-    rundir.refuse_to_replace(out_dir, overwrite, "destination")
+    rundir.refuse_to_replace(out_dir, overwrite, "destination", source=checkpoint)
     state = student_state_dict(checkpoint)
     config = AutoConfig.from_pretrained(student_dir)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -198,7 +198,7 @@ def run(model: str, method: str, out: str, bits: int | None = None, group_size: 
         raise ValueError("--samples: must be >= 1 (calibration blocks)")
     int8 = QuantConfig(int8_threshold=int8_threshold)  # checked before anything loads
     dest = Path(out).expanduser()
-    rundir.refuse_to_replace(dest, overwrite, "--out")
+    rundir.refuse_to_replace(dest, overwrite, "--out", source=Path(model).expanduser() if ":" not in model else None)
     if calibration is not None and not calibration.startswith("recipe="):
         raise ValueError("--calibration: recipe=NAME (the recipe whose training data calibrates)")
     if data_cfg is None and calibration:

@@ -212,8 +212,14 @@ def clear_for_overwrite(recipe: Recipe) -> list[str]:
 
 # ---------------------------------------------------------------- a model directory written by a tool, whole
 
-def refuse_to_replace(dest: Path, overwrite: bool, option: str) -> None:
-    """A tool's destination must not exist or be an empty directory unless the user passed --overwrite."""
+def refuse_to_replace(dest: Path, overwrite: bool, option: str, source: Path | None = None) -> None:
+    """A tool's destination must not exist or be an empty directory unless the user passed --overwrite, and
+    never be (or hold) the `source` it is made from: --overwrite would have deleted the source."""
+    if source is not None and source.exists():
+        d, s = dest.expanduser().resolve(), source.expanduser().resolve()
+        if d == s or d in s.parents:
+            raise FileExistsError(f"{option} {dest} would replace {source}, which it is made from: choose another "
+                                  f"{option}")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not overwrite:
         raise FileExistsError(f"{dest} exists and is not empty: choose another {option} or pass --overwrite")
 
