@@ -70,6 +70,20 @@ def accelerator():
     return Accelerator(step_scheduler_with_optimizer=False)
 
 
+@pytest.fixture(autouse=True)
+def _accelerate_state_intact():
+    """transformers' TrainingArguments resets accelerate's global state (the TRL baselines of the benchmark
+    tests): re-initialise it after such a test, so that the session's Accelerator works in the tests after
+    it whatever their order (they failed with "AcceleratorState object has no attribute num_processes")."""
+    yield
+    if "accelerate.state" in sys.modules:
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+
+        if not AcceleratorState._shared_state:
+            Accelerator(step_scheduler_with_optimizer=False)
+
+
 def fast_recipe(name: str, out: Path, *overrides: str):
     from workbench.config import load_recipe
 

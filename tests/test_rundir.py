@@ -209,3 +209,24 @@ def test_a_replacement_killed_while_deleting_leaves_one_whole_version(tmp_path, 
     (tmp_path / "other").mkdir()
     rundir.remove(tmp_path / "other")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_inside_what_the_run_replaces_is_refused_before_anything_loads(tmp_path, tiny_teacher, capsys):
+    """The student (or teacher) read from the run directory's own model/ with output.overwrite=true: the
+    overwrite deleted it once loaded (a run that failed then had lost it); a teacher there was replaced by
+    the student at the end, and the report compared the student with itself. --dry-run says so."""
+    import shutil
+
+    from conftest import FAST, one_error_line
+    from workbench.train import main
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_teacher, out / "model")
+    for args in (["recipe=sft_tiny", "student.tiny=null", f"student.name_or_path={out / 'model'}"],
+                 ["recipe=kd_tiny", "teacher.recipe=null", f"teacher.name_or_path={out}/./model"]):
+        line = one_error_line(main([args[0], *FAST, *args[1:], f"output.dir={out}", "output.overwrite=true", "--dry-run"]),
+                              capsys.readouterr().err)
+        role = args[1].split(".")[0] if "teacher" in args[1] else "student"
+        assert line.startswith(f"error: {role}.name_or_path: ") and line.endswith(
+            f"lies in {out / 'model'}, which this run replaces; copy it elsewhere or choose another output.dir"), line
+    assert (out / "model" / "config.json").is_file()

@@ -103,6 +103,23 @@ def is_run(out: Path) -> bool:
     return (out / MARKER).is_file() or bool(checkpoints(out)) or (out / "final_metrics.json").is_file()
 
 
+def check_source(name: str | None, key: str, out: Path) -> None:
+    """A model the run loads must not lie in what the run replaces or writes in its directory (model/,
+    adapter/, checkpoints/, ...): output.overwrite deleted it once the run had loaded it (a failed run then
+    left it lost), and the final save replaced it (a teacher there became the student in the report)."""
+    if not name or ":" in name:
+        return
+    src = Path(name).expanduser()
+    if not src.exists():
+        return
+    src = src.resolve()
+    for entry in OUTPUTS:
+        place = (Path(out) / entry).expanduser().resolve()
+        if src == place or place in src.parents:
+            raise RecipeError(f"{key}: {name} lies in {Path(out) / entry}, which this run replaces; copy it elsewhere "
+                              "or choose another output.dir")
+
+
 def check(recipe: Recipe) -> str:
     """Decide, before anything is loaded, what this run may do in its directory; raises a RecipeError when
     it may not start. Returns 'fresh', 'resume' or 'overwrite'."""

@@ -161,6 +161,7 @@ def validate(recipe: Recipe, _chain: tuple[str, ...] = ()) -> None:
         if spec is None:
             continue
         models.validate_spec(spec, role)
+        rundir.check_source(spec.name_or_path, f"{role}.name_or_path", recipe.output_dir)
         if spec.recipe is not None:  # the model another recipe trains: validate that recipe too
             chain = _chain + (recipe.name,)
             dep = load_recipe(spec.recipe)
