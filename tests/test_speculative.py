@@ -879,3 +879,12 @@ def test_cli_out_of_memory_is_one_line(tiny_teacher, capsys, monkeypatch):
     assert one_error_line(code, capsys.readouterr().err) == (
         "error: out of memory (24.4 GiB asked for) decoding 1 prompts in batches of 64: lower --batch-size or "
         "--max-new-tokens")
+
+
+def test_cli_refuses_a_draft_vocabulary_as_large_as_the_vocabulary(tiny_teacher, capsys):
+    """--draft-vocab at or above the vocabulary's size restricted nothing, silently."""
+    from workbench import speculate
+
+    code = speculate.main(["--teacher", str(tiny_teacher), "--draft", str(tiny_teacher), "--draft-vocab", str(10**9)])
+    line = one_error_line(code, capsys.readouterr().err)
+    assert line.startswith(f"error: --draft-vocab {10**9}: the vocabulary has ") and "tokens; give fewer" in line, line

@@ -192,10 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     if vocab_data is not None:
         from workbench.speculative import restrict_draft_vocab
 
-        keep = domain_vocab(vocab_data, tok, args.draft_vocab, teacher.get_output_embeddings().weight.shape[0])
+        vocab = teacher.get_output_embeddings().weight.shape[0]
+        if args.draft_vocab >= vocab:  # (drafting over all of them: it restricted nothing, silently)
+            print(f"error: --draft-vocab {args.draft_vocab}: the vocabulary has {vocab} tokens; give fewer, or leave "
+                  "--draft-vocab out to draft over all of them", file=sys.stderr)
+            return 2
+        keep = domain_vocab(vocab_data, tok, args.draft_vocab, vocab)
         restrict_draft_vocab(draft, keep)
-        log.info("draft proposes %d of %d tokens (the most frequent in %s's training data)", len(keep),
-                 teacher.get_output_embeddings().weight.shape[0], args.draft_vocab_from)
+        log.info("draft proposes %d of %d tokens (the most frequent in %s's training data)", len(keep), vocab,
+                 args.draft_vocab_from)
 
     from workbench.sampling import UndrawableProbabilities
 
