@@ -299,8 +299,8 @@ def test_a_file_that_is_no_gguf_or_is_cut_short_is_one_line(tmp_path, capsys):
     cases = {"random.gguf": (bytes(range(256)) * 20, "not a GGUF file (it does not start with the GGUF magic bytes)"),
              "header.gguf": (real[:8], "not a GGUF file (8 bytes, cut short)"),
              "tensors.gguf": (real[:3_000_000], "cannot be read as a GGUF model, damaged? (ValueError: ")}
-    for name, (data, says) in cases.items():
-        (tmp_path / name).write_bytes(data)
+    for name, (content, says) in cases.items():
+        (tmp_path / name).write_bytes(content)
         argv = ["recipe=kd_tiny", "teacher.recipe=null", f"teacher.name_or_path={tmp_path / name}",
                 f"output.dir={tmp_path / 'run'}", "train.max_steps=1"]
         line = one_error_line(main(argv + (["--dry-run"] if "header" in name or "random" in name else [])),
