@@ -168,7 +168,10 @@ def test_cli_refuses_generating_past_the_models_positions(kd_run, tmp_path, caps
 
 @pytest.mark.parametrize("flag, value, says", [("--max-new-tokens", "0", "--max-new-tokens: must be >= 1"),
                                                 ("--prompts", "-2", "--prompts: must be >= 0"),
-                                                ("--choice-items", "-1", "--choice-items: must be >= 0")])
+                                                ("--choice-items", "-1", "--choice-items: must be >= 0"),
+                                                ("--task-file", "/", "--task-file /: a directory, not a .jsonl file"),
+                                                ("--task-file", "/nonexistent.jsonl",
+                                                 "--task-file /nonexistent.jsonl: no such file")])
 def test_cli_names_the_flag_given_out_of_range(kd_run, tmp_path, capsys, flag, value, says):
     """A flag out of range is named as given (it was the field's name: "max_new_tokens: and context_chars
     must be >= 1"), before anything is evaluated."""

@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             flag = f"--{key.replace('_', '-')}" if changes.get(key) is not None else f"eval.{key} (in {args.runs[0]})"
             raise RecipeError(f"{flag}:{str(e).split(':', 1)[1]}") from None
         if cfg.task_file and not Path(cfg.task_file).is_file():
-            raise FileNotFoundError(f"task file not found: {cfg.task_file}")
+            where = "--task-file" if args.task_file else f"eval.task_file (in {args.runs[0]})"
+            raise FileNotFoundError(f"{where} {cfg.task_file}: " + ("a directory, not a .jsonl file"
+                                                                     if Path(cfg.task_file).is_dir() else "no such file"))
         md, html = report(args.runs, args.out, cfg)
     except (OSError, ValueError, WorkbenchError) as e:  # (a report directory it cannot write, a full disk)
         print(f"error: {e}", file=sys.stderr)
