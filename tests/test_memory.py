@@ -178,6 +178,16 @@ def test_memory_cli_refuses_no_gpus_or_nodes_in_one_line(capsys):
         assert err.startswith("error: gpus and nodes must be at least 1") and "\n" not in err
 
 
+def test_memory_cli_refuses_a_single_process_launch_over_several_gpus(capsys):
+    """launch=single gpus=8 (or 100000000) counted 8 processes' loading on the CPU of a one-process launch
+    (4.9 billion GiB for 10^8)."""
+    for bad in (["gpus=8"], ["gpus=100000000"], ["nodes=2"]):
+        assert memory.main(["recipe=kd_13b_to_7b", *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: launch=single runs one process on one GPU") and err.count("\n") == 1, err
+    assert memory.main(["recipe=kd_13b_to_7b", "launch=ddp", "gpus=8"]) == 0
+
+
 def test_memory_cli_refuses_a_count_that_is_no_number_and_a_setting_given_twice(capsys):
     assert memory.main(["recipe=kd_tiny", "launch=ddp", "gpus=abc"]) == 2
     assert capsys.readouterr().err == "error: gpus: a whole number, not 'abc'\n"  # (was int()'s message)

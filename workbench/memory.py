@@ -316,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         gpus, nodes = int(opts["gpus"]), int(opts["nodes"])
         if gpus < 1 or nodes < 1:
             raise RecipeError(f"gpus and nodes must be at least 1 (got gpus={gpus}, nodes={nodes})")
+        if opts["launch"] == "single" and gpus * nodes > 1:  # (its CPU side counted a process per GPU)
+            raise RecipeError(f"launch=single runs one process on one GPU, not gpus={gpus} nodes={nodes}: use "
+                              "launch=ddp (or a ZeRO / FSDP launch) for several")
         est = estimate(recipe, opts["launch"], gpus, nodes)
         comm = format_communication(recipe, opts["launch"], gpus, nodes) if opts["launch"] in ZERO3_LAUNCHES else None
     except (RecipeError, ValueError) as e:
