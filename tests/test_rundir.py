@@ -169,6 +169,7 @@ def test_a_replacement_killed_while_deleting_leaves_one_whole_version(tmp_path, 
     whole; the next replacement clears what was left. rundir.remove never leaves a half-deleted directory
     under its own name either (old checkpoints)."""
     import shutil
+    from pathlib import Path
 
     dest, tmp = tmp_path / "model", tmp_path / "model.tmp"
     if old_kind == "dir":
@@ -182,7 +183,7 @@ def test_a_replacement_killed_while_deleting_leaves_one_whole_version(tmp_path, 
     real = shutil.rmtree
 
     def killed(path, *a, **k):  # deletes one file, then the process is gone
-        files = sorted(p for p in __import__("pathlib").Path(path).rglob("*") if p.is_file())
+        files = sorted(p for p in Path(path).rglob("*") if p.is_file())
         if files:
             files[0].unlink()
             raise KeyboardInterrupt
@@ -226,7 +227,7 @@ def test_a_model_inside_what_the_run_replaces_is_refused_before_anything_loads(t
                  ["recipe=kd_tiny", "teacher.recipe=null", f"teacher.name_or_path={out}/./model"]):
         line = one_error_line(main([args[0], *FAST, *args[1:], f"output.dir={out}", "output.overwrite=true", "--dry-run"]),
                               capsys.readouterr().err)
-        role = args[1].split(".")[0] if "teacher" in args[1] else "student"
+        role = args[2].split(".")[0]  # student / teacher
         assert line.startswith(f"error: {role}.name_or_path: ") and line.endswith(
             f"lies in {out / 'model'}, which this run replaces; copy it elsewhere or choose another output.dir"), line
     assert (out / "model" / "config.json").is_file()

@@ -364,19 +364,23 @@ def _format(cfg: DataConfig, columns: list[str]) -> str:
     return fmt
 
 
-def _diagnose(files: list[str], builder: str, error: Exception) -> str:
-    """Why `datasets` could not read local files, as one line naming the file and line where it can."""
-    if builder == "parquet":  # binary: no lines to look at, but pyarrow tells a damaged file
-        import pyarrow.parquet as pq
+def _unreadable_parquet(files: list[str]) -> str | None:
+    """The first Parquet file pyarrow cannot read, and why (a binary format: no lines to point at)."""
+    import pyarrow.parquet as pq
 
-        for f in files:
-            try:
-                pf = pq.ParquetFile(f)
-                for i in range(pf.num_row_groups):
-                    pf.read_row_group(i)
-            except Exception as e:  # pyarrow's ArrowInvalid, OSError, ...
-                return f"{f}: not a readable Parquet file ({str(e).strip().splitlines()[0] if str(e) else type(e).__name__})"
-    for f in files if builder != "parquet" else []:
+    for f in files:
+        try:
+            pf = pq.ParquetFile(f)
+            for i in range(pf.num_row_groups):
+                pf.read_row_group(i)
+        except Exception as e:  # pyarrow's ArrowInvalid, OSError, ...
+            return f"{f}: not a readable Parquet file ({str(e).strip().splitlines()[0] if str(e) else type(e).__name__})"
+    return None
+
+
+def _first_bad_line(files: list[str], builder: str) -> str | None:
+    """The first line of a text file that is not UTF-8, or (.jsonl) not a JSON object, and why."""
+    for f in files:
         with open(f, "rb") as fh:
             for n, raw in enumerate(fh, 1):
                 try:
@@ -392,6 +396,14 @@ def _diagnose(files: list[str], builder: str, error: Exception) -> str:
                         return f"{f}:{n}: not a JSON object a row can be (nested too deeply to read)"
                     if not isinstance(row, dict):
                         return f"{f}:{n}: not a JSON object (a JSON {type(row).__name__})"
+    return None
+
+
+def _diagnose(files: list[str], builder: str, error: Exception) -> str:
+    """Why `datasets` could not read local files, as one line naming the file and line where it can."""
+    found = _unreadable_parquet(files) if builder == "parquet" else _first_bad_line(files, builder)
+    if found is not None:
+        return found
     root = error
     while root.__cause__ is not None or root.__context__ is not None:
         root = root.__cause__ or root.__context__

@@ -347,7 +347,6 @@ def _metric(name: str):
 def evaluate_runs(run_dirs: list[str | Path], cfg: EvalConfig | None = None, device=None) -> dict:
     """Everything the report shows, as plain data. The first run is the main one: its teacher, tokenizer
     and held-out data serve every run; the others are baselines (they must share the tokenizer)."""
-
     from workbench.data import load_corpus, tokenizer_fingerprint
     from workbench.models import count_parameters, load_tokenizer
     from workbench.speculative import left_padding

@@ -308,12 +308,13 @@ def main(argv: list[str] | None = None) -> int:
         if len(names) != 1:
             raise RecipeError("give exactly one recipe=NAME")
         recipe = load_recipe(names[0], overrides)
+        counts = {}
         for key in ("gpus", "nodes"):
             try:
-                int(opts[key])
+                counts[key] = int(opts[key])
             except ValueError:
                 raise RecipeError(f"{key}: a whole number, not {opts[key]!r}") from None
-        gpus, nodes = int(opts["gpus"]), int(opts["nodes"])
+        gpus, nodes = counts["gpus"], counts["nodes"]
         if gpus < 1 or nodes < 1:
             raise RecipeError(f"gpus and nodes must be at least 1 (got gpus={gpus}, nodes={nodes})")
         if opts["launch"] == "single" and gpus * nodes > 1:  # (its CPU side counted a process per GPU)

@@ -103,6 +103,12 @@ def is_run(out: Path) -> bool:
     return (out / MARKER).is_file() or bool(checkpoints(out)) or (out / "final_metrics.json").is_file()
 
 
+def _lies_in(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies inside it (both resolved: links, '..', '~')."""
+    path, folder = Path(path).expanduser().resolve(), Path(folder).expanduser().resolve()
+    return path == folder or folder in path.parents
+
+
 def check_source(name: str | None, key: str, out: Path) -> None:
     """A model the run loads must not lie in what the run replaces or writes in its directory (model/,
     adapter/, checkpoints/, ...): output.overwrite deleted it once the run had loaded it (a failed run then
@@ -112,10 +118,8 @@ def check_source(name: str | None, key: str, out: Path) -> None:
     src = Path(name).expanduser()
     if not src.exists():
         return
-    src = src.resolve()
     for entry in OUTPUTS:
-        place = (Path(out) / entry).expanduser().resolve()
-        if src == place or place in src.parents:
+        if _lies_in(src, Path(out) / entry):
             raise RecipeError(f"{key}: {name} lies in {Path(out) / entry}, which this run replaces; copy it elsewhere "
                               "or choose another output.dir")
 
@@ -232,11 +236,9 @@ def clear_for_overwrite(recipe: Recipe) -> list[str]:
 def refuse_to_replace(dest: Path, overwrite: bool, option: str, source: Path | None = None) -> None:
     """A tool's destination must not exist or be an empty directory unless the user passed --overwrite, and
     never be (or hold) the `source` it is made from: --overwrite would have deleted the source."""
-    if source is not None and source.exists():
-        d, s = dest.expanduser().resolve(), source.expanduser().resolve()
-        if d == s or d in s.parents:
-            raise FileExistsError(f"{option} {dest} would replace {source}, which it is made from: choose another "
-                                  f"{option}")
+    if source is not None and source.exists() and _lies_in(source, dest):
+        raise FileExistsError(f"{option} {dest} would replace {source}, which it is made from: choose another "
+                              f"{option}")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not overwrite:
         raise FileExistsError(f"{dest} exists and is not empty: choose another {option} or pass --overwrite")
 

@@ -157,7 +157,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-
     from workbench.config import WorkbenchError
     from workbench.models import check_same_vocabulary, load_tokenizer
 

@@ -95,12 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         metrics, code = None, INTERRUPTED
     except Exception as e:  # everyday mistakes, divergence, a full disk, memory: one line, no traceback
         err = e if isinstance(e, WorkbenchError) else storage_error(e)
-        if err is None and out_of_memory(e):
-            trained = (recipe.output_dir / "final_metrics.json").is_file()
-            err = (f"{out_of_memory(e)}: " + ("evaluate with fewer eval.prompts or none (eval.report=false)" if trained
-                   else "lower train.micro_batch_size (train.grad_accum_steps keeps the batch), data.seq_len or "
-                        "distill.chunk_size") + _how_to_go_on(recipe, None if trained else
-                                                              "change them (with allow_recipe_changes=true)"))
+        oom = out_of_memory(e) if err is None else None
+        if oom and (recipe.output_dir / "final_metrics.json").is_file():  # trained: the report ran out
+            err = f"{oom}: evaluate with fewer eval.prompts or none (eval.report=false){_how_to_go_on(recipe, None)}"
+        elif oom:
+            err = (f"{oom}: lower train.micro_batch_size (train.grad_accum_steps keeps the batch), data.seq_len or "
+                   f"distill.chunk_size{_how_to_go_on(recipe, 'change them (with allow_recipe_changes=true)')}")
         if err is None:
             raise
         if isinstance(err, StorageError):
@@ -426,7 +426,6 @@ def _load_teacher(recipe, i: int, spec, tokenizer, student, packed, accelerator)
     """Teacher `i` (of recipe.teacher_specs, resolved to a path) -> trainer.TeacherSource: the model, and
     either the vocabulary it shares with the student or, where its terms compare across tokenizers, both
     tokenizers prepared (crosstok.CrossTokenizers)."""
-
     from workbench import models as M
     from workbench.distributed import unpartitioned_loading
     from workbench.trainer import TeacherSource
