@@ -119,6 +119,18 @@ def test_zero3_offload_partitions_matches_resumes_and_consolidates(tmp_path, tin
     for k in want:
         assert (got[k].float() - want[k].float()).abs().max() < 1e-6, k
 
+    # and DeepSpeed's own script, copied into the checkpoint, finds the tag by itself (the `latest` file);
+    # (its --safe_serialization refuses the tied embedding and output layer: torch.save's format here)
+    ckpt = full / "checkpoints" / "step-0000006"
+    done = subprocess.run([sys.executable, str(ckpt / "zero_to_fp32.py"), str(ckpt), str(tmp_path / "by_script")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import torch
+
+    by_script = torch.load(tmp_path / "by_script" / "pytorch_model.bin", weights_only=True)
+    for k in want:
+        assert (by_script[f"student.{k}"].float() - got[k].float()).abs().max() == 0, k
+
 
 def test_lora_adapter_saved_from_zero3_partitions(tmp_path, tiny_teacher):
     """A LoRA student under ZeRO-3: the adapter is gathered from the partitions, loads with plain peft over
@@ -361,7 +373,7 @@ sys.exit(T.main())
 """
 
 
-def _launch_patched(tmp_path, config: str, patch: str | None, *args) -> tuple[int, str]:
+def _launch_patched(tmp_path, config: str, patch: str | None, *args, timeout: int = 600) -> tuple[int, str]:
     """train.py under accelerate launch (2 CPU processes), each process running `patch` (code: a write made
     to fail, say) first; -> (exit status, everything printed)."""
     script = "workbench/train.py"
@@ -370,9 +382,18 @@ def _launch_patched(tmp_path, config: str, patch: str | None, *args) -> tuple[in
         script.write_text(_PATCHED_TRAIN.format(repo=str(REPO), patch=patch))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"launch_scripts/accelerate/{config}.yaml",
            "--main_process_port", str(_port()), str(script), *args]
-    done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=600)
-    return done.returncode, done.stdout + done.stderr
+    launch = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = launch.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # a launch that hangs: its workers (own sessions) are stopped too
+        import psutil
+
+        for process in [*psutil.Process(launch.pid).children(recursive=True), launch]:
+            process.kill()
+        out, err = launch.communicate()
+        pytest.fail(f"the launch did not end within {timeout} s:\n{(out + err)[-3000:]}")
+    return launch.returncode, out + err
 
 
 def _errors(log: str) -> list[str]:
@@ -418,6 +439,49 @@ def test_a_write_that_fails_in_one_process_stops_every_process_at_once(tmp_path,
         assert "process 1: No space left on device (writing checkpoint" in log
     assert "[rank0]: Traceback" not in log and "[rank1]: Traceback" not in log, log[-4000:]
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000003"]
+
+
+_FAIL_ZERO_FILE = """
+original = torch.save
+
+def save(obj, f, *a, **k):  # DeepSpeed's own checkpoint files (this rank's optimizer partition, or the model's)
+    if torch.distributed.get_rank() == {rank} and "step-0000006" in str(f) and "{name}" in str(f):
+        raise OSError(28, "No space left on device")
+    return original(obj, f, *a, **k)
+
+torch.save = save
+"""
+
+
+@pytest.mark.parametrize("rank,name", [(1, "optim_states"), (0, "model_states")])
+def test_a_deepspeed_checkpoint_file_one_process_cannot_write_stops_every_process(tmp_path, tiny_teacher, rank, name):
+    """Under ZeRO-3 DeepSpeed writes each process's partition between barriers of its own: a process that
+    alone could not write its file left save_checkpoint while the others waited at DeepSpeed's next barrier,
+    forever (the launch ran into this test's timeout). Now the others learn it, every process stops at once
+    with one line, the partial checkpoint is removed, and resume=true goes on from the one before."""
+    out = tmp_path / "run"
+    args = ["recipe=kd_tiny", *FAST, f"output.dir={out}", *_kd_args(tiny_teacher), "train.micro_batch_size=2",
+            "eval.report=false"]
+    code, log = _launch_patched(tmp_path, "cpu2_zero3_offload", _FAIL_ZERO_FILE.format(rank=rank, name=name), *args,
+                                timeout=240)
+    assert code != 0
+    ckpts = out / "checkpoints"
+    where = f"checkpoint {ckpts / 'step-0000006'}"
+    then = f"the run stopped: {{}} and rerun with resume=true, which continues from {ckpts / 'step-0000003'}"
+    if rank == 0:
+        assert _errors(log) == [f"error: No space left on device (writing {where}); {then.format('make room')}"]
+    else:
+        assert _errors(log) == [f"error: another process could not write its part of {where} (its error is above); "
+                                f"{then.format('fix that')}"], log[-4000:]
+        assert f"process 1: No space left on device (writing {where})" in log
+    assert "]: Traceback" not in log, log[-4000:]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000003"]
+    assert (ckpts / "step-0000003" / "latest").read_text() == "pytorch_model"  # for DeepSpeed's zero_to_fp32.py
+    if rank == 1:
+        code, log = _launch_patched(tmp_path, "cpu2_zero3_offload", None, *args, "resume=true")
+        assert code == 0, log[-3000:]
+        assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000003", "step-0000006"]
+        assert (out / "model" / "config.json").is_file()
 
 
 _FAIL_ONE_SHARD = """

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import logging
 import os
+from pathlib import Path
 
 import torch
 
@@ -151,6 +152,58 @@ def unpartitioned_loading():
         yield
     finally:
         hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
+def save_state(accelerator, path) -> None:
+    """accelerator.save_state(path), with DeepSpeed's writes made safe to fail in one process alone.
+
+    DeepSpeed's save_checkpoint writes between barriers of its own: a write that raised in one process
+    (its disk full) took that process out of save_checkpoint while the others waited at the next barrier,
+    forever. Here its writes (the engine's checkpoint files and directories, the recovery scripts) record a
+    failure instead of raising, so every process passes the same barriers, and the first failure is raised
+    once save_state returns (trainer.write_part then tells every process). DeepSpeed's one other write, the
+    `latest` file naming the tag, is left to the main process afterwards: `write_latest`."""
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    if wrapped is None:
+        accelerator.save_state(str(path))
+        return
+    engine, failed = wrapped.engine, []
+
+    def recorded(write):
+        def call(*args, **kwargs):
+            try:
+                return write(*args, **kwargs)
+            except Exception as e:  # any failure: raised below, after DeepSpeed's barriers
+                failed.append(e)
+        return call
+
+    owners = [(engine.checkpoint_engine, "save"), (engine.checkpoint_engine, "makedirs"),
+              (engine, "_copy_recovery_script")]
+    own = [vars(obj).get(name, _UNSET) for obj, name in owners]
+    for obj, name in owners:
+        setattr(obj, name, recorded(getattr(obj, name)))
+    try:
+        accelerator.save_state(str(path), save_latest=False)
+    finally:
+        for (obj, name), before in zip(owners, own):
+            if before is _UNSET:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, before)
+    if failed:
+        raise failed[0]
+
+
+def write_latest(accelerator, path) -> None:
+    """The `latest` file DeepSpeed's own tools (zero_to_fp32.py without --tag) read the tag from, in a
+    checkpoint `save_state` wrote under DeepSpeed (main process; nothing otherwise)."""
+    if getattr(accelerator, "deepspeed_engine_wrapped", None) is not None and accelerator.is_main_process:
+        from accelerate.utils import MODEL_NAME  # the tag accelerate gives its (first) DeepSpeed engine
+
+        (Path(path) / "latest").write_text(MODEL_NAME)
+
+
+_UNSET = object()
 
 
 def offloads_optimizer(accelerator) -> bool:

@@ -615,7 +615,7 @@ def save_checkpoint(accelerator, out: Path, state: dict, keep: int, extra: dict 
     accelerator.wait_for_everyone()
 
     def own_files() -> None:
-        accelerator.save_state(str(tmp))
+        dist.save_state(accelerator, tmp)
         for name, obj in (extra or {}).items():
             torch.save(obj, tmp / name)
 
@@ -625,6 +625,7 @@ def save_checkpoint(accelerator, out: Path, state: dict, keep: int, extra: dict 
                 model, tokenizer = student_files
                 getattr(model, "config").save_pretrained(tmp / "student")
                 tokenizer.save_pretrained(tmp / "student")
+            dist.write_latest(accelerator, tmp)
             (tmp / "trainer_state.json").write_text(json.dumps(state))
 
     write_part(accelerator, own_files, f"checkpoint {final}", tmp)
