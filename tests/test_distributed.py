@@ -540,6 +540,76 @@ def test_a_final_model_one_process_cannot_write_stops_every_process(tmp_path, ti
     assert (out / "model" / "config.json").is_file()
 
 
+_FAIL_LOG_WRITE = """
+from workbench import trainer
+
+original = trainer.MetricsLog.write
+
+class Full:
+    def write(self, text):
+        raise OSError(28, "No space left on device")
+
+    def close(self):  # (the buffered line again)
+        raise OSError(28, "No space left on device")
+
+def write(self, rec):  # the main process alone writes the training log: the disk fills up at step 4
+    if self.enabled and rec.get("step") == 4:
+        self.file = Full()
+    return original(self, rec)
+
+trainer.MetricsLog.write = write
+"""
+
+_OOM_ONE_RANK = """
+from workbench import trainer
+
+original = trainer._micro_batch_jobs
+
+def jobs(blocks, data, onp, seed, step, *a, **k):  # process 1 alone runs out of memory at step 5
+    if torch.distributed.get_rank() == 1 and step == 5:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return original(blocks, data, onp, seed, step, *a, **k)
+
+trainer._micro_batch_jobs = jobs
+"""
+
+
+@pytest.mark.parametrize("case", ["main's log", "rank 1 oom"])
+def test_an_error_in_one_process_during_training_stops_every_process(tmp_path, tiny_teacher, case):
+    """An error in one process while the others train on (the main process alone writes the training log;
+    one process alone runs out of memory): it waited for the others in a barrier while they waited in the
+    next step's gradient all-reduce, and the run hung for good after its error line. Now the process that
+    failed says why and exits, the launcher stops the others, and the main process says how to go on."""
+    out = tmp_path / "run"
+    args = ["recipe=kd_tiny", *FAST, f"output.dir={out}", *_kd_args(tiny_teacher)]
+    patch = {"main's log": _FAIL_LOG_WRITE, "rank 1 oom": _OOM_ONE_RANK}[case]
+    tensorboard = ["output.tensorboard=true"] if case == "main's log" else []
+    code, log = _launch_patched(tmp_path, "cpu2_ddp", patch, *args, *tensorboard, timeout=150)
+    assert code != 0
+    ckpt = out / "checkpoints" / "step-0000003"
+    assert ckpt.is_dir()
+    then = f"the run stopped: {{}} and rerun with resume=true, which continues from {ckpt}"
+    if case == "main's log":
+        assert _errors(log) == [f"error: No space left on device (writing the training log {out / 'metrics.jsonl'}); "
+                                f"{then.format('make room')}"], log[-4000:]
+        # the process exits at once, without closing its logs: TensorBoard's records up to then are on disk
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(out / "tensorboard"))
+        events.Reload()
+        assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    else:
+        assert _errors(log) == [
+            f"error: out of memory on the GPU (2.00 GiB asked for): lower train.micro_batch_size (train.grad_accum_steps "
+            f"keeps the batch), data.seq_len or distill.chunk_size; {then.format('change them (with allow_recipe_changes=true)')} "
+            f"(process 1)",
+            f"error: another process stopped (its error is above); {then.format('fix that')}"], log[-4000:]
+    assert "]: Traceback" not in log and "Connection" not in log, log[-4000:]
+    code, log = _launch_patched(tmp_path, "cpu2_ddp", None, *args, "resume=true")
+    assert code == 0, log[-3000:]
+    assert (out / "model" / "config.json").is_file()
+
+
 def test_a_mistake_found_before_the_processes_meet_is_one_line_not_one_per_process(tmp_path, monkeypatch, capsys):
     """Every process of a launch finds a wrong key; each printed it (the line twice with 2 processes).
     Process 0 prints it; another prints it only if, after a wait, the launcher has not stopped it (process
@@ -553,3 +623,75 @@ def test_a_mistake_found_before_the_processes_meet_is_one_line_not_one_per_proce
     monkeypatch.setenv("RANK", "1")
     assert train.main(["recipe=kd_tiny", "train.lrr=1"]) == 2
     assert capsys.readouterr().err == "error: unknown key 'train.lrr'; did you mean 'train.lr'? (process 1)\n"
+
+
+class _Launched:
+    """What train.main sees of one process of a 2-process launch (no process group: unit tests)."""
+
+    num_processes = 2
+
+    def __init__(self, rank: int, barrier_error: Exception | None = None):
+        self.process_index, self.is_main_process = rank, rank == 0
+        self.barrier_error, self.barriers = barrier_error, 0
+
+    def wait_for_everyone(self):
+        self.barriers += 1
+        if self.barrier_error is not None:
+            raise self.barrier_error
+
+    def end_training(self):
+        pass
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("case", ["agreed", "alone", "peer gone", "peer gone after training"])
+def test_how_a_process_of_a_launch_stops_after_an_error(tmp_path, monkeypatch, capsys, rank, case):
+    """An error every process raised at the same point (after a collective: a checkpoint nobody could
+    write, non-finite losses) ends in a barrier, the main process printing it. Any other may be this
+    process's alone, with the others waiting in a collective it will never join: it exits at once (no
+    barrier), the main process saying why, another process after a wait (in which the launcher stops it if
+    the main process failed too). A collective failing because another process is gone: the main process
+    says so and how to go on, another says nothing."""
+    from workbench import config, train
+
+    class Exited(Exception):
+        pass
+
+    def exit_now(code):
+        raise Exited(code)
+
+    out = tmp_path / "run"
+    peer = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1")
+    full = config.storage_error(OSError(28, "No space left on device"), "X")
+    error = {"agreed": config.in_every_process(full),
+             "alone": config.RecipeError("a file missing on this node"), "peer gone": peer,
+             "peer gone after training": None}[case]
+    accelerator = _Launched(rank, barrier_error=peer if case == "peer gone after training" else None)
+
+    def run(recipe, acc):
+        if error is not None:
+            raise error
+        return {"student_val_ppl": 1.0}
+
+    monkeypatch.setattr("workbench.distributed.make_accelerator", lambda recipe: accelerator)
+    monkeypatch.setattr(train, "run", run)
+    monkeypatch.setattr(train, "format_summary", lambda metrics: "summary")
+    monkeypatch.setattr(train, "_REFUSE_WAIT_S", 0.0)
+    monkeypatch.setattr(train.os, "_exit", exit_now)
+    argv = ["recipe=kd_tiny", f"output.dir={out}"]
+    if case == "agreed":
+        assert train.main(argv) == 2 and accelerator.barriers == 1
+    else:
+        with pytest.raises(Exited):
+            train.main(argv)
+        assert accelerator.barriers == (1 if case == "peer gone after training" else 0)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    then = "the run stopped: fix that and rerun with resume=true, which starts from the beginning (no checkpoint was saved)"
+    expected = {
+        "agreed": ["error: No space left on device (writing X); " + then.replace("fix that", "make room")] if rank == 0 else [],
+        "alone": [f"error: a file missing on this node{' (process 1)' if rank else ''}"],
+        "peer gone": [f"error: another process stopped (its error is above); {then}"] if rank == 0 else [],
+        "peer gone after training": ["error: another process stopped (its error is above)"] if rank == 0 else [],
+    }[case]
+    assert lines == expected, err

@@ -58,6 +58,23 @@ class WorkbenchError(Exception):
     (no traceback) and exit with status 2."""
 
 
+def in_every_process(e: BaseException) -> BaseException:
+    """Mark `e` as raised by every process of a launch at the same point (after a collective that told
+    them all): they may then wait for each other in a barrier before they stop. An error not marked may
+    be one process's alone, while the others wait in a collective it will never join (train.main)."""
+    e.in_every_process = True
+    return e
+
+
+def another_process_stopped(e: BaseException) -> bool:
+    """Whether `e` is a collective failing because another process of the launch is gone (gloo's closed or
+    reset connection, NCCL's aborted communicator or remote error)."""
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(m in text for m in (
+        "Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
+        "ncclRemoteError", "remote process exited"))
+
+
 class RecipeError(WorkbenchError, ValueError):
     """A recipe or override is invalid; the message names the offending key."""
 

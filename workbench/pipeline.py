@@ -341,7 +341,7 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
     T._check_finite(torch.tensor(False), accelerator, state["step"], out, stage)
     student_ppl = _val_ppl(schedule, stage, loss, data, per_step, 0, device, last_rank)
     if not math.isfinite(student_ppl):
-        T._diverged(f"the validation perplexity after step {state['step']} is {student_ppl}", out)
+        T._diverged(f"the validation perplexity after step {state['step']} is {student_ppl}", out, everyone=True)
     final = {
         "recipe": recipe.name, "step": state["step"], "student_val_ppl": student_ppl, "teacher_val_ppl": teacher_ppl,
         "train_tokens": state["tokens"], **T.validation_identity(data),

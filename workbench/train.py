@@ -23,7 +23,8 @@ if __name__ == "__main__" and not __package__:  # run as a file: import the pack
 
 from workbench import rundir
 from workbench.config import (CROSS_TOKENIZER_LOSSES, INTERRUPTED, Recipe, RecipeError, StorageError, WorkbenchError,
-                              describe_fields, interruptible, list_recipes, load_recipe, out_of_memory, storage_error)
+                              another_process_stopped, describe_fields, interruptible, list_recipes, load_recipe,
+                              out_of_memory, storage_error)
 
 log = logging.getLogger("workbench")
 
@@ -101,11 +102,16 @@ def main(argv: list[str] | None = None) -> int:
         elif oom:
             err = (f"{oom}: lower train.micro_batch_size (train.grad_accum_steps keeps the batch), data.seq_len or "
                    f"distill.chunk_size{_how_to_go_on(recipe, 'change them (with allow_recipe_changes=true)')}")
+        peer = err is None and oom is None and another_process_stopped(e)
+        if peer:
+            err = f"another process stopped (its error is above){_how_to_go_on(recipe, 'fix that')}"
         if err is None:
             raise
         if isinstance(err, StorageError):
             full = err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
             err = f"{err}{_how_to_go_on(recipe, 'make room' if full else 'fix that')}"
+        if accelerator.num_processes > 1 and not getattr(e, "in_every_process", False):
+            _stop_alone(accelerator, err, peer)
         if accelerator.is_main_process:
             print(f"error: {err}", file=sys.stderr)
         metrics, code = None, 2
@@ -113,9 +119,33 @@ def main(argv: list[str] | None = None) -> int:
         print(format_summary(metrics))
     # every process leaves the process group before the interpreter shuts down: exiting with gloo's worker
     # threads still alive aborts the process (SIGABRT, "terminate called without an active exception")
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.wait_for_everyone()
+    except Exception as e:  # the main process failed after training (the report, the push): it said why
+        if not another_process_stopped(e):
+            raise
+        _stop_alone(accelerator, "another process stopped (its error is above)", peer=True)
     accelerator.end_training()
     return code
+
+
+def _stop_alone(accelerator, err: str, peer: bool) -> None:
+    """Stop this process after an error the others may not share: they may be waiting in a collective this
+    one will never join, so it must not wait for them in a barrier (that hung the run for good). It says
+    why and exits at once; the launcher then stops the others, and those that saw their collective fail
+    first (`peer`) stop without a word, except the main process, which says how to go on. Another process
+    says its error only after a wait, in which the launcher stops it if the main process failed too (the
+    same error everywhere: said once)."""
+    if accelerator.is_main_process:
+        print(f"error: {err}", file=sys.stderr)
+    elif not peer:
+        time.sleep(_REFUSE_WAIT_S)  # (below the main process's progress bar, which stopped mid-line)
+        print(f"\nerror: {err} (process {accelerator.process_index})", file=sys.stderr)
+    for handler in [*logging.getLogger().handlers, *log.handlers]:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)  # (no interpreter shutdown: it would wait for, or abort on, the process group's threads)
 
 
 def _refuse(error) -> int:

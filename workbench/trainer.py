@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from workbench import distributed as dist
 from workbench import onpolicy, rundir
-from workbench.config import LossTerm, Recipe, RecipeError, StorageError, TrainingDiverged, storage_error
+from workbench.config import (LossTerm, Recipe, RecipeError, StorageError, TrainingDiverged, in_every_process,
+                              storage_error)
 from workbench.data import Blocks, PackedData, make_batch, mask_labels, stream_indices
 from workbench.losses import LogitObjective, Objective, logit_loss_on, shift_labels
 from workbench.models import forward_for_losses, use_recording_attention
@@ -355,7 +356,7 @@ def train(recipe: Recipe, accelerator, student, tokenizer, data: PackedData, tea
     _check_finite(bad, accelerator, state["step"], out, student_inner)
     student_ppl = evaluate_perplexity(student_inner, data.val, cfg.micro_batch_size, 0, accelerator, dcfg.fused)
     if not math.isfinite(student_ppl):
-        _diverged(f"the validation perplexity after step {state['step']} is {student_ppl}", out)
+        _diverged(f"the validation perplexity after step {state['step']} is {student_ppl}", out, everyone=True)
     final = {
         "recipe": recipe.name,
         "step": state["step"],
@@ -475,7 +476,7 @@ def _check_finite(bad: torch.Tensor, accelerator, step: int, out: Path, model=No
     loss_bad, weights_bad = accelerator.reduce(flags, "sum").tolist()
     if loss_bad or weights_bad:
         what = "loss or gradient norm" if loss_bad else "weights"
-        _diverged(f"non-finite {what} at or before step {step}", out)
+        _diverged(f"non-finite {what} at or before step {step}", out, everyone=True)
 
 
 def _nonfinite_weights(model, device) -> torch.Tensor:
@@ -490,11 +491,13 @@ def _nonfinite_weights(model, device) -> torch.Tensor:
     return found
 
 
-def _diverged(what: str, out: Path) -> None:
+def _diverged(what: str, out: Path, everyone: bool = False) -> None:
+    """Raise TrainingDiverged; `everyone`: every process found it (a reduced value)."""
     good = latest_checkpoint(out)
     where = f"the last checkpoint, {good}, is finite" if good else "no checkpoint was saved"
-    raise TrainingDiverged(f"{what}: lower train.lr, raise train.warmup_steps, use train.mixed_precision=no, "
-                           f"or check the data; nothing non-finite was saved, {where}")
+    e = TrainingDiverged(f"{what}: lower train.lr, raise train.warmup_steps, use train.mixed_precision=no, "
+                         f"or check the data; nothing non-finite was saved, {where}")
+    raise in_every_process(e) if everyone else e
 
 
 def keep_freed_memory(trim_bytes: int = 1 << 30) -> bool:
@@ -655,8 +658,8 @@ def write_part(accelerator, write, what: str, tmp: Path) -> None:
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     if mine is not None:
-        raise mine
-    raise StorageError(f"another process could not write its part of {what} (its error is above)")
+        raise in_every_process(mine)
+    raise in_every_process(StorageError(f"another process could not write its part of {what} (its error is above)"))
 
 
 def _everyone(accelerator, ok: bool) -> bool:
@@ -734,8 +737,11 @@ class MetricsLog:
     def write(self, rec: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(rec) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
+        except OSError as e:  # a full disk: named (a line cut short is skipped when the log is read)
+            raise storage_error(e, f"the training log {self.path}") or e
         if self.tb is not None:
             for k, v in rec.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
