@@ -50,3 +50,39 @@ def test_training_from_a_full_cache_equals_the_live_teacher(tmp_path, tiny_teach
         assert b[step]["train/loss"] == pytest.approx(a[step]["train/loss"], rel=1e-4)
     assert cached["teacher_val_ppl"] == pytest.approx(live["teacher_val_ppl"], rel=1e-6)
     assert cached["student_val_ppl"] == pytest.approx(live["student_val_ppl"], rel=1e-3)
+
+
+def test_a_cache_the_disk_cannot_hold_is_refused_before_it_is_filled(tmp_path, tiny_teacher, accelerator, monkeypatch):
+    """numpy creates the cache's files sparse and the teacher then fills their memory maps: on a disk with
+    too little room the process died of SIGBUS ('Bus error', no message, the disk left full of a half-built
+    cache). The files' blocks are reserved first: too little room is one error naming the cache and its
+    size, and the partial cache is removed."""
+    from transformers import AutoModelForCausalLM
+
+    from workbench.config import StorageError
+
+    recipe = fast_recipe("kd_tiny", tmp_path)
+    tok = data.load_tokenizer(recipe.data, pretrained=str(tiny_teacher))
+    packed = data.load_packed(recipe.data, tok)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    path = tmp_path / "cache"
+    reserved = []
+
+    def no_room(fd, offset, length):
+        reserved.append(length)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(teacher_cache.os, "posix_fallocate", no_room)
+    with pytest.raises(StorageError, match=rf"^No space left on device \(writing the teacher's top-5 cache {path}, "
+                                           rf"[\d,]+ MiB\)$"):
+        teacher_cache.build(teacher, packed.train, path, 5, [1.0], len(tok), "float16", accelerator, 16)
+    assert reserved == [packed.train.size * 5 * 2 + 128]  # the whole of the first file (uint16, its .npy header)
+    assert not path.exists() and not path.with_name("cache.building").exists()
+
+    # what reserving does: the file's blocks are on disk before anything is written into its map
+    monkeypatch.undo()
+    f = tmp_path / "sparse.npy"
+    np.lib.format.open_memmap(f, "w+", np.float16, (1024, 1024)).flush()
+    assert f.stat().st_blocks * 512 < f.stat().st_size  # numpy's file: sparse
+    teacher_cache._reserve(f)
+    assert f.stat().st_blocks * 512 >= f.stat().st_size

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from workbench import rundir
 from workbench.config import WorkbenchError
 from workbench.data import _atomic_dir, _hash, cache_root
 from workbench.losses import TopKTeacher, topk_from_logits
@@ -49,10 +52,13 @@ def build(teacher, blocks: np.ndarray, path: Path, k: int, temperatures: list[fl
     idx_dtype = np.uint16 if vocab <= 65536 else np.int32
     tmp = path.with_name(path.name + ".building")
     if accelerator.is_main_process:  # preallocate; every process fills its share of the blocks
+        arrays = {"indices.npy": (idx_dtype, (N, T, k)), **{_file(t): (dtype, (N, T, k + 1)) for t in temperatures}}
+        size = sum(np.dtype(d).itemsize * math.prod(shape) for d, shape in arrays.values())
         tmp.mkdir(parents=True, exist_ok=True)
-        np.lib.format.open_memmap(tmp / "indices.npy", "w+", idx_dtype, (N, T, k)).flush()
-        for t in temperatures:
-            np.lib.format.open_memmap(tmp / _file(t), "w+", dtype, (N, T, k + 1)).flush()
+        with rundir.writing(tmp, f"the teacher's top-{k} cache {path}, {size / 2**20:,.0f} MiB"):
+            for name, (d, shape) in arrays.items():
+                np.lib.format.open_memmap(tmp / name, "w+", d, shape).flush()
+                _reserve(tmp / name)
     accelerator.wait_for_everyone()
     idx_mm = np.load(tmp / "indices.npy", mmap_mode="r+")
     logp_mm = {t: np.load(tmp / _file(t), mmap_mode="r+") for t in temperatures}
@@ -86,6 +92,14 @@ def build(teacher, blocks: np.ndarray, path: Path, k: int, temperatures: list[fl
         tmp.rmdir()
     accelerator.wait_for_everyone()
     return path
+
+
+def _reserve(path: Path) -> None:
+    """Give a file numpy created sparse its disk blocks now: filling the pages of its memory map on a full
+    disk killed the process with SIGBUS (no message, a half-built cache left); reserving them fails at once
+    with ENOSPC. (Where the file system cannot reserve, glibc writes the zeros.)"""
+    with open(path, "r+b") as f:
+        os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
 
 
 class TeacherCache:
