@@ -198,6 +198,16 @@ def test_a_report_that_cannot_be_written_whole_leaves_the_previous_one(tmp_path,
     write_together({tmp_path / n: b"new" for n in names}, "the report")
     assert {p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == {b"new"}
 
+    # a first report that cannot be written leaves no directory it made (an empty report_plots/ stayed)
+    first = tmp_path / "first"
+    first.mkdir()
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    calls.clear()
+    with pytest.raises(StorageError):
+        write_together({first / n: b"new" for n in ["report_plots/a/x.png", "report_plots/b/y.png", *names[1:]]},
+                       "the report")
+    assert list(first.iterdir()) == []
+
 
 def test_a_metrics_line_cut_short_is_skipped_on_resume_and_in_reports(tmp_path, accelerator, caplog):
     """metrics.jsonl whose last write was cut short (a kill, a full disk): resume drops the damaged line with

@@ -270,14 +270,20 @@ def write_together(files: dict[Path, bytes], what: str) -> None:
     on a full disk (or any failure) no file is left half written and none of the previous ones replaced; the
     file system's refusal is a StorageError naming `what`."""
     partial = {path: path.with_name(f".{path.name}.partial") for path in files}
+    made = []  # directories made here: removed again if the files cannot be written
     try:
         for path, data in files.items():
+            missing = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
             path.parent.mkdir(parents=True, exist_ok=True)
+            made += missing
             partial[path].write_bytes(data)
     except BaseException as e:
         err = storage_error(e, what, into=path.parent)
         for tmp in partial.values():
             tmp.unlink(missing_ok=True)
+        for d in sorted(made, key=lambda d: len(d.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                d.rmdir()
         if err is not None:
             raise err from e
         raise
