@@ -127,7 +127,7 @@ def offline(monkeypatch):
      "data.tokenizer=auto: cannot load 'nobody/no-such-model': no such local directory, and as a Hub id:"),
     (["teacher.recipe=null", "teacher.name_or_path=a/b/c"], "cannot load 'a/b/c': no such directory"),
     (["teacher.recipe=null", "teacher.tiny=llama-2layer-64", "data.tokenizer={bad}"],
-     "data.tokenizer={bad}: cannot load '{bad}': Expecting value"),
+     "data.tokenizer={bad}: cannot load '{bad}': tokenizer.json is not valid JSON: Expecting value"),
     (["teacher.recipe=null", "teacher.name_or_path={copy}"], "teacher: cannot load '{copy}': "),
 ])
 def test_models_that_cannot_be_loaded(capsys, tmp_path, offline, tiny_teacher, args, says):

@@ -386,6 +386,7 @@ def test_load_tokenizer_names_the_role_for_a_missing_or_damaged_tokenizer(tmp_pa
     copy = tmp_path / "copy"
     shutil.copytree(tiny_teacher, copy)
     (copy / "tokenizer.json").write_text((copy / "tokenizer.json").read_text()[:500])
-    with pytest.raises(RecipeError, match=f"draft tokenizer: cannot load '{copy}': Expecting value"):
+    with pytest.raises(RecipeError, match=f"draft tokenizer: cannot load '{copy}': tokenizer.json is not valid JSON: "
+                                          f"Expecting value"):
         models.load_tokenizer(copy, "draft tokenizer")
     assert len(models.load_tokenizer(tiny_teacher, "teacher")) > 0

@@ -231,7 +231,19 @@ def loading(name: str, role: str):
         cause = folded(e)
         if not Path(name).expanduser().exists():
             cause = f"no such local directory, and as a Hub id: {cause}" if is_hub_id(name) else "no such directory"
+        elif isinstance(e, json.JSONDecodeError) and (bad := _first_bad_json(Path(name).expanduser())):
+            cause = f"{bad.name} is not valid JSON: {cause}"  # (json's message names no file)
         raise RecipeError(f"{role}: cannot load '{name}': {cause}") from None
+
+
+def _first_bad_json(folder: Path) -> Path | None:
+    """The first .json file in `folder` that does not parse (None if all do, or `folder` is a file)."""
+    for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            json.loads(f.read_bytes())
+        except ValueError:  # (UnicodeDecodeError too)
+            return f
+    return None
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
