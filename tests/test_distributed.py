@@ -540,6 +540,8 @@ def test_a_final_model_one_process_cannot_write_stops_every_process(tmp_path, ti
     assert (out / "model" / "config.json").is_file()
 
 
+_PEER_STOPPED = "another process stopped (its error above, or the launcher's report below, says why)"
+
 _FAIL_LOG_WRITE = """
 from workbench import trainer
 
@@ -603,7 +605,7 @@ def test_an_error_in_one_process_during_training_stops_every_process(tmp_path, t
             f"error: out of memory on the GPU (2.00 GiB asked for): lower train.micro_batch_size (train.grad_accum_steps "
             f"keeps the batch), data.seq_len or distill.chunk_size; {then.format('change them (with allow_recipe_changes=true)')} "
             f"(process 1)",
-            f"error: another process stopped (its error is above); {then.format('fix that')}"], log[-4000:]
+            f"error: {_PEER_STOPPED}; {then.format('fix that')}"], log[-4000:]
     assert "]: Traceback" not in log and "Connection" not in log, log[-4000:]
     code, log = _launch_patched(tmp_path, "cpu2_ddp", None, *args, "resume=true")
     assert code == 0, log[-3000:]
@@ -691,7 +693,7 @@ def test_how_a_process_of_a_launch_stops_after_an_error(tmp_path, monkeypatch, c
     expected = {
         "agreed": ["error: No space left on device (writing X); " + then.replace("fix that", "make room")] if rank == 0 else [],
         "alone": [f"error: a file missing on this node{' (process 1)' if rank else ''}"],
-        "peer gone": [f"error: another process stopped (its error is above); {then}"] if rank == 0 else [],
-        "peer gone after training": ["error: another process stopped (its error is above)"] if rank == 0 else [],
+        "peer gone": [f"error: {_PEER_STOPPED}; {then}"] if rank == 0 else [],
+        "peer gone after training": [f"error: {_PEER_STOPPED}"] if rank == 0 else [],
     }[case]
     assert lines == expected, err

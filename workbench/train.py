@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"distill.chunk_size{_how_to_go_on(recipe, 'change them (with allow_recipe_changes=true)')}")
         peer = err is None and oom is None and another_process_stopped(e)
         if peer:
-            err = f"another process stopped (its error is above){_how_to_go_on(recipe, 'fix that')}"
+            err = f"{_PEER_STOPPED}{_how_to_go_on(recipe, 'fix that')}"
         if err is None:
             raise
         if isinstance(err, StorageError):
@@ -124,9 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # the main process failed after training (the report, the push): it said why
         if not another_process_stopped(e):
             raise
-        _stop_alone(accelerator, "another process stopped (its error is above)", peer=True)
+        _stop_alone(accelerator, _PEER_STOPPED, peer=True)
     accelerator.end_training()
     return code
+
+
+_PEER_STOPPED = "another process stopped (its error above, or the launcher's report below, says why)"
 
 
 def _stop_alone(accelerator, err: str, peer: bool) -> None:
