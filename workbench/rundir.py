@@ -273,9 +273,8 @@ def write_together(files: dict[Path, bytes], what: str) -> None:
     made = []  # directories made here: removed again if the files cannot be written
     try:
         for path, data in files.items():
-            missing = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
+            made += [d for d in (path.parent, *path.parent.parents) if not d.exists()]
             path.parent.mkdir(parents=True, exist_ok=True)
-            made += missing
             partial[path].write_bytes(data)
     except BaseException as e:
         err = storage_error(e, what, into=path.parent)
