@@ -627,6 +627,20 @@ def test_a_mistake_found_before_the_processes_meet_is_one_line_not_one_per_proce
     assert capsys.readouterr().err == "error: unknown key 'train.lrr'; did you mean 'train.lr'? (process 1)\n"
 
 
+def test_what_train_py_only_prints_is_printed_once_under_a_launcher(monkeypatch, capsys):
+    """--list, --help, --help-recipe and --dry-run under accelerate launch printed their output once per
+    process (the recipe's YAML twice with 2 processes): process 0 alone prints it."""
+    from workbench import train
+
+    for flags in (["--list"], ["--help"], ["--help-recipe"], ["recipe=kd_tiny", "--dry-run"]):
+        for rank, printed in (("1", False), ("0", True)):
+            monkeypatch.setenv("RANK", rank)
+            assert train.main(flags) == 0
+            out = capsys.readouterr()
+            assert bool(out.out.strip()) == printed, (flags, rank)
+            assert bool(out.err.strip()) == (printed and "--dry-run" in flags), (flags, rank, out.err)
+
+
 class _Launched:
     """What train.main sees of one process of a 2-process launch (no process group: unit tests)."""
 

@@ -43,12 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     flags = {a for a in argv if a.startswith("--") or a == "-h"}
     args = [a for a in argv if a not in flags]
+    say = print if not _rank() else lambda *a, **k: None  # under a launcher: what process 0 prints, once
     if "-h" in flags or "--help" in flags:
-        print(USAGE)
+        say(USAGE)
         return 0
     if "--help-recipe" in flags:
         for key, tp, doc in describe_fields():
-            print(f"{key:36s} {tp:40s} {doc}")
+            say(f"{key:36s} {tp:40s} {doc}")
         return 0
     if "--list" in flags:  # each shipped recipe with its description (read, validated, nothing loaded)
         names = list_recipes()
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                 about = load_recipe(name).description or ""
             except WorkbenchError as e:
                 about = f"(does not load: {e})"
-            print(f"{name:<{max(map(len, names))}}  {about}")
+            say(f"{name:<{max(map(len, names))}}  {about}")
         return 0
     unknown = flags - {"--dry-run"}
     if unknown:
@@ -75,10 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             check_data(recipe)
         except RecipeError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(recipe.to_yaml())
-        print(f"# recipe '{recipe.name}' is valid", file=sys.stderr)
+            return _refuse(e)
+        say(recipe.to_yaml())
+        say(f"# recipe '{recipe.name}' is valid", file=sys.stderr)
         return 0
     _setup_logging()
     from workbench.distributed import make_accelerator
@@ -156,7 +156,7 @@ def _refuse(error) -> int:
     printing it repeated the line once per process. Process 0 prints it; the others wait first, since a
     launcher (torchrun) stops every process once one has failed, perhaps before process 0 printed; if
     process 0 did not fail (a file missing on one node only), they print it after that wait."""
-    rank = int(os.environ.get("RANK", "0") or 0)
+    rank = _rank()
     if rank:
         time.sleep(_REFUSE_WAIT_S)
     print(f"error: {error}" + (f" (process {rank})" if rank else ""), file=sys.stderr)
@@ -164,6 +164,11 @@ def _refuse(error) -> int:
 
 
 _REFUSE_WAIT_S = 10.0
+
+
+def _rank() -> int:
+    """This process's rank in a launch (the launcher's RANK; 0 outside one)."""
+    return int(os.environ.get("RANK", "0") or 0)
 
 
 def _how_to_go_on(recipe: Recipe, fix: str | None) -> str:
