@@ -627,10 +627,18 @@ def test_a_mistake_found_before_the_processes_meet_is_one_line_not_one_per_proce
     assert capsys.readouterr().err == "error: unknown key 'train.lrr'; did you mean 'train.lr'? (process 1)\n"
 
 
-def test_what_train_py_only_prints_is_printed_once_under_a_launcher(monkeypatch, capsys):
+def test_what_train_py_only_prints_is_printed_once_under_a_launcher(monkeypatch, capsys, caplog):
     """--list, --help, --help-recipe and --dry-run under accelerate launch printed their output once per
-    process (the recipe's YAML twice with 2 processes): process 0 alone prints it."""
+    process (the recipe's YAML twice with 2 processes), and every process warned of the recipe's own
+    oddities (a key given twice): process 0 alone prints them."""
     from workbench import train
+
+    for rank, warned in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        caplog.clear()
+        assert train.main(["recipe=kd_tiny", "train.lr=1e-3", "train.lr=2e-3", "--dry-run"]) == 0
+        assert any("train.lr given twice" in r.getMessage() for r in caplog.records) == warned, rank
+    capsys.readouterr()
 
     for flags in (["--list"], ["--help"], ["--help-recipe"], ["recipe=kd_tiny", "--dry-run"]):
         for rank, printed in (("1", False), ("0", True)):

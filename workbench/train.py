@@ -68,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(names) != 1:
         return _refuse(f"give exactly one recipe=NAME\n\n{USAGE}")
     try:
-        recipe = load_recipe(names[0], overrides)
-        validate(recipe)
+        with _warnings_once():
+            recipe = load_recipe(names[0], overrides)
+            validate(recipe)
     except RecipeError as e:
         return _refuse(e)
     if "--dry-run" in flags:
@@ -144,11 +145,7 @@ def _stop_alone(accelerator, err: str, peer: bool) -> None:
     elif not peer:
         time.sleep(_REFUSE_WAIT_S)  # (below the main process's progress bar, which stopped mid-line)
         print(f"\nerror: {err} (process {accelerator.process_index})", file=sys.stderr)
-    for handler in [*logging.getLogger().handlers, *log.handlers]:
-        handler.flush()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(2)  # (no interpreter shutdown: it would wait for, or abort on, the process group's threads)
+    _leave_now(2)  # (no interpreter shutdown: it would wait for, or abort on, the process group's threads)
 
 
 def _refuse(error) -> int:
@@ -164,6 +161,21 @@ def _refuse(error) -> int:
 
 
 _REFUSE_WAIT_S = 10.0
+
+
+@contextlib.contextmanager
+def _warnings_once():
+    """The recipe's warnings (a key given twice, ...), which every process of a launch finds alike: said by
+    process 0 only."""
+    quiet = _rank() > 0
+    level = log.level
+    if quiet:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        if quiet:
+            log.setLevel(level)
 
 
 def _rank() -> int:
@@ -656,11 +668,17 @@ def _exit(code: int) -> None:
     once in CI under DDP and once in a local test run under ZeRO-3, none in 128 launches in a loop), and
     its launcher then reports the whole run as failed."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        _leave_now(code)
     sys.exit(code)
+
+
+def _leave_now(code: int) -> None:
+    """os._exit(code) once what was printed or logged is flushed: no interpreter finalisation."""
+    for handler in [*logging.getLogger().handlers, *log.handlers]:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
