@@ -2,6 +2,7 @@
 speculative decoding with the distilled student as draft. See README.md and ../shared/DESIGN.md."""
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -36,19 +37,23 @@ logging.getLogger("accelerate.utils.other").addFilter(lambda r: "Removed shared 
 _PACKAGE = Path(__file__).resolve().parent
 
 
+def launch_rank() -> int:
+    """This process's rank in a launch (the launcher's RANK; 0 outside one)."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 def third_party_warnings_once() -> None:
     """For the command-line tools: show a warning raised outside workbench (a library's deprecation, say)
     once per run, on the first process only; workbench's own warnings always show. Python's own "once per
     location" does not hold: every `warnings.catch_warnings()` block a library runs (DeepSpeed's
     collectives do, thousands of times a run) resets what was shown, so one deprecation floods the console."""
-    import os
     import warnings
 
     show = warnings.showwarning
     if getattr(show, "_workbench_once", False):
         return
     seen: set[tuple] = set()
-    first_process = int(os.environ.get("RANK", "0")) == 0
+    first_process = launch_rank() == 0
 
     def once(message, category, filename, lineno, file=None, line=None):
         try:

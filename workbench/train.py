@@ -21,7 +21,7 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:  # run as a file: import the package, not our siblings
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from workbench import rundir
+from workbench import launch_rank, rundir
 from workbench.config import (CROSS_TOKENIZER_LOSSES, INTERRUPTED, Recipe, RecipeError, StorageError, WorkbenchError,
                               another_process_stopped, describe_fields, interruptible, list_recipes, load_recipe,
                               out_of_memory, storage_error)
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     flags = {a for a in argv if a.startswith("--") or a == "-h"}
     args = [a for a in argv if a not in flags]
-    say = print if not _rank() else lambda *a, **k: None  # under a launcher: what process 0 prints, once
+    say = print if not launch_rank() else lambda *a, **k: None  # under a launcher: what process 0 prints, once
     if "-h" in flags or "--help" in flags:
         say(USAGE)
         return 0
@@ -153,7 +153,7 @@ def _refuse(error) -> int:
     printing it repeated the line once per process. Process 0 prints it; the others wait first, since a
     launcher (torchrun) stops every process once one has failed, perhaps before process 0 printed; if
     process 0 did not fail (a file missing on one node only), they print it after that wait."""
-    rank = _rank()
+    rank = launch_rank()
     if rank:
         time.sleep(_REFUSE_WAIT_S)
     print(f"error: {error}" + (f" (process {rank})" if rank else ""), file=sys.stderr)
@@ -167,7 +167,7 @@ _REFUSE_WAIT_S = 10.0
 def _warnings_once():
     """The recipe's warnings (a key given twice, ...), which every process of a launch finds alike: said by
     process 0 only."""
-    quiet = _rank() > 0
+    quiet = launch_rank() > 0
     level = log.level
     if quiet:
         log.setLevel(logging.ERROR)
@@ -176,11 +176,6 @@ def _warnings_once():
     finally:
         if quiet:
             log.setLevel(level)
-
-
-def _rank() -> int:
-    """This process's rank in a launch (the launcher's RANK; 0 outside one)."""
-    return int(os.environ.get("RANK", "0") or 0)
 
 
 def _how_to_go_on(recipe: Recipe, fix: str | None) -> str:
@@ -652,7 +647,7 @@ def _setup_logging() -> None:
     from workbench import third_party_warnings_once
 
     third_party_warnings_once()
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launch_rank()
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
